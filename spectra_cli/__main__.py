@@ -1,0 +1,3 @@
+from spectra_cli.cli.app import main
+
+main()

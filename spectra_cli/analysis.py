@@ -1,0 +1,281 @@
+"""``analyze``: the flow of one run — open, select, plan, stream, measure, summarise. No printing, no CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from spectra_cli import __version__
+from spectra_cli.checkpoint.loader import MatrixLoader
+from spectra_cli.checkpoint.matrices import MatrixSpec, Selection, Skipped, select_matrices
+from spectra_cli.checkpoint.naming import parse_names
+from spectra_cli.checkpoint.safetensors_io import write_safetensors
+from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
+from spectra_cli.checkpoint.tensors import DTYPE_NAMES, TensorInfo
+from spectra_cli.errors import CheckpointError, SelectionError
+from spectra_cli.spectral.engine import EngineOptions, ResolvedEngine, resolve, singular_values
+from spectra_cli.spectral.metrics import compute_metrics
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+SPECTRA_FORMAT = "spectra-singular-values"
+
+
+@dataclass(frozen=True)
+class AnalyzeOptions:
+    """Options of ``analyze`` (the CLI flags of the same names)."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
+    min_dim: int = 1
+    split_fused: bool = False
+    device: str = "auto"
+    precision: str = "float32"
+    method: str = "auto"
+    backend: str = "auto"
+    max_memory: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("include", "exclude", "kinds"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            else:
+                object.__setattr__(self, name, tuple(value))
+
+    @property
+    def selection(self) -> Selection:
+        return Selection(self.include, self.exclude, self.kinds, self.min_dim, self.split_fused)
+
+    @property
+    def engine(self) -> EngineOptions:
+        return EngineOptions(self.device, self.precision, self.method, self.backend, self.max_memory)
+
+
+@dataclass
+class AnalysisResult:
+    """Rows (one dict per matrix), a model-level summary, and the singular values of every matrix."""
+
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    inputs: dict[str, Any]
+    options: dict[str, Any]
+    skipped: list[Skipped] = field(default_factory=list)
+    spectra: dict[str, np.ndarray] = field(default_factory=dict)
+    matrices: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_pandas(self) -> pd.DataFrame:
+        """The rows as a DataFrame, one row per matrix (as WeightWatcher's ``analyze()`` returns)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def save_spectra(self, path: str | Path) -> None:
+        """Write every matrix's singular values (float64) to a safetensors file that ``analyze`` can read back."""
+        meta = {
+            "format": SPECTRA_FORMAT,
+            "spectra_version": __version__,
+            "source": str(self.inputs.get("checkpoint", "")),
+            "options": json.dumps(self.options),
+            "matrices": json.dumps(self.matrices),
+        }
+        write_safetensors(Path(path), {m["name"]: self.spectra[m["name"]] for m in self.matrices if m["name"] in self.spectra}, meta)
+
+
+def _spec_meta(spec: MatrixSpec) -> dict[str, Any]:
+    return {
+        "name": spec.name, "tensor": spec.tensor.name, "shape": list(spec.shape), "dtype": spec.dtype_name,
+        "depth": spec.depth, "kind": spec.kind, "role": spec.role, "note": spec.note,
+    }  # fmt: skip
+
+
+def _row(meta: dict[str, Any], values: np.ndarray | None, nan: int, inf: int, precision: str) -> dict[str, Any]:
+    m, n = meta["shape"]
+    row: dict[str, Any] = {
+        "name": meta["name"], "depth": meta["depth"], "kind": meta["kind"], "role": meta["role"],
+        "shape": f"{m}x{n}", "rows": m, "cols": n, "params": m * n, "dtype": meta["dtype"],
+    }  # fmt: skip
+    if values is None:
+        row.update(status="nonfinite", nan_count=nan, inf_count=inf)
+    else:
+        row.update(status="ok", nan_count=0, inf_count=0)
+        row.update(compute_metrics(values, (m, n), precision).as_dict())
+        row["effective_rank_ratio"] = row["effective_rank"] / min(m, n)
+    row["note"] = meta["note"]
+    return row
+
+
+def run_analyze(
+    path: str | Path,
+    options: AnalyzeOptions | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> AnalysisResult:
+    """Analyse every selected weight matrix of the checkpoint at ``path``.
+
+    ``progress(done, total, name)`` is called after each matrix. ``path`` may also be a file written by
+    :meth:`AnalysisResult.save_spectra`, in which case nothing is recomputed.
+    """
+    opts = options or AnalyzeOptions()
+    t0 = time.perf_counter()
+    ckpt = open_checkpoint(path)
+    if ckpt.metadata.get("format") == SPECTRA_FORMAT:
+        return _from_saved(ckpt, opts, t0, progress)
+    specs, skipped = select_matrices(ckpt, opts.selection)
+    eng = resolve(opts.engine)
+    loader = MatrixLoader(ckpt)
+    rows: list[dict[str, Any]] = []
+    spectra: dict[str, np.ndarray] = {}
+    metas: list[dict[str, Any]] = []
+    total = len(specs)
+    compute_s = 0.0
+    for i, mv in enumerate(singular_values(specs, eng, loader.load, loader.chunks)):
+        meta = _spec_meta(mv.spec)
+        metas.append(meta)
+        rows.append(_row(meta, mv.values, mv.nan_count, mv.inf_count, eng.precision))
+        compute_s += mv.seconds
+        if mv.values is not None:
+            spectra[mv.spec.name] = mv.values
+        if progress:
+            progress(i + 1, total, mv.spec.name)
+    order = {s.name: k for k, s in enumerate(specs)}
+    rows.sort(key=lambda r: order[r["name"]])
+    metas.sort(key=lambda r: order[r["name"]])
+    inputs = _inputs(ckpt)
+    summary = summarize(rows, skipped)
+    summary["engine"] = _engine_info(eng)
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    summary["decompose_seconds"] = round(compute_s, 3)
+    return AnalysisResult(rows, summary, inputs, _options_dict(opts, eng), skipped, spectra, metas)
+
+
+def _inputs(ckpt: Checkpoint) -> dict[str, Any]:
+    return {
+        "checkpoint": str(ckpt.path),
+        "format": ckpt.format,
+        "files": len(ckpt.files),
+        "bytes": ckpt.total_bytes,
+        "model_type": (ckpt.config or {}).get("model_type"),
+    }
+
+
+def _engine_info(eng: ResolvedEngine) -> dict[str, Any]:
+    return {"device": eng.device, "backend": eng.backend, "method": eng.method, "precision": eng.precision,
+            "max_memory": eng.budget}  # fmt: skip
+
+
+def _options_dict(opts: AnalyzeOptions, eng: ResolvedEngine | None) -> dict[str, Any]:
+    d = asdict(opts)
+    for k in ("include", "exclude", "kinds"):
+        d[k] = list(d[k])
+    if eng is not None:
+        d["resolved"] = _engine_info(eng)
+    return d
+
+
+def _from_saved(
+    ckpt: Checkpoint, opts: AnalyzeOptions, t0: float, progress: Callable[[int, int, str], None] | None
+) -> AnalysisResult:
+    import fnmatch
+
+    from spectra_cli.checkpoint.naming import matches_kind
+
+    try:
+        metas: list[dict[str, Any]] = json.loads(ckpt.metadata["matrices"])
+        saved_opts = json.loads(ckpt.metadata.get("options", "{}"))
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{ckpt.path}: spectra file without a valid 'matrices' record") from e
+    precision = saved_opts.get("precision", "float32")
+    by_name = {t.name: t for t in ckpt.tensors}
+    sel = opts.selection
+    chosen = [
+        m for m in metas
+        if (not sel.include or any(fnmatch.fnmatchcase(m["tensor"], g) for g in sel.include))
+        and not any(fnmatch.fnmatchcase(m["tensor"], g) for g in sel.exclude)
+        and (not sel.kinds or any(matches_kind(m["tensor"], m["kind"], k) for k in sel.kinds))
+        and min(m["shape"]) >= sel.min_dim
+    ]  # fmt: skip
+    if not chosen:
+        raise SelectionError(f"{ckpt.path}: no saved spectra selected after filters")
+    loader_rows, spectra = [], {}
+    for i, m in enumerate(chosen):
+        info: TensorInfo | None = by_name.get(m["name"])
+        values = None
+        if info is not None:
+            values = ckpt.read(info).data.astype(np.float64)
+            spectra[m["name"]] = values
+        loader_rows.append(_row(m, values, 0, 0, precision))
+        if progress:
+            progress(i + 1, len(chosen), m["name"])
+    summary = summarize(loader_rows, [])
+    summary["engine"] = {"source": "saved spectra", **saved_opts.get("resolved", {})}
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    inputs = _inputs(ckpt)
+    inputs["spectra_of"] = ckpt.metadata.get("source")
+    return AnalysisResult(loader_rows, summary, inputs, _options_dict(opts, None), [], spectra, chosen)
+
+
+# ---- the model-level summary ---------------------------------------------------------------------------------
+
+
+def _mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return float(np.mean(xs)) if xs else None
+
+
+def summarize(rows: list[dict[str, Any]], skipped: list[Skipped]) -> dict[str, Any]:
+    """Totals, means by kind, the most extreme layers, and the NaN/Inf report."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    bad = [r for r in rows if r["status"] != "ok"]
+    by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in ok:
+        by_kind[r["kind"]].append(r)
+    kinds = {
+        k: {
+            "count": len(rs),
+            "effective_rank": _mean([r["effective_rank"] for r in rs]),
+            "effective_rank_ratio": _mean([r["effective_rank_ratio"] for r in rs]),
+            "stable_rank": _mean([r["stable_rank"] for r in rs]),
+            "alpha": _mean([r["alpha"] for r in rs]),
+            "spectral_norm": _mean([r["spectral_norm"] for r in rs]),
+        }
+        for k, rs in sorted(by_kind.items())
+    }
+    fitted = [r for r in ok if math.isfinite(r["alpha"])]
+
+    def pick(rs: list[dict[str, Any]], key: str, reverse: bool, n: int = 5) -> list[dict[str, Any]]:
+        return [{"name": r["name"], key: r[key]} for r in sorted(rs, key=lambda r: r[key], reverse=reverse)[:n]]
+
+    return {
+        "matrices": len(rows),
+        "analysed": len(ok),
+        "params": int(sum(r["params"] for r in rows)),
+        "skipped_tensors": len(skipped),
+        "nonfinite": [{"name": r["name"], "nan_count": r["nan_count"], "inf_count": r["inf_count"]} for r in bad],
+        "over_trained": sum(1 for r in ok if r["alpha_flag"] == "over-trained"),
+        "under_trained": sum(1 for r in ok if r["alpha_flag"] == "under-trained"),
+        "mean_alpha": _mean([r["alpha"] for r in fitted]),
+        "mean_alpha_weighted": _mean([r["alpha_weighted"] for r in fitted]),
+        "mean_log_norm": _mean([r["log_norm"] for r in ok]),
+        "mean_effective_rank_ratio": _mean([r["effective_rank_ratio"] for r in ok]),
+        "lowest_alpha": pick(fitted, "alpha", False),
+        "highest_alpha": pick(fitted, "alpha", True),
+        "lowest_effective_rank_ratio": pick(ok, "effective_rank_ratio", False),
+        "by_kind": kinds,
+    }
+
+
+def dtype_name(code: str) -> str:
+    return DTYPE_NAMES.get(code, code)
+
+
+__all__ = ["AnalysisResult", "AnalyzeOptions", "parse_names", "run_analyze", "summarize"]

@@ -1,0 +1,83 @@
+"""Reading one matrix (or one chunk of it) as the engine needs it.
+
+The data returned is the matrix in its *stored* orientation (a GPT-2 ``Conv1D`` weight stays in×out: singular
+values do not care) with conv kernels flattened to 2-D and fused-projection parts already cut out, so each
+byte of a tensor is read once per run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from spectra_cli.checkpoint.matrices import MatrixSpec
+from spectra_cli.checkpoint.source import Checkpoint
+from spectra_cli.checkpoint.tensors import RawTensor
+
+
+class MatrixLoader:
+    """Loads matrices of one checkpoint; keeps the last whole tensor when a fused split needs an index."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+        self._last: tuple[str, RawTensor] | None = None
+
+    def _region(self, spec: MatrixSpec) -> tuple[int, int, int, int]:
+        rows, cols = spec.stored_2d
+        if spec.part is None:
+            return 0, rows, 0, cols
+        a, b = spec.part
+        return (0, rows, a, b) if spec.transposed else (a, b, 0, cols)
+
+    def _whole(self, spec: MatrixSpec) -> RawTensor:
+        if self._last and self._last[0] == spec.tensor.name:
+            return self._last[1]
+        raw = self.ckpt.read(spec.tensor)
+        raw = RawTensor(raw.data.reshape(spec.stored_2d), raw.dtype)
+        self._last = (spec.tensor.name, raw)
+        return raw
+
+    def load(self, spec: MatrixSpec) -> RawTensor:
+        """The whole matrix (2-D, stored orientation)."""
+        if spec.part_index is not None:
+            raw = self._whole(spec)
+            idx = np.asarray(spec.part_index)
+            data = raw.data[:, idx] if spec.transposed else raw.data[idx]
+            return RawTensor(np.ascontiguousarray(data), raw.dtype)
+        r0, r1, c0, c1 = self._region(spec)
+        if (c0, c1) != (0, spec.stored_2d[1]):
+            raw = self.ckpt.read_columns(spec.tensor, spec.stored_2d, c0, c1)
+        else:
+            raw = self.ckpt.read(spec.tensor, r0, r1)
+        return RawTensor(raw.data.reshape(r1 - r0, c1 - c0), raw.dtype)
+
+    def chunks(self, spec: MatrixSpec, lines: int) -> Iterator[tuple[RawTensor, str]]:
+        """The matrix in pieces of at most ``lines`` rows (axis "rows": accumulate XᵀX) or columns
+        (axis "cols": accumulate XXᵀ), cut along its longer side."""
+        if spec.part_index is not None:
+            whole = self.load(spec)
+            yield from _split(whole, lines)
+            return
+        r0, r1, c0, c1 = self._region(spec)
+        if r1 - r0 >= c1 - c0:
+            for a in range(r0, r1, lines):
+                b = min(r1, a + lines)
+                raw = self.ckpt.read(spec.tensor, a, b)
+                data = raw.data.reshape(b - a, -1)[:, c0:c1]
+                yield RawTensor(data, raw.dtype), "rows"
+        else:
+            for a in range(c0, c1, lines):
+                b = min(c1, a + lines)
+                raw = self.ckpt.read_columns(spec.tensor, spec.stored_2d, a, b)
+                yield RawTensor(raw.data[r0:r1], raw.dtype), "cols"
+
+
+def _split(raw: RawTensor, lines: int) -> Iterator[tuple[RawTensor, str]]:
+    rows, cols = raw.data.shape
+    if rows >= cols:
+        for a in range(0, rows, lines):
+            yield RawTensor(raw.data[a : a + lines], raw.dtype), "rows"
+    else:
+        for a in range(0, cols, lines):
+            yield RawTensor(raw.data[:, a : a + lines], raw.dtype), "cols"

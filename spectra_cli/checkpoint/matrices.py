@@ -1,0 +1,214 @@
+"""Which tensors of a checkpoint are weight matrices, and how each is viewed as out×in.
+
+- 2-D floating tensors are matrices (``nn.Linear`` layout out×in; embeddings vocab×dim).
+- Conv kernels (out, in, kh, kw) — and 3-D/5-D kernels whose name says conv — are reshaped to out×(in·k…).
+- GPT-2 style ``Conv1D`` weights (stored in×out) are recognised and transposed.
+- 1-D tensors, scalars and integer buffers are skipped (and listed as skipped, with the reason).
+- Optionally, fused projections (``c_attn``, ``qkv_proj``, ``query_key_value``, ``W_pack``, ``gate_up_proj``)
+  are split into their parts.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from spectra_cli.checkpoint.naming import matches_kind, parse_names
+from spectra_cli.checkpoint.source import Checkpoint
+from spectra_cli.checkpoint.tensors import DTYPE_NAMES, SUPPORTED_FLOATS, TensorInfo
+from spectra_cli.errors import SelectionError
+
+_CONV1D_NAMES = ("c_attn", "c_proj", "c_fc", "q_attn")
+_FUSED = ("c_attn", "qkv_proj", "query_key_value", "W_pack", "gate_up_proj", "qkv")
+
+
+@dataclass(frozen=True)
+class MatrixSpec:
+    """One matrix to analyse.
+
+    ``shape`` is the logical out×in shape. ``stored_2d`` is the 2-D view of the stored tensor (conv kernels
+    flattened); ``transposed`` says the logical matrix is its transpose (GPT-2 ``Conv1D``). ``part`` selects
+    rows of the logical matrix for a split fused projection (a contiguous ``(start, stop)`` or an index array).
+    """
+
+    name: str
+    tensor: TensorInfo
+    shape: tuple[int, int]
+    stored_2d: tuple[int, int]
+    depth: int | None
+    kind: str
+    role: str
+    transposed: bool = False
+    part: tuple[int, int] | None = None
+    part_index: tuple[int, ...] | None = field(default=None, repr=False)
+    note: str = ""
+
+    @property
+    def params(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES.get(self.tensor.dtype, self.tensor.dtype)
+
+    @property
+    def nbytes_stored(self) -> int:
+        return self.params * self.tensor.itemsize
+
+
+@dataclass(frozen=True)
+class Skipped:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Filters applied to the tensors of a checkpoint. Globs match tensor names (``fnmatch``)."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
+    min_dim: int = 1
+    split_fused: bool = False
+
+
+def _is_gpt2_style(ckpt: Checkpoint) -> bool:
+    mt = (ckpt.config or {}).get("model_type", "")
+    if mt in {"gpt2", "openai-gpt", "gpt_bigcode", "imagegpt", "decision_transformer"}:
+        return True
+    return any(t.name.endswith(("attn.c_attn.weight", "mlp.c_fc.weight")) for t in ckpt.tensors)
+
+
+def _conv1d(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in _CONV1D_NAMES
+
+
+def _fused_parts(spec: MatrixSpec, config: dict[str, Any] | None) -> list[tuple[str, tuple[int, int] | None, tuple[int, ...] | None]]:
+    """Split a fused projection's rows into named parts; empty when the layout cannot be determined."""
+    leaf = spec.tensor.name.split(".")[-2] if "." in spec.tensor.name else ""
+    out_dim = spec.shape[0]
+    cfg = config or {}
+    if leaf == "gate_up_proj":
+        if out_dim % 2:
+            return []
+        h = out_dim // 2
+        return [("gate", (0, h), None), ("up", (h, out_dim), None)]
+    if leaf not in {"c_attn", "qkv_proj", "query_key_value", "W_pack", "qkv"}:
+        return []
+    n_heads = cfg.get("num_attention_heads") or cfg.get("n_head") or cfg.get("num_heads")
+    n_kv = cfg.get("num_key_value_heads") or cfg.get("multi_query_group_num") or n_heads
+    hidden = cfg.get("hidden_size") or cfg.get("n_embd")
+    head_dim = cfg.get("head_dim") or (hidden // n_heads if hidden and n_heads else None)
+    model_type = cfg.get("model_type", "")
+    if leaf == "query_key_value" and model_type in {"gpt_neox", "bloom"}:
+        if not (n_heads and head_dim) or n_heads * 3 * head_dim != out_dim:
+            return []
+        idx = np.arange(out_dim).reshape(n_heads, 3, head_dim)
+        return [(p, None, tuple(int(i) for i in idx[:, j, :].ravel())) for j, p in enumerate("qkv")]
+    if leaf == "query_key_value" and model_type not in {"falcon", "chatglm"}:
+        return []
+    if n_heads and head_dim and n_kv and (n_heads + 2 * n_kv) * head_dim == out_dim:
+        q, kv = n_heads * head_dim, n_kv * head_dim
+        return [("q", (0, q), None), ("k", (q, q + kv), None), ("v", (q + kv, out_dim), None)]
+    if out_dim % 3 == 0 and leaf != "query_key_value":
+        t = out_dim // 3
+        return [("q", (0, t), None), ("k", (t, 2 * t), None), ("v", (2 * t, out_dim), None)]
+    return []
+
+
+def select_matrices(ckpt: Checkpoint, sel: Selection) -> tuple[list[MatrixSpec], list[Skipped]]:
+    """The matrices of ``ckpt`` that pass the filters, in read order, and the tensors skipped (with reasons)."""
+    gpt2 = _is_gpt2_style(ckpt)
+    names = parse_names([t.name for t in ckpt.tensors])
+    specs: list[MatrixSpec] = []
+    skipped: list[Skipped] = []
+    for t in ckpt.tensors:
+        if sel.include and not any(fnmatch.fnmatchcase(t.name, g) for g in sel.include):
+            continue
+        if any(fnmatch.fnmatchcase(t.name, g) for g in sel.exclude):
+            continue
+        ni = names[t.name]
+        if sel.kinds and not any(matches_kind(t.name, ni.kind, k) for k in sel.kinds):
+            continue
+        if not t.is_float:
+            skipped.append(Skipped(t.name, t.shape, t.dtype, "not a floating-point tensor"))
+            continue
+        if t.dtype not in SUPPORTED_FLOATS:
+            skipped.append(Skipped(t.name, t.shape, t.dtype, f"{t.dtype} weights are not supported yet"))
+            continue
+        nd = len(t.shape)
+        note = ""
+        transposed = False
+        role = ni.role
+        if nd < 2:
+            skipped.append(Skipped(t.name, t.shape, t.dtype, "not a matrix (1-D or scalar)"))
+            continue
+        if nd == 2:
+            stored = (t.shape[0], t.shape[1])
+            if gpt2 and _conv1d(t.name):
+                transposed = True
+                note = f"Conv1D stored {t.shape[0]}×{t.shape[1]} (in×out), transposed"
+        elif nd == 4 or (nd in (3, 5) and "conv" in t.name.lower()) or (nd == 4 and role == "embedding"):
+            rest = t.numel // t.shape[0] if t.shape[0] else 0
+            stored = (t.shape[0], rest)
+            note = f"conv kernel {'×'.join(map(str, t.shape))} reshaped to {t.shape[0]}×{rest}"
+            if role == "other":
+                role = "conv"
+        else:
+            skipped.append(Skipped(t.name, t.shape, t.dtype, f"{nd}-D tensor that is not a conv kernel"))
+            continue
+        shape = (stored[1], stored[0]) if transposed else stored
+        if 0 in shape:
+            skipped.append(Skipped(t.name, t.shape, t.dtype, "empty tensor"))
+            continue
+        base = MatrixSpec(
+            name=t.name, tensor=t, shape=shape, stored_2d=stored, depth=ni.depth, kind=ni.kind, role=role,
+            transposed=transposed, note=note,
+        )
+        parts = _fused_parts(base, ckpt.config) if sel.split_fused else []
+        if not parts:
+            candidates = [base]
+        else:
+            candidates = []
+            for pname, rng, idx in parts:
+                rows = (rng[1] - rng[0]) if rng else len(idx or ())
+                candidates.append(
+                    MatrixSpec(
+                        name=f"{t.name}[{pname}]", tensor=t, shape=(rows, shape[1]), stored_2d=stored,
+                        depth=ni.depth, kind=f"{ni.kind}.{pname}", role=role, transposed=transposed, part=rng,
+                        part_index=idx, note=(note + "; " if note else "") + f"part {pname} of a fused projection",
+                    )
+                )
+        for c in candidates:
+            if min(c.shape) < sel.min_dim:
+                continue
+            specs.append(c)
+    if not specs:
+        what = []
+        if sel.include:
+            what.append(f"--include {' '.join(sel.include)}")
+        if sel.exclude:
+            what.append(f"--exclude {' '.join(sel.exclude)}")
+        if sel.kinds:
+            what.append(f"--kinds {','.join(sel.kinds)}")
+        if sel.min_dim > 1:
+            what.append(f"--min-dim {sel.min_dim}")
+        hint = f" after filters ({'; '.join(what)})" if what else ""
+        kinds = sorted({names[t.name].kind for t in ckpt.tensors if len(t.shape) >= 2})[:12]
+        raise SelectionError(
+            f"{ckpt.path}: no weight matrices selected{hint}; {len(ckpt.tensors)} tensors in the checkpoint"
+            + (f", kinds include: {', '.join(kinds)}" if kinds else "")
+        )
+    return specs, skipped
+
+
+def describe_kinds(specs: Sequence[MatrixSpec]) -> list[str]:
+    return sorted({s.kind for s in specs})

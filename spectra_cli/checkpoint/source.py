@@ -1,0 +1,247 @@
+"""Opening a checkpoint by path: detect the format, list its tensors lazily, read one tensor at a time.
+
+Accepted: a single ``.safetensors`` file; a folder with sharded safetensors and
+``model.safetensors.index.json``; a Hugging Face model folder (``config.json`` + weights); PyTorch
+``.bin`` / ``.pt`` / ``.pth`` files (``weights_only=True``; ``{"state_dict": ...}`` / ``{"model": ...}``
+wrappers unwrapped), also sharded with ``pytorch_model.bin.index.json``; a PEFT adapter folder.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spectra_cli.checkpoint import safetensors_io as st
+from spectra_cli.checkpoint.tensors import RawTensor, TensorInfo
+from spectra_cli.errors import CheckpointError
+
+TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "adapter_model.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.bin",
+)
+
+
+@dataclass
+class Checkpoint:
+    """A lazily opened checkpoint. ``tensors`` lists every tensor in read order (shard order, then offset)."""
+
+    path: Path
+    format: str
+    files: list[Path]
+    tensors: list[TensorInfo]
+    config: dict[str, Any] | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    _torch_tensors: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._by_name = {t.name: t for t in self.tensors}
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
+
+    def read(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> RawTensor:
+        """Read rows ``start:stop`` of a tensor (the whole tensor by default) in its stored dtype."""
+        if info.offset is not None:
+            return st.read_rows(info, start, stop)
+        t = self._torch_tensors[info.name]
+        return _torch_to_raw(t[start:stop] if (start or stop is not None) else t)
+
+    def read_columns(self, info: TensorInfo, shape2d: tuple[int, int], start: int, stop: int) -> RawTensor:
+        """Read columns ``start:stop`` of the tensor viewed as the 2-D ``shape2d``."""
+        if info.offset is not None:
+            return st.read_columns(info, shape2d, start, stop)
+        return _torch_to_raw(self._torch_tensors[info.name].reshape(shape2d)[:, start:stop])
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a checkpoint; raise :class:`CheckpointError` with a clear message when the path is not one."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    if p.is_dir():
+        return _open_dir(p)
+    name = p.name
+    if name.endswith(".safetensors"):
+        return _open_safetensors([p], p, "safetensors")
+    if name.endswith(".index.json"):
+        return _open_index(p, p.parent)
+    if name.endswith(TORCH_SUFFIXES):
+        return _open_torch([p], p, "torch")
+    raise CheckpointError(
+        f"{p}: unknown checkpoint format; expected a .safetensors file, a .bin/.pt/.pth file, "
+        "a *.index.json, or a model folder"
+    )
+
+
+def _read_config(folder: Path) -> dict[str, Any] | None:
+    for name in ("config.json", "adapter_config.json"):
+        f = folder / name
+        if f.is_file():
+            try:
+                data = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{f}: not valid JSON ({e})") from e
+            return data if isinstance(data, dict) else None
+    return None
+
+
+def _open_dir(folder: Path) -> Checkpoint:
+    for name in _WEIGHT_FILES:
+        f = folder / name
+        if f.is_file():
+            return open_checkpoint(f) if name.endswith(".index.json") else _with_config(open_checkpoint(f), folder)
+    shards = sorted(folder.glob("*.safetensors"))
+    if shards:
+        return _with_config(_open_safetensors(shards, folder, "safetensors-folder"), folder)
+    indexes = sorted(folder.glob("*.index.json"))
+    if indexes:
+        return _open_index(indexes[0], folder)
+    torch_files = sorted(f for f in folder.iterdir() if f.name.endswith(TORCH_SUFFIXES))
+    if len(torch_files) == 1:
+        return _with_config(_open_torch(torch_files, folder, "torch"), folder)
+    raise CheckpointError(
+        f"{folder}: no weights found (looked for {', '.join(_WEIGHT_FILES[:3])}, *.safetensors, "
+        "*.index.json and a single .bin/.pt file)"
+    )
+
+
+def _with_config(ckpt: Checkpoint, folder: Path) -> Checkpoint:
+    ckpt.path = folder
+    ckpt.config = _read_config(folder)
+    return ckpt
+
+
+def _open_index(index: Path, folder: Path) -> Checkpoint:
+    try:
+        data = json.loads(index.read_text())
+        weight_map: dict[str, str] = data["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid index file (needs a 'weight_map' object)") from e
+    shard_names = sorted(set(weight_map.values()))
+    shards = [index.parent / s for s in shard_names]
+    for s in shards:
+        if not s.is_file():
+            raise CheckpointError(f"{index}: names shard {s.name} which does not exist in {index.parent}")
+    fmt = "torch-sharded" if all(s.name.endswith(TORCH_SUFFIXES) for s in shards) else "safetensors-sharded"
+    ckpt = (
+        _open_torch(shards, folder, fmt)
+        if fmt == "torch-sharded"
+        else _open_safetensors(shards, folder, fmt)
+    )
+    present = {t.name: t.file.name for t in ckpt.tensors}
+    for tname, shard in weight_map.items():
+        if present.get(tname) != shard:
+            raise CheckpointError(f"{index}: tensor {tname!r} is listed in {shard} but not found there")
+    ckpt.config = _read_config(folder)
+    return ckpt
+
+
+def _open_safetensors(files: list[Path], path: Path, fmt: str) -> Checkpoint:
+    tensors: list[TensorInfo] = []
+    metadata: dict[str, str] = {}
+    for f in files:
+        infos, meta = st.read_header(f)
+        tensors.extend(infos)
+        metadata.update(meta)
+    return Checkpoint(path=path, format=fmt, files=list(files), tensors=tensors, metadata=metadata)
+
+
+# ---- torch pickles --------------------------------------------------------------------------------------
+
+_TORCH_DTYPES = {"torch.float64": "F64", "torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16"}
+
+
+def _torch_code(t: Any) -> str:
+    code = _TORCH_DTYPES.get(str(t.dtype))
+    if code:
+        return code
+    s = str(t.dtype).replace("torch.", "")
+    if s.startswith("float8"):
+        return "F8_E4M3" if "e4m3" in s else "F8_E5M2"
+    return {"int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}.get(s, "I64")
+
+
+def _torch_to_raw(t: Any) -> RawTensor:
+    import torch
+
+    code = _torch_code(t)
+    t = t.detach().cpu().contiguous()
+    if code == "BF16":
+        return RawTensor(t.view(torch.int16).numpy().view(np.uint16), code)
+    return RawTensor(t.numpy(), code)
+
+
+def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> None:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        out[prefix] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, Any]:
+    import torch
+
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model", "module"):
+            inner = obj.get(key)
+            if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+                obj = inner
+                break
+        flat: dict[str, Any] = {}
+        _flatten("", obj, flat)
+        if flat:
+            return flat
+    raise CheckpointError(
+        f"{path}: the pickle holds no dict of tensors (got {type(obj).__name__}); "
+        "save a state_dict (torch.save(model.state_dict(), ...))"
+    )
+
+
+def _open_torch(files: list[Path], path: Path, fmt: str) -> Checkpoint:
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - torch is a dependency
+        raise CheckpointError(f"{path}: reading .bin/.pt files needs PyTorch (pip install torch)") from e
+    tensors: dict[str, Any] = {}
+    infos: list[TensorInfo] = []
+    for f in files:
+        obj = _torch_load(torch, f)
+        for name, t in _unwrap(obj, f).items():
+            tensors[name] = t
+            infos.append(TensorInfo(name=name, shape=tuple(t.shape), dtype=_torch_code(t), file=f))
+    return Checkpoint(path=path, format=fmt, files=list(files), tensors=infos, _torch_tensors=tensors)
+
+
+def _torch_load(torch: Any, f: Path) -> Any:
+    mmap = zipfile.is_zipfile(f)
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # torch raises many types here: all mean "not a readable weights-only pickle"
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{f}: cannot load as a PyTorch weights file ({msg[:200]}); "
+            "it may be truncated, or contain objects other than tensors (only weights_only pickles are read)"
+        ) from e
+
