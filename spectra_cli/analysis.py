@@ -89,7 +89,11 @@ class AnalysisResult:
             "options": json.dumps(self.options),
             "matrices": json.dumps(self.matrices),
         }
-        write_safetensors(Path(path), {m["name"]: self.spectra[m["name"]] for m in self.matrices if m["name"] in self.spectra}, meta)
+        write_safetensors(
+            Path(path),
+            {m["name"]: self.spectra[m["name"]] for m in self.matrices if m["name"] in self.spectra},
+            meta,
+        )
 
 
 def _spec_meta(spec: MatrixSpec) -> dict[str, Any]:
@@ -99,7 +103,9 @@ def _spec_meta(spec: MatrixSpec) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _row(meta: dict[str, Any], values: np.ndarray | None, nan: int, inf: int, precision: str) -> dict[str, Any]:
+def _row(
+    meta: dict[str, Any], values: np.ndarray | None, nan: int, inf: int, precision: str
+) -> dict[str, Any]:
     m, n = meta["shape"]
     row: dict[str, Any] = {
         "name": meta["name"], "depth": meta["depth"], "kind": meta["kind"], "role": meta["role"],
@@ -253,14 +259,18 @@ def summarize(rows: list[dict[str, Any]], skipped: list[Skipped]) -> dict[str, A
     fitted = [r for r in ok if math.isfinite(r["alpha"])]
 
     def pick(rs: list[dict[str, Any]], key: str, reverse: bool, n: int = 5) -> list[dict[str, Any]]:
-        return [{"name": r["name"], key: r[key]} for r in sorted(rs, key=lambda r: r[key], reverse=reverse)[:n]]
+        return [
+            {"name": r["name"], key: r[key]} for r in sorted(rs, key=lambda r: r[key], reverse=reverse)[:n]
+        ]
 
     return {
         "matrices": len(rows),
         "analysed": len(ok),
         "params": int(sum(r["params"] for r in rows)),
         "skipped_tensors": len(skipped),
-        "nonfinite": [{"name": r["name"], "nan_count": r["nan_count"], "inf_count": r["inf_count"]} for r in bad],
+        "nonfinite": [
+            {"name": r["name"], "nan_count": r["nan_count"], "inf_count": r["inf_count"]} for r in bad
+        ],
         "over_trained": sum(1 for r in ok if r["alpha_flag"] == "over-trained"),
         "under_trained": sum(1 for r in ok if r["alpha_flag"] == "under-trained"),
         "mean_alpha": _mean([r["alpha"] for r in fitted]),

@@ -91,7 +91,9 @@ def _conv1d(name: str) -> bool:
     return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in _CONV1D_NAMES
 
 
-def _fused_parts(spec: MatrixSpec, config: dict[str, Any] | None) -> list[tuple[str, tuple[int, int] | None, tuple[int, ...] | None]]:
+def _fused_parts(
+    spec: MatrixSpec, config: dict[str, Any] | None
+) -> list[tuple[str, tuple[int, int] | None, tuple[int, ...] | None]]:
     """Split a fused projection's rows into named parts; empty when the layout cannot be determined."""
     leaf = spec.tensor.name.split(".")[-2] if "." in spec.tensor.name else ""
     out_dim = spec.shape[0]
@@ -170,8 +172,15 @@ def select_matrices(ckpt: Checkpoint, sel: Selection) -> tuple[list[MatrixSpec],
             skipped.append(Skipped(t.name, t.shape, t.dtype, "empty tensor"))
             continue
         base = MatrixSpec(
-            name=t.name, tensor=t, shape=shape, stored_2d=stored, depth=ni.depth, kind=ni.kind, role=role,
-            transposed=transposed, note=note,
+            name=t.name,
+            tensor=t,
+            shape=shape,
+            stored_2d=stored,
+            depth=ni.depth,
+            kind=ni.kind,
+            role=role,
+            transposed=transposed,
+            note=note,
         )
         parts = _fused_parts(base, ckpt.config) if sel.split_fused else []
         if not parts:
@@ -182,9 +191,17 @@ def select_matrices(ckpt: Checkpoint, sel: Selection) -> tuple[list[MatrixSpec],
                 rows = (rng[1] - rng[0]) if rng else len(idx or ())
                 candidates.append(
                     MatrixSpec(
-                        name=f"{t.name}[{pname}]", tensor=t, shape=(rows, shape[1]), stored_2d=stored,
-                        depth=ni.depth, kind=f"{ni.kind}.{pname}", role=role, transposed=transposed, part=rng,
-                        part_index=idx, note=(note + "; " if note else "") + f"part {pname} of a fused projection",
+                        name=f"{t.name}[{pname}]",
+                        tensor=t,
+                        shape=(rows, shape[1]),
+                        stored_2d=stored,
+                        depth=ni.depth,
+                        kind=f"{ni.kind}.{pname}",
+                        role=role,
+                        transposed=transposed,
+                        part=rng,
+                        part_index=idx,
+                        note=(note + "; " if note else "") + f"part {pname} of a fused projection",
                     )
                 )
         for c in candidates:

@@ -8,6 +8,7 @@ after reading (``posix_fadvise(DONTNEED)``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -29,7 +30,9 @@ def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str]]:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes); re-download or re-save it")
+                raise CheckpointError(
+                    f"{path}: truncated safetensors file ({size} bytes); re-download or re-save it"
+                )
             (n,) = struct.unpack("<Q", head)
             if n > _MAX_HEADER or 8 + n > size:
                 raise CheckpointError(
@@ -76,14 +79,12 @@ def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str]]:
 
 def _drop_cache(fd: int, offset: int, length: int) -> None:
     if hasattr(os, "posix_fadvise"):
-        try:
+        with contextlib.suppress(OSError):
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass
 
 
 def _read_into(fd: int, buf: np.ndarray, offset: int) -> None:
-    view = memoryview(buf).cast("B")
+    view = buf.reshape(-1).view(np.uint8).data
     done = 0
     total = len(view)
     while done < total:
@@ -135,7 +136,9 @@ def read_columns(info: TensorInfo, shape2d: tuple[int, int], start: int, stop: i
 _NP_TO_CODE = {"float64": "F64", "float32": "F32", "float16": "F16"}
 
 
-def write_safetensors(path: Path, tensors: Mapping[str, RawTensor | np.ndarray], metadata: Mapping[str, str]) -> None:
+def write_safetensors(
+    path: Path, tensors: Mapping[str, RawTensor | np.ndarray], metadata: Mapping[str, str]
+) -> None:
     """Write a safetensors file atomically (temporary name, then rename)."""
     header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     arrays: list[np.ndarray] = []
@@ -159,7 +162,7 @@ def write_safetensors(path: Path, tensors: Mapping[str, RawTensor | np.ndarray],
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
             for arr in arrays:
-                f.write(memoryview(arr).cast("B") if arr.nbytes else b"")
+                f.write(arr.reshape(-1).view(np.uint8).data if arr.nbytes else b"")
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -106,7 +106,11 @@ def _open_dir(folder: Path) -> Checkpoint:
     for name in _WEIGHT_FILES:
         f = folder / name
         if f.is_file():
-            return open_checkpoint(f) if name.endswith(".index.json") else _with_config(open_checkpoint(f), folder)
+            return (
+                open_checkpoint(f)
+                if name.endswith(".index.json")
+                else _with_config(open_checkpoint(f), folder)
+            )
     shards = sorted(folder.glob("*.safetensors"))
     if shards:
         return _with_config(_open_safetensors(shards, folder, "safetensors-folder"), folder)
@@ -143,9 +147,7 @@ def _open_index(index: Path, folder: Path) -> Checkpoint:
             raise CheckpointError(f"{index}: names shard {s.name} which does not exist in {index.parent}")
     fmt = "torch-sharded" if all(s.name.endswith(TORCH_SUFFIXES) for s in shards) else "safetensors-sharded"
     ckpt = (
-        _open_torch(shards, folder, fmt)
-        if fmt == "torch-sharded"
-        else _open_safetensors(shards, folder, fmt)
+        _open_torch(shards, folder, fmt) if fmt == "torch-sharded" else _open_safetensors(shards, folder, fmt)
     )
     present = {t.name: t.file.name for t in ckpt.tensors}
     for tname, shard in weight_map.items():
@@ -167,7 +169,12 @@ def _open_safetensors(files: list[Path], path: Path, fmt: str) -> Checkpoint:
 
 # ---- torch pickles --------------------------------------------------------------------------------------
 
-_TORCH_DTYPES = {"torch.float64": "F64", "torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16"}
+_TORCH_DTYPES = {
+    "torch.float64": "F64",
+    "torch.float32": "F32",
+    "torch.float16": "F16",
+    "torch.bfloat16": "BF16",
+}
 
 
 def _torch_code(t: Any) -> str:
@@ -177,7 +184,9 @@ def _torch_code(t: Any) -> str:
     s = str(t.dtype).replace("torch.", "")
     if s.startswith("float8"):
         return "F8_E4M3" if "e4m3" in s else "F8_E5M2"
-    return {"int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}.get(s, "I64")
+    return {"int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}.get(
+        s, "I64"
+    )
 
 
 def _torch_to_raw(t: Any) -> RawTensor:
@@ -244,4 +253,3 @@ def _torch_load(torch: Any, f: Path) -> Any:
             f"{f}: cannot load as a PyTorch weights file ({msg[:200]}); "
             "it may be truncated, or contain objects other than tensors (only weights_only pickles are read)"
         ) from e
-

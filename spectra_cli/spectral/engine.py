@@ -115,7 +115,9 @@ def resolve(opts: EngineOptions) -> ResolvedEngine:
 
         idx = int(dev.split(":", 1)[1]) if ":" in dev else torch.cuda.current_device()
         if idx >= torch.cuda.device_count():
-            raise DeviceError(f"--device {opts.device}: only {torch.cuda.device_count()} CUDA device(s) present")
+            raise DeviceError(
+                f"--device {opts.device}: only {torch.cuda.device_count()} CUDA device(s) present"
+            )
         dev = f"cuda:{idx}"
         backend = "torch"
         free, _ = torch.cuda.mem_get_info(idx)
@@ -241,9 +243,11 @@ class _NumpyKernel:
     def __init__(self, eng: ResolvedEngine) -> None:
         self.eng = eng
 
-    def values(self, raws: list[RawTensor], specs: list[MatrixSpec]) -> list[tuple[np.ndarray | None, int, int]]:
+    def values(
+        self, raws: list[RawTensor], specs: list[MatrixSpec]
+    ) -> list[tuple[np.ndarray | None, int, int]]:
         out: list[tuple[np.ndarray | None, int, int]] = []
-        for raw, spec in zip(raws, specs, strict=True):
+        for raw, _spec in zip(raws, specs, strict=True):
             x = to_float(raw, np.float64 if self._gram_or_64 else np.float32)
             x = x.reshape(x.shape[0], -1)
             nan, inf = _nonfinite(x)
@@ -298,10 +302,12 @@ class _TorchKernel:
         m, n = x.shape[-2:]
         return x.mT @ x if m >= n else x @ x.mT
 
-    def values(self, raws: list[RawTensor], specs: list[MatrixSpec]) -> list[tuple[np.ndarray | None, int, int]]:
+    def values(
+        self, raws: list[RawTensor], specs: list[MatrixSpec]
+    ) -> list[tuple[np.ndarray | None, int, int]]:
         torch = self.torch
         xs = []
-        for raw, spec in zip(raws, specs, strict=True):
+        for raw, _spec in zip(raws, specs, strict=True):
             x = self._to_device(raw)
             xs.append(x.reshape(x.shape[0], -1))
         x = torch.stack(xs)

@@ -84,4 +84,6 @@ def fit_power_law(evals: np.ndarray, block: int = 256) -> PowerLawFit:
     if not np.isfinite(best[0]):
         return NO_FIT
     j = best[1]
-    return PowerLawFit(alpha=float(alphas[j]), xmin=float(x[cand[j]]), ks_distance=best[0], n_tail=int(n - cand[j]))
+    return PowerLawFit(
+        alpha=float(alphas[j]), xmin=float(x[cand[j]]), ks_distance=best[0], n_tail=int(n - cand[j])
+    )

@@ -1,0 +1,198 @@
+"""``spectra analyze CKPT``: what does each layer's spectrum look like?"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from spectra_cli.cli import options as o
+from spectra_cli.cli.errors import handle_errors
+from spectra_cli.cli.progress import progress_bar, warn
+from spectra_cli.errors import SpectraError
+
+EPILOG = """\
+Examples:
+
+  spectra analyze model.safetensors
+
+  spectra analyze ./Llama-3.2-1B --kinds q_proj,v_proj --plots plots/
+
+  spectra analyze ckpt.bin --format json | jq '.rows[] | select(.alpha_flag != "ok") | .name'
+
+  spectra analyze big-model/ --max-memory 2GB --save-spectra spectra.safetensors
+
+  spectra analyze spectra.safetensors --format csv -o layers.csv   # reuse saved spectra, no SVD
+
+  spectra analyze --demo --plots demo-plots/
+"""
+
+
+def _columns() -> list[Any]:
+    from spectra_cli.report.render import Column, fmt_num
+
+    def f(d: int = 3) -> Any:
+        return lambda x: fmt_num(x, d)
+
+    return [
+        Column("name", "name", str, "left"),
+        Column("kind", "kind", str, "left"),
+        Column("depth", "depth", lambda x: "-" if x is None else str(x)),
+        Column("shape", "shape"),
+        Column("dtype", "dtype", str, "left"),
+        Column("spectral_norm", "σ₁", f()),
+        Column("stable_rank", "stable rank", f()),
+        Column("effective_rank", "eff. rank", f(4)),
+        Column("energy_rank_90", "r90"),
+        Column("alpha", "α", f()),
+        Column("alpha_flag", "α reading", lambda x: x or "-", "left"),
+        Column("entropy", "entropy", f()),
+        Column("status", "status", lambda x: x or "-", "left"),
+    ]
+
+
+def _notes(result: Any) -> list[str]:
+    s = result.summary
+    eng = s.get("engine", {})
+    lines = [
+        f"{s['analysed']} of {s['matrices']} matrices analysed, {s['params']:,} parameters"
+        + (f"; {s['skipped_tensors']} non-matrix tensors skipped" if s.get("skipped_tensors") else ""),
+    ]
+    if s.get("mean_alpha") is not None:
+        lines.append(
+            f"α: mean {s['mean_alpha']:.2f}, {s['over_trained']} below 2 (over-trained), "
+            f"{s['under_trained']} above 6 (under-trained)"
+        )
+    if s.get("lowest_alpha"):
+        lo = s["lowest_alpha"][0]
+        hi = s["highest_alpha"][0]
+        lines.append(
+            f"lowest α {lo['alpha']:.2f} in {lo['name']}; highest α {hi['alpha']:.2f} in {hi['name']}"
+        )
+    if s["nonfinite"]:
+        names = ", ".join(
+            f"{b['name']} ({b['nan_count']} NaN, {b['inf_count']} Inf)" for b in s["nonfinite"][:5]
+        )
+        lines.append(f"NaN/Inf found in {len(s['nonfinite'])} matrices (not decomposed): {names}")
+    else:
+        lines.append("no NaN/Inf weights")
+    if "device" in eng:
+        lines.append(
+            f"{s['seconds']:.2f} s on {eng['device']} ({eng['backend']}, {eng['method']}, {eng['precision']})"
+        )
+    else:
+        lines.append(f"{s['seconds']:.2f} s from saved spectra")
+    return lines
+
+
+def analyze_cmd(
+    ckpt: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="CKPT",
+            help="Checkpoint: .safetensors file, sharded folder, HF model folder, .bin/.pt/.pth, "
+            "PEFT adapter folder, or a spectra file from --save-spectra.",
+            show_default=False,
+        ),
+    ] = None,
+    demo: Annotated[
+        bool, typer.Option("--demo", help="Analyse the bundled demo model (all-MiniLM-L6-v2).")
+    ] = False,
+    include: o.IncludeOpt = None,
+    exclude: o.ExcludeOpt = None,
+    kinds: o.KindsOpt = None,
+    min_dim: o.MinDimOpt = 1,
+    split_fused: o.SplitFusedOpt = False,
+    device: o.DeviceOpt = "auto",
+    precision: o.PrecisionOpt = o.Precision.float32,
+    method: o.MethodOpt = o.Method.auto,
+    backend: o.BackendOpt = o.Backend.auto,
+    max_memory: o.MaxMemoryOpt = None,
+    fmt: o.FormatOpt = o.Format.table,
+    output: o.OutputOpt = None,
+    plots: o.PlotsOpt = None,
+    plot_layers: Annotated[
+        str | None,
+        typer.Option(
+            "--plot-layers",
+            metavar="GLOB",
+            help="Glob of layers whose ESD to plot (default: the most extreme few).",
+            rich_help_panel="Output",
+        ),
+    ] = None,
+    save_spectra: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-spectra",
+            metavar="FILE",
+            help="Write every matrix's singular values to this .safetensors file "
+            "(analyze reads it back without recomputing).",
+            dir_okay=False,
+            rich_help_panel="Output",
+        ),
+    ] = None,
+    quiet: o.QuietOpt = False,
+) -> None:
+    """Per-matrix spectra: norms, stable and effective rank, heavy-tail α, entropy, NaN/Inf; and a summary."""
+    from spectra_cli.analysis import AnalyzeOptions, run_analyze
+
+    if demo and ckpt is not None:
+        raise typer.BadParameter("give either CKPT or --demo, not both")
+    if not demo and ckpt is None:
+        raise typer.BadParameter(
+            "missing CKPT (a checkpoint path); try `spectra analyze --demo`", param_hint="CKPT"
+        )
+    if demo:
+        from spectra_cli.checkpoint.demo import demo_checkpoint
+
+        ckpt = demo_checkpoint()
+        warn(f"analysing the demo checkpoint: {ckpt}", quiet)
+    assert ckpt is not None
+    _check_outputs(ckpt, [output, save_spectra])
+    opts = AnalyzeOptions(
+        include=o.split_csv(include), exclude=o.split_csv(exclude), kinds=o.split_csv(kinds), min_dim=min_dim,
+        split_fused=split_fused, device=device, precision=precision.value, method=method.value,
+        backend=backend.value, max_memory=max_memory,
+    )  # fmt: skip
+    with progress_bar("analysing", quiet) as update:
+        result = run_analyze(ckpt, opts, progress=update)
+    s = result.summary
+    if s["nonfinite"]:
+        warn(
+            f"{len(s['nonfinite'])} matrices contain NaN/Inf and were not decomposed (see status column)",
+            quiet,
+        )
+    if save_spectra:
+        result.save_spectra(save_spectra)
+        warn(f"wrote singular values of {len(result.spectra)} matrices to {save_spectra}", quiet)
+    if plots:
+        from spectra_cli.provenance import write_run_record
+        from spectra_cli.report.plots import analyze_plots
+
+        written = analyze_plots(result.rows, result.spectra, plots, plot_layers)
+        write_run_record(plots, "analyze", sys.argv, result.inputs, result.options, {"seconds": s["seconds"]},
+                         [p.name for p in written])  # fmt: skip
+        warn(f"wrote {len(written)} figures to {plots}/", quiet)
+    from spectra_cli.report.render import envelope, render
+
+    env = envelope("analyze", result.inputs, result.rows, result.summary, result.options)
+    title = f"spectra analyze {result.inputs['checkpoint']}"
+    render(env, fmt.value, _columns(), title, _notes(result), output)
+
+
+def _check_outputs(ckpt: Path, outputs: list[Path | None]) -> None:
+    src = ckpt.resolve()
+    for out in outputs:
+        if out is None:
+            continue
+        dst = out.resolve()
+        if dst == src or (
+            src.is_dir() and src in dst.parents and dst.suffix in {".safetensors", ".bin", ".json"}
+        ):
+            raise SpectraError(f"{out}: refusing to write into the input checkpoint; choose another path")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("analyze", epilog=EPILOG, no_args_is_help=False)(handle_errors(analyze_cmd))

@@ -1,0 +1,1 @@
+"""Rendering only: rows → table / JSON / CSV / Markdown, and figures."""

@@ -1,0 +1,163 @@
+"""The one renderer: an envelope of rows + summary → rich table, JSON, CSV or Markdown.
+
+Data goes to stdout or ``--output FILE`` (written to a temporary name, then renamed); nothing here writes
+to stderr. JSON has the envelope of DESIGN.md; non-finite floats become ``null`` so that ``jq`` can read it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from spectra_cli import __version__
+
+SCHEMA_VERSION = 1
+FORMATS = ("table", "json", "csv", "markdown")
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of the human-readable views: row key, header, and a formatter."""
+
+    key: str
+    header: str
+    fmt: Callable[[Any], str] = str
+    justify: str = "right"
+
+
+def envelope(command: str, inputs: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str, Any],
+             options: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The JSON envelope shared by every command."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "command": command,
+        "spectra_version": __version__,
+        "inputs": inputs,
+        "options": options or {},
+        "rows": rows,
+        "summary": summary,
+    }
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    if hasattr(x, "item") and callable(x.item):  # numpy scalars
+        return _clean(x.item())
+    return x
+
+
+def fmt_num(x: Any, digits: int = 3) -> str:
+    """Compact number formatting for tables: '-' for missing/NaN, 'inf', fixed or scientific."""
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return f"{x:,}" if abs(x) >= 10000 else str(x)
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "-"
+        if math.isinf(x):
+            return "inf" if x > 0 else "-inf"
+        if x != 0 and (abs(x) >= 1e5 or abs(x) < 10 ** (-digits)):
+            return f"{x:.{digits - 1}e}"
+        return f"{x:.{digits}g}" if abs(x) >= 10**digits else f"{x:.{digits}f}".rstrip("0").rstrip(".") or "0"
+    return str(x)
+
+
+def _to_json(env: dict[str, Any]) -> str:
+    return json.dumps(_clean(env), indent=2, allow_nan=False) + "\n"
+
+
+def _to_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    keys: list[str] = []
+    for r in rows:
+        keys.extend(k for k in r if k not in keys)
+    w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow(
+            {k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v) for k, v in r.items()}
+        )
+    return buf.getvalue()
+
+
+def _md_escape(s: str) -> str:
+    return s.replace("|", "\\|")
+
+
+def _to_markdown(rows: list[dict[str, Any]], columns: Sequence[Column], title: str, notes: list[str]) -> str:
+    out = [f"## {title}", ""]
+    out.append("| " + " | ".join(c.header for c in columns) + " |")
+    out.append("| " + " | ".join("---:" if c.justify == "right" else ":---" for c in columns) + " |")
+    for r in rows:
+        out.append("| " + " | ".join(_md_escape(c.fmt(r.get(c.key))) for c in columns) + " |")
+    if notes:
+        out.append("")
+        out.extend(f"- {_md_escape(n)}" for n in notes)
+    return "\n".join(out) + "\n"
+
+
+def _to_table(rows: list[dict[str, Any]], columns: Sequence[Column], title: str, notes: list[str], file: IO[str],
+              width: int | None) -> None:  # fmt: skip
+    from rich.console import Console
+    from rich.table import Table
+
+    is_tty = hasattr(file, "isatty") and file.isatty()
+    console = Console(file=file, width=width or (None if is_tty else 200), no_color=not is_tty,
+                      highlight=False, soft_wrap=False)  # fmt: skip
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False, header_style="bold")
+    for c in columns:
+        table.add_column(c.header, justify=c.justify, overflow="fold")  # type: ignore[arg-type]
+    for r in rows:
+        style = "red" if r.get("status") not in (None, "ok") else None
+        table.add_row(*(c.fmt(r.get(c.key)) for c in columns), style=style)
+    console.print(table)
+    for n in notes:
+        console.print(n, markup=False)
+
+
+def render(env: dict[str, Any], fmt: str, columns: Sequence[Column], title: str, notes: list[str],
+           output: Path | None = None, width: int | None = None) -> None:  # fmt: skip
+    """Render ``env`` as ``fmt`` to ``output`` (atomically) or stdout."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}")
+    rows = env["rows"]
+    if output is None:
+        _emit(sys.stdout, env, rows, fmt, columns, title, notes, width)
+        sys.stdout.flush()
+        return
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            _emit(f, env, rows, fmt, columns, title, notes, width)
+        os.replace(tmp, output)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _emit(f: IO[str], env: dict[str, Any], rows: list[dict[str, Any]], fmt: str, columns: Sequence[Column],
+          title: str, notes: list[str], width: int | None) -> None:  # fmt: skip
+    if fmt == "json":
+        f.write(_to_json(env))
+    elif fmt == "csv":
+        f.write(_to_csv(rows))
+    elif fmt == "markdown":
+        f.write(_to_markdown(rows, columns, title, notes))
+    else:
+        _to_table(rows, columns, title, notes, f, width)
