@@ -127,7 +127,7 @@ def plot_heatmap(rows: list[dict[str, Any]], key: str, label: str, path: Path) -
         grid[i, j] = float(np.mean(vs))
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(depths) + 3), max(3, 0.4 * len(kinds) + 1.5)), dpi=100)
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-    if grid.size <= 300:
+    if grid.size <= 300 and np.isfinite(grid).any():
         lo, hi = np.nanmin(grid), np.nanmax(grid)
         for (i, j), v in np.ndenumerate(grid):
             if np.isfinite(v):
