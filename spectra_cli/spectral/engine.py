@@ -150,7 +150,8 @@ def working_bytes(spec: MatrixSpec, method: str, precision: str) -> int:
     k = min(m, n)
     stored = spec.tensor.nbytes if spec.part_index else spec.nbytes_stored
     if method == "gram":
-        return stored + 12 * m * n + 32 * k * k
+        # upcast copies (≤ 12 bytes per entry), the Gram matrix, the eigensolver's copy and a product temporary
+        return stored + 12 * m * n + 24 * k * k
     pb = 8 if precision == "float64" else 4
     return stored + 3 * pb * m * n + 8 * pb * k * k
 
@@ -158,7 +159,7 @@ def working_bytes(spec: MatrixSpec, method: str, precision: str) -> int:
 def chunk_rows(spec: MatrixSpec, budget: int) -> int:
     """Rows (along the long side) per chunk so that one Gram accumulation step fits ``budget``."""
     long_side, short = max(spec.shape), min(spec.shape)
-    fixed = 32 * short * short
+    fixed = 24 * short * short
     per_line = short * (spec.tensor.itemsize + 12)
     if fixed + per_line > budget:
         raise BudgetError(
@@ -170,8 +171,9 @@ def chunk_rows(spec: MatrixSpec, budget: int) -> int:
 
 def plan_batches(specs: Sequence[MatrixSpec], eng: ResolvedEngine) -> list[list[MatrixSpec]]:
     """Group matrices by file and shape into batches whose working memory fits half the budget
-    (the other half holds the next batch being read). A matrix larger than that is a batch of its own and
-    is processed in chunks (Gram route) — or refused with :class:`BudgetError` for ``svd``."""
+    (the other half holds the next batch being read). A matrix larger than that is a batch of its own,
+    processed in chunks with the whole budget and nothing read alongside (Gram route) — or refused with
+    :class:`BudgetError` for ``svd``."""
     half = eng.budget // 2
     batches: list[list[MatrixSpec]] = []
     by_key: dict[tuple[Any, ...], list[MatrixSpec]] = {}
@@ -367,23 +369,29 @@ def singular_values(
     def is_chunked(batch: list[MatrixSpec]) -> bool:
         return len(batch) == 1 and working_bytes(batch[0], eng.method, eng.precision) > half
 
-    def read(batch: list[MatrixSpec]) -> list[RawTensor] | None:
-        return None if is_chunked(batch) else [load(s) for s in batch]
+    def read(batch: list[MatrixSpec]) -> list[RawTensor]:
+        return [load(s) for s in batch]
+
+    def prefetch(i: int) -> Future[list[RawTensor]] | None:
+        if i >= len(batches) or is_chunked(batches[i]):
+            return None
+        return pool.submit(read, batches[i])
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-read") as pool:
-        pending: Future[list[RawTensor] | None] | None = pool.submit(read, batches[0]) if batches else None
+        pending = prefetch(0)
         for i, batch in enumerate(batches):
-            assert pending is not None
-            raws = pending.result()
-            pending = pool.submit(read, batches[i + 1]) if i + 1 < len(batches) else None
             t0 = time.perf_counter()
-            if raws is None:
+            if pending is None:  # a matrix over half the budget: chunks, whole budget, nothing in flight
                 spec = batch[0]
-                vals, nan, inf, n = kernel.chunked(load_chunks(spec, chunk_rows(spec, half)))
+                vals, nan, inf, n = kernel.chunked(load_chunks(spec, chunk_rows(spec, eng.budget)))
+                pending = prefetch(i + 1)
                 yield MatrixValues(spec, vals, nan, inf, time.perf_counter() - t0, chunks=n)
                 if progress:
                     progress(spec)
                 continue
+            raws = pending.result()
+            pending = prefetch(i + 1)
+            t0 = time.perf_counter()
             results = kernel.values(raws, batch)
             del raws
             dt = (time.perf_counter() - t0) / max(1, len(batch))
