@@ -89,3 +89,18 @@ def to_float(raw: RawTensor, target: type[np.floating] | np.dtype = np.float64) 
     if raw.dtype not in SUPPORTED_FLOATS:
         raise TypeError(f"cannot upcast dtype {raw.dtype}")
     return raw.data.astype(target, copy=False)
+
+
+def from_float(x: np.ndarray, code: str) -> RawTensor:
+    """Round float data to a stored dtype (bfloat16 with round-to-nearest-even, NaN kept NaN)."""
+    if code == "BF16":
+        f32 = np.ascontiguousarray(x, dtype=np.float32)
+        bits = f32.view(np.uint32).astype(np.uint64)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        nan = np.isnan(f32)
+        if nan.any():
+            rounded[nan] = 0x7FC0
+        return RawTensor(rounded, code)
+    if code not in SUPPORTED_FLOATS:
+        raise TypeError(f"cannot write dtype {code}")
+    return RawTensor(np.ascontiguousarray(x, dtype=DTYPES[code][1]), code)

@@ -42,9 +42,10 @@ def _root(
 
 
 def _register() -> None:
-    from spectra_cli.cli import analyze
+    from spectra_cli.cli import analyze, compare
 
     analyze.register(app)
+    compare.register(app)
 
 
 _register()

@@ -30,7 +30,7 @@ def _plt() -> Any:
     return plt
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[:120]
 
 
@@ -81,16 +81,25 @@ def plot_esd(row: dict[str, Any], values: np.ndarray, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_by_depth(rows: list[dict[str, Any]], path: Path) -> bool:
+def plot_by_depth(
+    rows: list[dict[str, Any]],
+    path: Path,
+    metrics: tuple[tuple[str, str], ...] = DEPTH_METRICS,
+    title: str = "Spectral metrics by depth, one line per module kind",
+) -> bool:
     """Each metric against depth, one line per module kind. False when no row has a depth."""
     plt = _plt()
     ok = [r for r in rows if r.get("status") == "ok" and r.get("depth") is not None]
     if not ok:
         return False
     kinds = sorted({r["kind"] for r in ok})
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), dpi=100)
+    ncols = min(3, len(metrics))
+    nrows = math.ceil(len(metrics) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 4 * nrows + 0.5), dpi=100, squeeze=False)
+    for ax in axes.flat[len(metrics) :]:
+        ax.set_visible(False)
     cmap = plt.get_cmap("tab20" if len(kinds) > 10 else "tab10")
-    for ax, (key, label) in zip(axes.flat, DEPTH_METRICS, strict=True):
+    for ax, (key, label) in zip(axes.flat, metrics, strict=False):
         for i, kind in enumerate(kinds):
             pts = sorted((r["depth"], r[key]) for r in ok if r["kind"] == kind and r[key] is not None
                          and math.isfinite(r[key]))  # fmt: skip
@@ -102,14 +111,15 @@ def plot_by_depth(rows: list[dict[str, Any]], path: Path) -> bool:
         ax.grid(alpha=0.3)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(kinds), 6), fontsize=8, frameon=False)
-    fig.suptitle("Spectral metrics by depth, one line per module kind")
-    fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(kinds) - 1) // 6), 1, 0.96))
+    fig.suptitle(title)
+    bottom = (0.06 + 0.03 * ((len(kinds) - 1) // 6)) * (2 / nrows)
+    fig.tight_layout(rect=(0, bottom, 1, 0.95))
     fig.savefig(path)
     plt.close(fig)
     return True
 
 
-def plot_heatmap(rows: list[dict[str, Any]], key: str, label: str, path: Path) -> bool:
+def plot_heatmap(rows: list[dict[str, Any]], key: str, label: str, path: Path, fmt: str = ".2f") -> bool:
     """A depth × kind heatmap of one metric. False when no row has a depth."""
     plt = _plt()
     ok = [r for r in rows if r.get("status") == "ok" and r.get("depth") is not None]
@@ -155,7 +165,7 @@ def analyze_plots(rows: list[dict[str, Any]], spectra: dict[str, np.ndarray], ou
     by_name = {r["name"]: r for r in rows}
     for name in choose_layers(rows, layers_pattern):
         if name in spectra:
-            p = out / f"esd_{_safe(name)}.png"
+            p = out / f"esd_{safe_name(name)}.png"
             plot_esd(by_name[name], spectra[name], p)
             written.append(p)
     p = out / "metrics_by_depth.png"

@@ -1,0 +1,454 @@
+"""``compare``: what fine-tuning did to the weights — per module, for one or more tuned models.
+
+Flow: open the base and every tuned input (full checkpoints matched by tensor name and shape, or PEFT LoRA
+adapters applied per module on the fly) → for each selected base matrix, read it and take its SVD once →
+for each tuned model build W_t (W₀ + s·B·A for adapters), take its SVD, and measure intruder dimensions
+and drift → rows (one per tuned × matrix) and a summary per tuned model. One module of all inputs is in
+memory at a time. No printing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spectra_cli.checkpoint.adapter import Adapter, LoraModule, is_adapter, match_base, open_adapter
+from spectra_cli.checkpoint.loader import MatrixLoader
+from spectra_cli.checkpoint.matrices import MatrixSpec, Selection, select_matrices
+from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
+from spectra_cli.checkpoint.tensors import TensorInfo, to_float
+from spectra_cli.errors import BudgetError, CheckpointError, SelectionError, ShapeMismatch
+from spectra_cli.spectral.compare import (
+    SVD,
+    Intruders,
+    drift,
+    factored_values,
+    intruder_dimensions,
+    svd_function,
+)
+from spectra_cli.spectral.engine import EngineOptions, gram_values_np, resolve
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """Options of ``compare`` (the CLI flags of the same names)."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
+    min_dim: int = 1
+    top_k: int = 10
+    epsilons: tuple[float, ...] = (0.5,)
+    precision: str = "float32"
+    allow_missing: bool = False
+    device: str = "auto"
+    backend: str = "auto"
+    max_memory: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("include", "exclude", "kinds", "epsilons"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str | float | int) else tuple(value))
+        if self.top_k < 1:
+            raise ValueError("top_k must be at least 1")
+        if not self.epsilons or any(not 0 < e <= 1 for e in self.epsilons):
+            raise ValueError("every epsilon must be in (0, 1]")
+
+
+@dataclass
+class Tuned:
+    """One tuned input: a full checkpoint or an adapter, with its name and which base matrices it changes."""
+
+    name: str
+    path: Path
+    checkpoint: Checkpoint | None = None
+    adapter: Adapter | None = None
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)  # base matrix name → tuned tensor
+    modules: dict[str, LoraModule] = field(default_factory=dict)  # base matrix name → LoRA module
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return "adapter" if self.adapter else "checkpoint"
+
+    def covers(self, name: str) -> bool:
+        return name in (self.modules if self.adapter else self.tensors)
+
+
+@dataclass
+class ModuleResult:
+    """Everything computed for one (tuned, base matrix): kept for plots and for intruder removal."""
+
+    tuned: str
+    spec: MatrixSpec
+    intruders: Intruders
+    svd_tuned: SVD
+    s_base: np.ndarray
+
+
+@dataclass
+class CompareResult:
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    inputs: dict[str, Any]
+    options: dict[str, Any]
+    modules: list[ModuleResult] = field(default_factory=list)
+    tuned: list[Tuned] = field(default_factory=list)
+    base: Checkpoint | None = None
+
+    def to_pandas(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+
+def default_name(path: Path) -> str:
+    p = Path(path)
+    return (p.name if p.is_dir() else p.stem) or str(p)
+
+
+def open_tuned(
+    name: str, path: Path, base: Checkpoint, specs: Sequence[MatrixSpec], allow_missing: bool
+) -> Tuned:
+    """Open a tuned input and match it against the selected base matrices."""
+    t = Tuned(name=name, path=Path(path))
+    selected = {s.name: s for s in specs}
+    if is_adapter(path):
+        t.adapter = open_adapter(path)
+        try:
+            mapping = match_base(t.adapter.modules, [x.name for x in base.tensors], allow_missing)
+        except CheckpointError as e:
+            raise CheckpointError(f"{name}: {e}") from None
+        for mod in t.adapter.modules:
+            base_name = mapping.get(mod.path)
+            if base_name is None:
+                t.missing.append(mod.path)
+                continue
+            if base_name not in selected:
+                continue
+            spec = selected[base_name]
+            out, inp = (spec.stored_2d[1], spec.stored_2d[0]) if mod.transposed else spec.stored_2d
+            if (mod.b.shape[0], mod.a.shape[1]) != (out, inp):
+                raise ShapeMismatch(
+                    f"{name}: module {mod.path} updates a {mod.b.shape[0]}×{mod.a.shape[1]} weight but the base "
+                    f"{base_name} is {spec.stored_2d[0]}×{spec.stored_2d[1]}; the adapter belongs to another base"
+                )
+            t.modules[base_name] = mod
+        return t
+    t.checkpoint = open_checkpoint(path)
+    by_name = {x.name: x for x in t.checkpoint.tensors}
+    for spec in specs:
+        info = by_name.get(spec.tensor.name)
+        if info is None:
+            if not allow_missing:
+                raise CheckpointError(
+                    f"{name}: tensor {spec.tensor.name} of the base is missing from {path}; "
+                    "the checkpoints do not match (use --allow-missing to skip such tensors)"
+                )
+            t.missing.append(spec.tensor.name)
+            continue
+        if info.shape != spec.tensor.shape:
+            raise ShapeMismatch(
+                f"{name}: tensor {spec.tensor.name} is {list(info.shape)} in {path} but {list(spec.tensor.shape)} "
+                "in the base; the checkpoints are of different architectures"
+            )
+        if not info.is_float:
+            raise ShapeMismatch(f"{name}: tensor {spec.tensor.name} is not floating point in {path}")
+        t.tensors[spec.name] = info
+    return t
+
+
+def _dense(raw_loader: MatrixLoader, spec: MatrixSpec, dtype: type[np.floating]) -> np.ndarray:
+    """A matrix in its logical out×in orientation."""
+    x = to_float(raw_loader.load(spec), dtype).reshape(spec.stored_2d)
+    return x.T if spec.transposed else x
+
+
+def _tuned_matrix(t: Tuned, spec: MatrixSpec, w0: np.ndarray, loaders: dict[str, MatrixLoader],
+                  dtype: type[np.floating]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(W_t, σ(ΔW)) in the logical orientation; ΔW's values from the factors for adapters."""
+    if t.adapter is not None:
+        mod = t.modules[spec.name]
+        b, a = t.adapter.factors(mod)
+        delta = mod.scale * (b @ a)
+        if mod.transposed != spec.transposed:
+            delta = delta.T
+        return (w0 + delta).astype(dtype, copy=False), factored_values(b, a, mod.scale)
+    info = t.tensors[spec.name]
+    tspec = MatrixSpec(
+        spec.name, info, spec.shape, spec.stored_2d, spec.depth, spec.kind, spec.role, spec.transposed
+    )
+    wt = _dense(loaders[t.name], tspec, dtype)
+    return wt, gram_values_np(wt.astype(np.float64) - w0.astype(np.float64))
+
+
+def _check_budget(work: Sequence[MatrixSpec], n_tuned: int, budget: int) -> None:
+    """One module of every input is in memory at once, plus two thin SVDs' workspace."""
+    for spec in work:
+        m, n = spec.shape
+        need = 8 * m * n * (4 + n_tuned) + 16 * min(m, n) ** 2
+        if need > budget:
+            raise BudgetError(
+                f"{spec.name} ({m}×{n}) needs about {need / 2**20:.0f} MB with {n_tuned} tuned input(s), over the "
+                f"memory budget of {budget / 2**20:.0f} MB; raise --max-memory or compare fewer models at once"
+            )
+
+
+def _nonfinite(x: np.ndarray) -> int:
+    return int(x.size - np.count_nonzero(np.isfinite(x)))
+
+
+def run_compare(
+    base_path: str | Path,
+    tuned_inputs: Sequence[tuple[str, str | Path]],
+    options: CompareOptions | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+    keep_modules: bool = False,
+    on_module: Callable[[Tuned, MatrixSpec, np.ndarray, SVD, Intruders], None] | None = None,
+    on_open: Callable[[list[Tuned], Checkpoint], None] | None = None,
+) -> CompareResult:
+    """Compare every tuned input against the base. ``tuned_inputs`` are (name, path) pairs.
+
+    ``on_open(tuned, base)`` is called once the inputs are opened and matched; ``on_module(tuned, spec, W_t,
+    svd_t, intruders)`` after each (tuned, matrix) with the tuned matrix still in memory (used to write
+    mitigated weights without reading anything twice)."""
+    opts = options or CompareOptions()
+    t0 = time.perf_counter()
+    if not tuned_inputs:
+        raise SelectionError("compare needs at least one tuned checkpoint or adapter")
+    names = [n for n, _ in tuned_inputs]
+    if len(set(names)) != len(names):
+        raise SelectionError(
+            f"tuned inputs need distinct names (got {', '.join(names)}); name them NAME=PATH"
+        )
+    base = open_checkpoint(base_path)
+    sel = Selection(opts.include, opts.exclude, opts.kinds, opts.min_dim, False)
+    specs, _ = select_matrices(base, sel)
+    tuned = [open_tuned(n, Path(p), base, specs, opts.allow_missing) for n, p in tuned_inputs]
+    work = [s for s in specs if any(t.covers(s.name) for t in tuned)]
+    if not work:
+        raise SelectionError(
+            "no selected base matrix is changed by any tuned input (check --kinds / --include)"
+        )
+    if on_open:
+        on_open(tuned, base)
+    dtype: type[np.floating] = np.float64 if opts.precision == "float64" else np.float32
+    eng = resolve(EngineOptions(opts.device, opts.precision, "svd", opts.backend, opts.max_memory))
+    svd = svd_function(eng.device, eng.backend)
+    _check_budget(work, len(tuned), eng.budget)
+    base_loader = MatrixLoader(base)
+    loaders = {t.name: MatrixLoader(t.checkpoint) for t in tuned if t.checkpoint is not None}
+    rows: list[dict[str, Any]] = []
+    kept: list[ModuleResult] = []
+    total = sum(1 for s in work for t in tuned if t.covers(s.name))
+    done = 0
+    for spec in work:
+        w0 = _dense(base_loader, spec, dtype)
+        bad0 = _nonfinite(w0)
+        base_svd = svd(w0) if not bad0 else None
+        for t in tuned:
+            if not t.covers(spec.name):
+                continue
+            row = _meta(t, spec)
+            wt, s_delta = _tuned_matrix(t, spec, w0, loaders, dtype)
+            bad_t = _nonfinite(wt)
+            if base_svd is None or bad_t:
+                row.update(status="nonfinite", nonfinite_base=bad0, nonfinite_tuned=bad_t)
+            else:
+                k = min(opts.top_k, base_svd.s.size)
+                svd_t = svd(wt)
+                intr = intruder_dimensions(base_svd.u, svd_t.u[:, :k], svd_t.s[:k], opts.epsilons)
+                d = drift(base_svd.s, svd_t.s, s_delta, base_svd.u[:, :k], svd_t.u[:, :k])
+                row.update(_intruder_fields(intr, opts.epsilons))
+                row.update(asdict(d))
+                row["status"] = "ok"
+                if on_module:
+                    on_module(t, spec, wt, svd_t, intr)
+                top = (
+                    SVD(svd_t.u[:, :k], svd_t.s, svd_t.vt[:k])
+                    if keep_modules
+                    else SVD(np.empty((0, 0)), svd_t.s, np.empty((0, 0)))
+                )
+                kept.append(ModuleResult(t.name, spec, intr, top, base_svd.s))
+            rows.append(row)
+            done += 1
+            if progress:
+                progress(done, total, f"{t.name}: {spec.name}")
+    summary = summarize(rows, tuned, opts.epsilons)
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    inputs = {
+        "base": str(base.path),
+        "tuned": [
+            {
+                "name": t.name,
+                "path": str(t.path),
+                "kind": t.kind,
+                "matrices": sum(1 for r in rows if r["tuned"] == t.name),
+                "missing": t.missing,
+            }
+            for t in tuned
+        ],
+    }
+    opts_dict = asdict(opts)
+    opts_dict["epsilons"] = list(opts.epsilons)
+    opts_dict["resolved"] = {"device": eng.device, "backend": eng.backend, "precision": eng.precision}
+    return CompareResult(rows, summary, inputs, opts_dict, kept, tuned, base)
+
+
+def _meta(t: Tuned, spec: MatrixSpec) -> dict[str, Any]:
+    m, n = spec.shape
+    row: dict[str, Any] = {
+        "tuned": t.name, "name": spec.name, "depth": spec.depth, "kind": spec.kind, "role": spec.role,
+        "shape": f"{m}x{n}", "source": t.kind,
+    }  # fmt: skip
+    if t.adapter is not None:
+        mod = t.modules[spec.name]
+        row.update(lora_rank=mod.rank, lora_scale=mod.scale)
+    return row
+
+
+def _eps_key(e: float) -> str:
+    return f"intruders@{e:g}"
+
+
+def _intruder_fields(intr: Intruders, epsilons: Sequence[float]) -> dict[str, Any]:
+    primary = float(epsilons[0])
+    out: dict[str, Any] = {"intruders": intr.count(primary)}
+    for e in epsilons:
+        out[_eps_key(e)] = intr.count(float(e))
+    out["intruder_ranks"] = intr.ranks[primary]
+    out["intruder_sigmas"] = [float(intr.sigma[r - 1]) for r in intr.ranks[primary]]
+    out["min_max_cos"] = float(intr.max_cos.min()) if intr.max_cos.size else 1.0
+    out["max_cos"] = [round(float(c), 6) for c in intr.max_cos]
+    return out
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    v = [x for x in xs if x is not None and math.isfinite(x)]
+    return float(np.mean(v)) if v else None
+
+
+def summarize(
+    rows: list[dict[str, Any]], tuned: Sequence[Tuned], epsilons: Sequence[float]
+) -> dict[str, Any]:
+    """Per tuned model: the paper's total intruder count (per ε), matrices with any intruder, the worst
+    modules, and mean drift by kind and by depth."""
+    per: dict[str, Any] = {}
+    for t in tuned:
+        rs = [r for r in rows if r["tuned"] == t.name and r["status"] == "ok"]
+        by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        by_depth: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+        for r in rs:
+            by_kind[r["kind"]].append(r)
+            by_depth[r["depth"]].append(r)
+
+        def agg(group: list[dict[str, Any]]) -> dict[str, Any]:
+            return {
+                "matrices": len(group),
+                "intruders": int(sum(r["intruders"] for r in group)),
+                "relative_delta": _mean([r["relative_delta"] for r in group]),
+                "subspace_overlap": _mean([r["subspace_overlap"] for r in group]),
+                "effective_rank_change": _mean([r["effective_rank_change"] for r in group]),
+            }
+
+        worst = sorted(rs, key=lambda r: (-r["intruders"], r["min_max_cos"]))[:5]
+        per[t.name] = {
+            "source": t.kind,
+            "matrices": len(rs),
+            "nonfinite": sum(1 for r in rows if r["tuned"] == t.name and r["status"] != "ok"),
+            "total_intruders": {f"{e:g}": int(sum(r[_eps_key(e)] for r in rs)) for e in epsilons},
+            "matrices_with_intruders": sum(1 for r in rs if r["intruders"] > 0),
+            "mean_relative_delta": _mean([r["relative_delta"] for r in rs]),
+            "mean_subspace_overlap": _mean([r["subspace_overlap"] for r in rs]),
+            "worst_modules": [
+                {"name": r["name"], "intruders": r["intruders"], "min_max_cos": r["min_max_cos"]}
+                for r in worst
+            ],
+            "by_kind": {k: agg(v) for k, v in sorted(by_kind.items())},
+            "by_depth": {
+                str(k): agg(v)
+                for k, v in sorted(by_depth.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+            },
+            "missing": t.missing,
+        }
+    return {"epsilons": [float(e) for e in epsilons], "tuned": per}
+
+
+class IntruderRemover:
+    """Writes W′ = W_t + (λ−1)·Σ_{j∈I} σⱼuⱼvⱼᵀ over each module's intruders (at the first ε).
+
+    A full tuned checkpoint becomes a patched copy in the same layout (shards, index, config and tokenizer
+    files copied; untouched tensors bit for bit); an adapter becomes an adapter whose changed modules have rank
+    r + |I| (exact). With one tuned input the output is ``out``; with several, ``out/<name>``.
+    """
+
+    def __init__(self, out: Path, lam: float, epsilon: float, force: bool) -> None:
+        self.out, self.lam, self.epsilon, self.force = Path(out), lam, epsilon, force
+        self.stages: dict[str, tuple[Path, Path]] = {}
+        self.copies: dict[str, Any] = {}
+        self.extra: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        self.changed: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.tuned: dict[str, Tuned] = {}
+
+    def open(self, tuned: list[Tuned], base: Checkpoint) -> None:
+        from spectra_cli.checkpoint.writers import PatchedCopy, prepare_output
+
+        for t in tuned:
+            dest = self.out if len(tuned) == 1 else self.out / t.name
+            inputs = [Path(base.path), *(Path(x.path) for x in tuned)]
+            if len(tuned) > 1:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+            stage = prepare_output(dest, self.force, inputs)
+            self.stages[t.name] = (stage, dest)
+            self.tuned[t.name] = t
+            if t.checkpoint is not None:
+                self.copies[t.name] = PatchedCopy(t.checkpoint, stage)
+            else:
+                self.extra[t.name] = {}
+
+    def __call__(self, t: Tuned, spec: MatrixSpec, wt: np.ndarray, svd_t: SVD, intr: Intruders) -> None:
+        from spectra_cli.spectral.compare import intruder_update
+
+        ranks = intr.ranks[self.epsilon]
+        if not ranks:
+            return
+        b, a = intruder_update(svd_t, ranks, self.lam)
+        self.changed[t.name].append({"name": spec.name, "intruders": ranks})
+        if t.adapter is not None:
+            self.extra[t.name][t.modules[spec.name].path] = (b, a)
+            return
+        w_new = wt.astype(np.float64) + b @ a
+        self.copies[t.name].patch(t.tensors[spec.name], w_new.T if spec.transposed else w_new)
+
+    def commit(self, argv: list[str], inputs: dict[str, Any], options: dict[str, Any]) -> dict[str, str]:
+        from spectra_cli.checkpoint.writers import commit_output, write_adapter
+        from spectra_cli.provenance import write_run_record
+
+        written: dict[str, str] = {}
+        for name, (stage, dest) in self.stages.items():
+            t = self.tuned[name]
+            if t.adapter is not None:
+                write_adapter(t.adapter, self.extra[name], stage)
+            opts = {**options, "remove_intruders": self.lam, "epsilon": self.epsilon}
+            write_run_record(stage, "compare --remove-intruders", argv, inputs, opts, {}, [])
+            record = stage / "spectra_run.json"
+            data = json.loads(record.read_text())
+            data["changed_modules"] = self.changed.get(name, [])
+            record.write_text(json.dumps(data, indent=2, default=str) + "\n")
+            commit_output(stage, dest)
+            written[name] = str(dest)
+        return written
+
+    def abort(self) -> None:
+        import shutil
+
+        for stage, _ in self.stages.values():
+            shutil.rmtree(stage, ignore_errors=True)
