@@ -88,6 +88,7 @@ class AnalysisResult:
             "source": str(self.inputs.get("checkpoint", "")),
             "options": json.dumps(self.options),
             "matrices": json.dumps(self.matrices),
+            "skipped_tensors": str(self.summary.get("skipped_tensors", 0)),
         }
         write_safetensors(
             Path(path),
@@ -146,6 +147,7 @@ def run_analyze(
     compute_s = 0.0
     for i, mv in enumerate(singular_values(specs, eng, loader.load, loader.chunks)):
         meta = _spec_meta(mv.spec)
+        meta.update(nan_count=mv.nan_count, inf_count=mv.inf_count)
         metas.append(meta)
         rows.append(_row(meta, mv.values, mv.nan_count, mv.inf_count, eng.precision))
         compute_s += mv.seconds
@@ -219,15 +221,25 @@ def _from_saved(
         if info is not None:
             values = ckpt.read(info).data.astype(np.float64)
             spectra[m["name"]] = values
-        loader_rows.append(_row(m, values, 0, 0, precision))
+        loader_rows.append(_row(m, values, int(m.get("nan_count", 0)), int(m.get("inf_count", 0)), precision))
         if progress:
             progress(i + 1, len(chosen), m["name"])
     summary = summarize(loader_rows, [])
+    summary["skipped_tensors"] = int(ckpt.metadata.get("skipped_tensors", "0") or 0)
     summary["engine"] = {"source": "saved spectra", **saved_opts.get("resolved", {})}
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     inputs = _inputs(ckpt)
     inputs["spectra_of"] = ckpt.metadata.get("source")
-    return AnalysisResult(loader_rows, summary, inputs, _options_dict(opts, None), [], spectra, chosen)
+    # the options the spectra were computed with, and this call's selection
+    options = {
+        **saved_opts,
+        **{
+            k: v
+            for k, v in _options_dict(opts, None).items()
+            if k in {"include", "exclude", "kinds", "min_dim"}
+        },
+    }
+    return AnalysisResult(loader_rows, summary, inputs, options, [], spectra, chosen)
 
 
 # ---- the model-level summary ---------------------------------------------------------------------------------

@@ -245,11 +245,6 @@ def test_saved_spectra_can_be_filtered(single_result, tmp_path, monkeypatch):
         spectra_cli.analyze(str(out), include=("nothing*",))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: save_spectra does not record NaN/Inf counts, so a nonfinite row read back from saved spectra "
-    "has nan_count = inf_count = 0 (analysis._from_saved passes 0, 0 to _row)",
-)
 def test_saved_spectra_keep_nan_and_inf_counts(ckpts, tmp_path):
     result = spectra_cli.analyze(str(ckpts.nonfinite.path))
     out = tmp_path / "nonfinite_spectra.safetensors"
@@ -260,12 +255,6 @@ def test_saved_spectra_keep_nan_and_inf_counts(ckpts, tmp_path):
     assert again.summary["nonfinite"] == result.summary["nonfinite"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a result read from saved spectra reports the new call's options (precision float32 by default), "
-    "not those the spectra were computed with, so saving it again changes numerical_rank "
-    "(analysis._from_saved: _options_dict(opts, None))",
-)
 def test_resaving_saved_spectra_keeps_the_rows(ckpts, tmp_path):
     first = spectra_cli.analyze(str(ckpts.known.path), precision="float64")
     first.save_spectra(tmp_path / "a.safetensors")

@@ -69,8 +69,8 @@ class MatrixLoader:
         else:
             for a in range(c0, c1, lines):
                 b = min(c1, a + lines)
-                raw = self.ckpt.read_columns(spec.tensor, spec.stored_2d, a, b)
-                yield RawTensor(raw.data[r0:r1], raw.dtype), "cols"
+                raw = self.ckpt.read_columns(spec.tensor, spec.stored_2d, a, b, r0, r1)
+                yield raw, "cols"
 
 
 def _split(raw: RawTensor, lines: int) -> Iterator[tuple[RawTensor, str]]:

@@ -79,11 +79,20 @@ class Selection:
     split_fused: bool = False
 
 
+_CONV1D_MODELS = {"gpt2", "openai-gpt", "gpt_bigcode", "imagegpt", "decision_transformer"}
+
+
 def _is_gpt2_style(ckpt: Checkpoint) -> bool:
-    mt = (ckpt.config or {}).get("model_type", "")
-    if mt in {"gpt2", "openai-gpt", "gpt_bigcode", "imagegpt", "decision_transformer"}:
-        return True
-    return any(t.name.endswith(("attn.c_attn.weight", "mlp.c_fc.weight")) for t in ckpt.tensors)
+    """GPT-2 ``Conv1D`` layout: from config.json's model_type when there is one; otherwise from the names
+    *and* the stored shape of ``c_attn`` (d×3d for Conv1D, 3d×d for a Linear such as Qwen-1's)."""
+    if ckpt.config and "model_type" in ckpt.config:
+        return ckpt.config["model_type"] in _CONV1D_MODELS
+    for t in ckpt.tensors:
+        if t.name.endswith("attn.c_attn.weight") and len(t.shape) == 2:
+            return t.shape[1] == 3 * t.shape[0]
+        if t.name.endswith("mlp.c_fc.weight") and len(t.shape) == 2:
+            return t.shape[1] > t.shape[0]
+    return False
 
 
 def _conv1d(name: str) -> bool:
@@ -153,6 +162,10 @@ def select_matrices(ckpt: Checkpoint, sel: Selection) -> tuple[list[MatrixSpec],
         if nd < 2:
             skipped.append(Skipped(t.name, t.shape, t.dtype, "not a matrix (1-D or scalar)"))
             continue
+        leaf = t.name.rsplit(".", 1)[-1]
+        if leaf in {"bias", "masked_bias"} or (nd == 4 and t.shape[0] == 1 and t.shape[1] == 1):
+            skipped.append(Skipped(t.name, t.shape, t.dtype, "a bias or attention-mask buffer, not a weight"))
+            continue
         if nd == 2:
             stored = (t.shape[0], t.shape[1])
             if gpt2 and _conv1d(t.name):
@@ -219,7 +232,7 @@ def select_matrices(ckpt: Checkpoint, sel: Selection) -> tuple[list[MatrixSpec],
         if sel.min_dim > 1:
             what.append(f"--min-dim {sel.min_dim}")
         hint = f" after filters ({'; '.join(what)})" if what else ""
-        kinds = sorted({names[t.name].kind for t in ckpt.tensors if len(t.shape) >= 2})[:12]
+        kinds = sorted({names[t.name].kind for t in ckpt.tensors if len(t.shape) >= 2 and t.is_float})[:12]
         raise SelectionError(
             f"{ckpt.path}: no weight matrices selected{hint}; {len(ckpt.tensors)} tensors in the checkpoint"
             + (f", kinds include: {', '.join(kinds)}" if kinds else "")

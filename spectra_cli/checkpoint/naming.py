@@ -91,21 +91,27 @@ def _stack_labels(stacks: set[str]) -> dict[str, str]:
     return labels
 
 
+def _generic(path: tuple[str, ...]) -> tuple[str, ...]:
+    """Inner indices (MoE experts, T5's layer.N) do not make a kind of their own."""
+    return tuple("*" if p.isdigit() else p for p in path)
+
+
 def parse_names(names: list[str]) -> dict[str, NameInfo]:
-    """Depth, kind and role for every name; kinds are made unique across the whole list."""
+    """Depth, kind and role for every name; kinds are the shortest path suffixes unique in the model, with
+    inner indices ignored, and prefixed by the stack label when there are several stacks (encoder/decoder)."""
     split = {n: _split(n) for n in names}
-    block_paths = {path for (_, depth, path) in split.values() if depth is not None}
-    flat_paths = {path for (_, depth, path) in split.values() if depth is None}
-    block_kind = _shortest_unique_suffixes(block_paths)
-    flat_kind = _shortest_unique_suffixes(flat_paths)
     stacks = {stack for (stack, depth, _) in split.values() if depth is not None}
+    block_kind = _shortest_unique_suffixes({_generic(p) for (_, d, p) in split.values() if d is not None})
+    flat_kind = _shortest_unique_suffixes({path for (_, depth, path) in split.values() if depth is None})
     labels = _stack_labels(stacks)
     out: dict[str, NameInfo] = {}
     for n, (stack, depth, path) in split.items():
         if depth is None:
             kind = flat_kind[path] or n
         else:
-            kind = block_kind[path] or (stack.split(".")[-1] if stack else n)
+            kind = block_kind[_generic(path)].replace("*.", "").replace(".*", "") or (
+                stack.split(".")[-1] if stack else n
+            )
             if labels.get(stack):
                 kind = f"{labels[stack]}.{kind}"
         out[n] = NameInfo(depth=depth, kind=kind, role=role_of(n), stack=stack)

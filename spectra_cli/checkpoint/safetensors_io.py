@@ -49,6 +49,8 @@ def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str]]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
     data_start = 8 + n
     data_size = size - data_start
     infos: list[TensorInfo] = []
@@ -116,17 +118,26 @@ def read_rows(info: TensorInfo, start: int = 0, stop: int | None = None) -> RawT
     return RawTensor(out, info.dtype)
 
 
-def read_columns(info: TensorInfo, shape2d: tuple[int, int], start: int, stop: int) -> RawTensor:
-    """Read columns ``start:stop`` of the tensor viewed as the 2-D ``shape2d`` (one positioned read per row)."""
+def read_columns(
+    info: TensorInfo,
+    shape2d: tuple[int, int],
+    start: int,
+    stop: int,
+    row_start: int = 0,
+    row_stop: int | None = None,
+) -> RawTensor:
+    """Read columns ``start:stop`` of rows ``row_start:row_stop`` of the tensor viewed as the 2-D ``shape2d``
+    (one positioned read per row)."""
     assert info.offset is not None
     rows, cols = shape2d
+    row_stop = rows if row_stop is None else row_stop
     np_dtype = np.dtype(DTYPES[info.dtype][1])
-    out = np.empty((rows, stop - start), dtype=np_dtype)
+    out = np.empty((row_stop - row_start, stop - start), dtype=np_dtype)
     isz = info.itemsize
     fd = os.open(info.file, os.O_RDONLY)
     try:
-        for i in range(rows):
-            _read_into(fd, out[i], info.offset + (i * cols + start) * isz)
+        for j, i in enumerate(range(row_start, row_stop)):
+            _read_into(fd, out[j], info.offset + (i * cols + start) * isz)
         _drop_cache(fd, info.offset, info.nbytes)
     finally:
         os.close(fd)

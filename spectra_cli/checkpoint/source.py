@@ -9,6 +9,7 @@ wrappers unwrapped), also sharded with ``pytorch_model.bin.index.json``; a PEFT 
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,11 +60,19 @@ class Checkpoint:
         t = self._torch_tensors[info.name]
         return _torch_to_raw(t[start:stop] if (start or stop is not None) else t)
 
-    def read_columns(self, info: TensorInfo, shape2d: tuple[int, int], start: int, stop: int) -> RawTensor:
-        """Read columns ``start:stop`` of the tensor viewed as the 2-D ``shape2d``."""
+    def read_columns(
+        self,
+        info: TensorInfo,
+        shape2d: tuple[int, int],
+        start: int,
+        stop: int,
+        row_start: int = 0,
+        row_stop: int | None = None,
+    ) -> RawTensor:
+        """Read columns ``start:stop`` of rows ``row_start:row_stop`` of the tensor viewed as ``shape2d``."""
         if info.offset is not None:
-            return st.read_columns(info, shape2d, start, stop)
-        return _torch_to_raw(self._torch_tensors[info.name].reshape(shape2d)[:, start:stop])
+            return st.read_columns(info, shape2d, start, stop, row_start, row_stop)
+        return _torch_to_raw(self._torch_tensors[info.name].reshape(shape2d)[row_start:row_stop, start:stop])
 
     @property
     def total_bytes(self) -> int:
@@ -248,7 +257,8 @@ def _torch_load(torch: Any, f: Path) -> Any:
     try:
         return torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types here: all mean "not a readable weights-only pickle"
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+        msg = text.splitlines()[0] if text else type(e).__name__
         raise CheckpointError(
             f"{f}: cannot load as a PyTorch weights file ({msg[:200]}); "
             "it may be truncated, or contain objects other than tensors (only weights_only pickles are read)"

@@ -32,7 +32,7 @@ import numpy as np
 
 from spectra_cli.checkpoint.matrices import MatrixSpec
 from spectra_cli.checkpoint.tensors import RawTensor, to_float
-from spectra_cli.errors import BudgetError, DeviceError
+from spectra_cli.errors import BudgetError, DeviceError, SpectraError
 
 METHODS = ("auto", "svd", "gram")
 PRECISIONS = ("float32", "float64")
@@ -96,9 +96,9 @@ def _available_ram() -> int:
 def resolve(opts: EngineOptions) -> ResolvedEngine:
     """Pick device, backend, method and memory budget; raise :class:`DeviceError` for an unusable device."""
     if opts.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}")
+        raise SpectraError(f"precision must be one of {', '.join(PRECISIONS)} (got {opts.precision!r})")
     if opts.method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}")
+        raise SpectraError(f"method must be one of {', '.join(METHODS)} (got {opts.method!r})")
     dev = opts.device.lower()
     if dev == "auto":
         dev = "cuda" if opts.backend != "numpy" and _cuda_present() and _torch_cuda_ok() else "cpu"
@@ -113,7 +113,13 @@ def resolve(opts: EngineOptions) -> ResolvedEngine:
             )
         import torch
 
-        idx = int(dev.split(":", 1)[1]) if ":" in dev else torch.cuda.current_device()
+        if ":" in dev:
+            text = dev.split(":", 1)[1]
+            if not text.isdigit():
+                raise DeviceError(f"--device {opts.device}: expected cuda:N with N a device index")
+            idx = int(text)
+        else:
+            idx = torch.cuda.current_device()
         if idx >= torch.cuda.device_count():
             raise DeviceError(
                 f"--device {opts.device}: only {torch.cuda.device_count()} CUDA device(s) present"
