@@ -242,7 +242,7 @@ def run_compare(
         on_open(tuned, base)
     dtype: type[np.floating] = np.float64 if opts.precision == "float64" else np.float32
     eng = resolve(EngineOptions(opts.device, opts.precision, "svd", opts.backend, opts.max_memory))
-    svd = svd_function(eng.device, eng.backend)
+    svd = svd_function(eng.device, eng.backend, eng.precision)
     _check_budget(work, len(tuned), eng.budget)
     base_loader = MatrixLoader(base)
     loaders = {t.name: MatrixLoader(t.checkpoint) for t in tuned if t.checkpoint is not None}
