@@ -173,21 +173,23 @@ def _dense(raw_loader: MatrixLoader, spec: MatrixSpec, dtype: type[np.floating])
 
 
 def _tuned_matrix(t: Tuned, spec: MatrixSpec, w0: np.ndarray, loaders: dict[str, MatrixLoader],
-                  dtype: type[np.floating]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """(W_t, σ(ΔW)) in the logical orientation; ΔW's values from the factors for adapters."""
+                  dtype: type[np.floating]) -> tuple[np.ndarray, Callable[[], np.ndarray], int]:  # fmt: skip
+    """(W_t in the logical orientation, a function giving σ(ΔW), NaN/Inf count of the tuned side).
+    ΔW's values come from the factors for adapters; nothing is decomposed before the finiteness check."""
     if t.adapter is not None:
         mod = t.modules[spec.name]
         b, a = t.adapter.factors(mod)
+        bad = _nonfinite(b) + _nonfinite(a)
         delta = mod.scale * (b @ a)
         if mod.transposed != spec.transposed:
             delta = delta.T
-        return (w0 + delta).astype(dtype, copy=False), factored_values(b, a, mod.scale)
+        return (w0 + delta).astype(dtype, copy=False), lambda: factored_values(b, a, mod.scale), bad
     info = t.tensors[spec.name]
     tspec = MatrixSpec(
         spec.name, info, spec.shape, spec.stored_2d, spec.depth, spec.kind, spec.role, spec.transposed
     )
     wt = _dense(loaders[t.name], tspec, dtype)
-    return wt, gram_values_np(wt.astype(np.float64) - w0.astype(np.float64))
+    return wt, lambda: gram_values_np(wt.astype(np.float64) - w0.astype(np.float64)), _nonfinite(wt)
 
 
 def _check_budget(work: Sequence[MatrixSpec], n_tuned: int, budget: int) -> None:
@@ -258,15 +260,14 @@ def run_compare(
             if not t.covers(spec.name):
                 continue
             row = _meta(t, spec)
-            wt, s_delta = _tuned_matrix(t, spec, w0, loaders, dtype)
-            bad_t = _nonfinite(wt)
+            wt, delta_values, bad_t = _tuned_matrix(t, spec, w0, loaders, dtype)
             if base_svd is None or bad_t:
                 row.update(status="nonfinite", nonfinite_base=bad0, nonfinite_tuned=bad_t)
             else:
                 k = min(opts.top_k, base_svd.s.size)
                 svd_t = svd(wt)
                 intr = intruder_dimensions(base_svd.u, svd_t.u[:, :k], svd_t.s[:k], opts.epsilons)
-                d = drift(base_svd.s, svd_t.s, s_delta, base_svd.u[:, :k], svd_t.u[:, :k])
+                d = drift(base_svd.s, svd_t.s, delta_values(), base_svd.u[:, :k], svd_t.u[:, :k])
                 row.update(_intruder_fields(intr, opts.epsilons))
                 row.update(asdict(d))
                 row["status"] = "ok"
@@ -401,12 +402,12 @@ class IntruderRemover:
     def open(self, tuned: list[Tuned], base: Checkpoint) -> None:
         from spectra_cli.checkpoint.writers import PatchedCopy, prepare_output
 
+        inputs = [Path(base.path), *(Path(x.path) for x in tuned)]
+        self.root = prepare_output(self.out, self.force, inputs)  # one staging folder, renamed at the end
         for t in tuned:
+            stage = self.root if len(tuned) == 1 else self.root / t.name
+            stage.mkdir(exist_ok=True)
             dest = self.out if len(tuned) == 1 else self.out / t.name
-            inputs = [Path(base.path), *(Path(x.path) for x in tuned)]
-            if len(tuned) > 1:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-            stage = prepare_output(dest, self.force, inputs)
             self.stages[t.name] = (stage, dest)
             self.tuned[t.name] = t
             if t.checkpoint is not None:
@@ -443,12 +444,13 @@ class IntruderRemover:
             data = json.loads(record.read_text())
             data["changed_modules"] = self.changed.get(name, [])
             record.write_text(json.dumps(data, indent=2, default=str) + "\n")
-            commit_output(stage, dest)
             written[name] = str(dest)
+        commit_output(self.root, self.out)
         return written
 
     def abort(self) -> None:
         import shutil
 
-        for stage, _ in self.stages.values():
-            shutil.rmtree(stage, ignore_errors=True)
+        root = getattr(self, "root", None)
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)

@@ -276,10 +276,6 @@ def test_bad_flags_exit_2(cases, tmp_path, flags, fragment):
     assert not (Path.cwd() / "somewhere").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: --remove-intruders accepts any float (nan, inf, negative) and writes NaN weights for nan",
-)
 def test_remove_intruders_rejects_a_non_finite_lambda(cases, tmp_path):
     r = run(
         "compare",
@@ -309,13 +305,6 @@ def _nan_inputs(cases: dict[str, fx.Generated], tmp: Path, where: str) -> tuple[
     )
 
 
-NAN_BUG = (
-    "bug: comparison.run_compare computes ΔW's singular values (_tuned_matrix: gram_values_np / "
-    "factored_values) before checking for NaN/Inf, so LinAlgError escapes instead of a 'nonfinite' row"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=np.linalg.LinAlgError, reason=NAN_BUG)
 @pytest.mark.parametrize("where", ["tuned", "base", "adapter"])
 def test_nan_is_a_nonfinite_row_not_a_crash(cases, tmp_path, where):
     base, tuned = _nan_inputs(cases, tmp_path, where)
@@ -520,11 +509,6 @@ def test_an_interrupted_run_leaves_nothing_behind(sharded_pair, tmp_path, monkey
     assert digests(tuned.path) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: IntruderRemover.open creates --out (the parent of out/<name>) for several tuned inputs and "
-    "abort() removes only the staging folders, so an interrupted run leaves an empty DIR",
-)
 def test_an_interrupted_run_with_several_tuned_leaves_nothing_behind(cases, tmp_path, monkeypatch):
     monkeypatch.setattr(comparison, "svd_function", _raising_svd(5, RuntimeError("disk on fire")))
     out = tmp_path / "out"
@@ -700,22 +684,12 @@ def test_remove_intruders_from_an_adapter_is_exact(lora, tmp_path, rslora):
     _check_exact_adapter(lora, adapter, tmp_path / "out")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: writers.write_adapter appends the new rank_pattern key after the existing ones; PEFT (and "
-    "spectra's reader) take the FIRST matching key, so a generic key such as 'up_proj' shadows it",
-)
 def test_remove_intruders_when_rank_pattern_has_a_generic_key(lora, tmp_path):
     adapter = _intruder_adapter(lora, tmp_path / "adapter", rank_pattern={"up_proj": 6})
     _remove(lora.path, adapter, tmp_path / "out")
     _check_exact_adapter(lora, adapter, tmp_path / "out")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: writers.write_adapter appends the new alpha_pattern key after the existing ones; an earlier "
-    "generic key ('up_proj') wins in PEFT, so the written adapter loads with the wrong scale",
-)
 def test_remove_intruders_when_alpha_pattern_has_a_generic_key(lora, tmp_path):
     adapter = _intruder_adapter(
         lora, tmp_path / "adapter", rank_pattern={re.escape(UP): 6}, alpha_pattern={"up_proj": 3}

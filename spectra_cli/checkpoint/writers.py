@@ -96,8 +96,8 @@ def write_adapter(adapter: Adapter, extra: Mapping[str, tuple[np.ndarray, np.nda
     A′ = [A; A_x], B′ = [s·B, B_x] with scale 1 (rank_pattern / alpha_pattern set for p)."""
     cfg = json.loads(json.dumps(adapter.config))
     rslora = bool(cfg.get("use_rslora", False))
-    rank_pattern = dict(cfg.get("rank_pattern") or {})
-    alpha_pattern = dict(cfg.get("alpha_pattern") or {})
+    new_ranks: dict[str, int] = {}
+    new_alphas: dict[str, float] = {}
     by_path = {m.path: m for m in adapter.modules}
     tensors: dict[str, RawTensor | np.ndarray] = {}
     replaced: dict[str, np.ndarray] = {}
@@ -112,12 +112,14 @@ def write_adapter(adapter: Adapter, extra: Mapping[str, tuple[np.ndarray, np.nda
         replaced[mod.a.name] = new_a
         replaced[mod.b.name] = new_b
         key = _escape(path)
-        rank_pattern[key] = r_new
-        alpha_pattern[key] = float(np.sqrt(r_new)) if rslora else float(r_new)
+        new_ranks[key] = r_new
+        new_alphas[key] = float(np.sqrt(r_new)) if rslora else float(r_new)
     for t in adapter.checkpoint.tensors:
         if t.name in replaced:
             tensors[t.name] = from_float(
-                replaced[t.name], t.dtype if t.dtype in ("F32", "F64", "F16", "BF16") else "F32"
+                # float32 at least: s·B is pre-multiplied, so half precision would make the update inexact
+                replaced[t.name],
+                "F64" if t.dtype == "F64" else "F32",
             )
         else:
             tensors[t.name] = adapter.checkpoint.read(t)
@@ -130,6 +132,8 @@ def write_adapter(adapter: Adapter, extra: Mapping[str, tuple[np.ndarray, np.nda
         }:
             shutil.copy2(f, stage / f.name)
     write_safetensors(stage / "adapter_model.safetensors", tensors, {"format": "pt"})
-    cfg["rank_pattern"] = rank_pattern
-    cfg["alpha_pattern"] = alpha_pattern
+    # PEFT takes the first matching key: the changed modules' exact keys go before any existing (broader) ones
+    old_ranks, old_alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    cfg["rank_pattern"] = {**new_ranks, **{k: v for k, v in old_ranks.items() if k not in new_ranks}}
+    cfg["alpha_pattern"] = {**new_alphas, **{k: v for k, v in old_alphas.items() if k not in new_alphas}}
     (stage / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -80,9 +80,10 @@ def _notes(result: Any) -> list[str]:
     lines = []
     for name, t in s["tuned"].items():
         totals = ", ".join(f"{v} at ε={k}" for k, v in t["total_intruders"].items())
+        rel = t["mean_relative_delta"]
         lines.append(
             f"{name} ({t['source']}): {totals} intruder dimensions; {t['matrices_with_intruders']} of "
-            f"{t['matrices']} matrices have any; mean ‖ΔW‖/‖W‖ {t['mean_relative_delta']:.3g}"
+            f"{t['matrices']} matrices have any; mean ‖ΔW‖/‖W‖ " + ("-" if rel is None else f"{rel:.3g}")
         )
         worst = [w for w in t["worst_modules"] if w["intruders"] > 0][:3]
         if worst:
@@ -164,6 +165,11 @@ def compare_cmd(
     eps = _epsilons(epsilon)
     if output is not None and output.resolve() in {Path(p).resolve() for _, p in pairs} | {base.resolve()}:
         raise SpectraError(f"{output}: refusing to write over an input")
+    if remove_intruders is not None and not (0.0 <= remove_intruders <= 1.0):
+        raise typer.BadParameter(
+            f"{remove_intruders}: λ must be in [0, 1] (0 removes the intruders, 1 keeps them)",
+            param_hint="--remove-intruders",
+        )
     if remove_intruders is not None and out is None:
         raise typer.BadParameter("--remove-intruders needs --out DIR", param_hint="--out")
     if out is not None and remove_intruders is None:

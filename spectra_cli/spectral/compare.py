@@ -91,8 +91,10 @@ def subspace_overlap(u_base_top: np.ndarray, u_tuned_top: np.ndarray) -> tuple[f
         return 1.0, 0.0
     m = u_base_top.T @ u_tuned_top
     proj = float(np.sum(m * m) / k)
-    cosines = np.clip(np.linalg.svd(m, compute_uv=False), 0.0, 1.0)
-    angle = float(np.degrees(np.arccos(cosines.min()))) if cosines.size else 90.0
+    # sin of the largest angle = ‖(I − U₀U₀ᵀ)U_t‖₂: accurate for small angles, where arccos is not
+    resid = u_tuned_top - u_base_top @ m
+    sin_max = float(np.linalg.svd(resid, compute_uv=False).max()) if resid.size else 0.0
+    angle = float(np.degrees(np.arcsin(min(1.0, sin_max))))
     return min(proj, 1.0), angle
 
 
