@@ -34,7 +34,7 @@ from spectra_cli.spectral.compare import (
     intruder_dimensions,
     svd_function,
 )
-from spectra_cli.spectral.engine import EngineOptions, gram_values_np, resolve
+from spectra_cli.spectral.engine import EngineOptions, blas_threads, gram_values_np, resolve
 
 
 @dataclass(frozen=True)
@@ -253,36 +253,37 @@ def run_compare(
     total = sum(1 for s in work for t in tuned if t.covers(s.name))
     done = 0
     for spec in work:
-        w0 = _dense(base_loader, spec, dtype)
-        bad0 = _nonfinite(w0)
-        base_svd = svd(w0) if not bad0 else None
-        for t in tuned:
-            if not t.covers(spec.name):
-                continue
-            row = _meta(t, spec)
-            wt, delta_values, bad_t = _tuned_matrix(t, spec, w0, loaders, dtype)
-            if base_svd is None or bad_t:
-                row.update(status="nonfinite", nonfinite_base=bad0, nonfinite_tuned=bad_t)
-            else:
-                k = min(opts.top_k, base_svd.s.size)
-                svd_t = svd(wt)
-                intr = intruder_dimensions(base_svd.u, svd_t.u[:, :k], svd_t.s[:k], opts.epsilons)
-                d = drift(base_svd.s, svd_t.s, delta_values(), base_svd.u[:, :k], svd_t.u[:, :k])
-                row.update(_intruder_fields(intr, opts.epsilons))
-                row.update(asdict(d))
-                row["status"] = "ok"
-                if on_module:
-                    on_module(t, spec, wt, svd_t, intr)
-                top = (
-                    SVD(svd_t.u[:, :k], svd_t.s, svd_t.vt[:k])
-                    if keep_modules
-                    else SVD(np.empty((0, 0)), svd_t.s, np.empty((0, 0)))
-                )
-                kept.append(ModuleResult(t.name, spec, intr, top, base_svd.s))
-            rows.append(row)
-            done += 1
-            if progress:
-                progress(done, total, f"{t.name}: {spec.name}")
+        with blas_threads(min(spec.shape)):  # see engine.SMALL_MATRIX
+            w0 = _dense(base_loader, spec, dtype)
+            bad0 = _nonfinite(w0)
+            base_svd = svd(w0) if not bad0 else None
+            for t in tuned:
+                if not t.covers(spec.name):
+                    continue
+                row = _meta(t, spec)
+                wt, delta_values, bad_t = _tuned_matrix(t, spec, w0, loaders, dtype)
+                if base_svd is None or bad_t:
+                    row.update(status="nonfinite", nonfinite_base=bad0, nonfinite_tuned=bad_t)
+                else:
+                    k = min(opts.top_k, base_svd.s.size)
+                    svd_t = svd(wt)
+                    intr = intruder_dimensions(base_svd.u, svd_t.u[:, :k], svd_t.s[:k], opts.epsilons)
+                    d = drift(base_svd.s, svd_t.s, delta_values(), base_svd.u[:, :k], svd_t.u[:, :k])
+                    row.update(_intruder_fields(intr, opts.epsilons))
+                    row.update(asdict(d))
+                    row["status"] = "ok"
+                    if on_module:
+                        on_module(t, spec, wt, svd_t, intr)
+                    top = (
+                        SVD(svd_t.u[:, :k], svd_t.s, svd_t.vt[:k])
+                        if keep_modules
+                        else SVD(np.empty((0, 0)), svd_t.s, np.empty((0, 0)))
+                    )
+                    kept.append(ModuleResult(t.name, spec, intr, top, base_svd.s))
+                rows.append(row)
+                done += 1
+                if progress:
+                    progress(done, total, f"{t.name}: {spec.name}")
     summary = summarize(rows, tuned, opts.epsilons)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     inputs = {

@@ -21,6 +21,7 @@ Backends: ``numpy`` (CPU; LAPACK through NumPy, no PyTorch import, so start-up s
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -235,6 +236,29 @@ def _nonfinite(x: np.ndarray) -> tuple[int, int]:
     return nan, int(np.isinf(x).sum())
 
 
+#: below this smaller side, BLAS/LAPACK run on one thread: threads gain little on small matrices, and on a
+#: busy machine OpenBLAS's spinning threads made a 384² eigensolve 50× slower (measured here)
+SMALL_MATRIX = 768
+_controller: Any = None
+
+
+def blas_threads(short_side: int) -> contextlib.AbstractContextManager[Any]:
+    """One BLAS thread for small matrices, the library's default for large ones."""
+    global _controller
+    if short_side >= SMALL_MATRIX:
+        return contextlib.nullcontext()
+    if _controller is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # optional: without it the default thread count is kept
+            _controller = False
+        else:
+            _controller = ThreadpoolController()
+    if _controller is False:
+        return contextlib.nullcontext()
+    return _controller.limit(limits=1, user_api="blas")
+
+
 def gram_values_np(x64: np.ndarray) -> np.ndarray:
     """σ of a float64 matrix by the Gram route (descending)."""
     m, n = x64.shape
@@ -262,7 +286,8 @@ class _NumpyKernel:
             if nan or inf:
                 out.append((None, nan, inf))
                 continue
-            out.append((gram_values_np(x) if self.eng.method == "gram" else svd_values_np(x), 0, 0))
+            with blas_threads(min(x.shape)):
+                out.append((gram_values_np(x) if self.eng.method == "gram" else svd_values_np(x), 0, 0))
         return out
 
     @property
@@ -284,7 +309,8 @@ class _NumpyKernel:
             g = part if g is None else g + part
         if nan or inf or g is None:
             return None, nan, inf, count
-        ev = np.linalg.eigvalsh(g)
+        with blas_threads(g.shape[0]):
+            ev = np.linalg.eigvalsh(g)
         return np.sqrt(np.clip(ev[::-1], 0.0, None)), 0, 0, count
 
 
