@@ -44,7 +44,7 @@ def _columns() -> list[Any]:
         Column("dtype", "dtype", str, "left"),
         Column("spectral_norm", "σ₁", f()),
         Column("stable_rank", "stable rank", f()),
-        Column("effective_rank", "eff. rank", f(4)),
+        Column("effective_rank", "eff. rank", f(1)),
         Column("energy_rank_90", "r90"),
         Column("alpha", "α", f()),
         Column("alpha_flag", "α reading", lambda x: x or "-", "left"),

@@ -60,7 +60,8 @@ def _clean(x: Any) -> Any:
 
 
 def fmt_num(x: Any, digits: int = 3) -> str:
-    """Compact number formatting for tables: '-' for missing/NaN, 'inf', fixed or scientific."""
+    """Compact number formatting for tables: '-' for missing/NaN, 'inf', ``digits`` decimals with trailing
+    zeros dropped, scientific notation below 1e-3 and from 1e6."""
     if x is None:
         return "-"
     if isinstance(x, bool):
@@ -72,9 +73,10 @@ def fmt_num(x: Any, digits: int = 3) -> str:
             return "-"
         if math.isinf(x):
             return "inf" if x > 0 else "-inf"
-        if x != 0 and (abs(x) >= 1e5 or abs(x) < 10 ** (-digits)):
-            return f"{x:.{digits - 1}e}"
-        return f"{x:.{digits}g}" if abs(x) >= 10**digits else f"{x:.{digits}f}".rstrip("0").rstrip(".") or "0"
+        if x != 0 and (abs(x) >= 1e6 or abs(x) < 1e-3):
+            return f"{x:.2e}"
+        text = f"{x:.{digits}f}"
+        return (text.rstrip("0").rstrip(".") if "." in text else text) or "0"
     return str(x)
 
 
