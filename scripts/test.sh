@@ -5,6 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
-ruff check spectra_cli tests fixtures benchmarks
+ruff check .
 mypy
 python -m pytest -q -n 2 "$@"
