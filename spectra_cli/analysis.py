@@ -15,7 +15,7 @@ import numpy as np
 
 from spectra_cli import __version__
 from spectra_cli.checkpoint.loader import MatrixLoader
-from spectra_cli.checkpoint.matrices import MatrixSpec, Selection, Skipped, select_matrices
+from spectra_cli.checkpoint.matrices import MatrixSpec, SelectionFields, Skipped, select_matrices
 from spectra_cli.checkpoint.naming import parse_names
 from spectra_cli.checkpoint.safetensors_io import write_safetensors
 from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
@@ -31,31 +31,15 @@ SPECTRA_FORMAT = "spectra-singular-values"
 
 
 @dataclass(frozen=True)
-class AnalyzeOptions:
+class AnalyzeOptions(SelectionFields):
     """Options of ``analyze`` (the CLI flags of the same names)."""
 
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    kinds: tuple[str, ...] = ()
-    min_dim: int = 1
     split_fused: bool = False
     device: str = "auto"
     precision: str = "float32"
     method: str = "auto"
     backend: str = "auto"
     max_memory: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("include", "exclude", "kinds"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                object.__setattr__(self, name, (value,))
-            else:
-                object.__setattr__(self, name, tuple(value))
-
-    @property
-    def selection(self) -> Selection:
-        return Selection(self.include, self.exclude, self.kinds, self.min_dim, self.split_fused)
 
     @property
     def engine(self) -> EngineOptions:
@@ -137,7 +121,7 @@ def run_analyze(
     ckpt = open_checkpoint(path)
     if ckpt.metadata.get("format") == SPECTRA_FORMAT:
         return _from_saved(ckpt, opts, t0, progress)
-    specs, skipped = select_matrices(ckpt, opts.selection)
+    specs, skipped = select_matrices(ckpt, opts.selection(opts.split_fused))
     eng = resolve(opts.engine)
     loader = MatrixLoader(ckpt)
     rows: list[dict[str, Any]] = []
@@ -204,7 +188,7 @@ def _from_saved(
         raise CheckpointError(f"{ckpt.path}: spectra file without a valid 'matrices' record") from e
     precision = saved_opts.get("precision", "float32")
     by_name = {t.name: t for t in ckpt.tensors}
-    sel = opts.selection
+    sel = opts.selection()
     chosen = [
         m for m in metas
         if (not sel.include or any(fnmatch.fnmatchcase(m["tensor"], g) for g in sel.include))

@@ -22,7 +22,7 @@ import numpy as np
 
 from spectra_cli.checkpoint.adapter import Adapter, LoraModule, is_adapter, match_base, open_adapter
 from spectra_cli.checkpoint.loader import MatrixLoader
-from spectra_cli.checkpoint.matrices import MatrixSpec, Selection, select_matrices
+from spectra_cli.checkpoint.matrices import MatrixSpec, SelectionFields, select_matrices
 from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
 from spectra_cli.checkpoint.tensors import TensorInfo, to_float
 from spectra_cli.errors import BudgetError, CheckpointError, SelectionError, ShapeMismatch
@@ -38,13 +38,9 @@ from spectra_cli.spectral.engine import EngineOptions, blas_threads, gram_values
 
 
 @dataclass(frozen=True)
-class CompareOptions:
+class CompareOptions(SelectionFields):
     """Options of ``compare`` (the CLI flags of the same names)."""
 
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    kinds: tuple[str, ...] = ()
-    min_dim: int = 1
     top_k: int = 10
     epsilons: tuple[float, ...] = (0.5,)
     precision: str = "float32"
@@ -54,9 +50,9 @@ class CompareOptions:
     max_memory: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("include", "exclude", "kinds", "epsilons"):
-            value = getattr(self, name)
-            object.__setattr__(self, name, (value,) if isinstance(value, str | float | int) else tuple(value))
+        super().__post_init__()
+        eps = self.epsilons
+        object.__setattr__(self, "epsilons", (eps,) if isinstance(eps, float | int) else tuple(eps))
         if self.top_k < 1:
             raise ValueError("top_k must be at least 1")
         if not self.epsilons or any(not 0 < e <= 1 for e in self.epsilons):
@@ -232,8 +228,7 @@ def run_compare(
             f"tuned inputs need distinct names (got {', '.join(names)}); name them NAME=PATH"
         )
     base = open_checkpoint(base_path)
-    sel = Selection(opts.include, opts.exclude, opts.kinds, opts.min_dim, False)
-    specs, _ = select_matrices(base, sel)
+    specs, _ = select_matrices(base, opts.selection())
     tuned = [open_tuned(n, Path(p), base, specs, opts.allow_missing) for n, p in tuned_inputs]
     work = [s for s in specs if any(t.covers(s.name) for t in tuned)]
     if not work:

