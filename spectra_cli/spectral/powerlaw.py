@@ -1,9 +1,14 @@
-"""Power-law fit of the tail of an empirical spectral density, Clauset-style (as WeightWatcher does).
+"""Power-law fit of the tail of an empirical spectral density, as WeightWatcher does it (Clauset et al.).
 
-For each candidate xmin (every distinct eigenvalue but the largest) the continuous MLE is
-α = 1 + n / Σ ln(λᵢ/xmin) over the tail λ ≥ xmin, and the Kolmogorov–Smirnov distance D between the tail's
-empirical CDF and the fitted P(λ) = 1 − (λ/xmin)^(1−α) is computed; the xmin with the smallest D wins.
-Vectorised: O(n²) work in blocks, no Python loop per candidate.
+For each candidate xmin — every sorted eigenvalue but the largest, as WeightWatcher's ``WWFit`` — the
+continuous MLE is α = 1 + n / Σ ln(λᵢ/xmin) over the tail λ ≥ xmin, and the Kolmogorov–Smirnov distance is
+D = maxⱼ |P(λⱼ) − j/n| between the fitted CDF P(λ) = 1 − (λ/xmin)^(1−α) and the tail's empirical CDF
+(j = 0…n−1, WeightWatcher's and the ``powerlaw`` package's convention); the xmin with the smallest D wins
+(D = 1 when α ≤ 1). Vectorised: O(n²) work in blocks, no Python loop per candidate.
+
+Deviations from WeightWatcher, documented in the README: spectra fits the eigenvalues above the
+numerical-rank threshold (WeightWatcher: λ > 1e-5), and returns NaN below 10 of them (WeightWatcher switches
+to a different small-sample estimator below 20).
 """
 
 from __future__ import annotations
@@ -48,18 +53,14 @@ def fit_power_law(evals: np.ndarray, block: int = 256) -> PowerLawFit:
     if n < MIN_EVALS:
         return NO_FIT
     logx = np.log(x)
-    # candidates: the first occurrence of each distinct value except the largest
-    first = np.ones(n, dtype=bool)
-    first[1:] = x[1:] != x[:-1]
-    cand = np.flatnonzero(first)
-    cand = cand[x[cand] < x[-1]]
-    if cand.size == 0:
-        return NO_FIT
+    cand = np.arange(n - 1)  # every point but the largest (duplicates included, as WWFit)
     suffix = np.cumsum(logx[::-1])[::-1]  # suffix[i] = Σ_{j≥i} ln x_j
     n_tail = n - cand
     denom = suffix[cand] - n_tail * logx[cand]
+    # a tail of (numerically) equal values has no exponent: suffix sums cancel to ~±1e-14, not 0
+    degenerate = denom <= 1e-12 * n_tail * (1.0 + np.abs(logx[cand]))
     with np.errstate(divide="ignore", invalid="ignore"):
-        alphas = 1.0 + n_tail / denom
+        alphas = np.where(degenerate, np.nan, 1.0 + n_tail / denom)
     best = (np.inf, 0)
     pos = np.arange(n)
     for s in range(0, cand.size, block):
@@ -71,13 +72,10 @@ def fit_power_law(evals: np.ndarray, block: int = 256) -> PowerLawFit:
         mask = pos[None, :] >= c[:, None]
         with np.errstate(over="ignore", invalid="ignore"):
             model = 1.0 - np.exp((1.0 - a)[:, None] * lr)
-        k = (pos[None, :] - c[:, None]).astype(np.float64)
-        hi = (k + 1.0) / nt[:, None]
-        lo = k / nt[:, None]
-        d = np.maximum(np.abs(hi - model), np.abs(model - lo))
-        d = np.where(mask, d, 0.0)
+        empirical = (pos[None, :] - c[:, None]) / nt[:, None]
+        d = np.where(mask, np.abs(model - empirical), 0.0)
         dmax = d.max(axis=1)
-        dmax = np.where(np.isfinite(a) & (a > 1), dmax, np.inf)
+        dmax = np.where(np.isfinite(a) & (a > 1), dmax, 1.0)
         i = int(np.argmin(dmax))
         if dmax[i] < best[0]:
             best = (float(dmax[i]), s + i)
