@@ -248,7 +248,7 @@ def run_compare(
     total = sum(1 for s in work for t in tuned if t.covers(s.name))
     done = 0
     for spec in work:
-        with blas_threads(min(spec.shape)):  # see engine.SMALL_MATRIX
+        with blas_threads(spec.shape):  # see engine.SMALL_WORK
             w0 = _dense(base_loader, spec, dtype)
             bad0 = _nonfinite(w0)
             base_svd = svd(w0) if not bad0 else None

@@ -22,6 +22,7 @@ Backends: ``numpy`` (CPU; LAPACK through NumPy, no PyTorch import, so start-up s
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -236,16 +237,21 @@ def _nonfinite(x: np.ndarray) -> tuple[int, int]:
     return nan, int(np.isinf(x).sum())
 
 
-#: below this smaller side, BLAS/LAPACK run on one thread: threads gain little on small matrices, and on a
-#: busy machine OpenBLAS's spinning threads made a 384² eigensolve 50× slower (measured here)
-SMALL_MATRIX = 768
+#: below this much work (m·n·min(m, n), ~768³), BLAS/LAPACK run on one thread: threads gain little on
+#: small matrices, and on a busy machine OpenBLAS's spinning threads made a 384² eigensolve 50× slower here
+SMALL_WORK = 768**3
 _controller: Any = None
 
 
-def blas_threads(short_side: int) -> contextlib.AbstractContextManager[Any]:
+def is_small(shape: tuple[int, int]) -> bool:
+    m, n = shape
+    return m * n * min(m, n) < SMALL_WORK
+
+
+def blas_threads(shape: tuple[int, int]) -> contextlib.AbstractContextManager[Any]:
     """One BLAS thread for small matrices, the library's default for large ones."""
     global _controller
-    if short_side >= SMALL_MATRIX:
+    if not is_small(shape):
         return contextlib.nullcontext()
     if _controller is None:
         try:
@@ -272,23 +278,37 @@ def svd_values_np(x: np.ndarray) -> np.ndarray:
 
 
 class _NumpyKernel:
+    """LAPACK through NumPy. A batch of small matrices is spread over one Python thread per core, each with
+    one BLAS thread (NumPy releases the GIL in LAPACK): the parallelism of BLAS threads without their
+    spinning on a busy machine."""
+
     def __init__(self, eng: ResolvedEngine) -> None:
         self.eng = eng
+        self.workers = max(1, min(4, os.cpu_count() or 1))
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _one(self, raw: RawTensor) -> tuple[np.ndarray | None, int, int]:
+        x = to_float(raw, np.float64 if self._gram_or_64 else np.float32)
+        x = x.reshape(x.shape[0], -1)
+        nan, inf = _nonfinite(x)
+        if nan or inf:
+            return None, nan, inf
+        return (gram_values_np(x) if self.eng.method == "gram" else svd_values_np(x)), 0, 0
 
     def values(
         self, raws: list[RawTensor], specs: list[MatrixSpec]
     ) -> list[tuple[np.ndarray | None, int, int]]:
-        out: list[tuple[np.ndarray | None, int, int]] = []
-        for raw, _spec in zip(raws, specs, strict=True):
-            x = to_float(raw, np.float64 if self._gram_or_64 else np.float32)
-            x = x.reshape(x.shape[0], -1)
-            nan, inf = _nonfinite(x)
-            if nan or inf:
-                out.append((None, nan, inf))
-                continue
-            with blas_threads(min(x.shape)):
-                out.append((gram_values_np(x) if self.eng.method == "gram" else svd_values_np(x), 0, 0))
-        return out
+        small = all(is_small(s.shape) for s in specs)
+        with blas_threads(specs[0].shape if small else (1 << 20, 1 << 20)):
+            if small and len(raws) > 1 and self.workers > 1:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="spectra-lapack")
+                return list(self._pool.map(self._one, raws))
+            return [self._one(raw) for raw in raws]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
 
     @property
     def _gram_or_64(self) -> bool:
@@ -309,7 +329,7 @@ class _NumpyKernel:
             g = part if g is None else g + part
         if nan or inf or g is None:
             return None, nan, inf, count
-        with blas_threads(g.shape[0]):
+        with blas_threads(g.shape):
             ev = np.linalg.eigvalsh(g)
         return np.sqrt(np.clip(ev[::-1], 0.0, None)), 0, 0, count
 
@@ -324,6 +344,9 @@ class _TorchKernel:
         self.eng = eng
         self.device = torch.device(eng.device)
         self.cdtype = torch.float64 if (eng.method == "gram" or eng.precision == "float64") else torch.float32
+
+    def close(self) -> None:
+        """Nothing to release (the CUDA caching allocator keeps its blocks for the next batch)."""
 
     def _to_device(self, raw: RawTensor) -> Any:
         torch = self.torch
@@ -409,7 +432,10 @@ def singular_values(
             return None
         return pool.submit(read, batches[i])
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-read") as pool:
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-read") as pool,
+        contextlib.closing(kernel),
+    ):
         pending = prefetch(0)
         for i, batch in enumerate(batches):
             t0 = time.perf_counter()
