@@ -21,11 +21,12 @@ from spectra_cli.checkpoint.safetensors_io import write_safetensors
 from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
 from spectra_cli.checkpoint.tensors import DTYPE_NAMES, TensorInfo
 from spectra_cli.errors import CheckpointError, SelectionError
+from spectra_cli.results import RunResult
 from spectra_cli.spectral.engine import EngineOptions, ResolvedEngine, resolve, singular_values
 from spectra_cli.spectral.metrics import compute_metrics
 
 if TYPE_CHECKING:
-    import pandas as pd
+    pass
 
 SPECTRA_FORMAT = "spectra-singular-values"
 
@@ -47,22 +48,12 @@ class AnalyzeOptions(SelectionFields):
 
 
 @dataclass
-class AnalysisResult:
+class AnalysisResult(RunResult):
     """Rows (one dict per matrix), a model-level summary, and the singular values of every matrix."""
 
-    rows: list[dict[str, Any]]
-    summary: dict[str, Any]
-    inputs: dict[str, Any]
-    options: dict[str, Any]
     skipped: list[Skipped] = field(default_factory=list)
     spectra: dict[str, np.ndarray] = field(default_factory=dict)
     matrices: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_pandas(self) -> pd.DataFrame:
-        """The rows as a DataFrame, one row per matrix (as WeightWatcher's ``analyze()`` returns)."""
-        import pandas as pd
-
-        return pd.DataFrame(self.rows)
 
     def save_spectra(self, path: str | Path) -> None:
         """Write every matrix's singular values (float64) to a safetensors file that ``analyze`` can read back."""

@@ -26,6 +26,7 @@ from spectra_cli.checkpoint.matrices import MatrixSpec, SelectionFields, select_
 from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
 from spectra_cli.checkpoint.tensors import TensorInfo, to_float
 from spectra_cli.errors import BudgetError, CheckpointError, SelectionError, ShapeMismatch
+from spectra_cli.results import RunResult
 from spectra_cli.spectral.compare import (
     SVD,
     Intruders,
@@ -91,19 +92,12 @@ class ModuleResult:
 
 
 @dataclass
-class CompareResult:
-    rows: list[dict[str, Any]]
-    summary: dict[str, Any]
-    inputs: dict[str, Any]
-    options: dict[str, Any]
+class CompareResult(RunResult):
+    """Rows (one per tuned × matrix), a summary per tuned model, and what plots and writers need."""
+
     modules: list[ModuleResult] = field(default_factory=list)
     tuned: list[Tuned] = field(default_factory=list)
     base: Checkpoint | None = None
-
-    def to_pandas(self) -> Any:
-        import pandas as pd
-
-        return pd.DataFrame(self.rows)
 
 
 def default_name(path: Path) -> str:
