@@ -9,7 +9,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -24,9 +24,6 @@ from spectra_cli.errors import CheckpointError, SelectionError
 from spectra_cli.results import RunResult
 from spectra_cli.spectral.engine import EngineOptions, ResolvedEngine, resolve, singular_values
 from spectra_cli.spectral.metrics import compute_metrics
-
-if TYPE_CHECKING:
-    pass
 
 SPECTRA_FORMAT = "spectra-singular-values"
 
