@@ -534,3 +534,20 @@ def test_nonfinite_weights_open_and_select(ckpts):
     assert set(specs) == set(gen.matrices)
     x = _logical(ckpt, specs["layers.0.nan.weight"])
     assert int(np.isnan(x).sum()) == 2
+
+
+def test_unsplittable_fused_projection_says_so(tmp_path):
+    """A query_key_value of an unknown architecture cannot be split safely: analysed whole, with a note."""
+    from fixtures.checkpoints import write_safetensors as write_fixture
+    from spectra_cli.checkpoint.matrices import Selection, select_matrices
+    from spectra_cli.checkpoint.source import open_checkpoint
+
+    folder = tmp_path / "unknown"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "mystery", "num_attention_heads": 2, "hidden_size": 8}')
+    w = np.arange(24 * 8, dtype=np.float32).reshape(24, 8)
+    write_fixture(folder / "model.safetensors", {"h.0.attn.query_key_value.weight": w})
+    specs, _ = select_matrices(open_checkpoint(folder), Selection(split_fused=True))
+    assert [s.name for s in specs] == ["h.0.attn.query_key_value.weight"]
+    assert specs[0].shape == (24, 8)
+    assert "fused projection left whole" in specs[0].note

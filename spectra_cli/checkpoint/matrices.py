@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -216,6 +217,9 @@ def select_matrices(ckpt: Checkpoint, sel: Selection) -> tuple[list[MatrixSpec],
         )
         parts = _fused_parts(base, ckpt.config) if sel.split_fused else []
         if not parts:
+            if sel.split_fused and t.name.split(".")[-2:-1] and t.name.split(".")[-2] in _FUSED:
+                why = "fused projection left whole: its layout could not be told from config.json"
+                base = dataclasses.replace(base, note=f"{base.note}; {why}" if base.note else why)
             candidates = [base]
         else:
             candidates = []
