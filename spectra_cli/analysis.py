@@ -16,10 +16,9 @@ import numpy as np
 from spectra_cli import __version__
 from spectra_cli.checkpoint.loader import MatrixLoader
 from spectra_cli.checkpoint.matrices import MatrixSpec, SelectionFields, Skipped, select_matrices
-from spectra_cli.checkpoint.naming import parse_names
 from spectra_cli.checkpoint.safetensors_io import write_safetensors
 from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
-from spectra_cli.checkpoint.tensors import DTYPE_NAMES, TensorInfo
+from spectra_cli.checkpoint.tensors import TensorInfo
 from spectra_cli.errors import CheckpointError, SelectionError
 from spectra_cli.results import RunResult
 from spectra_cli.spectral.engine import EngineOptions, ResolvedEngine, resolve, singular_values
@@ -165,10 +164,6 @@ def _options_dict(opts: AnalyzeOptions, eng: ResolvedEngine | None) -> dict[str,
 def _from_saved(
     ckpt: Checkpoint, opts: AnalyzeOptions, t0: float, progress: Callable[[int, int, str], None] | None
 ) -> AnalysisResult:
-    import fnmatch
-
-    from spectra_cli.checkpoint.naming import matches_kind
-
     try:
         metas: list[dict[str, Any]] = json.loads(ckpt.metadata["matrices"])
         saved_opts = json.loads(ckpt.metadata.get("options", "{}"))
@@ -177,13 +172,7 @@ def _from_saved(
     precision = saved_opts.get("precision", "float32")
     by_name = {t.name: t for t in ckpt.tensors}
     sel = opts.selection()
-    chosen = [
-        m for m in metas
-        if (not sel.include or any(fnmatch.fnmatchcase(m["tensor"], g) for g in sel.include))
-        and not any(fnmatch.fnmatchcase(m["tensor"], g) for g in sel.exclude)
-        and (not sel.kinds or any(matches_kind(m["tensor"], m["kind"], k) for k in sel.kinds))
-        and min(m["shape"]) >= sel.min_dim
-    ]  # fmt: skip
+    chosen = [m for m in metas if sel.accepts_name(m["tensor"], m["kind"]) and min(m["shape"]) >= sel.min_dim]
     if not chosen:
         raise SelectionError(f"{ckpt.path}: no saved spectra selected after filters")
     loader_rows, spectra = [], {}
@@ -268,8 +257,4 @@ def summarize(rows: list[dict[str, Any]], skipped: list[Skipped]) -> dict[str, A
     }
 
 
-def dtype_name(code: str) -> str:
-    return DTYPE_NAMES.get(code, code)
-
-
-__all__ = ["AnalysisResult", "AnalyzeOptions", "parse_names", "run_analyze", "summarize"]
+__all__ = ["AnalysisResult", "AnalyzeOptions", "run_analyze", "summarize"]

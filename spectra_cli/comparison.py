@@ -9,7 +9,7 @@ memory at a time. No printing.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import time
 from collections import defaultdict
@@ -35,7 +35,7 @@ from spectra_cli.spectral.compare import (
     intruder_dimensions,
     svd_function,
 )
-from spectra_cli.spectral.engine import EngineOptions, blas_threads, gram_values_np, resolve
+from spectra_cli.spectral.engine import EngineOptions, blas_threads, gram_values_np, nonfinite_counts, resolve
 
 
 @dataclass(frozen=True)
@@ -175,10 +175,7 @@ def _tuned_matrix(t: Tuned, spec: MatrixSpec, w0: np.ndarray, loaders: dict[str,
             delta = delta.T
         return (w0 + delta).astype(dtype, copy=False), lambda: factored_values(b, a, mod.scale), bad
     info = t.tensors[spec.name]
-    tspec = MatrixSpec(
-        spec.name, info, spec.shape, spec.stored_2d, spec.depth, spec.kind, spec.role, spec.transposed
-    )
-    wt = _dense(loaders[t.name], tspec, dtype)
+    wt = _dense(loaders[t.name], dataclasses.replace(spec, tensor=info), dtype)
     return wt, lambda: gram_values_np(wt.astype(np.float64) - w0.astype(np.float64)), _nonfinite(wt)
 
 
@@ -195,7 +192,7 @@ def _check_budget(work: Sequence[MatrixSpec], n_tuned: int, budget: int) -> None
 
 
 def _nonfinite(x: np.ndarray) -> int:
-    return int(x.size - np.count_nonzero(np.isfinite(x)))
+    return sum(nonfinite_counts(x))
 
 
 def run_compare(
@@ -388,14 +385,15 @@ class IntruderRemover:
         self.extra: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         self.changed: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.tuned: dict[str, Tuned] = {}
+        self.root: Path | None = None  # one staging folder for everything, renamed at the end
 
     def open(self, tuned: list[Tuned], base: Checkpoint) -> None:
         from spectra_cli.checkpoint.writers import PatchedCopy, prepare_output
 
         inputs = [Path(base.path), *(Path(x.path) for x in tuned)]
-        self.root = prepare_output(self.out, self.force, inputs)  # one staging folder, renamed at the end
+        self.root = root = prepare_output(self.out, self.force, inputs)
         for t in tuned:
-            stage = self.root if len(tuned) == 1 else self.root / t.name
+            stage = root if len(tuned) == 1 else root / t.name
             stage.mkdir(exist_ok=True)
             dest = self.out if len(tuned) == 1 else self.out / t.name
             self.stages[t.name] = (stage, dest)
@@ -429,18 +427,15 @@ class IntruderRemover:
             if t.adapter is not None:
                 write_adapter(t.adapter, self.extra[name], stage)
             opts = {**options, "remove_intruders": self.lam, "epsilon": self.epsilon}
-            write_run_record(stage, "compare --remove-intruders", argv, inputs, opts, {}, [])
-            record = stage / "spectra_run.json"
-            data = json.loads(record.read_text())
-            data["changed_modules"] = self.changed.get(name, [])
-            record.write_text(json.dumps(data, indent=2, default=str) + "\n")
+            extra = {"changed_modules": self.changed.get(name, [])}
+            write_run_record(stage, "compare --remove-intruders", argv, inputs, opts, {}, [], extra)
             written[name] = str(dest)
+        assert self.root is not None
         commit_output(self.root, self.out)
         return written
 
     def abort(self) -> None:
         import shutil
 
-        root = getattr(self, "root", None)
-        if root is not None:
-            shutil.rmtree(root, ignore_errors=True)
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)

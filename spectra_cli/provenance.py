@@ -13,7 +13,8 @@ from spectra_cli import __version__
 
 
 def write_run_record(folder: Path, command: str, argv: list[str], inputs: dict[str, Any],
-                     options: dict[str, Any], timings: dict[str, Any], artifacts: list[str]) -> Path:  # fmt: skip
+                     options: dict[str, Any], timings: dict[str, Any], artifacts: list[str],
+                     extra: dict[str, Any] | None = None) -> Path:  # fmt: skip
     """Write ``folder/spectra_run.json`` atomically and return its path."""
     record = {
         "command": command,
@@ -25,6 +26,7 @@ def write_run_record(folder: Path, command: str, argv: list[str], inputs: dict[s
         "options": options,
         "timings": timings,
         "artifacts": artifacts,
+        **(extra or {}),
     }
     path = folder / "spectra_run.json"
     tmp = folder / f".spectra_run.json.tmp-{os.getpid()}"

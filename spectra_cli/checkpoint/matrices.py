@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +77,14 @@ class Selection:
     kinds: tuple[str, ...] = ()
     min_dim: int = 1
     split_fused: bool = False
+
+    def accepts_name(self, tensor_name: str, kind: str) -> bool:
+        """The --include / --exclude / --kinds rule (``--min-dim`` is checked on shapes)."""
+        if self.include and not any(fnmatch.fnmatchcase(tensor_name, g) for g in self.include):
+            return False
+        if any(fnmatch.fnmatchcase(tensor_name, g) for g in self.exclude):
+            return False
+        return not self.kinds or any(matches_kind(tensor_name, kind, k) for k in self.kinds)
 
 
 _CONV1D_MODELS = {"gpt2", "openai-gpt", "gpt_bigcode", "imagegpt", "decision_transformer"}
@@ -162,12 +169,8 @@ def select_matrices(ckpt: Checkpoint, sel: Selection) -> tuple[list[MatrixSpec],
     specs: list[MatrixSpec] = []
     skipped: list[Skipped] = []
     for t in ckpt.tensors:
-        if sel.include and not any(fnmatch.fnmatchcase(t.name, g) for g in sel.include):
-            continue
-        if any(fnmatch.fnmatchcase(t.name, g) for g in sel.exclude):
-            continue
         ni = names[t.name]
-        if sel.kinds and not any(matches_kind(t.name, ni.kind, k) for k in sel.kinds):
+        if not sel.accepts_name(t.name, ni.kind):
             continue
         if not t.is_float:
             skipped.append(Skipped(t.name, t.shape, t.dtype, "not a floating-point tensor"))
@@ -261,7 +264,3 @@ def select_matrices(ckpt: Checkpoint, sel: Selection) -> tuple[list[MatrixSpec],
             + (f", kinds include: {', '.join(kinds)}" if kinds else "")
         )
     return specs, skipped
-
-
-def describe_kinds(specs: Sequence[MatrixSpec]) -> list[str]:
-    return sorted({s.kind for s in specs})

@@ -229,7 +229,7 @@ def _fmt(n: int) -> str:
 # ---- the numeric kernels ------------------------------------------------------------------------------------
 
 
-def _nonfinite(x: np.ndarray) -> tuple[int, int]:
+def nonfinite_counts(x: np.ndarray) -> tuple[int, int]:
     """(NaN count, Inf count), with one cheap pass when everything is finite."""
     if np.isfinite(x).all():
         return 0, 0
@@ -290,7 +290,7 @@ class _NumpyKernel:
     def _one(self, raw: RawTensor) -> tuple[np.ndarray | None, int, int]:
         x = to_float(raw, np.float64 if self._gram_or_64 else np.float32)
         x = x.reshape(x.shape[0], -1)
-        nan, inf = _nonfinite(x)
+        nan, inf = nonfinite_counts(x)
         if nan or inf:
             return None, nan, inf
         return (gram_values_np(x) if self.eng.method == "gram" else svd_values_np(x)), 0, 0
@@ -321,7 +321,7 @@ class _NumpyKernel:
             x = to_float(raw, np.float64)
             x = x.reshape(x.shape[0], -1)
             count += 1
-            a, b = _nonfinite(x)
+            a, b = nonfinite_counts(x)
             nan, inf = nan + a, inf + b
             if nan or inf:
                 continue
@@ -414,7 +414,6 @@ def singular_values(
     eng: ResolvedEngine,
     load: Loader,
     load_chunks: ChunkLoader,
-    progress: Callable[[MatrixSpec], None] | None = None,
 ) -> Iterator[MatrixValues]:
     """Decompose every matrix in ``specs`` (values only), streaming batches; yields in plan order."""
     kernel: _NumpyKernel | _TorchKernel = _TorchKernel(eng) if eng.backend == "torch" else _NumpyKernel(eng)
@@ -444,8 +443,6 @@ def singular_values(
                 vals, nan, inf, n = kernel.chunked(load_chunks(spec, chunk_rows(spec, eng.budget)))
                 pending = prefetch(i + 1)
                 yield MatrixValues(spec, vals, nan, inf, time.perf_counter() - t0, chunks=n)
-                if progress:
-                    progress(spec)
                 continue
             raws = pending.result()
             pending = prefetch(i + 1)
@@ -455,5 +452,3 @@ def singular_values(
             dt = (time.perf_counter() - t0) / max(1, len(batch))
             for spec, (vals, nan, inf) in zip(batch, results, strict=True):
                 yield MatrixValues(spec, vals, nan, inf, dt)
-                if progress:
-                    progress(spec)
