@@ -1,0 +1,206 @@
+"""The activations file: per-module statistics of the inputs of a model's linear modules.
+
+Written by ``spectra capture`` and read by ``init-adapter --method corda|eva`` and ``allocate --strategy eva``.
+Users of other frameworks can write it themselves: it is one safetensors file whose metadata holds
+``{"format": "spectra-activations", "version": "1"}`` and, for each module (its full path in the base
+checkpoint, e.g. ``model.layers.0.self_attn.q_proj``), any of these tensors:
+
+========================================  ==========  ===================================================
+key                                       shape       meaning
+========================================  ==========  ===================================================
+``<module>.input_covariance``             (in, in)    mean of xᵀx over the tokens (uncentred second moment)
+``<module>.input_mean``                   (in,)       mean of x over the tokens
+``<module>.pca_components``               (k, in)     top-k principal directions of the mean-centred
+                                                      inputs, orthonormal rows, largest variance first
+``<module>.pca_explained_variance_ratio`` (k,)        variance along each direction / total variance
+``<module>.input_samples``                (N, in)     raw input rows (spectra derives the rest from them)
+``<module>.tokens``                       (1,)        number of input rows the statistics were taken over
+========================================  ==========  ===================================================
+
+A module needs ``input_covariance`` or ``input_samples`` for CorDA, and ``pca_*``, ``input_covariance``
+(with ``input_mean``) or ``input_samples`` for EVA. The optional metadata entry ``aliases`` (a JSON object
+``{"module": "module it shares its input with"}``) lets q/k/v projections share one set of statistics.
+Float tensors may be F32 or F64.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from spectra_cli.checkpoint.safetensors_io import read_header, read_rows, write_safetensors
+from spectra_cli.checkpoint.tensors import RawTensor, to_float
+from spectra_cli.errors import CheckpointError, SelectionError, ShapeMismatch
+
+FORMAT = "spectra-activations"
+VERSION = "1"
+FIELDS = (
+    "input_covariance",
+    "input_mean",
+    "pca_components",
+    "pca_explained_variance_ratio",
+    "input_samples",
+    "tokens",
+)
+
+
+@dataclass(frozen=True)
+class ModuleActivations:
+    """Input statistics of one module; any field may be missing (None). Arrays are float64."""
+
+    module: str
+    input_covariance: np.ndarray | None = None
+    input_mean: np.ndarray | None = None
+    pca_components: np.ndarray | None = None
+    pca_explained_variance_ratio: np.ndarray | None = None
+    input_samples: np.ndarray | None = None
+    tokens: int = 0
+
+    @property
+    def in_features(self) -> int:
+        for a in (self.input_covariance, self.pca_components, self.input_samples):
+            if a is not None:
+                return int(a.shape[-1])
+        if self.input_mean is not None:
+            return int(self.input_mean.shape[0])
+        raise CheckpointError(f"activations for {self.module} hold no input statistics")
+
+    def second_moment(self) -> np.ndarray:
+        """C = mean xᵀx (in×in), as CorDA uses it."""
+        if self.input_covariance is not None:
+            return self.input_covariance
+        if self.input_samples is not None:
+            x = self.input_samples
+            return (x.T @ x) / max(len(x), 1)
+        raise CheckpointError(
+            f"activations for {self.module} have no input_covariance (or input_samples), which CorDA "
+            "needs; capture them with `spectra capture … --stats covariance`"
+        )
+
+    def pca(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k principal directions (k×in, orthonormal rows) and their explained-variance ratios (k,).
+
+        Taken from the stored components when there are at least k of them, otherwise computed exactly
+        from the covariance (centred with the mean when it is given) or from the samples.
+        """
+        comps, ratios = self.pca_components, self.pca_explained_variance_ratio
+        if comps is not None and ratios is not None and len(comps) >= k:
+            return comps[:k], ratios[:k]
+        if self.input_samples is not None:
+            x = self.input_samples - self.input_samples.mean(axis=0)
+            _, s, vt = np.linalg.svd(x, full_matrices=False)
+            var = s**2
+            total = var.sum()
+            return vt[:k], (var[:k] / total if total > 0 else np.zeros(min(k, len(var))))
+        if self.input_covariance is not None:
+            c = self.input_covariance
+            if self.input_mean is not None:
+                c = c - np.outer(self.input_mean, self.input_mean)
+            w, v = np.linalg.eigh(c)
+            w = np.clip(w[::-1], 0.0, None)
+            v = v[:, ::-1]
+            total = w.sum()
+            return v[:, :k].T.copy(), (w[:k] / total if total > 0 else np.zeros(min(k, len(w))))
+        have = 0 if self.pca_components is None else len(self.pca_components)
+        raise CheckpointError(
+            f"activations for {self.module} hold {have} principal components, {k} are needed; capture "
+            "again with a larger `--components` or with `--stats covariance`"
+        )
+
+
+@dataclass(frozen=True)
+class Activations:
+    """A whole activations file: module path → statistics (aliases resolved), plus its metadata."""
+
+    path: Path
+    modules: Mapping[str, ModuleActivations]
+    metadata: Mapping[str, str]
+
+    def check_modules(self, names: Iterable[str], in_features: Mapping[str, int] | None = None) -> None:
+        """Raise unless every module in the file is one of ``names`` (and has the right input width)."""
+        known = set(names)
+        stray = sorted(m for m in self.modules if m not in known)
+        if stray:
+            shown = ", ".join(stray[:3]) + (f" and {len(stray) - 3} more" if len(stray) > 3 else "")
+            raise SelectionError(
+                f"{self.path}: activations for modules that are not in the checkpoint: {shown}; "
+                "capture them from the same model (module paths must match the checkpoint's tensor names)"
+            )
+        for name, acts in self.modules.items():
+            want = (in_features or {}).get(name)
+            if want is not None and acts.in_features != want:
+                raise ShapeMismatch(
+                    f"{self.path}: activations for {name} have {acts.in_features} input features, the "
+                    f"module takes {want}; they were captured from another model"
+                )
+
+    def require(self, modules: Iterable[str]) -> None:
+        """Raise unless the file has statistics for every one of ``modules``."""
+        missing = sorted(m for m in modules if m not in self.modules)
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise SelectionError(
+                f"{self.path}: no activations for {shown}; capture them for every target module"
+            )
+
+
+def read_activations(path: str | Path) -> Activations:
+    """Read an activations file (see the module docstring for its format)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such activations file")
+    infos, meta = read_header(path)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: not a spectra activations file (metadata format is {meta.get('format')!r}, "
+            f"expected {FORMAT!r}); write it with `spectra capture` or as documented in the README"
+        )
+    fields: dict[str, dict[str, object]] = {}
+    for info in infos:
+        module, _, field = info.name.rpartition(".")
+        if field not in FIELDS or not module:
+            raise CheckpointError(
+                f"{path}: unexpected tensor {info.name!r}; keys are <module>.<field> with field one of "
+                + ", ".join(FIELDS)
+            )
+        raw = read_rows(info)
+        arr = to_float(raw) if raw.dtype not in ("I64", "I32") else raw.data
+        fields.setdefault(module, {})[field] = (
+            int(np.asarray(arr).reshape(-1)[0]) if field == "tokens" else np.asarray(arr, dtype=np.float64)
+        )
+    modules = {m: ModuleActivations(module=m, **f) for m, f in fields.items()}  # type: ignore[arg-type]
+    try:
+        aliases = json.loads(meta.get("aliases", "{}"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: metadata 'aliases' is not JSON ({e})") from e
+    for alias, target in aliases.items():
+        if target not in modules:
+            raise CheckpointError(f"{path}: alias {alias} points at {target}, which has no statistics")
+        modules[alias] = ModuleActivations(**{**modules[target].__dict__, "module": alias})
+    return Activations(path=path, modules=modules, metadata=meta)
+
+
+def write_activations(
+    path: str | Path,
+    modules: Mapping[str, ModuleActivations],
+    aliases: Mapping[str, str] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write an activations file atomically; arrays are stored as float32 unless they are float64."""
+    tensors: dict[str, RawTensor | np.ndarray] = {}
+    for name, acts in modules.items():
+        for field in FIELDS:
+            value = getattr(acts, field)
+            if field == "tokens":
+                tensors[f"{name}.tokens"] = RawTensor(np.array([value], dtype=np.int64), "I64")
+            elif value is not None:
+                arr = np.asarray(value)
+                tensors[f"{name}.{field}"] = arr if arr.dtype == np.float64 else arr.astype(np.float32)
+    meta = {"format": FORMAT, "version": VERSION, **(metadata or {})}
+    if aliases:
+        meta["aliases"] = json.dumps(dict(aliases), sort_keys=True)
+    write_safetensors(Path(path), tensors, meta)
