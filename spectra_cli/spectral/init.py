@@ -1,0 +1,91 @@
+"""The registry of adapter initialisations (``spectra init-adapter --method``).
+
+Each method is a small object: its name, its paper reference, whether it changes the base (and so ships a
+residual W_res = W − s·B·A), what it needs (activations of the module's inputs, a tuned checkpoint), and a
+pure ``factorize`` function on one module. The SVD-based methods live in
+:mod:`spectra_cli.spectral.init_svd`, the data-driven ones in :mod:`spectra_cli.spectral.init_data`; both
+register themselves here when imported, and :func:`methods` imports them.
+
+Conventions: W is out×in (``nn.Linear`` layout); ``lora_A`` is r×in, ``lora_B`` is out×r; s = α/r (α/√r with
+rsLoRA) is the scale PEFT applies, so W = W_res + s·B·A.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from spectra_cli.checkpoint.activations import ModuleActivations
+
+
+@dataclass(frozen=True)
+class InitInput:
+    """What a method gets for one module. Tensors are on the compute device, float32 or float64."""
+
+    name: str  # module path, e.g. model.layers.0.self_attn.q_proj
+    weight: torch.Tensor  # out×in
+    rank: int
+    scale: float  # s = α/r
+    activations: ModuleActivations | None = None
+    tuned: torch.Tensor | None = None  # out×in, for methods that start from a fine-tune
+    options: Mapping[str, Any] = field(default_factory=dict)  # method parameters (niter, mode, …)
+
+
+@dataclass(frozen=True)
+class InitFactors:
+    """A method's answer for one module: lora_A (r×in), lora_B (out×r), and the residual base.
+
+    ``residual`` is None when the method leaves the base unchanged (EVA, extract). ``info`` carries
+    per-module figures for the report (e.g. a relative reconstruction error).
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    residual: torch.Tensor | None
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InitMethod:
+    """One initialisation method.
+
+    ``plan_ranks``, when given, decides the rank of every module before any is factorised (EVA's
+    redistribution): it gets the modules' activations, the requested rank and the options, and returns
+    module → rank (0 drops the module).
+    """
+
+    name: str
+    summary: str
+    reference: str
+    factorize: Callable[[InitInput], InitFactors]
+    changes_base: bool = True
+    needs_activations: bool = False
+    needs_tuned: bool = False
+    plan_ranks: Callable[[Mapping[str, ModuleActivations], int, Mapping[str, Any]], dict[str, int]] | None = None
+
+
+_METHODS: dict[str, InitMethod] = {}
+
+
+def register(method: InitMethod) -> InitMethod:
+    """Add a method to the registry (its name must be new)."""
+    if method.name in _METHODS:
+        raise ValueError(f"init method {method.name!r} is registered twice")
+    _METHODS[method.name] = method
+    return method
+
+
+def methods() -> dict[str, InitMethod]:
+    """All registered methods, name → method (imports the modules that define them)."""
+    import importlib
+
+    for module in ("spectra_cli.spectral.init_svd", "spectra_cli.spectral.init_data"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+    return dict(_METHODS)
