@@ -355,7 +355,9 @@ def run_allocate(
         options["activations"] = str(options["activations"])
     rank_map = {t.name: r for t, r in zip(targets, ranks, strict=True)}
     alphas = {t.name: alpha_of(r) for t, r in zip(targets, ranks, strict=True) if r > 0}
-    return AllocationResult(rows, summary, inputs, options, rank_map, alphas, r_common, alpha_of(r_common))
+    result = AllocationResult(rows, summary, inputs, options, rank_map, alphas, r_common, alpha_of(r_common))
+    summary["peft_config"] = result.peft_config()
+    return result
 
 
 __all__ = ["ALPHA_POLICIES", "AllocateOptions", "AllocationResult", "run_allocate"]

@@ -42,10 +42,11 @@ def _root(
 
 
 def _register() -> None:
-    from spectra_cli.cli import analyze, compare
+    from spectra_cli.cli import allocate, analyze, compare
 
     analyze.register(app)
     compare.register(app)
+    allocate.register(app)
 
 
 _register()

@@ -1,0 +1,303 @@
+"""``spectra allocate CKPT --budget-rank R``: which LoRA rank should each module get?"""
+
+from __future__ import annotations
+
+import re
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from spectra_cli.cli import options as o
+from spectra_cli.cli.errors import handle_errors
+from spectra_cli.cli.progress import progress_bar, warn
+from spectra_cli.errors import SpectraError
+from spectra_cli.spectral.allocation import STRATEGIES
+
+EPILOG = """\
+Examples:
+
+  spectra allocate ./Llama-3.2-1B --kinds q_proj,v_proj --budget-rank 8 --peft-config lora.json
+
+  spectra allocate model/ --budget-params 2M --strategy welore --multiple-of 8 --allow-zero
+
+  spectra allocate spectra.safetensors --budget-rank 16 --strategy effective-rank   # saved spectra, no SVD
+
+  spectra allocate model/ --kinds q_proj,k_proj,v_proj,o_proj --budget-rank 8 --strategy eva \\
+      --activations acts.safetensors --peft-config lora.json --alpha 2r
+
+  spectra allocate model/ --budget-rank 8 --format json | jq '.rows[] | {name, rank}'
+
+Strategies:
+
+""" + "\n\n".join(f"  {s.name}: {s.summary}. [{s.reference}]" for s in STRATEGIES.values())
+
+StrategyName = Enum("StrategyName", {name: name for name in STRATEGIES}, type=str)  # type: ignore[misc]
+
+
+class AlphaPolicy(str, Enum):
+    scale = "scale"
+    fixed = "fixed"
+    two_r = "2r"
+
+
+_COUNT_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
+
+
+def parse_count(text: str) -> int:
+    """'2M', '1.5K', '350000', '3e6' → an integer count (decimal units). Bad text exits 2."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]?)\s*", str(text))
+    if not m or m.group(2).upper() not in _COUNT_UNITS:
+        raise typer.BadParameter(f"{text!r} is not a count; use e.g. 2M, 350K or 350000")
+    value = int(float(m.group(1)) * _COUNT_UNITS[m.group(2).upper()])
+    if value <= 0:
+        raise typer.BadParameter("the parameter budget must be positive")
+    return value
+
+
+def _columns(extra: list[str]) -> list[Any]:
+    from spectra_cli.report.render import Column, fmt_num
+
+    def pct(x: Any) -> str:
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    cols = [
+        Column("name", "module", str, "left"),
+        Column("kind", "kind", str, "left"),
+        Column("shape", "shape"),
+        Column("rank", "rank"),
+        Column("params", "params", lambda x: f"{x:,}"),
+        Column("alpha", "α", lambda x: "-" if x is None else fmt_num(x, 2)),
+        Column("energy", "energy", pct),
+        Column("uniform_rank", "uniform r"),
+        Column("uniform_energy", "uniform energy", pct),
+    ]
+    if "effective_rank" in extra:
+        cols.append(Column("effective_rank", "eff. rank", lambda x: fmt_num(x, 1)))
+    if "explained_variance" in extra:
+        cols.append(Column("explained_variance", "expl. var.", pct))
+    return cols
+
+
+def _notes(result: Any) -> list[str]:
+    s = result.summary
+    unit = "ranks" if s["budget_kind"] == "rank" else "parameters"
+    lines = [
+        f"strategy {s['strategy']}: {s['adapted']} of {s['modules']} modules adapted, budget {s['budget']:,.0f} "
+        f"{unit}, used {s['used']:,} ({s['params']:,} trainable parameters; uniform rank {s['uniform_rank']} "
+        f"uses {s['uniform_params']:,})",
+        f"mean energy captured {100 * s['mean_energy']:.1f}% vs {100 * s['mean_energy_uniform']:.1f}% for uniform",
+    ]
+    if "threshold" in s:
+        lines.append(
+            f"WeLore threshold t = {s['threshold']:.4g} (reduction ratio {s['reduction_ratio']:.3f})"
+        )
+    if s["dropped"]:
+        lines.append(
+            f"dropped (rank 0): {', '.join(s['dropped'][:5])}" + (" …" if len(s["dropped"]) > 5 else "")
+        )
+    lines.append(
+        f"PEFT: r = {s['r']}, lora_alpha = {s['lora_alpha']:g} ({s['alpha_policy']}); {s['seconds']:.2f} s"
+    )
+    return lines
+
+
+def allocate_cmd(
+    ckpt: Annotated[
+        Path,
+        typer.Argument(
+            metavar="CKPT",
+            help="Checkpoint (.safetensors file, sharded or HF folder, .bin/.pt) or a spectra file from "
+            "`spectra analyze --save-spectra` (no SVD redone).",
+            show_default=False,
+        ),
+    ],
+    budget_rank: Annotated[
+        float | None,
+        typer.Option(
+            "--budget-rank",
+            "-r",
+            metavar="R",
+            min=0.0,
+            help="Average rank R over the target modules (total R × number of modules).",
+            rich_help_panel="Budget",
+            show_default=False,
+        ),
+    ] = None,
+    budget_params: Annotated[
+        int | None,
+        typer.Option(
+            "--budget-params",
+            "-p",
+            metavar="P",
+            parser=parse_count,
+            help="Trainable parameters Σ r·(in+out), e.g. 2M.",
+            rich_help_panel="Budget",
+            show_default=False,
+        ),
+    ] = None,
+    strategy: Annotated[
+        StrategyName,
+        typer.Option("--strategy", "-s", help="Allocation strategy (see below).", rich_help_panel="Budget"),
+    ] = StrategyName("energy"),
+    min_rank: Annotated[
+        int,
+        typer.Option(
+            "--min-rank", min=1, help="Smallest rank of an adapted module.", rich_help_panel="Budget"
+        ),
+    ] = 1,
+    max_rank: Annotated[
+        int | None,
+        typer.Option(
+            "--max-rank",
+            min=1,
+            help="Largest rank of any module.",
+            rich_help_panel="Budget",
+            show_default=False,
+        ),
+    ] = None,
+    multiple_of: Annotated[
+        int,
+        typer.Option(
+            "--multiple-of",
+            min=1,
+            metavar="Q",
+            help="Ranks are multiples of Q (e.g. 8).",
+            rich_help_panel="Budget",
+        ),
+    ] = 1,
+    allow_zero: Annotated[
+        bool,
+        typer.Option("--allow-zero", help="Let modules get rank 0 (no adapter).", rich_help_panel="Budget"),
+    ] = False,
+    activations: Annotated[
+        Path | None,
+        typer.Option(
+            "--activations",
+            metavar="FILE",
+            dir_okay=False,
+            help="Activations file (spectra capture) for --strategy eva.",
+            rich_help_panel="Budget",
+        ),
+    ] = None,
+    rho: Annotated[
+        float,
+        typer.Option(
+            "--rho",
+            min=1.0,
+            help="EVA: look at the top ρ·R components of every module.",
+            rich_help_panel="Budget",
+        ),
+    ] = 2.0,
+    alpha: Annotated[
+        AlphaPolicy,
+        typer.Option(
+            "--alpha",
+            help="α per module: scale keeps α/r constant, fixed keeps α, 2r sets α = 2r.",
+            rich_help_panel="PEFT config",
+        ),
+    ] = AlphaPolicy.scale,
+    lora_alpha: Annotated[
+        float | None,
+        typer.Option(
+            "--lora-alpha",
+            min=0.0,
+            metavar="A",
+            help="Base α (default: the reference rank R, i.e. α/r = 1).",
+            rich_help_panel="PEFT config",
+            show_default=False,
+        ),
+    ] = None,
+    peft_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--peft-config",
+            metavar="FILE",
+            dir_okay=False,
+            help="Write LoraConfig keyword arguments (r, lora_alpha, target_modules, rank_pattern, "
+            "alpha_pattern) as JSON.",
+            rich_help_panel="PEFT config",
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Replace an existing --peft-config file.", rich_help_panel="PEFT config"
+        ),
+    ] = False,
+    include: o.IncludeOpt = None,
+    exclude: o.ExcludeOpt = None,
+    kinds: o.KindsOpt = None,
+    min_dim: o.MinDimOpt = 1,
+    device: o.DeviceOpt = "auto",
+    precision: o.PrecisionOpt = o.Precision.float32,
+    method: o.MethodOpt = o.Method.auto,
+    backend: o.BackendOpt = o.Backend.auto,
+    max_memory: o.MaxMemoryOpt = None,
+    fmt: o.FormatOpt = o.Format.table,
+    output: o.OutputOpt = None,
+    plots: o.PlotsOpt = None,
+    quiet: o.QuietOpt = False,
+) -> None:
+    """LoRA rank per module under a budget (rank or parameters), and a PEFT config with rank_pattern."""
+    from spectra_cli.allocation import AllocateOptions, run_allocate
+
+    if (budget_rank is None) == (budget_params is None):
+        raise typer.BadParameter(
+            "give exactly one of --budget-rank R and --budget-params P", param_hint="--budget"
+        )
+    if budget_rank is not None and budget_rank <= 0:
+        raise typer.BadParameter("the average rank must be positive", param_hint="--budget-rank")
+    if STRATEGIES[strategy.value].needs_activations and activations is None:
+        raise typer.BadParameter(
+            f"--strategy {strategy.value} needs --activations FILE", param_hint="--activations"
+        )
+    _check_outputs(ckpt, [output, peft_config], force, peft_config)
+    opts = AllocateOptions(
+        include=o.split_csv(include), exclude=o.split_csv(exclude), kinds=o.split_csv(kinds), min_dim=min_dim,
+        strategy=strategy.value, budget_rank=budget_rank, budget_params=budget_params, min_rank=min_rank,
+        max_rank=max_rank, multiple_of=multiple_of, allow_zero=allow_zero, alpha_policy=alpha.value,
+        lora_alpha=lora_alpha, activations=activations, rho=rho, device=device, precision=precision.value,
+        method=method.value, backend=backend.value, max_memory=max_memory,
+    )  # fmt: skip
+    with progress_bar("singular values", quiet) as update:
+        result = run_allocate(ckpt, opts, progress=update)
+    s = result.summary
+    if s["dropped"]:
+        warn(f"{len(s['dropped'])} modules get rank 0 and no adapter", quiet)
+    if peft_config:
+        result.write_peft_config(peft_config)
+        warn(f"wrote the PEFT config ({s['adapted']} target modules) to {peft_config}", quiet)
+    if plots:
+        from spectra_cli.provenance import write_run_record
+        from spectra_cli.report.allocate_plots import allocate_plots
+
+        written = allocate_plots(result.rows, plots, s["strategy"])
+        write_run_record(plots, "allocate", sys.argv, result.inputs, result.options, {"seconds": s["seconds"]},
+                         [p.name for p in written], {"peft_config": result.peft_config()})  # fmt: skip
+        warn(f"wrote {len(written)} figures to {plots}/", quiet)
+    from spectra_cli.report.render import envelope, render
+
+    env = envelope("allocate", result.inputs, result.rows, result.summary, result.options)
+    title = f"spectra allocate {result.inputs['checkpoint']} ({s['strategy']})"
+    render(env, fmt.value, _columns(list(result.rows[0])), title, _notes(result), output)
+
+
+def _check_outputs(ckpt: Path, outputs: list[Path | None], force: bool, peft_config: Path | None) -> None:
+    src = ckpt.resolve()
+    for out in outputs:
+        if out is None:
+            continue
+        dst = out.resolve()
+        if dst == src or (
+            src.is_dir() and src in dst.parents and dst.suffix in {".safetensors", ".bin", ".json"}
+        ):
+            raise SpectraError(f"{out}: refusing to write into the input checkpoint; choose another path")
+    if peft_config is not None and peft_config.exists() and not force:
+        raise SpectraError(f"{peft_config} already exists; choose another --peft-config or pass --force")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("allocate", epilog=EPILOG, no_args_is_help=True)(handle_errors(allocate_cmd))
