@@ -1,0 +1,208 @@
+"""``spectra rankme EMB…``: RankMe and other ranks of embedding matrices; the best of several inputs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from spectra_cli.cli import options as o
+from spectra_cli.cli.errors import handle_errors
+from spectra_cli.cli.progress import progress_bar, warn
+from spectra_cli.errors import SpectraError
+
+EPILOG = """\
+Examples:
+
+  spectra rankme embeddings.npy
+
+  spectra rankme ckpt-1000.npy ckpt-2000.npy ckpt-3000.npy --plots rankme-plots/
+
+  spectra rankme lr1e-3=runs/a/emb.pt lr3e-4=runs/b/emb.pt --key embeddings --format json
+
+  spectra rankme big.npy --chunk-rows 65536
+
+  spectra rankme --model ./all-MiniLM-L6-v2 --texts sentences.txt
+
+  spectra rankme --model base=./base --model tuned=./tuned --texts sentences.txt
+
+Inputs: .npy (memory-mapped), .npz, .pt/.pth/.bin (a tensor or a dict: --key), .safetensors (--key when it
+holds several tensors), .csv/.tsv/.parquet (numeric columns, or --key COLUMN of vectors). One row per sample.
+"""
+
+
+def _named(items: list[str], what: str) -> list[tuple[str, Path]]:
+    out: list[tuple[str, Path]] = []
+    for item in items:
+        if "=" in item and not Path(item).exists():
+            name, _, path = item.partition("=")
+            if not name or not path:
+                raise typer.BadParameter(f"{item!r}: use PATH or NAME=PATH", param_hint=what)
+            out.append((name, Path(path)))
+        else:
+            out.append((item, Path(item)))
+    return out
+
+
+def _columns() -> list[Any]:
+    from spectra_cli.report.render import Column, fmt_num
+
+    return [
+        Column("input", "input", str, "left"),
+        Column("N", "N", fmt_num),
+        Column("K", "K", fmt_num),
+        Column("rankme", "RankMe", fmt_num),
+        Column("rankme_fraction", "RankMe/min(N,K)", fmt_num),
+        Column("effective_rank", "erank", fmt_num),
+        Column("stable_rank", "stable rank", fmt_num),
+        Column("participation_ratio", "PR", fmt_num),
+        Column("alpha_req", "α-ReQ", fmt_num),
+        Column("numerical_rank", "num. rank", fmt_num),
+    ]
+
+
+def _notes(result: Any) -> list[str]:
+    s = result.summary
+    lines: list[str] = []
+    if s["best"] is not None and s["inputs"] > 1:
+        lines.append(
+            f"best: {s['best']} (RankMe {s['best_rankme']:.4g}, {100 * s['best_rankme_fraction']:.1f}% of the "
+            "maximum min(N, K)); higher RankMe = richer representation (compare within one method)"
+        )
+    elif s["best"] is not None:
+        lines.append(
+            f"RankMe {s['best_rankme']:.4g} = {100 * s['best_rankme_fraction']:.1f}% of the maximum min(N, K)"
+        )
+    if not s["same_K"]:
+        lines.append("the inputs differ in K: compare RankMe/min(N,K), and only between inputs of one method")
+    if not s["same_N"]:
+        lines.append(
+            "the inputs differ in N: RankMe grows with N until N ≫ K; score every input on the same samples"
+        )
+    lines.append(f"{s['seconds']:.2f} s")
+    return lines
+
+
+def rankme_cmd(
+    embeddings: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="EMB...",
+            help="Embedding matrices (N samples × K features) as PATH or NAME=PATH.",
+            show_default=False,
+        ),
+    ] = None,
+    key: Annotated[
+        str | None,
+        typer.Option(
+            "--key",
+            metavar="NAME",
+            help="The tensor (or table column of vectors) to score in files that hold several.",
+        ),
+    ] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            metavar="DIR",
+            rich_help_panel="Embed texts (hf extra)",
+            help="A local Hugging Face model folder (as DIR or NAME=DIR, repeatable): embed --texts with it "
+            "(mean pooling) and score the embeddings.",
+        ),
+    ] = None,
+    texts: Annotated[
+        Path | None,
+        typer.Option(
+            "--texts",
+            metavar="FILE",
+            dir_okay=False,
+            rich_help_panel="Embed texts (hf extra)",
+            help="Texts to embed with --model, one per line.",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size",
+            min=1,
+            metavar="N",
+            rich_help_panel="Embed texts (hf extra)",
+            help="Texts per forward pass.",
+        ),
+    ] = 32,
+    max_length: Annotated[
+        int | None,
+        typer.Option(
+            "--max-length",
+            min=1,
+            metavar="TOKENS",
+            rich_help_panel="Embed texts (hf extra)",
+            help="Truncate texts to this many tokens (default: the model's limit, at most 512).",
+        ),
+    ] = None,
+    normalize: Annotated[
+        bool,
+        typer.Option(
+            "--normalize",
+            rich_help_panel="Embed texts (hf extra)",
+            help="L2-normalise each embedding (as sentence-transformers' Normalize module).",
+        ),
+    ] = False,
+    chunk_rows: Annotated[
+        int | None,
+        typer.Option(
+            "--chunk-rows",
+            min=1,
+            metavar="ROWS",
+            rich_help_panel="Compute",
+            help="Rows read per chunk (default: from --max-memory, or 256MB worth).",
+        ),
+    ] = None,
+    max_memory: o.MaxMemoryOpt = None,
+    device: o.DeviceOpt = "auto",
+    fmt: o.FormatOpt = o.Format.table,
+    output: o.OutputOpt = None,
+    plots: o.PlotsOpt = None,
+    quiet: o.QuietOpt = False,
+) -> None:
+    """RankMe, effective rank, stable rank, participation ratio, α-ReQ and numerical rank of embeddings;
+    with several inputs, rows sorted by RankMe and the best one named (label-free model selection)."""
+    from spectra_cli.representation import RankmeOptions, run_rankme
+
+    inputs = _named(embeddings or [], "EMB")
+    models = _named(model or [], "--model")
+    if not inputs and not models:
+        raise typer.BadParameter("give embedding files, or --model DIR with --texts FILE", param_hint="EMB")
+    if models and texts is None:
+        raise typer.BadParameter("--model needs --texts FILE (one text per line)", param_hint="--texts")
+    if texts is not None and not models:
+        raise typer.BadParameter("--texts is only used with --model DIR", param_hint="--texts")
+    if output is not None and output.resolve() in {p.resolve() for _, p in inputs}:
+        raise SpectraError(f"{output}: refusing to write over an input")
+    opts = RankmeOptions(
+        key=key, chunk_rows=chunk_rows, max_memory=max_memory, texts=texts, batch_size=batch_size,
+        max_length=max_length, normalize=normalize, device=device,
+    )  # fmt: skip
+    with progress_bar("rankme", quiet) as update:
+        result = run_rankme(inputs, opts, models, progress=update)
+    for w in result.summary["warnings"]:
+        warn(w, quiet)
+    if plots:
+        from spectra_cli.provenance import write_run_record
+        from spectra_cli.report.rankme_plots import rankme_plots
+
+        figs = rankme_plots(result.rows, result.spectra, plots)
+        write_run_record(plots, "rankme", sys.argv, result.inputs, result.options,
+                         {"seconds": result.summary["seconds"]}, [p.name for p in figs])  # fmt: skip
+        warn(f"wrote {len(figs)} figures to {plots}/", quiet)
+    from spectra_cli.report.render import envelope, render
+
+    env = envelope("rankme", result.inputs, result.rows, result.summary, result.options)
+    title = "spectra rankme" + (f" {inputs[0][0]}" if len(inputs) == 1 and not models else "")
+    render(env, fmt.value, _columns(), title, _notes(result), output)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("rankme", epilog=EPILOG)(handle_errors(rankme_cmd))

@@ -1,0 +1,134 @@
+"""Embedding a text file with a local Hugging Face sentence model, for ``spectra rankme --model DIR --texts FILE``.
+
+The model and tokenizer are loaded with ``transformers.AutoModel`` / ``AutoTokenizer`` from a local folder only
+(``HF_HUB_OFFLINE=1``, ``local_files_only=True``: nothing is downloaded). Each text is embedded as the mean of
+its last hidden states over the real tokens (attention mask), as sentence-transformers' mean pooling does;
+``normalize=True`` adds its L2 normalisation. Texts are processed in batches under ``torch.inference_mode``
+on CUDA when present. Needs the ``hf`` extra (transformers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spectra_cli.errors import CheckpointError, DeviceError, SpectraError
+
+HF_MISSING = "install the hf extra: pip install 'spectra-cli[hf]'"
+
+
+def read_texts(path: Path) -> list[str]:
+    """One text per line (UTF-8); blank lines are skipped. Clear errors for a missing or empty file."""
+    try:
+        raw = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise SpectraError(f"{path}: no such texts file") from e
+    except UnicodeDecodeError as e:
+        raise SpectraError(
+            f"{path}: not UTF-8 text ({e.reason}); give a UTF-8 file, one text per line"
+        ) from e
+    except OSError as e:
+        raise SpectraError(f"{path}: cannot read ({e.strerror})") from e
+    texts = [line.strip() for line in raw.splitlines() if line.strip()]
+    if not texts:
+        raise SpectraError(f"{path}: holds no text; give one text per line")
+    return texts
+
+
+def _transformers() -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError as e:
+        raise SpectraError(f"--model needs transformers; {HF_MISSING}") from e
+    # spectra draws its own progress bar; transformers' loading bars and warnings would clutter stderr
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def _device(torch: Any, device: str) -> Any:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"--device {device}: CUDA is not available here; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise DeviceError(f"--device {device}: not a device ({e}); use auto, cpu, cuda or cuda:N") from e
+
+
+def _max_length(folder: Path, tokenizer: Any, model: Any, requested: int | None) -> int:
+    if requested:
+        return requested
+    limits = [512]
+    st = folder / "sentence_bert_config.json"
+    if st.is_file():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            limits.append(int(json.loads(st.read_text())["max_seq_length"]))
+    tml = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tml, int) and 0 < tml < 1_000_000:
+        limits.append(tml)
+    mpe = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(mpe, int) and mpe > 0:
+        limits.append(mpe)
+    return min(limits)
+
+
+def iter_embeddings(
+    model_dir: Path,
+    texts: list[str],
+    batch_size: int = 32,
+    max_length: int | None = None,
+    device: str = "auto",
+    normalize: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Iterator[np.ndarray]:
+    """Yield the mean-pooled sentence embeddings of ``texts``, one float32 (batch × hidden) array per batch of
+    ``batch_size`` texts, in order. ``max_length`` (tokens) defaults to the smallest of the model's limits
+    (``sentence_bert_config.json``'s max_seq_length, the tokenizer's, max_position_embeddings, 512)."""
+    transformers = _transformers()
+    import torch
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise CheckpointError(
+            f"{model_dir}: not a Hugging Face model folder (no config.json); give the folder holding "
+            "config.json, the weights and the tokenizer files"
+        )
+    dev = _device(torch, device)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        model = transformers.AutoModel.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{model_dir}: cannot load the model or its tokenizer ({first[:200]})") from e
+    model = model.to(dev).eval()
+    length = _max_length(model_dir, tokenizer, model, max_length)
+    done = 0
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            batch = texts[start : start + batch_size]
+            enc = tokenizer(batch, padding=True, truncation=True, max_length=length, return_tensors="pt")
+            enc = {k: v.to(dev) for k, v in enc.items()}
+            hidden = model(**enc).last_hidden_state.float()
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            if normalize:
+                pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+            done += len(batch)
+            if progress is not None:
+                progress(done, len(texts))
+            yield pooled.cpu().numpy()
+
+
+def embed_texts(model_dir: Path, texts: list[str], **kwargs: Any) -> np.ndarray:
+    """All embeddings of ``texts`` as one float32 N×hidden array (see :func:`iter_embeddings`)."""
+    return np.concatenate(list(iter_embeddings(model_dir, texts, **kwargs)), axis=0)

@@ -1,0 +1,258 @@
+"""RankMe and the other representation ranks of an embedding matrix Z (N samples × K features).
+
+Everything is computed from eigenvalues of K×K matrices that can be accumulated chunk by chunk, so N can be
+far larger than memory: :class:`GramAccumulator` keeps, in float64, the Gram matrix of the *shifted* rows
+(Z − c)ᵀ(Z − c), their column sums and N, where c is the mean of the first chunk. From these three it rebuilds
+both the uncentred Gram ZᵀZ (RankMe, effective rank, stable rank, numerical rank: Garrido et al. use Z as it
+is, no centering) and the centred scatter (Z − μ)ᵀ(Z − μ) (participation ratio, α-ReQ). The shift only
+serves accuracy: centring by subtracting N·μμᵀ from ZᵀZ would cancel catastrophically when the mean is
+large against the spread, which is common for embeddings.
+
+Conventions (σ = singular values of Z, descending; λ = eigenvalues of the covariance of Z, descending):
+
+* σ = √eig(ZᵀZ), negatives from rounding clamped to 0. **SVD numerics**: the eigen-route in float64 resolves
+  σ only down to about 1e-8·σ₁ (λ to ~1e-16·λ₁); smaller singular values come out as rounding noise. This
+  barely moves RankMe (their weight p is below ~1e-8) but is why the numerical rank has a floor (below).
+* RankMe (Garrido et al. 2022) = exp(−Σₖ pₖ log pₖ), pₖ = σₖ/‖σ‖₁ + ε, ε = 1e-7, over the min(N, K) largest σ.
+* effective rank (Roy & Vetterli 2007) = exp(−Σ pₖ log pₖ), pₖ = σₖ/Σσ, 0·log 0 = 0 (RankMe without ε).
+* stable rank = Σσ²/σ₁² = trace(ZᵀZ)/λ_max(ZᵀZ).
+* numerical rank = #{σₖ > τ}, τ = max(ε_in·‖Z‖_F, √(max(N, K)·ε₆₄)·σ₁). ε_in is the machine epsilon of the
+  dtype the embeddings were *stored* in (float32: 1.19e-7; float16: 9.8e-4; bfloat16: 7.8e-3; float64 and
+  integers: ε₆₄): rounding the stored values perturbs Z by at most ε_in/2·‖Z‖_F in spectral norm (Weyl), so
+  singular values below that are indistinguishable from 0. The second term is the resolution of the
+  float64 Gram route (NumPy's max(N, K)·ε·λ₁ tolerance on the eigenvalues of ZᵀZ, as a σ).
+  NumPy's ``matrix_rank`` rule max(N, K)·ε_in·σ₁ (used by ``analyze`` on weights) is not used here: for tall
+  embedding matrices it grows with N (N = 25,600 in float16 gives τ > σ₁) and says nothing about the data.
+* covariance C = (Z − μ)ᵀ(Z − μ)/N (population normalisation; every centred score is scale-free).
+* participation ratio = (Σλ)²/Σλ².
+* α-ReQ (Agrawal et al. 2022) = −slope of the least-squares line through (log i, log λᵢ), fitted over the
+  leading covariance eigenvalues λ₁..λᵣ whose singular values √(N·λᵢ) (those of Z − μ) exceed
+  τ_c = max(ε_in·‖Z‖_F, √(max(N, K)·ε₆₄)·√(N·λ₁)): the numerical-rank rule applied to Z − μ, keeping the
+  uncentred ‖Z‖_F because the rounding happened to the stored Z. The exact zeros of a rank-deficient or
+  N ≤ K matrix are rounding noise here and would bend the fit. Needs r ≥ 2 (NaN otherwise).
+* singular values below the Gram route's resolution √(max(N, K)·ε₆₄)·σ₁ are set to 0 before any score:
+  they are rounding noise, and leaving them in would move RankMe of a collapsed (rank-deficient) Z by ~1e-6
+  relative to an exact SVD.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: RankMe's ε (Garrido et al. 2022, and their reference code)
+RANKME_EPS = 1e-7
+
+_EPS64 = float(np.finfo(np.float64).eps)
+
+#: machine epsilon of the stored dtypes, by NumPy / torch name
+DTYPE_EPS: dict[str, float] = {
+    "float64": _EPS64,
+    "float32": float(np.finfo(np.float32).eps),
+    "float16": float(np.finfo(np.float16).eps),
+    "bfloat16": 2.0**-7,
+}
+
+
+def dtype_eps(dtype: str) -> float:
+    """Machine epsilon of a stored dtype name ('float32', 'bfloat16', 'int64', …); integers count as exact
+    (ε₆₄)."""
+    return DTYPE_EPS.get(dtype.replace("torch.", ""), _EPS64)
+
+
+@dataclass
+class GramAccumulator:
+    """Accumulates, over row chunks of an N×K matrix Z, everything the scores need, in float64.
+
+    ``update`` takes chunks of shape (rows, K); memory is O(K²) whatever N is. ``shift`` (c) is the mean of the
+    first chunk; ``gram_shifted`` = Σ (z − c)(z − c)ᵀ, ``sum_shifted`` = Σ (z − c), ``n`` = N.
+    """
+
+    k: int
+    n: int = 0
+    shift: np.ndarray | None = None
+    gram_shifted: np.ndarray = field(init=False)
+    sum_shifted: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError("K must be at least 1")
+        self.gram_shifted = np.zeros((self.k, self.k), dtype=np.float64)
+        self.sum_shifted = np.zeros(self.k, dtype=np.float64)
+
+    def update(self, chunk: np.ndarray) -> None:
+        """Add the rows of ``chunk`` (rows × K, any real dtype; upcast to float64)."""
+        x = np.asarray(chunk, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.k:
+            raise ValueError(f"expected a chunk of shape (rows, {self.k}), got {x.shape}")
+        if x.shape[0] == 0:
+            return
+        if self.shift is None:
+            self.shift = x.mean(axis=0)
+        y = x - self.shift
+        self.gram_shifted += y.T @ y
+        self.sum_shifted += y.sum(axis=0)
+        self.n += x.shape[0]
+
+    @property
+    def mean(self) -> np.ndarray:
+        """μ = column means of Z (K,)."""
+        if self.n == 0 or self.shift is None:
+            raise ValueError("no rows accumulated")
+        return self.shift + self.sum_shifted / self.n
+
+    def gram(self) -> np.ndarray:
+        """ZᵀZ (K×K, uncentred) = Yᵀ Y + c sᵀ + s cᵀ + N c cᵀ with Y = Z − c, s = Σ y."""
+        if self.n == 0 or self.shift is None:
+            raise ValueError("no rows accumulated")
+        c, s = self.shift, self.sum_shifted
+        return self.gram_shifted + np.outer(c, s) + np.outer(s, c) + self.n * np.outer(c, c)
+
+    def scatter(self) -> np.ndarray:
+        """(Z − μ)ᵀ(Z − μ) (K×K, centred) = YᵀY − s sᵀ/N."""
+        if self.n == 0:
+            raise ValueError("no rows accumulated")
+        s = self.sum_shifted
+        return self.gram_shifted - np.outer(s, s) / self.n
+
+
+def sym_eigenvalues(a: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a symmetric matrix, descending, negatives (rounding) clamped to 0."""
+    sym = (a + a.T) / 2.0
+    ev = np.linalg.eigvalsh(sym)[::-1]
+    return np.maximum(ev, 0.0)
+
+
+def rankme(s: np.ndarray, eps: float = RANKME_EPS) -> float:
+    """RankMe of singular values ``s`` (all of them: min(N, K) values): exp(−Σ p log p), p = s/‖s‖₁ + ε."""
+    s = np.asarray(s, dtype=np.float64)
+    total = s.sum()
+    if s.size == 0 or total <= 0:
+        return float("nan")
+    p = s / total + eps
+    return float(math.exp(-np.sum(p * np.log(p))))
+
+
+def effective_rank(s: np.ndarray) -> float:
+    """Roy & Vetterli effective rank of singular values ``s``: exp(−Σ p log p), p = s/Σs, 0·log 0 = 0."""
+    s = np.asarray(s, dtype=np.float64)
+    total = s.sum()
+    if s.size == 0 or total <= 0:
+        return float("nan")
+    p = s[s > 0] / total
+    return float(math.exp(-np.sum(p * np.log(p))))
+
+
+def stable_rank(s: np.ndarray) -> float:
+    """Σσ²/σ₁² of singular values ``s``."""
+    s = np.asarray(s, dtype=np.float64)
+    if s.size == 0 or s.max() <= 0:
+        return float("nan")
+    return float(np.sum(s**2) / s.max() ** 2)
+
+
+def participation_ratio(lam: np.ndarray) -> float:
+    """(Σλ)²/Σλ² of (covariance) eigenvalues ``lam``."""
+    lam = np.asarray(lam, dtype=np.float64)
+    sq = np.sum(lam**2)
+    if sq <= 0:
+        return float("nan")
+    return float(np.sum(lam) ** 2 / sq)
+
+
+def alpha_req(lam: np.ndarray) -> float:
+    """α-ReQ: −slope of least squares of log λᵢ against log i (i = 1..len(lam), lam descending, all > 0).
+    NaN for fewer than 2 values."""
+    lam = np.asarray(lam, dtype=np.float64)
+    if lam.size < 2 or np.any(lam <= 0):
+        return float("nan")
+    x = np.log(np.arange(1, lam.size + 1, dtype=np.float64))
+    y = np.log(lam)
+    slope = np.polyfit(x, y, 1)[0]
+    return float(-slope)
+
+
+def rank_threshold(s: np.ndarray, n: int, k: int, stored_eps: float) -> float:
+    """τ of the numerical rank for singular values ``s`` of an N×K matrix stored with machine epsilon
+    ``stored_eps``: max(ε_in·‖Z‖_F, √(max(N, K)·ε₆₄)·σ₁) (see the module docstring)."""
+    s = np.asarray(s, dtype=np.float64)
+    if s.size == 0:
+        return 0.0
+    fro = float(np.sqrt(np.sum(s**2)))
+    return max(stored_eps * fro, math.sqrt(max(n, k) * _EPS64) * float(s.max()))
+
+
+def numerical_rank(s: np.ndarray, n: int, k: int, stored_eps: float = _EPS64) -> int:
+    """#{σ > τ} with τ from :func:`rank_threshold`."""
+    s = np.asarray(s, dtype=np.float64)
+    if s.size == 0 or s.max() <= 0:
+        return 0
+    return int(np.sum(s > rank_threshold(s, n, k, stored_eps)))
+
+
+@dataclass(frozen=True)
+class RankScores:
+    """Scores of one N×K embedding matrix. ``singular_values``: σ of Z (min(N, K), descending);
+    ``covariance_eigenvalues``: λ of C = (Z − μ)ᵀ(Z − μ)/N (K, descending); ``alpha_req_points``: how many λ
+    the α-ReQ line was fitted to."""
+
+    n: int
+    k: int
+    rankme: float
+    effective_rank: float
+    stable_rank: float
+    numerical_rank: int
+    participation_ratio: float
+    alpha_req: float
+    alpha_req_points: int
+    singular_values: np.ndarray
+    covariance_eigenvalues: np.ndarray
+
+    @property
+    def max_rank(self) -> int:
+        return min(self.n, self.k)
+
+    @property
+    def rankme_fraction(self) -> float:
+        """RankMe / min(N, K)."""
+        return self.rankme / self.max_rank if self.max_rank else float("nan")
+
+
+def scores_from_accumulator(acc: GramAccumulator, stored_eps: float = _EPS64) -> RankScores:
+    """Every score of the accumulated Z; ``stored_eps``: machine epsilon of the stored input dtype."""
+    n, k = acc.n, acc.k
+    if n == 0:
+        raise ValueError("no rows accumulated")
+    m = min(n, k)
+    floor = math.sqrt(max(n, k) * _EPS64)
+    s = np.sqrt(sym_eigenvalues(acc.gram())[:m])
+    s[s <= floor * s[0]] = 0.0
+    lam = sym_eigenvalues(acc.scatter()) / n
+    # centred threshold: the numerical-rank rule on the singular values √(N·λ) of Z − μ, with the rounding
+    # term ε_in·‖Z‖_F of the stored (uncentred) values
+    sc = np.sqrt(lam * n)
+    fro = float(np.sqrt(np.sum(s**2)))
+    tau_c = max(stored_eps * fro, floor * float(sc[0])) if sc.size else 0.0
+    lam[sc <= floor * (sc[0] if sc.size else 0.0)] = 0.0
+    fit = lam[sc > tau_c] if sc.size and sc[0] > 0 else lam[:0]
+    return RankScores(
+        n=n, k=k, rankme=rankme(s), effective_rank=effective_rank(s), stable_rank=stable_rank(s),
+        numerical_rank=numerical_rank(s, n, k, stored_eps), participation_ratio=participation_ratio(lam),
+        alpha_req=alpha_req(fit), alpha_req_points=int(fit.size), singular_values=s, covariance_eigenvalues=lam,
+    )  # fmt: skip
+
+
+def scores(z: np.ndarray, stored_eps: float | None = None, chunk_rows: int | None = None) -> RankScores:
+    """Every score of an in-memory N×K matrix ``z`` (convenience wrapper around :class:`GramAccumulator`).
+    ``stored_eps`` defaults to the epsilon of ``z``'s dtype."""
+    z = np.asarray(z)
+    if z.ndim != 2 or 0 in z.shape:
+        raise ValueError(f"expected a non-empty N×K matrix, got shape {z.shape}")
+    acc = GramAccumulator(z.shape[1])
+    step = chunk_rows or z.shape[0]
+    for i in range(0, z.shape[0], step):
+        acc.update(z[i : i + step])
+    eps = dtype_eps(str(z.dtype)) if stored_eps is None else stored_eps
+    return scores_from_accumulator(acc, eps)
