@@ -42,11 +42,15 @@ def _root(
 
 
 def _register() -> None:
-    from spectra_cli.cli import allocate, analyze, compare
+    from spectra_cli.cli import allocate, analyze, capture, compare, init_adapter, rankme, report
 
     analyze.register(app)
     compare.register(app)
+    rankme.register(app)
+    report.register(app)
     allocate.register(app)
+    init_adapter.register(app)
+    capture.register(app)
 
 
 _register()
