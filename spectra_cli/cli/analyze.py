@@ -27,6 +27,8 @@ Examples:
   spectra analyze spectra.safetensors --format csv -o layers.csv   # reuse saved spectra, no SVD
 
   spectra analyze --demo --plots demo-plots/
+
+  spectra analyze model.safetensors --html report.html   # one self-contained page (see spectra report)
 """
 
 
@@ -112,6 +114,16 @@ def analyze_cmd(
     max_memory: o.MaxMemoryOpt = None,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
+    html: Annotated[
+        Path | None,
+        typer.Option(
+            "--html",
+            metavar="FILE",
+            help="Also write a self-contained HTML report (summary, sortable table, figures, provenance).",
+            dir_okay=False,
+            rich_help_panel="Output",
+        ),
+    ] = None,
     plots: o.PlotsOpt = None,
     plot_layers: Annotated[
         str | None,
@@ -150,7 +162,11 @@ def analyze_cmd(
         ckpt = demo_checkpoint()
         warn(f"analysing the demo checkpoint: {ckpt}", quiet)
     assert ckpt is not None
-    _check_outputs(ckpt, [output, save_spectra])
+    _check_outputs(ckpt, [output, save_spectra, html])
+    if html:
+        from spectra_cli.cli.report import check_target
+
+        check_target(html)
     opts = AnalyzeOptions(
         include=o.split_csv(include), exclude=o.split_csv(exclude), kinds=o.split_csv(kinds), min_dim=min_dim,
         split_fused=split_fused, device=device, precision=precision.value, method=method.value,
@@ -180,6 +196,11 @@ def analyze_cmd(
     env = envelope("analyze", result.inputs, result.rows, result.summary, result.options)
     title = f"spectra analyze {result.inputs['checkpoint']}"
     render(env, fmt.value, _columns(), title, _notes(result), output)
+    if html:
+        from spectra_cli.cli.report import write_html
+
+        write_html(env, html)
+        warn(f"wrote the HTML report to {html}", quiet)
 
 
 def _check_outputs(ckpt: Path, outputs: list[Path | None]) -> None:

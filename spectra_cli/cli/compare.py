@@ -23,6 +23,8 @@ Examples:
   spectra compare base/ run=checkpoints/step-1000 --kinds q_proj,v_proj --format json
 
   spectra compare base/ adapter/ --remove-intruders 0.75 --out adapter-mitigated/
+
+  spectra compare base/ lora/ full-ft/ --html drift.html   # one self-contained page (see spectra report)
 """
 
 
@@ -155,6 +157,16 @@ def compare_cmd(
     max_memory: o.MaxMemoryOpt = None,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
+    html: Annotated[
+        Path | None,
+        typer.Option(
+            "--html",
+            metavar="FILE",
+            help="Also write a self-contained HTML report (summary, sortable table, figures, provenance).",
+            dir_okay=False,
+            rich_help_panel="Output",
+        ),
+    ] = None,
     plots: o.PlotsOpt = None,
     quiet: o.QuietOpt = False,
 ) -> None:
@@ -163,8 +175,13 @@ def compare_cmd(
 
     pairs = _parse_tuned(tuned)
     eps = _epsilons(epsilon)
-    if output is not None and output.resolve() in {Path(p).resolve() for _, p in pairs} | {base.resolve()}:
-        raise SpectraError(f"{output}: refusing to write over an input")
+    for dst in (output, html):
+        if dst is not None and dst.resolve() in {Path(p).resolve() for _, p in pairs} | {base.resolve()}:
+            raise SpectraError(f"{dst}: refusing to write over an input")
+    if html:
+        from spectra_cli.cli.report import check_target
+
+        check_target(html)
     if remove_intruders is not None and not (0.0 <= remove_intruders <= 1.0):
         raise typer.BadParameter(
             f"{remove_intruders}: λ must be in [0, 1] (0 removes the intruders, 1 keeps them)",
@@ -220,6 +237,11 @@ def compare_cmd(
 
     env = envelope("compare", result.inputs, result.rows, result.summary, result.options)
     render(env, fmt.value, _columns(eps), f"spectra compare {base}", _notes(result), output)
+    if html:
+        from spectra_cli.cli.report import write_html
+
+        write_html(env, html)
+        warn(f"wrote the HTML report to {html}", quiet)
 
 
 def register(app: typer.Typer) -> None:

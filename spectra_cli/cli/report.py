@@ -1,0 +1,176 @@
+"""``spectra report RESULTS.json``: one self-contained HTML page from any command's ``--format json`` output.
+
+Also the ``--html FILE`` of ``analyze`` and ``compare``: both build the page the same way from the same
+envelope, so ``spectra report`` on a run's JSON gives the page that run would have written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Annotated, Any
+
+import typer
+
+from spectra_cli.cli.errors import handle_errors
+from spectra_cli.cli.progress import warn
+from spectra_cli.errors import SpectraError
+
+EPILOG = """\
+Examples:
+
+  spectra analyze model.safetensors --format json -o results.json
+  spectra report results.json                    # writes results.html beside it
+
+  spectra compare base/ tuned/ -f json | spectra report - -o compare.html --title "nightly drift"
+
+  spectra analyze model.safetensors --html report.html   # the same page, straight from the run
+
+The page is one file with everything inline (figures as PNG, no network): open it in any browser or keep it
+as a CI artifact. Columns sort on click; 'all fields' shows every field of the rows.
+"""
+
+
+def _analyze_view(env: dict[str, Any]) -> tuple[list[Any], list[str]]:
+    from spectra_cli.cli import analyze
+
+    return analyze._columns(), analyze._notes(SimpleNamespace(summary=env["summary"]))
+
+
+def _compare_view(env: dict[str, Any]) -> tuple[list[Any], list[str]]:
+    from spectra_cli.cli import compare
+
+    eps = env["summary"].get("epsilons") or env["options"].get("epsilons") or [0.5]
+    return compare._columns(tuple(float(e) for e in eps)), compare._notes(
+        SimpleNamespace(summary=env["summary"])
+    )
+
+
+#: command → (the CLI table's columns, its note lines) from an envelope; other commands get every field
+VIEWS: dict[str, Callable[[dict[str, Any]], tuple[list[Any], list[str]]]] = {
+    "analyze": _analyze_view,
+    "compare": _compare_view,
+}
+
+
+def html_page(env: dict[str, Any], title: str | None = None) -> str:
+    """The page for an envelope (in memory or read back from JSON: both give the same page)."""
+    from spectra_cli.report.html import check_envelope, normalise, render_html
+
+    env = check_envelope(normalise(env))
+    columns: list[Any] | None = None
+    notes: list[str] = []
+    view = VIEWS.get(env["command"])
+    if view is not None:
+        try:
+            columns, notes = view(env)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            # an envelope from another spectra version whose summary lacks a field: every field, no notes
+            columns, notes = None, []
+    return render_html(env, title=title, columns=columns, notes=notes)
+
+
+def check_target(path: Path) -> None:
+    """Fail early (before a long run) when the page could not be written to ``path``."""
+    if path.is_dir():
+        raise SpectraError(f"{path}: is a folder; give a file name such as report.html")
+    if not path.parent.is_dir():
+        raise SpectraError(f"{path.parent}: no such folder; create it first")
+
+
+def write_html(env: dict[str, Any], path: Path, title: str | None = None) -> None:
+    """Write the page to ``path`` atomically (a temporary name in the same folder, then a rename)."""
+    check_target(path)
+    page = html_page(env, title)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_envelope(source: Path) -> dict[str, Any]:
+    """Read and validate a results file (``-`` reads stdin). Raises :class:`SpectraError` with one line."""
+    from spectra_cli.report.html import check_envelope
+
+    name = "stdin" if str(source) == "-" else str(source)
+    hint = "give the output of `spectra <command> --format json`"
+    try:
+        text = sys.stdin.read() if str(source) == "-" else source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpectraError(f"{name}: no such file; {hint}") from None
+    except IsADirectoryError:
+        raise SpectraError(f"{name}: is a folder, not a results file; {hint}") from None
+    except UnicodeDecodeError:
+        raise SpectraError(f"{name}: not JSON (not UTF-8 text); {hint}") from None
+    if not text.strip():
+        raise SpectraError(f"{name}: is empty; {hint}")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SpectraError(
+            f"{name}: not JSON ({e.msg} at line {e.lineno} column {e.colno}); {hint}"
+        ) from None
+    return check_envelope(obj, name)
+
+
+def default_output(results: Path) -> Path:
+    """``results.json`` → ``results.html`` beside it; stdin → ``spectra-report.html``."""
+    if str(results) == "-":
+        return Path("spectra-report.html")
+    return (
+        results.with_suffix(".html")
+        if results.suffix.lower() == ".json"
+        else results.with_name(results.name + ".html")
+    )
+
+
+def report_cmd(
+    results: Annotated[
+        Path,
+        typer.Argument(
+            metavar="RESULTS.json",
+            help="The --format json output of any spectra command ('-' reads stdin).",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="FILE",
+            dir_okay=False,
+            help="Where to write the page (default: RESULTS with .html).",
+            show_default=False,
+        ),
+    ] = None,
+    title: Annotated[
+        str | None,
+        typer.Option(
+            "--title", "-t", metavar="TEXT", help="Page title (default: the command and its input)."
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No message on stderr.")] = False,
+) -> None:
+    """One self-contained HTML page (summary, sortable tables, figures, inputs and provenance) from results JSON."""
+    out = output or default_output(results)
+    if str(results) != "-" and results.exists() and out.resolve() == results.resolve():
+        raise SpectraError(f"{out}: refusing to write over the results file; choose another -o")
+    if out.exists() and not force:
+        raise SpectraError(f"{out}: already exists; pass --force to replace it or choose another -o")
+    check_target(out)
+    env = load_envelope(results)
+    write_html(env, out, title)
+    warn(f"wrote {env['command']} report ({len(env['rows'])} rows) to {out}", quiet)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("report", epilog=EPILOG)(handle_errors(report_cmd))
