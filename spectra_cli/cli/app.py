@@ -42,11 +42,12 @@ def _root(
 
 
 def _register() -> None:
-    from spectra_cli.cli import allocate, analyze, capture, compare
+    from spectra_cli.cli import allocate, analyze, capture, compare, init_adapter
 
     analyze.register(app)
     compare.register(app)
     allocate.register(app)
+    init_adapter.register(app)
     capture.register(app)
 
 

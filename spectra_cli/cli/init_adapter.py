@@ -1,0 +1,334 @@
+"""``spectra init-adapter CKPT``: export an initialised PEFT LoRA adapter (+ the residual base it needs)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from spectra_cli.cli import options as o
+from spectra_cli.cli.errors import handle_errors
+from spectra_cli.cli.progress import progress_bar, warn
+
+EPILOG = """\
+Examples:
+
+  spectra init-adapter model/ --method pissa --rank 16 --kinds q_proj,v_proj --out pissa-r16/
+
+  spectra init-adapter model/ --method pissa --rank 64 --fast 4 --out pissa-fast/
+
+  spectra init-adapter model/ --method milora --ranks ranks.json --out milora/
+
+  spectra init-adapter model/ --method olora --allocate energy --budget-rank 16 --out olora/
+
+  spectra init-adapter model/ --method corda --rank 16 --activations acts.safetensors --out corda/
+
+  spectra init-adapter base/ --method extract --tuned finetuned/ --energy 0.9 --out extracted/
+
+Writes OUT/adapter/ (load with peft.PeftModel.from_pretrained), OUT/residual/ for methods that change the
+base (use it in place of the original model), OUT/README.md and OUT/spectra_run.json.
+`spectra init-adapter --list-methods` lists the methods with their papers.
+"""
+
+_METHOD_HELP = (
+    "Initialisation: pissa, milora, olora, extract, and corda/eva (need --activations); see --list-methods."
+)
+
+
+def _method_lines() -> list[str]:
+    from spectra_cli.spectral.init import methods
+
+    lines = []
+    for name, m in sorted(methods().items()):
+        needs = [w for w, f in (("activations", m.needs_activations), ("--tuned", m.needs_tuned)) if f]
+        extra = f" [needs {', '.join(needs)}]" if needs else ""
+        lines.append(f"{name}: {m.summary.rstrip('. ')}{extra}. {m.reference}")
+    return lines
+
+
+def _list_methods(value: bool) -> None:
+    if value:
+        for line in _method_lines():
+            typer.echo(line)
+        raise typer.Exit()
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[Any]:
+    from spectra_cli.report.render import Column, fmt_num
+
+    cols = [
+        Column("name", "module", str, "left"),
+        Column("shape", "shape"),
+        Column("rank", "rank"),
+        Column("alpha", "alpha", lambda x: "-" if x is None else fmt_num(x)),
+    ]
+    known = {"name", "kind", "depth", "shape", "dtype", "rank", "alpha", "scale", "seconds"}
+    extra: list[str] = []
+    for r in rows:
+        extra += [k for k in r if k not in known and k not in extra]
+    headers = {"energy": "energy", "relative_error": "rel. error", "sigma_r": "σ_r"}
+    cols += [Column(k, headers.get(k, k), lambda x: "-" if x is None else fmt_num(x)) for k in extra]
+    return cols
+
+
+def _notes(result: Any, out: Path) -> list[str]:
+    s = result.summary
+    ranks = ", ".join(f"r={k}: {v}" for k, v in s["ranks"].items())
+    lines = [
+        f"{s['method']}: {s['modules']} modules ({ranks}), {s['adapter_parameters']:,} adapter parameters",
+        f"adapter: {out}/adapter"
+        + (f"; residual: {out}/residual ({s['residual_dtype']})" if s["residual"] else ""),
+    ]
+    if s["dropped"]:
+        lines.append(f"modules without adapter (rank 0): {len(s['dropped'])}")
+    if "max_relative_error" in s:
+        lines.append(f"max relative reconstruction error ‖ΔW − sBA‖/‖ΔW‖: {s['max_relative_error']:.3g}")
+    lines.append(f"{s['seconds']:.2f} s on {s['device']}, peak RSS {s['peak_rss_mb']:.0f} MB")
+    return lines
+
+
+def init_adapter_cmd(
+    ckpt: Annotated[
+        Path, typer.Argument(metavar="CKPT", help="The base checkpoint (safetensors file or model folder).")
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            metavar="DIR",
+            help="Output folder (adapter/, residual/, README.md).",
+            rich_help_panel="Output",
+        ),
+    ],
+    method: Annotated[str, typer.Option("--method", "-m", metavar="METHOD", help=_METHOD_HELP)] = "pissa",
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            "--rank",
+            "-r",
+            min=1,
+            metavar="R",
+            help="The same rank for every module.",
+            rich_help_panel="Ranks",
+        ),
+    ] = None,
+    ranks: Annotated[
+        Path | None,
+        typer.Option(
+            "--ranks",
+            metavar="FILE",
+            exists=True,
+            dir_okay=False,
+            help="PEFT-style JSON (r, lora_alpha, rank_pattern, alpha_pattern), e.g. from "
+            "`spectra allocate --peft-config`.",
+            rich_help_panel="Ranks",
+        ),
+    ] = None,
+    allocate: Annotated[
+        str | None,
+        typer.Option(
+            "--allocate",
+            metavar="STRATEGY",
+            help="Allocate ranks as `spectra allocate --strategy` does (with --budget-rank).",
+            rich_help_panel="Ranks",
+        ),
+    ] = None,
+    budget_rank: Annotated[
+        float | None,
+        typer.Option(
+            "--budget-rank",
+            min=0,
+            metavar="R",
+            help="Average rank over the modules for --allocate.",
+            rich_help_panel="Ranks",
+        ),
+    ] = None,
+    alpha: Annotated[
+        float | None,
+        typer.Option(
+            "--alpha",
+            min=0,
+            metavar="ALPHA",
+            help="LoRA α (default: the rank, i.e. scale s = α/r = 1; √r with --rslora). PEFT's own "
+            "default is 8.",
+            rich_help_panel="Ranks",
+            show_default=False,
+        ),
+    ] = None,
+    rslora: Annotated[
+        bool, typer.Option("--rslora", help="Scale s = α/√r (PEFT use_rslora).", rich_help_panel="Ranks")
+    ] = False,
+    tuned: Annotated[
+        Path | None,
+        typer.Option(
+            "--tuned", metavar="TUNED", help="extract: the fine-tuned checkpoint.", rich_help_panel="Method"
+        ),
+    ] = None,
+    energy: Annotated[
+        float | None,
+        typer.Option(
+            "--energy",
+            min=0.0,
+            max=1.0,
+            metavar="TAU",
+            help="extract: per module, the smallest rank keeping this share of ‖ΔW‖² (capped by --rank).",
+            rich_help_panel="Method",
+        ),
+    ] = None,
+    fast: Annotated[
+        int | None,
+        typer.Option(
+            "--fast",
+            min=0,
+            metavar="N",
+            help="Randomized SVD with N power iterations (PEFT's pissa_niter_N; pissa, extract).",
+            rich_help_panel="Method",
+        ),
+    ] = None,
+    activations: Annotated[
+        Path | None,
+        typer.Option(
+            "--activations",
+            metavar="FILE",
+            exists=True,
+            dir_okay=False,
+            help="Input statistics from `spectra capture` (corda, eva).",
+            rich_help_panel="Method",
+        ),
+    ] = None,
+    corda_mode: Annotated[
+        str | None,
+        typer.Option(
+            "--corda-mode",
+            metavar="ipm|kpm",
+            help="corda: keep the top (ipm, default) or bottom (kpm) components.",
+            rich_help_panel="Method",
+        ),
+    ] = None,
+    no_redistribute: Annotated[
+        bool,
+        typer.Option(
+            "--no-redistribute", help="eva: the same rank for every module.", rich_help_panel="Method"
+        ),
+    ] = False,
+    rho: Annotated[
+        float | None,
+        typer.Option(
+            "--rho",
+            min=1.0,
+            metavar="RHO",
+            help="eva: components considered per module = ρ·r when redistributing (default 2).",
+            rich_help_panel="Method",
+        ),
+    ] = None,
+    whiten: Annotated[
+        bool, typer.Option("--whiten", help="eva: whiten A by 1/√σ.", rich_help_panel="Method")
+    ] = False,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype",
+            metavar="DTYPE",
+            help="Residual dtype: float32, bfloat16, float16 or float64 (default: as stored).",
+            rich_help_panel="Output",
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing --out folder.", rich_help_panel="Output")
+    ] = False,
+    list_methods: Annotated[
+        bool,
+        typer.Option(
+            "--list-methods",
+            callback=_list_methods,
+            is_eager=True,
+            help="List the methods with their references and exit.",
+        ),
+    ] = False,
+    include: o.IncludeOpt = None,
+    exclude: o.ExcludeOpt = None,
+    kinds: o.KindsOpt = None,
+    min_dim: o.MinDimOpt = 1,
+    device: o.DeviceOpt = "auto",
+    precision: o.PrecisionOpt = o.Precision.float32,
+    fmt: o.FormatOpt = o.Format.table,
+    output: o.OutputOpt = None,
+    quiet: o.QuietOpt = False,
+) -> None:
+    """Export a PiSSA / MiLoRA / OLoRA / CorDA / EVA initialised LoRA adapter and its residual base, or extract
+    a LoRA adapter from a fine-tune. By default every linear weight but embeddings and the output head is a
+    target."""
+    from spectra_cli.initialization import DTYPE_CODES, InitOptions, run_init
+
+    if dtype is not None and dtype not in DTYPE_CODES:
+        raise typer.BadParameter(f"{dtype}: choose one of {', '.join(DTYPE_CODES)}", param_hint="--dtype")
+    if corda_mode is not None and corda_mode.lower() not in ("ipm", "kpm"):
+        raise typer.BadParameter(f"{corda_mode}: choose ipm or kpm", param_hint="--corda-mode")
+    if sum(x is not None for x in (rank, ranks, allocate)) > 1:
+        raise typer.BadParameter("give only one of --rank, --ranks and --allocate", param_hint="--rank")
+    if (budget_rank is None) != (allocate is None):
+        raise typer.BadParameter("--allocate and --budget-rank go together", param_hint="--allocate")
+    if output is not None and output.resolve() in {ckpt.resolve(), out.resolve()}:
+        raise typer.BadParameter(f"{output}: refusing to write the report over an input or the output folder")
+    m_opts: dict[str, Any] = {}
+    if corda_mode is not None:
+        m_opts["mode"] = corda_mode.lower()
+    if no_redistribute:
+        m_opts["redistribute"] = False
+    if rho is not None:
+        m_opts["rho"] = rho
+    if whiten:
+        m_opts["whiten"] = True
+    opts = InitOptions(
+        include=o.split_csv(include),
+        exclude=o.split_csv(exclude),
+        kinds=o.split_csv(kinds),
+        min_dim=min_dim,
+        method=method,
+        rank=rank,
+        alpha=alpha,
+        rslora=rslora,
+        ranks_file=ranks,
+        allocate=allocate,
+        budget_rank=budget_rank,
+        tuned=tuned,
+        energy=energy,
+        fast=fast,
+        activations=activations,
+        method_options=m_opts,
+        dtype=dtype,
+        precision=precision.value,
+        device=device,
+        force=force,
+    )
+    with progress_bar(f"init-adapter {method}", quiet) as update:
+        result = run_init(ckpt, out, opts, progress=update, argv=sys.argv)
+    s = result.summary
+    if s["untracked_changes"]:
+        n = len(s["untracked_changes"])
+        shown = ", ".join(s["untracked_changes"][:3]) + (f" and {n - 3} more" if n > 3 else "")
+        warn(f"{n} other tensors differ between base and tuned and are not in the adapter: {shown}", quiet)
+    if s["skipped_files"]:
+        warn(f"not copied into residual/ (other weight formats): {', '.join(s['skipped_files'])}", quiet)
+    warn(f"wrote {out}", quiet)
+    from spectra_cli.report.render import envelope, render
+
+    env = envelope("init-adapter", result.inputs, result.rows, s, result.options)
+    render(
+        env,
+        fmt.value,
+        _columns(result.rows),
+        f"spectra init-adapter {ckpt} --method {method}",
+        _notes(result, out),
+        output,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    epilog = EPILOG
+    if "init-adapter" in sys.argv[1:3] and any(h in sys.argv for h in ("--help", "-h")):
+        # the full method list needs the registry (and PyTorch): only when this command's help is shown
+        epilog += "\nMethods:\n\n" + "\n\n".join(f"  {line}" for line in _method_lines()) + "\n"
+    app.command("init-adapter", epilog=epilog)(handle_errors(init_adapter_cmd))

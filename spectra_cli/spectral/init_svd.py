@@ -1,0 +1,210 @@
+"""SVD- and QR-based adapter initialisations: PiSSA, MiLoRA, OLoRA, and ``extract`` (a LoRA from a fine-tune).
+
+Each function takes one module (:class:`~spectra_cli.spectral.init.InitInput`, W out×in on the compute
+device in float32 or float64) and returns lora_A (r×in), lora_B (out×r) and the residual W_res = W − s·B·A,
+computed in the input's precision, so that W_res + s·B·A reproduces W. The conventions are PEFT's
+(``peft/tuners/lora/layer.py``, ``pissa_init`` / ``olora_init``), so an adapter written from these factors is
+the one PEFT would build with ``init_lora_weights="pissa"`` / ``"pissa_niter_N"`` / ``"olora"``:
+
+- PiSSA: W = U·S·Vᵀ (``torch.linalg.svd``, ``full_matrices=False``); A = diag(√(S_r/s))·V_rᵀ,
+  B = U_r·diag(√(S_r/s)) with the top r triplets. ``options["niter"] = N`` uses ``torch.svd_lowrank(W, q=r,
+  niter=N)`` as PEFT's ``pissa_niter_N`` does (random, so not reproducible bit for bit across runs unless the
+  torch seed is fixed).
+- MiLoRA: as PiSSA with the bottom r triplets (kept in descending order). No randomized variant: a range
+  finder only finds the top of the spectrum.
+- OLoRA: Q·R = W (``torch.linalg.qr``, reduced); B = Q[:, :r], A = R[:r, :], W_res = W − s·B·A. As in PEFT
+  the factors are *not* divided by s: with s ≠ 1 the adapter holds s·Q_rR_r of W.
+- extract: ΔW = W_tuned − W (``InitInput.tuned``); truncated SVD gives B = U_r·√(S_r/s), A = √(S_r/s)·V_rᵀ, so
+  s·B·A is the best rank-r approximation of ΔW (Eckart–Young). The base is unchanged (no residual).
+  ``options["energy"] = τ`` picks the smallest r whose captured energy Σ_{i≤r}σᵢ²/Σσᵢ² reaches τ (at most
+  ``InitInput.rank`` when that is positive; 0 when ΔW = 0, which drops the module).
+
+Per-module figures in ``InitFactors.info``: ``energy`` = the share of ‖W‖²_F (‖ΔW‖²_F for extract) that s·B·A
+carries, and for extract ``relative_error`` = ‖ΔW − s·B·A‖_F / ‖ΔW‖_F.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from spectra_cli.errors import ShapeMismatch, SpectraError
+from spectra_cli.spectral.init import InitFactors, InitInput, InitMethod, register
+
+
+def _check_rank(inp: InitInput, allow_zero: bool = False) -> None:
+    m, n = inp.weight.shape
+    if inp.rank > min(m, n) or (inp.rank < 1 and not allow_zero):
+        raise ShapeMismatch(
+            f"{inp.name}: rank {inp.rank} is not possible for a {m}×{n} weight (1 ≤ r ≤ {min(m, n)}); "
+            "lower --rank or give this module a smaller rank in --ranks"
+        )
+
+
+def _niter(inp: InitInput, method: str) -> int | None:
+    value = inp.options.get("niter")
+    if value is None:
+        return None
+    n = int(value)
+    if n < 0:
+        raise SpectraError(f"--fast {n}: the number of power iterations must be 0 or more")
+    if method in ("milora", "olora"):
+        raise SpectraError(
+            f"--fast is not available for {method}: "
+            + (
+                "a randomized SVD finds only the top of the spectrum"
+                if method == "milora"
+                else "OLoRA is a QR"
+            )
+        )
+    return n
+
+
+def _split_sqrt(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) = (diag(√(s/scale))·vh, u·diag(√(s/scale))), PEFT's PiSSA split of the scale."""
+    root = torch.sqrt(s / scale)
+    a = root[:, None] * vh
+    b = u * root[None, :]
+    return a.contiguous(), b.contiguous()
+
+
+def _energy(part: torch.Tensor, total: torch.Tensor) -> float:
+    t = float(total)
+    return float(part) / t if t > 0 else 0.0
+
+
+def _svd_top(w: torch.Tensor, r: int, niter: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-r (U out×r, S r, Vh r×in): exact thin SVD, or ``torch.svd_lowrank(w, q=r, niter)`` as PEFT calls it."""
+    if niter is None:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        return u[:, :r], s[:r], vh[:r]
+    u, s, v = torch.svd_lowrank(w, q=r, niter=niter)
+    return u, s, v.T
+
+
+def pissa(inp: InitInput) -> InitFactors:
+    """PiSSA (Meng et al. 2024): the adapter holds the principal r singular triplets, the residual the rest."""
+    _check_rank(inp)
+    w, r = inp.weight, inp.rank
+    u, s, vh = _svd_top(w, r, _niter(inp, "pissa"))
+    a, b = _split_sqrt(u, s, vh, inp.scale)
+    residual = w - inp.scale * (b @ a)
+    info: dict[str, Any] = {"energy": _energy((s**2).sum(), (w * w).sum())}
+    if s.numel():
+        info["sigma_r"] = float(s[-1])
+    return InitFactors(A=a, B=b, residual=residual, info=info)
+
+
+def milora(inp: InitInput) -> InitFactors:
+    """MiLoRA (Wang et al. 2024): the adapter holds the minor (smallest) r singular triplets."""
+    _check_rank(inp)
+    _niter(inp, "milora")
+    w, r = inp.weight, inp.rank
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    k = s.numel()
+    u, s_r, vh = u[:, k - r :], s[k - r :], vh[k - r :]
+    a, b = _split_sqrt(u, s_r, vh, inp.scale)
+    residual = w - inp.scale * (b @ a)
+    return InitFactors(
+        A=a,
+        B=b,
+        residual=residual,
+        info={"energy": _energy((s_r**2).sum(), (s**2).sum()), "sigma_r": float(s_r[0])},
+    )
+
+
+def olora(inp: InitInput) -> InitFactors:
+    """OLoRA (Büyükakyüz 2024): B = Q[:, :r], A = R[:r] of the reduced QR of W (PEFT's ``olora_init``)."""
+    _check_rank(inp)
+    _niter(inp, "olora")
+    w, r = inp.weight, inp.rank
+    q, rr = torch.linalg.qr(w)
+    b, a = q[:, :r].contiguous(), rr[:r].contiguous()
+    update = inp.scale * (b @ a)
+    residual = w - update
+    return InitFactors(
+        A=a, B=b, residual=residual, info={"energy": _energy((update * update).sum(), (w * w).sum())}
+    )
+
+
+def extract(inp: InitInput) -> InitFactors:
+    """A LoRA adapter from a fine-tune: the truncated SVD of ΔW = W_tuned − W (base unchanged)."""
+    if inp.tuned is None:
+        raise SpectraError(f"{inp.name}: extract needs the fine-tuned checkpoint (--tuned TUNED)")
+    if inp.tuned.shape != inp.weight.shape:
+        raise ShapeMismatch(
+            f"{inp.name}: the tuned weight is {tuple(inp.tuned.shape)}, the base {tuple(inp.weight.shape)}"
+        )
+    energy = inp.options.get("energy")
+    _check_rank(inp, allow_zero=energy is not None)
+    delta = inp.tuned - inp.weight
+    total = (delta * delta).sum()
+    niter = _niter(inp, "extract")
+    if energy is not None:
+        tau = float(energy)
+        if not 0.0 < tau <= 1.0:
+            raise SpectraError(f"--energy {tau}: the energy threshold must be in (0, 1]")
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        cap = inp.rank if inp.rank > 0 else s.numel()
+        if float(total) == 0.0:
+            r = 0
+        else:
+            cum = torch.cumsum(s**2, 0) / total
+            # the tolerance absorbs rounding of the cumulative sum when τ = 1
+            r = (
+                int(
+                    torch.searchsorted(
+                        cum, torch.tensor(tau, dtype=cum.dtype, device=cum.device) - 1e-6
+                    ).item()
+                )
+                + 1
+            )
+        r = min(r, cap, s.numel())
+        u, s, vh = u[:, :r], s[:r], vh[:r]
+    else:
+        u, s, vh = _svd_top(delta, inp.rank, niter)
+    a, b = _split_sqrt(u, s, vh, inp.scale)
+    err = delta - inp.scale * (b @ a)
+    rel = float(torch.sqrt((err * err).sum() / total)) if float(total) > 0 else 0.0
+    return InitFactors(
+        A=a, B=b, residual=None, info={"relative_error": rel, "energy": _energy((s**2).sum(), total)}
+    )
+
+
+PISSA = register(
+    InitMethod(
+        name="pissa",
+        summary="top-r singular triplets in the adapter, the rest in the residual (--fast N: randomized SVD)",
+        reference="Meng et al. 2024, PiSSA, arXiv:2404.02948; PEFT init_lora_weights='pissa'",
+        factorize=pissa,
+    )
+)
+MILORA = register(
+    InitMethod(
+        name="milora",
+        summary="bottom-r (minor) singular triplets in the adapter, the principal part kept in the residual",
+        reference="Wang et al. 2024, MiLoRA, arXiv:2406.09044",
+        factorize=milora,
+    )
+)
+OLORA = register(
+    InitMethod(
+        name="olora",
+        summary="B = Q[:, :r], A = R[:r] of the QR decomposition of W",
+        reference="Büyükakyüz 2024, OLoRA, arXiv:2406.01775; PEFT init_lora_weights='olora'",
+        factorize=olora,
+    )
+)
+EXTRACT = register(
+    InitMethod(
+        name="extract",
+        summary="LoRA adapter from a fine-tune: truncated SVD of ΔW = tuned − base (--tuned, --energy τ)",
+        reference="Eckart–Young truncation of ΔW (as in mergekit's extract_lora / PEFT's convert_to_lora)",
+        factorize=extract,
+        changes_base=False,
+        needs_tuned=True,
+    )
+)
