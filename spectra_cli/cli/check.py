@@ -1,0 +1,295 @@
+"""``spectra check CKPT --policy spectra.toml``: a CI gate. Exit 0 when every rule holds, 1 when any fails,
+2 for usage, policy and input errors (the gate could not run)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from spectra_cli.cli import options as o
+from spectra_cli.cli.progress import progress_bar, warn
+from spectra_cli.errors import SpectraError
+
+EPILOG = """\
+Examples:
+
+  spectra check --init                       # write a commented spectra.toml
+
+  spectra check tuned/                       # policy from ./spectra.toml or [tool.spectra] in pyproject.toml
+
+  spectra check tuned/ --base base/ --policy gate.toml --junit report.xml --markdown summary.md --github
+
+  spectra check adapter/ --base base/ --kinds q_proj,v_proj --format json
+
+  spectra check tuned/ --base-spectra base.spectra.safetensors   # min_effective_rank_ratio without re-doing the base
+
+  spectra check tuned/ --update-baseline spectra-baseline.json   # record the baseline max_drift_pct compares to
+
+Exit codes: 0 every rule holds; 1 a rule fails; 2 usage, policy or input error.
+"""
+
+MAX_NOTE_FAILURES = 20
+
+
+def _rule_columns() -> list[Any]:
+    from spectra_cli.report.render import Column, fmt_num
+
+    def limit(x: Any) -> str:
+        if isinstance(x, list | tuple):
+            return "[" + ", ".join(fmt_num(v) for v in x) + "]"
+        return "per module" if x is None else fmt_num(x)
+
+    return [
+        Column("rule", "rule", str, "left"),
+        Column("limit", "limit", limit),
+        Column("checks", "checks"),
+        Column("passed", "passed"),
+        Column("failed", "failed"),
+        Column("skipped", "skipped"),
+        Column("status", "status", str, "left"),
+    ]
+
+
+def _verdict_columns() -> list[Any]:
+    from spectra_cli.report.render import Column, fmt_num
+
+    return [
+        Column("rule", "rule", str, "left"),
+        Column("module", "module", str, "left"),
+        Column("value", "value", lambda x: fmt_num(x, 4)),
+        Column("limit", "limit", lambda x: str(x) if isinstance(x, list) else fmt_num(x)),
+        Column("status", "status", str, "left"),
+        Column("message", "why", str, "left"),
+    ]
+
+
+def _notes(result: Any, policy: str) -> list[str]:
+    s = result.summary
+    lines = []
+    failed = result.failed
+    for v in failed[:MAX_NOTE_FAILURES]:
+        lines.append(f"✗ {v.rule} · {v.module}: {v.message}")
+    if len(failed) > MAX_NOTE_FAILURES:
+        lines.append(
+            f"… and {len(failed) - MAX_NOTE_FAILURES} more failures (--junit / --format json list all)"
+        )
+    lines.extend(s.get("notes", []))
+    tail = f"{s['checks']} checks on {s['modules']} modules, policy {policy}, {s['seconds']:.2f} s"
+    if s["failed"]:
+        lines.append(f"FAILED: {s['failed']} of {tail} ({s['skipped']} skipped)")
+    else:
+        lines.append(f"PASSED: all {s['passed']} evaluated of {tail} ({s['skipped']} skipped)")
+    return lines
+
+
+def _init(target: Path | None, force: bool, quiet: bool) -> None:
+    from spectra_cli.gate.markdown import write_text
+    from spectra_cli.gate.policy import EXAMPLE_POLICY
+
+    path = target or Path("spectra.toml")
+    if path.exists() and not force:
+        raise SpectraError(f"{path} already exists; pass --force to replace it")
+    write_text(path, EXAMPLE_POLICY)
+    warn(f"wrote an example policy to {path}; edit it, then run `spectra check CKPT --policy {path}`", quiet)
+
+
+def check_cmd(
+    ckpt: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="CKPT",
+            help="The checkpoint to gate (any format analyze reads, a PEFT adapter with --base, or a spectra "
+            "file from analyze --save-spectra). With --init: the policy file to write.",
+            show_default=False,
+        ),
+    ] = None,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            "--policy",
+            "-p",
+            metavar="FILE",
+            dir_okay=False,
+            help="Policy file (TOML). Default: ./spectra.toml, else [tool.spectra] in ./pyproject.toml.",
+        ),
+    ] = None,
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            "--base",
+            "-b",
+            metavar="BASE",
+            help="The base checkpoint, for max_intruders, max_relative_delta and min_effective_rank_ratio.",
+        ),
+    ] = None,
+    base_spectra: Annotated[
+        Path | None,
+        typer.Option(
+            "--base-spectra",
+            metavar="FILE",
+            dir_okay=False,
+            help="The base's spectra from `analyze BASE --save-spectra FILE`: enough for "
+            "min_effective_rank_ratio (intruder and ΔW rules need --base).",
+        ),
+    ] = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            "--baseline",
+            metavar="FILE",
+            dir_okay=False,
+            help="Baseline JSON for max_drift_pct (overrides the policy's baseline = …).",
+        ),
+    ] = None,
+    update_baseline: Annotated[
+        Path | None,
+        typer.Option(
+            "--update-baseline",
+            metavar="FILE",
+            dir_okay=False,
+            help="Write this run's per-module spectral norm, effective rank and α as the baseline JSON.",
+        ),
+    ] = None,
+    init: Annotated[
+        bool,
+        typer.Option(
+            "--init", help="Write a commented example policy (to CKPT's place, default spectra.toml)."
+        ),
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="With --init: replace an existing file.")] = False,
+    junit: Annotated[
+        Path | None,
+        typer.Option(
+            "--junit",
+            metavar="FILE",
+            dir_okay=False,
+            rich_help_panel="Output",
+            help="Write JUnit XML: one testcase per rule × module.",
+        ),
+    ] = None,
+    markdown: Annotated[
+        Path | None,
+        typer.Option(
+            "--markdown",
+            metavar="FILE",
+            dir_okay=False,
+            rich_help_panel="Output",
+            help="Write a Markdown summary (for a PR comment or $GITHUB_STEP_SUMMARY).",
+        ),
+    ] = None,
+    github: Annotated[
+        bool,
+        typer.Option(
+            "--github",
+            rich_help_panel="Output",
+            help="Print GitHub Actions ::error annotations for failures (on stderr when stdout holds JSON/CSV).",
+        ),
+    ] = False,
+    show_all: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            rich_help_panel="Output",
+            help="Table and Markdown views: list every verdict, not the per-rule summary.",
+        ),
+    ] = False,
+    include: o.IncludeOpt = None,
+    exclude: o.ExcludeOpt = None,
+    kinds: o.KindsOpt = None,
+    min_dim: o.MinDimOpt = 1,
+    device: o.DeviceOpt = "auto",
+    precision: o.PrecisionOpt = o.Precision.float32,
+    backend: o.BackendOpt = o.Backend.auto,
+    max_memory: o.MaxMemoryOpt = None,
+    fmt: o.FormatOpt = o.Format.table,
+    output: o.OutputOpt = None,
+    quiet: o.QuietOpt = False,
+) -> None:
+    """Gate a checkpoint on a policy of spectral rules; exit 1 when any rule fails (JUnit, Markdown, annotations)."""
+    try:
+        _check(**locals())
+    except SpectraError as e:
+        if os.environ.get("SPECTRA_DEBUG") == "1":
+            raise
+        print(f"Error: {e}", file=sys.stderr)
+        raise typer.Exit(2) from None
+
+
+def _check(ckpt: Path | None, policy: Path | None, base: Path | None, base_spectra: Path | None,
+           baseline: Path | None, update_baseline: Path | None, init: bool, force: bool, junit: Path | None,
+           markdown: Path | None, github: bool, show_all: bool, include: list[str] | None,
+           exclude: list[str] | None, kinds: list[str] | None, min_dim: int, device: str, precision: o.Precision,
+           backend: o.Backend, max_memory: int | None, fmt: o.Format, output: Path | None, quiet: bool) -> None:  # fmt: skip
+    if init:
+        _init(ckpt, force, quiet)
+        return
+    if ckpt is None:
+        raise typer.BadParameter(
+            "missing CKPT (the checkpoint to check); or `--init` for a policy", param_hint="CKPT"
+        )
+    from spectra_cli.checking import CheckOptions, run_check, write_baseline
+    from spectra_cli.gate.junit import write_junit
+    from spectra_cli.gate.markdown import github_annotations, markdown_summary, write_text
+    from spectra_cli.gate.policy import find_policy, load_policy
+
+    pol = load_policy(policy if policy is not None else find_policy(Path.cwd()))
+    inputs = {p.resolve() for p in (ckpt, base, base_spectra) if p is not None}
+    for out in (output, junit, markdown, update_baseline):
+        if out is not None and out.resolve() in inputs:
+            raise SpectraError(f"{out}: refusing to write over an input")
+    opts = CheckOptions(
+        include=o.split_csv(include), exclude=o.split_csv(exclude), kinds=o.split_csv(kinds), min_dim=min_dim,
+        base=base, base_spectra=base_spectra, baseline=baseline, updating=update_baseline is not None,
+        device=device, precision=precision.value, backend=backend.value, max_memory=max_memory,
+    )  # fmt: skip
+    with progress_bar("checking", quiet) as update:
+        result = run_check(ckpt, pol, opts, progress=update)
+    policy_name = _display(pol.path)
+    title = f"spectra check {ckpt}"
+    if update_baseline is not None:
+        n = write_baseline(update_baseline, result)
+        warn(f"wrote the baseline of {n} modules to {update_baseline}", quiet)
+    if junit is not None:
+        write_junit(junit, result.verdicts, title, result.summary["seconds"], policy_name)
+    md = markdown_summary(result.verdicts, result.summary, str(ckpt), policy_name)
+    if markdown is not None:
+        write_text(markdown, md)
+    if github:
+        data_on_stdout = fmt.value in ("json", "csv") and output is None
+        for line in github_annotations(result.verdicts, policy_name):
+            print(line, file=sys.stderr if data_on_stdout else sys.stdout)
+        sys.stdout.flush()
+    from spectra_cli.report.render import envelope, render
+
+    env = envelope("check", result.inputs, result.rows, result.summary, result.options)
+    if fmt.value == "markdown" and not show_all:
+        if output is None:
+            sys.stdout.write(md)
+        else:
+            write_text(output, md)
+    elif fmt.value in ("table", "markdown") and not show_all:
+        rows = [
+            {"rule": k, **r, "status": "FAIL" if r["failed"] else "ok"}
+            for k, r in result.summary["by_rule"].items()
+        ]
+        render({**env, "rows": rows}, fmt.value, _rule_columns(), title, _notes(result, policy_name), output)
+    else:
+        render(env, fmt.value, _verdict_columns(), title, _notes(result, policy_name), output)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+def _display(path: Path) -> str:
+    """The policy path relative to the current folder when it is below it (what GitHub annotations need)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("check", epilog=EPILOG, no_args_is_help=False)(check_cmd)

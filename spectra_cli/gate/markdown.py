@@ -1,0 +1,101 @@
+"""Text outputs of ``spectra check`` for CI: a Markdown summary (a PR comment or ``$GITHUB_STEP_SUMMARY``)
+and GitHub Actions ``::error`` annotations. Pure functions from verdicts to text."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from spectra_cli.gate.rules import Verdict
+from spectra_cli.report.render import fmt_num
+
+MAX_FAILURE_ROWS = 50
+
+
+def _cell(x: Any) -> str:
+    if isinstance(x, tuple | list):
+        return "[" + ", ".join(_cell(v) for v in x) + "]"
+    return fmt_num(x, 4).replace("|", "\\|")
+
+
+def _esc(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_summary(verdicts: Sequence[Verdict], summary: dict[str, Any], title: str, policy: str) -> str:
+    """A heading that says pass/fail, one table row per rule (limit, checks, passed, failed, skipped), and a
+    table of the failures (the first :data:`MAX_FAILURE_ROWS`)."""
+    ok = summary["failed"] == 0
+    out = [f"## {'✅' if ok else '❌'} spectra check {'passed' if ok else 'failed'}: {_esc(title)}", ""]
+    out.append(
+        f"Policy `{policy}` · {summary['checks']} checks on {summary['modules']} modules: "
+        f"{summary['passed']} passed, {summary['failed']} failed, {summary['skipped']} skipped"
+    )
+    out += [
+        "",
+        "| rule | limit | checks | passed | failed | skipped |",
+        "| :--- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for rule, r in summary["by_rule"].items():
+        mark = "❌ " if r["failed"] else ""
+        out.append(f"| {mark}`{rule}` | {_cell(r['limit'])} | {r['checks']} | {r['passed']} | {r['failed']} "
+                   f"| {r['skipped']} |")  # fmt: skip
+    failed = [v for v in verdicts if v.status == "fail"]
+    if failed:
+        out += [
+            "",
+            "### Failures",
+            "",
+            "| rule | module | value | limit | why |",
+            "| :--- | :--- | ---: | ---: | :--- |",
+        ]
+        for v in failed[:MAX_FAILURE_ROWS]:
+            out.append(
+                f"| `{v.rule}` | `{_esc(v.module)}` | {_cell(v.value)} | {_cell(v.limit)} | {_esc(v.message)} |"
+            )
+        if len(failed) > MAX_FAILURE_ROWS:
+            out += [
+                "",
+                f"… and {len(failed) - MAX_FAILURE_ROWS} more failures (see the JUnit report or --format json).",
+            ]
+    for note in summary.get("notes", []):
+        out += ["", f"> {_esc(note)}"]
+    return "\n".join(out) + "\n"
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _data(s: str) -> str:
+    return s.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _prop(s: str) -> str:
+    return _data(s).replace(":", "%3A").replace(",", "%2C")
+
+
+def github_annotations(verdicts: Sequence[Verdict], policy: str) -> list[str]:
+    """One ``::error file=POLICY,line=N,title=spectra check: RULE::MODULE: message`` line per failure, escaped
+    as GitHub's workflow-command syntax requires; the file/line point at the policy value that failed."""
+    lines = []
+    for v in verdicts:
+        if v.status != "fail":
+            continue
+        props = [f"file={_prop(policy)}"] + ([f"line={v.line}"] if v.line else [])
+        props.append(f"title={_prop(f'spectra check: {v.rule}')}")
+        lines.append(f"::error {','.join(props)}::{_data(f'{v.module}: {v.message}')}")
+    return lines
+
+
+__all__ = ["github_annotations", "markdown_summary", "write_text"]
