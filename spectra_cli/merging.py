@@ -1,0 +1,789 @@
+"""``merge`` and ``reconstruct``: combine n fine-tunes of one base, or store them reversibly by a shared basis.
+
+Flow of ``merge``: open the base and every tuned input (full checkpoints matched by tensor name and shape, PEFT
+LoRA adapters matched module by module, as ``compare`` does: :func:`spectra_cli.comparison.open_tuned`) →
+for each selected base matrix build every task's update ΔWᵢ (full: W_t − W₀, dense; adapter: the factors
+B·A with the scale s folded into B, never densified here) → either merge them with a registry method
+(:data:`spectra_cli.spectral.merge.METHODS`) and write W₀ + ΔW_merged into a copy of the base in its own layout,
+or (``rmm``) fit a per-module basis and write a *bundle* from which :func:`run_reconstruct` rebuilds any task.
+One module of all n inputs is in memory at a time. No printing.
+
+Bundle (a folder):
+- ``basis.safetensors``: per module ``<tensor>.mean`` / ``<tensor>.basis.<k>`` (dense out×in, logical
+  orientation) or, for factored updates, ``<tensor>.mean.B`` / ``.mean.A`` and ``<tensor>.basis.<k>.B`` /
+  ``.A`` (B out×r, A r×in); per task the tensors that are not reconstructed from the basis, stored exactly:
+  ``task.<name>.<tensor>`` (full inputs: every float tensor outside the merged matrices that differs from
+  the base, e.g. biases and norms; adapters: their non-LoRA tensors such as ``modules_to_save``).
+- ``coefficients.json``: tasks (name, kind, weight, source path, adapter config and per-module factor keys
+  for adapters), per module p, the n×p coefficients, each task's relative reconstruction error, the
+  singular values of the (centred) stack and the storage; the base's path and tensor shapes.
+- ``spectra_run.json``: provenance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spectra_cli.checkpoint.loader import MatrixLoader
+from spectra_cli.checkpoint.matrices import MatrixSpec, SelectionFields, select_matrices
+from spectra_cli.checkpoint.safetensors_io import write_safetensors
+from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
+from spectra_cli.checkpoint.tensors import RawTensor, TensorInfo, to_float
+from spectra_cli.comparison import Tuned, open_tuned
+from spectra_cli.errors import CheckpointError, SelectionError, ShapeMismatch, SpectraError
+from spectra_cli.results import RunResult
+from spectra_cli.spectral.merge import (
+    METHODS,
+    MergeMethod,
+    RMMModule,
+    Update,
+    compress,
+    inner,
+    interference,
+    rmm_fit,
+    rmm_reconstruct,
+)
+
+RMM = "rmm"
+RMM_REFERENCE = "Reversible Model Merging (RMM), 2025: a shared per-module basis with per-task coefficients"
+#: methods whose rule is elementwise, so it applies as such to biases and other non-matrix tensors
+ELEMENTWISE = ("task-arithmetic", "ties")
+BUNDLE_VERSION = 1
+#: a reconstructed adapter keeps the singular values of its update above this fraction of σ₁ (float32
+#: resolution): the basis combination leaves round-off directions at ~1e-9·σ₁ that would only inflate the rank
+ADAPTER_RTOL = 1e-6
+
+
+def method_names() -> list[str]:
+    """The ``--method`` choices: the registry's methods and ``rmm``."""
+    return [*METHODS, RMM]
+
+
+def method_help() -> str:
+    """One line per method (name: summary [reference]) for ``--help``."""
+    lines = [f"{m.name}: {m.summary} [{m.reference}]" for m in METHODS.values()]
+    lines.append(f"{RMM}: reversible bundle, rebuild any task with `spectra reconstruct` [{RMM_REFERENCE}]")
+    return "; ".join(lines)
+
+
+@dataclass(frozen=True)
+class MergeOptions(SelectionFields):
+    """Options of ``merge`` (the CLI flags of the same names).
+
+    ``weights``: one per task (default 1 each). ``params``: the method's parameters by name (see
+    ``METHODS[name].params``). ``basis`` (p) or ``energy`` (τ): the rmm basis size per module; ``center``: fit
+    the basis around the tasks' mean. ``sweep``: also compute error and storage for p = 1..n.
+    ``interference_k``: the top-k left singular subspaces compared between tasks.
+    """
+
+    method: str = "task-arithmetic"
+    weights: tuple[float, ...] | None = None
+    params: tuple[tuple[str, Any], ...] = ()
+    basis: int | None = None
+    energy: float | None = None
+    center: bool = True
+    sweep: bool = False
+    interference_k: int = 8
+    precision: str = "float32"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method not in method_names():
+            raise SpectraError(
+                f"unknown merge method {self.method!r}; choose one of {', '.join(method_names())}"
+            )
+        if self.basis is not None and self.energy is not None:
+            raise SpectraError("give either --basis or --energy, not both")
+        if self.basis is not None and self.basis < 1:
+            raise SpectraError(f"--basis {self.basis}: the basis size must be at least 1")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise SpectraError(f"--energy {self.energy}: the energy fraction must be in (0, 1]")
+        if self.interference_k < 1:
+            raise SpectraError("--interference-k must be at least 1")
+        if self.method != RMM:
+            known = METHODS[self.method].params
+            bad = [k for k, _ in self.params if k not in known]
+            if bad:
+                raise SpectraError(
+                    f"{self.method} has no parameter {', '.join(bad)}; its parameters: {', '.join(known) or 'none'}"
+                )
+
+    def method_params(self) -> dict[str, Any]:
+        """The method's parameters: registry defaults overridden by ``params``."""
+        if self.method == RMM:
+            return {}
+        return METHODS[self.method].resolve_params(dict(self.params))
+
+
+@dataclass
+class MergeResult(RunResult):
+    """Rows (one per module × task), a summary, and what the plots need."""
+
+    out: Path | None = None
+    tasks: list[str] = field(default_factory=list)
+    cosine: np.ndarray | None = None  # n×n, mean over modules
+    overlap: np.ndarray | None = None  # n×n, mean over modules
+    sweep: dict[str, Any] | None = None
+
+
+# ---- opening and matching -------------------------------------------------------------------------------
+
+
+def _check_full(t: Tuned, base: Checkpoint) -> None:
+    """A full fine-tune must have the base's tensors with the base's shapes (its architecture)."""
+    assert t.checkpoint is not None
+    mine = {x.name: x for x in t.checkpoint.tensors}
+    for info in base.tensors:
+        other = mine.get(info.name)
+        if other is None:
+            raise CheckpointError(
+                f"{t.name}: tensor {info.name} of the base is missing from {t.path}; the models are of different "
+                "architectures (merge needs fine-tunes of the same base)"
+            )
+        if other.shape != info.shape:
+            raise ShapeMismatch(
+                f"{t.name}: tensor {info.name} is {list(other.shape)} in {t.path} but {list(info.shape)} in the "
+                "base; the models are of different architectures"
+            )
+    extra = sorted(set(mine) - {x.name for x in base.tensors})
+    if extra:
+        raise CheckpointError(
+            f"{t.name}: {t.path} has tensors the base does not ({', '.join(extra[:3])}); the models are of "
+            "different architectures"
+        )
+
+
+def open_inputs(
+    base_path: str | Path, tuned_inputs: Sequence[tuple[str, str | Path]], opts: MergeOptions
+) -> tuple[Checkpoint, list[MatrixSpec], list[Tuned]]:
+    """Open the base and the n ≥ 2 tuned inputs; check they belong together. Returns the base, the selected
+    matrices changed by any input (read order) and the opened inputs."""
+    n = len(tuned_inputs)
+    if n < 2:
+        raise SelectionError(
+            f"merge needs at least two tuned models (got {n}); give BASE and two or more NAME=PATH inputs"
+        )
+    names = [nm for nm, _ in tuned_inputs]
+    if len(set(names)) != n:
+        raise SelectionError(
+            f"tuned inputs need distinct names (got {', '.join(names)}); name them NAME=PATH"
+        )
+    bad_names = [nm for nm in names if not re.fullmatch(r"[A-Za-z0-9_.+-]+", nm)]
+    if bad_names:
+        raise SelectionError(
+            f"task names may use letters, digits and _.+- only (got {', '.join(bad_names)}); name them NAME=PATH"
+        )
+    if opts.weights is not None and len(opts.weights) != n:
+        raise SelectionError(
+            f"--weights has {len(opts.weights)} values for {n} tuned models; give one per model"
+        )
+    if opts.basis is not None and opts.basis > n:
+        raise SelectionError(
+            f"--basis {opts.basis} is larger than the number of tasks ({n}); p ≤ n vectors already span every task"
+        )
+    base = open_checkpoint(base_path)
+    specs, _ = select_matrices(base, opts.selection())
+    tuned = [open_tuned(nm, Path(p), base, specs, allow_missing=False) for nm, p in tuned_inputs]
+    for t in tuned:
+        if t.checkpoint is not None:
+            _check_full(t, base)
+    kinds = {t.kind for t in tuned}
+    if opts.method == RMM and len(kinds) > 1:
+        raise SelectionError(
+            "rmm needs inputs of one kind (all full checkpoints or all adapters) so each task can be rebuilt as "
+            "it came in; merge the adapters into their base first (or use another method)"
+        )
+    work = [s for s in specs if any(t.covers(s.name) for t in tuned)]
+    if not work:
+        raise SelectionError(
+            "no selected base matrix is changed by any tuned input (check --kinds / --include)"
+        )
+    return base, work, tuned
+
+
+def _dense(loader: MatrixLoader, spec: MatrixSpec, dtype: type[np.floating]) -> np.ndarray:
+    """A matrix in its logical out×in orientation."""
+    x = to_float(loader.load(spec), dtype).reshape(spec.stored_2d)
+    return x.T if spec.transposed else x
+
+
+def task_update(
+    t: Tuned, spec: MatrixSpec, w0: np.ndarray | None, loader: MatrixLoader | None, dtype: type[np.floating]
+) -> Update:
+    """Task t's update of one matrix, logical out×in: full W_t − W₀ (dense), or the adapter's factors with
+    the scale folded into B (B out×r, A r×in); a zero rank-1 update when an adapter leaves the module alone."""
+    out, inp = spec.shape
+    if t.adapter is not None:
+        mod = t.modules.get(spec.name)
+        if mod is None:
+            return Update(B=np.zeros((out, 1), dtype), A=np.zeros((1, inp), dtype))
+        b, a = t.adapter.factors(mod)
+        if mod.transposed != spec.transposed:  # embedding: B·A is the transpose of the logical update
+            return Update(B=(mod.scale * a.T).astype(dtype), A=np.ascontiguousarray(b.T, dtype))
+        return Update(B=(mod.scale * b).astype(dtype), A=a.astype(dtype))
+    assert w0 is not None and loader is not None
+    info = t.tensors.get(spec.name)
+    if info is None:
+        return Update(dense=np.zeros((out, inp), dtype))
+    wt = _dense(loader, MatrixSpec(**{**_spec_fields(spec), "tensor": info}), dtype)
+    return Update(dense=(wt.astype(np.float64) - w0.astype(np.float64)).astype(dtype))
+
+
+def _spec_fields(spec: MatrixSpec) -> dict[str, Any]:
+    return {f: getattr(spec, f) for f in spec.__dataclass_fields__}
+
+
+# ---- merge ----------------------------------------------------------------------------------------------
+
+
+def _depth_kind(spec: MatrixSpec) -> dict[str, Any]:
+    m, n = spec.shape
+    return {"module": spec.name, "kind": spec.kind, "depth": spec.depth, "shape": f"{m}x{n}"}
+
+
+def _rows_for_module(spec: MatrixSpec, tuned: list[Tuned], updates: list[Update], weights: list[float],
+                     inter: dict[str, np.ndarray], errors: Sequence[float], kept: Sequence[float],
+                     extra: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
+    n = len(tuned)
+    cos, ov = inter["cosine"], inter["overlap"]
+    rows = []
+    for i, t in enumerate(tuned):
+        others = [j for j in range(n) if j != i]
+        mod = t.modules.get(spec.name) if t.adapter is not None else None
+        rows.append({
+            **_depth_kind(spec), "task": t.name, "source": t.kind, "weight": weights[i],
+            "lora_rank": mod.rank if mod is not None else None,
+            "delta_norm": math.sqrt(max(inner(updates[i], updates[i]), 0.0)),
+            "rel_error": float(errors[i]), "kept": float(kept[i]),
+            "max_cos": float(max(abs(cos[i, j]) for j in others)),
+            "mean_overlap": float(np.mean([ov[i, j] for j in others])),
+            **extra,
+        })  # fmt: skip
+    return rows
+
+
+def _merge_errors(merged: Update, updates: list[Update]) -> tuple[list[float], list[float]]:
+    """Per task: ‖M − ΔWᵢ‖_F/‖ΔWᵢ‖_F, and the share of ΔWᵢ the merged update keeps along it,
+    ⟨M, ΔWᵢ⟩/‖ΔWᵢ‖² (1 when the merged update contains the task's own update unchanged)."""
+    mm = inner(merged, merged)
+    errs, kept = [], []
+    for u in updates:
+        uu = inner(u, u)
+        mu = inner(merged, u)
+        if uu <= 0:
+            errs.append(float("nan"))
+            kept.append(float("nan"))
+            continue
+        errs.append(math.sqrt(max(mm - 2 * mu + uu, 0.0) / uu))
+        kept.append(mu / uu)
+    return errs, kept
+
+
+def _interference(updates: list[Update], k: int) -> dict[str, np.ndarray]:
+    m, n = updates[0].shape
+    return {key: np.asarray(v, dtype=np.float64) for key, v in interference(updates, min(k, m, n)).items()}
+
+
+def _sweep_module(
+    sv: np.ndarray, n: int, mean_size: int, basis_size: float
+) -> tuple[list[float], list[float]]:
+    """For p = 1..n: the residual energy Σ_{k>p} σ_k² of the best rank-p basis (Eckart–Young, from the stack's
+    singular values) and the numbers a rank-p bundle stores (mean + p basis elements + n·p coefficients)."""
+    s2 = np.asarray(sv, dtype=np.float64) ** 2
+    resid = [float(np.sum(s2[p:])) for p in range(1, n + 1)]
+    stored = [float(mean_size + p * basis_size + n * p) for p in range(1, n + 1)]
+    return resid, stored
+
+
+class _Rest:
+    """Float tensors of full checkpoints outside the merged matrices (biases, norms, unselected matrices)."""
+
+    def __init__(self, base: Checkpoint, work: list[MatrixSpec], tuned: list[Tuned]) -> None:
+        done = {s.tensor.name for s in work}
+        self.base = base
+        self.full = [t for t in tuned if t.checkpoint is not None]
+        self.infos = [x for x in base.tensors if x.is_float and x.name not in done] if self.full else []
+
+    def deltas(self, info: TensorInfo) -> tuple[np.ndarray, list[np.ndarray]] | None:
+        """(base value, per full task its value − base) as float64, or None when no task changed it."""
+        w0 = to_float(self.base.read(info), np.float64)
+        ds = []
+        for t in self.full:
+            assert t.checkpoint is not None
+            ds.append(to_float(t.checkpoint.read(t.checkpoint.info(info.name)), np.float64) - w0)
+        if not any(np.any(d != 0) for d in ds):
+            return None
+        return w0, ds
+
+
+def run_merge(
+    base_path: str | Path,
+    tuned_inputs: Sequence[tuple[str, str | Path]],
+    out: str | Path,
+    options: MergeOptions | None = None,
+    force: bool = False,
+    argv: Sequence[str] = (),
+    progress: Callable[[int, int, str], None] | None = None,
+) -> MergeResult:
+    """Merge the tuned inputs into ``out``: a checkpoint in the base's layout (registry methods) or an rmm
+    bundle. ``tuned_inputs`` are (name, path) pairs. The output is staged and renamed when complete."""
+    from spectra_cli.checkpoint.writers import PatchedCopy, commit_output, prepare_output
+    from spectra_cli.provenance import write_run_record
+
+    opts = options or MergeOptions()
+    t0 = time.perf_counter()
+    base, work, tuned = open_inputs(base_path, tuned_inputs, opts)
+    n = len(tuned)
+    weights = list(opts.weights) if opts.weights is not None else [1.0] * n
+    params = opts.method_params()
+    dtype: type[np.floating] = np.float64 if opts.precision == "float64" else np.float32
+    is_rmm = opts.method == RMM
+    method: MergeMethod | None = None if is_rmm else METHODS[opts.method]
+    out = Path(out)
+    stage = prepare_output(out, force, [Path(base.path), *(Path(t.path) for t in tuned)])
+    try:
+        base_loader = MatrixLoader(base)
+        loaders = {t.name: MatrixLoader(t.checkpoint) for t in tuned if t.checkpoint is not None}
+        need_w0 = not is_rmm or bool(loaders)
+        copy = None if is_rmm else PatchedCopy(base, stage)
+        rows: list[dict[str, Any]] = []
+        cos_sum, ov_sum = np.zeros((n, n)), np.zeros((n, n))
+        bundle_t: dict[str, RawTensor | np.ndarray] = {}
+        modules_meta: dict[str, Any] = {}
+        sweep_acc: dict[str, Any] = {
+            "resid": np.zeros(n),
+            "stored": np.zeros(n),
+            "energy": 0.0,
+            "modules": {},
+        }
+        raw_total = 0
+        stored_total = 0
+        module_stats: dict[str, Any] = {}
+        for done, spec in enumerate(work, 1):
+            w0 = _dense(base_loader, spec, dtype) if need_w0 else None
+            updates = [task_update(t, spec, w0, loaders.get(t.name), dtype) for t in tuned]
+            raw = sum(u.size for u in updates)
+            raw_total += raw
+            inter = _interference(updates, opts.interference_k)
+            cos_sum += inter["cosine"]
+            ov_sum += inter["overlap"]
+            fit: RMMModule | None = None
+            if is_rmm:
+                fit = rmm_fit(updates, basis=opts.basis, energy=opts.energy, center=opts.center)
+            elif opts.sweep:  # only the singular values of the stack are needed
+                fit = rmm_fit(updates, basis=1, center=opts.center)
+            if opts.sweep:
+                assert fit is not None
+                energy = sum(inner(u, u) for u in updates)
+                mean_size = fit.mean.size if fit.mean is not None else 0
+                bsize = (float(np.mean([b.size for b in fit.basis])) if fit.basis
+                         else float(sum(u.size for u in updates) if updates[0].is_factored else updates[0].size))  # fmt: skip
+                resid, stored = _sweep_module(fit.singular_values, n, mean_size, bsize)
+                sweep_acc["resid"] += np.asarray(resid)
+                sweep_acc["stored"] += np.asarray(stored)
+                sweep_acc["energy"] += energy
+                sweep_acc["modules"][spec.name] = [
+                    math.sqrt(r / energy) if energy > 0 else 0.0 for r in resid
+                ]
+            if is_rmm:
+                assert fit is not None
+                errs = [float(e) for e in fit.errors]
+                kept = [1.0 - e * e for e in errs]
+                _bundle_module(bundle_t, spec.name, fit, dtype)
+                stored_total += fit.storage
+                modules_meta[spec.name] = {
+                    "tensor": spec.tensor.name, "shape": list(spec.shape), "transposed": spec.transposed,
+                    "factored": all(u.is_factored for u in updates), "p": fit.p,
+                    "coefficients": np.asarray(fit.coefficients, dtype=np.float64).tolist(),
+                    "errors": errs, "singular_values": [float(x) for x in fit.singular_values],
+                    "centered": fit.mean is not None, "storage": fit.storage, "raw": fit.raw,
+                    "energy_kept": fit.energy_kept, "covered": [t.name for t in tuned if t.covers(spec.name)],
+                }  # fmt: skip
+                extra: dict[str, Any] = {
+                    "p": fit.p,
+                    "storage": fit.storage_ratio,
+                    "energy_kept": fit.energy_kept,
+                }
+            else:
+                assert method is not None and copy is not None and w0 is not None
+                outcome = method(updates, weights, params)
+                errs, kept = _merge_errors(outcome.update, updates)
+                w_new = w0.astype(np.float64) + outcome.update.to_dense()
+                copy.patch(spec.tensor, w_new.T if spec.transposed else w_new)
+                if outcome.stats:
+                    module_stats[spec.name] = _jsonable(outcome.stats)
+                extra = {"energy_kept": outcome.stats.get("energy_kept")}
+            rows.extend(_rows_for_module(spec, tuned, updates, weights, inter, errs, kept, extra))
+            if progress:
+                progress(done, len(work), spec.name)
+        rest = _Rest(base, work, tuned)
+        rest_changed = _merge_rest(rest, tuned, weights, opts, params, copy, bundle_t)
+        extra_numbers = sum(int(np.asarray(v.data if isinstance(v, RawTensor) else v).size)
+                            for k, v in bundle_t.items() if k.startswith("task."))  # fmt: skip
+        stored_total += extra_numbers
+        tasks = [t.name for t in tuned]
+        cos_mean, ov_mean = cos_sum / len(work), ov_sum / len(work)
+        sweep = _sweep_summary(sweep_acc, raw_total, n) if opts.sweep else None
+        inputs = {
+            "base": str(base.path),
+            "tuned": [{"name": t.name, "path": str(t.path), "kind": t.kind, "weight": w,
+                       "matrices": sum(1 for s in work if t.covers(s.name))}
+                      for t, w in zip(tuned, weights, strict=True)],
+        }  # fmt: skip
+        opts_dict = asdict(opts)
+        opts_dict["params"] = params
+        summary: dict[str, Any] = {
+            "method": opts.method, "reference": RMM_REFERENCE if is_rmm else METHODS[opts.method].reference,
+            "tasks": tasks, "modules": len(work), "output": str(out),
+            "output_kind": "bundle" if is_rmm else "checkpoint",
+            "mean_rel_error": _task_means(rows, tasks, "rel_error"), "mean_kept": _task_means(rows, tasks, "kept"),
+            "cosine": cos_mean.round(6).tolist(), "overlap": ov_mean.round(6).tolist(),
+            "other_tensors_changed": rest_changed,
+        }  # fmt: skip
+        if is_rmm:
+            summary["storage"] = stored_total / (raw_total + extra_numbers) if raw_total else None
+            summary["stored_numbers"] = stored_total
+            summary["raw_numbers"] = raw_total + extra_numbers
+            summary["p"] = {k: v["p"] for k, v in modules_meta.items()}
+            num = sum((r["rel_error"] * r["delta_norm"]) ** 2 for r in rows)
+            den = sum(r["delta_norm"] ** 2 for r in rows)
+            summary["overall_error"] = math.sqrt(num / den) if den > 0 else 0.0
+        if module_stats:
+            summary["method_stats"] = module_stats
+        if sweep is not None:
+            summary["sweep"] = sweep
+        summary["seconds"] = round(time.perf_counter() - t0, 3)
+        artifacts: list[str]
+        if is_rmm:
+            _write_bundle(stage, base, tuned, weights, opts, modules_meta, bundle_t, summary)
+            artifacts = ["basis.safetensors", "coefficients.json"]
+        else:
+            artifacts = sorted(p.name for p in stage.iterdir())
+        write_run_record(stage, "merge", list(argv), inputs, opts_dict, {"seconds": summary["seconds"]}, artifacts,
+                         {"summary": {k: v for k, v in summary.items() if k not in ("cosine", "overlap")}})  # fmt: skip
+        commit_output(stage, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return MergeResult(rows, summary, inputs, opts_dict, out, tasks, cos_mean, ov_mean, sweep)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def _task_means(rows: list[dict[str, Any]], tasks: list[str], key: str) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for t in tasks:
+        v = [r[key] for r in rows if r["task"] == t and r[key] is not None and math.isfinite(r[key])]
+        out[t] = float(np.mean(v)) if v else None
+    return out
+
+
+def _sweep_summary(acc: dict[str, Any], raw_total: int, n: int) -> dict[str, Any]:
+    energy = acc["energy"]
+    return {
+        "p": list(range(1, n + 1)),
+        "error": [math.sqrt(r / energy) if energy > 0 else 0.0 for r in acc["resid"]],
+        "storage": [s / raw_total if raw_total else None for s in acc["stored"]],
+        "modules": acc["modules"],
+    }
+
+
+def _merge_rest(rest: _Rest, tuned: list[Tuned], weights: list[float], opts: MergeOptions,
+                params: dict[str, Any], copy: Any, bundle_t: dict[str, RawTensor | np.ndarray]) -> int:  # fmt: skip
+    """Tensors outside the merged matrices. rmm: every full task's changed tensors are stored exactly in the
+    bundle (adapters: their non-LoRA tensors). Other methods: task-arithmetic and TIES apply their elementwise
+    rule; the rest take the weighted mean θ₀ + Σwᵢ·Δᵢ / Σwᵢ (as TSV does for 1-D parameters). Returns how many
+    tensors were changed/stored."""
+    changed = 0
+    if opts.method == RMM:
+        for t in tuned:
+            if t.adapter is not None:
+                for name in t.adapter.ignored:
+                    bundle_t[f"task.{t.name}.{name}"] = t.adapter.checkpoint.read(
+                        t.adapter.checkpoint.info(name)
+                    )
+                    changed += 1
+    for info in rest.infos:
+        got = rest.deltas(info)
+        if got is None:
+            continue
+        w0, ds = got
+        changed += 1
+        if opts.method == RMM:
+            for t, d in zip(rest.full, ds, strict=True):
+                if np.any(d != 0):
+                    assert t.checkpoint is not None
+                    bundle_t[f"task.{t.name}.{info.name}"] = t.checkpoint.read(t.checkpoint.info(info.name))
+            continue
+        if opts.method in ELEMENTWISE:
+            ups = [Update(dense=d.reshape(1, -1)) for d in ds]
+            merged: np.ndarray = (
+                METHODS[opts.method](ups, weights, params).update.to_dense().reshape(w0.shape)
+            )
+        else:
+            merged = np.sum([w * d for w, d in zip(weights, ds, strict=True)], axis=0) / sum(weights)
+        copy.patch(info, w0 + merged)
+    return changed
+
+
+def _bundle_module(tensors: dict[str, RawTensor | np.ndarray], name: str, fit: Any, dtype: type) -> int:
+    """Put one module's mean and basis into the bundle's tensors; returns the numbers stored (with the n×p
+    coefficients)."""
+    stored = int(np.asarray(fit.coefficients).size)
+
+    def put(key: str, u: Update) -> int:
+        if u.is_factored:
+            tensors[f"{key}.B"] = np.ascontiguousarray(u.B, dtype)
+            tensors[f"{key}.A"] = np.ascontiguousarray(u.A, dtype)
+        else:
+            tensors[key] = np.ascontiguousarray(u.dense, dtype)
+        return u.size
+
+    if fit.mean is not None:
+        stored += put(f"{name}.mean", fit.mean)
+    for k, b in enumerate(fit.basis):
+        stored += put(f"{name}.basis.{k}", b)
+    return stored
+
+
+def _write_bundle(stage: Path, base: Checkpoint, tuned: list[Tuned], weights: list[float], opts: MergeOptions,
+                  modules: dict[str, Any], tensors: dict[str, RawTensor | np.ndarray],
+                  summary: dict[str, Any]) -> None:  # fmt: skip
+    tasks = []
+    for t, w in zip(tuned, weights, strict=True):
+        entry: dict[str, Any] = {"name": t.name, "kind": "adapter" if t.adapter else "full", "weight": w,
+                                 "path": str(Path(t.path).resolve())}  # fmt: skip
+        if t.adapter is not None:
+            entry["adapter_config"] = t.adapter.config
+            entry["modules"] = {
+                base_name: {"path": m.path, "a": m.a.name, "b": m.b.name, "rank": m.rank,
+                            "embedding": m.embedding, "transposed": m.transposed}
+                for base_name, m in t.modules.items()
+            }  # fmt: skip
+            entry["extra_tensors"] = list(t.adapter.ignored)
+        else:
+            entry["extra_tensors"] = sorted(
+                k.removeprefix(f"task.{t.name}.") for k in tensors if k.startswith(f"task.{t.name}.")
+            )
+        tasks.append(entry)
+    doc = {
+        "format": "spectra-rmm-bundle",
+        "version": BUNDLE_VERSION,
+        "reference": RMM_REFERENCE,
+        "base": {"path": str(Path(base.path).resolve()),
+                 "tensors": {x.name: list(x.shape) for x in base.tensors}},
+        "tasks": tasks,
+        "center": opts.center,
+        "basis": opts.basis,
+        "energy": opts.energy,
+        "precision": opts.precision,
+        "storage": summary.get("storage"),
+        "modules": modules,
+    }  # fmt: skip
+    write_safetensors(stage / "basis.safetensors", tensors, {"format": "pt"})
+    (stage / "coefficients.json").write_text(json.dumps(doc, indent=1) + "\n")
+
+
+# ---- reconstruct ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReconstructResult(RunResult):
+    out: Path | None = None
+    kind: str = ""
+
+
+def read_bundle(bundle: str | Path) -> tuple[dict[str, Any], Checkpoint]:
+    """coefficients.json and the opened basis.safetensors of a bundle folder."""
+    folder = Path(bundle)
+    cj = folder / "coefficients.json"
+    if not cj.is_file() or not (folder / "basis.safetensors").is_file():
+        raise CheckpointError(
+            f"{folder}: not an rmm bundle (needs coefficients.json and basis.safetensors); "
+            "make one with `spectra merge … --method rmm --out DIR`"
+        )
+    try:
+        doc = json.loads(cj.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cj}: not valid JSON ({e})") from None
+    if doc.get("format") != "spectra-rmm-bundle" or int(doc.get("version", 0)) > BUNDLE_VERSION:
+        raise CheckpointError(f"{cj}: not a spectra rmm bundle of a version this spectra reads")
+    return doc, open_checkpoint(folder / "basis.safetensors")
+
+
+def _load_update(ck: Checkpoint, key: str, dtype: type[np.floating] = np.float64) -> Update:
+    names = {x.name for x in ck.tensors}
+    if f"{key}.B" in names:
+        return Update(
+            B=to_float(ck.read(ck.info(f"{key}.B")), dtype), A=to_float(ck.read(ck.info(f"{key}.A")), dtype)
+        )
+    return Update(dense=to_float(ck.read(ck.info(key)), dtype))
+
+
+def module_fit(doc: dict[str, Any], ck: Checkpoint, name: str) -> Any:
+    """Rebuild the :class:`~spectra_cli.spectral.merge.RMMModule` of one module from a bundle."""
+    meta = doc["modules"][name]
+    mean = _load_update(ck, f"{name}.mean") if meta["centered"] else None
+    basis = [_load_update(ck, f"{name}.basis.{k}") for k in range(meta["p"])]
+    return RMMModule(mean=mean, basis=basis, coefficients=np.asarray(meta["coefficients"], dtype=np.float64),
+                     errors=np.asarray(meta["errors"]), singular_values=np.asarray(meta["singular_values"]),
+                     storage=int(meta["storage"]), raw=int(meta["raw"]))  # fmt: skip
+
+
+def run_reconstruct(
+    bundle: str | Path,
+    task: str,
+    out: str | Path,
+    base_path: str | Path | None = None,
+    force: bool = False,
+    argv: Sequence[str] = (),
+    progress: Callable[[int, int, str], None] | None = None,
+) -> ReconstructResult:
+    """Rebuild task ``task`` of an rmm bundle into ``out``: a full checkpoint in the base's layout (W₀ + the
+    reconstructed ΔW per module, other changed tensors restored exactly) when the task came in as a
+    checkpoint, a PEFT LoRA adapter (per module rank = numerical rank of the reconstruction, scale 1) when
+    it came in as an adapter."""
+    from spectra_cli.checkpoint.writers import PatchedCopy, commit_output, prepare_output
+    from spectra_cli.provenance import write_run_record
+
+    t0 = time.perf_counter()
+    doc, ck = read_bundle(bundle)
+    tasks = {t["name"]: (i, t) for i, t in enumerate(doc["tasks"])}
+    if task not in tasks:
+        raise SelectionError(f"{bundle}: no task named {task!r}; the bundle holds {', '.join(tasks)}")
+    idx, entry = tasks[task]
+    out = Path(out)
+    base: Checkpoint | None = None
+    if entry["kind"] == "full":
+        bp = Path(base_path) if base_path is not None else Path(doc["base"]["path"])
+        if not bp.exists():
+            raise CheckpointError(
+                f"{bp}: the bundle's base checkpoint is not there; pass its location with --base PATH"
+            )
+        base = open_checkpoint(bp)
+        shapes = {x.name: list(x.shape) for x in base.tensors}
+        for name, shape in doc["base"]["tensors"].items():
+            if shapes.get(name) != shape:
+                raise ShapeMismatch(
+                    f"{bp}: tensor {name} is {shapes.get(name)} but the bundle was made on a base where it is "
+                    f"{shape}; pass the bundle's base with --base PATH"
+                )
+    inputs_list = [Path(bundle)] + ([Path(base.path)] if base is not None else [])
+    stage = prepare_output(out, force, inputs_list)
+    rows: list[dict[str, Any]] = []
+    try:
+        names = list(doc["modules"])
+        if base is not None:
+            copy = PatchedCopy(base, stage)
+            specs = {s.tensor.name: s for s in select_matrices(base, SelectionFields().selection())[0]}
+            loader = MatrixLoader(base)
+            for done, name in enumerate(names, 1):
+                meta = doc["modules"][name]
+                spec = specs.get(meta["tensor"])
+                if spec is None:
+                    raise CheckpointError(f"{base.path}: no matrix {meta['tensor']} for module {name}")
+                delta = rmm_reconstruct(module_fit(doc, ck, name), idx).to_dense()
+                w_new = _dense(loader, spec, np.float64) + delta
+                copy.patch(spec.tensor, w_new.T if spec.transposed else w_new)
+                rows.append(_rec_row(name, meta, idx, task, "full", None))
+                if progress:
+                    progress(done, len(names), name)
+            for tname in entry["extra_tensors"]:
+                data = ck.read(ck.info(f"task.{task}.{tname}"))
+                copy.patch(base.info(tname), to_float(data, np.float64))
+        else:
+            _write_task_adapter(doc, ck, idx, entry, stage, rows, progress)
+        opts = {"task": task, "base": str(base.path) if base is not None else None}
+        inputs = {"bundle": str(bundle), "task": task, "kind": entry["kind"]}
+        summary = {
+            "task": task, "kind": entry["kind"], "modules": len(rows), "output": str(out),
+            "mean_rel_error": float(np.mean([r["rel_error"] for r in rows])) if rows else None,
+            "max_rel_error": float(np.max([r["rel_error"] for r in rows])) if rows else None,
+            "storage": doc.get("storage"), "seconds": round(time.perf_counter() - t0, 3),
+        }  # fmt: skip
+        artifacts = sorted(p.name for p in stage.iterdir())
+        write_run_record(
+            stage, "reconstruct", list(argv), inputs, opts, {"seconds": summary["seconds"]}, artifacts
+        )
+        commit_output(stage, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return ReconstructResult(rows, summary, inputs, opts, out, entry["kind"])
+
+
+def _rec_row(
+    name: str, meta: dict[str, Any], idx: int, task: str, kind: str, rank: int | None
+) -> dict[str, Any]:
+    m, n = meta["shape"]
+    return {"module": name, "task": task, "shape": f"{m}x{n}", "p": meta["p"], "rel_error": meta["errors"][idx],
+            "storage": meta["storage"] / meta["raw"] if meta["raw"] else None, "output": kind,
+            "lora_rank": rank}  # fmt: skip
+
+
+def _write_task_adapter(doc: dict[str, Any], ck: Checkpoint, idx: int, entry: dict[str, Any], stage: Path,
+                        rows: list[dict[str, Any]],
+                        progress: Callable[[int, int, str], None] | None) -> None:  # fmt: skip
+    """A PEFT LoRA adapter for one task: its original config with per-module rank_pattern / alpha_pattern
+    (scale 1, or α = √r with rsLoRA), factors from the reconstruction re-factored at their numerical rank."""
+    cfg = json.loads(json.dumps(entry["adapter_config"]))
+    rslora = bool(cfg.get("use_rslora", False))
+    tensors: dict[str, RawTensor | np.ndarray] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    mods = entry["modules"]
+    for done, (name, info) in enumerate(mods.items(), 1):
+        meta = doc["modules"][name]
+        rec = rmm_reconstruct(module_fit(doc, ck, name), idx)
+        if rec.is_factored:  # at float32's resolution: reconstruction round-off must not inflate the rank
+            u, sv, vt = compress(np.asarray(rec.B), np.asarray(rec.A), ADAPTER_RTOL)
+            b, a = u * sv, vt
+        else:  # a dense reconstruction: factor it at its numerical rank
+            u, sv, vt = compress(np.asarray(rec.dense), np.eye(rec.shape[1]), ADAPTER_RTOL)
+            b, a = u * sv, vt
+        if b.shape[1] == 0:  # a zero update: PEFT needs rank ≥ 1
+            b, a = np.zeros((b.shape[0], 1)), np.zeros((1, a.shape[1]))
+        if info["transposed"] != meta["transposed"]:
+            # an embedding: its stored factors hold (B·A)ᵀ of the logical update
+            b, a = a.T, b.T
+        r = a.shape[0]
+        tensors[info["a"]] = np.ascontiguousarray(a, np.float32)
+        tensors[info["b"]] = np.ascontiguousarray(b, np.float32)
+        key = re.escape(info["path"])
+        ranks[key] = r
+        alphas[key] = float(math.sqrt(r)) if rslora else float(r)
+        rows.append(_rec_row(name, meta, idx, entry["name"], "adapter", r))
+        if progress:
+            progress(done, len(mods), name)
+    for tname in entry["extra_tensors"]:
+        tensors[tname] = ck.read(ck.info(f"task.{entry['name']}.{tname}"))
+    old_r, old_a = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    cfg["rank_pattern"] = {**ranks, **{k: v for k, v in old_r.items() if k not in ranks}}
+    cfg["alpha_pattern"] = {**alphas, **{k: v for k, v in old_a.items() if k not in alphas}}
+    cfg["inference_mode"] = True
+    cfg["init_lora_weights"] = True
+    write_safetensors(stage / "adapter_model.safetensors", tensors, {"format": "pt"})
+    (stage / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
