@@ -451,3 +451,17 @@ def test_interference_overlap_is_mean_cos2_of_principal_angles() -> None:
     u1 = np.linalg.svd(ups[1].to_dense())[0][:, :k]
     cos = np.linalg.svd(u0.T @ u1, compute_uv=False)
     assert res["overlap"][0, 1] == pytest.approx(float(np.mean(cos**2)), rel=1e-10)
+
+
+@pytest.mark.parametrize("center", [False, True])
+@pytest.mark.parametrize("factored", [True, False])
+def test_rmm_all_zero_module_reconstructs_zero(factored: bool, center: bool) -> None:
+    """A module no task touched: zero errors, and every reconstruction is a zero matrix of the right shape."""
+    if factored:
+        ups = [Update(B=np.zeros((5, 1)), A=np.zeros((1, 4))) for _ in range(3)]
+    else:
+        ups = [Update(dense=np.zeros((5, 4))) for _ in range(3)]
+    m = rmm_fit(ups, basis=2, center=center)
+    assert np.all(m.errors == 0) and m.energy_kept == 1.0
+    rec = rmm_reconstruct(m, 1).to_dense()
+    assert rec.shape == (5, 4) and not np.any(rec)

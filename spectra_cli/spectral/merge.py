@@ -680,18 +680,30 @@ def rmm_fit(
     mean: Update | None = None
     elements: list[Update] = []
     if factored:
+        # every element is [c₁B₁ … c_nB_n]·[A₁; …; A_n] for some cᵢ: one QR of each stacked factor serves all
         b_cat, a_cat = _stack_factors(updates, [1.0] * n)
-        widths = np.array([u.rank for u in updates])
-        owner = np.repeat(np.arange(n), widths)
+        owner = np.repeat(np.arange(n), [u.rank for u in updates])
+        qb, rb = np.linalg.qr(b_cat)
+        qa, ra = np.linalg.qr(a_cat.T)
+
+        def element(c: np.ndarray) -> Update:
+            u, s, vt = np.linalg.svd((rb * c[owner]) @ ra.T, full_matrices=False)
+            keep = max(1, int(np.sum(s > RANK_RTOL * s[0]))) if s.size and s[0] > 0 else 1
+            return Update(B=((qb @ u[:, :keep]) * s[:keep]).astype(dtype), A=(vt[:keep] @ qa.T).astype(dtype))
+
         if center:
-            mean = _as_factored(b_cat / n, a_cat, dtype)
-        for j in range(p):
-            elements.append(_as_factored(b_cat * a[owner, j], a_cat, dtype))
+            mean = element(np.full(n, 1.0 / n))
+        elements = [element(a[:, j]) for j in range(p)]
     else:
         if center:
             mean = Update(dense=_weighted_dense(updates, [1.0 / n] * n).astype(dtype))
         for j in range(p):
             elements.append(Update(dense=_weighted_dense(updates, a[:, j]).astype(dtype)))
+    if p == 0 and mean is None:
+        # every update is zero: keep one zero element (rank 1) so the module still knows its shape
+        out, inn = updates[0].shape
+        elements = [Update(B=np.zeros((out, 1), dtype), A=np.zeros((1, inn), dtype))]
+        coeff = np.zeros((n, 1))
 
     norms = np.sqrt(np.clip(np.diag(g), 0.0, None))
     resid = np.sqrt(np.clip(np.sum((q[:, p:] * sigma[p:]) ** 2, axis=1), 0.0, None))
