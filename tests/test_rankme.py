@@ -226,7 +226,7 @@ def test_several_tensors_need_key_and_are_listed(files, fmt: str, names: str):
     _, paths = files
     with pytest.raises(SpectraError, match=f"holds 2 .*\\({names}\\); choose one with --key NAME"):
         open_embeddings(paths[fmt])
-    with pytest.raises(SpectraError, match="no .* named 'nope'; it holds: emb, labels"):
+    with pytest.raises(SpectraError, match=r"no .* named 'nope'; it holds: emb, labels"):
         open_embeddings(paths[fmt], "nope")
 
 
