@@ -551,3 +551,49 @@ def test_table_output_and_list_methods(models, tmp_path):
     for name in ("pissa", "milora", "olora", "extract"):
         assert f"{name}: " in r.stdout
     assert "arXiv:2404.02948" in r.stdout
+
+
+# ---- allocations, GPT-2 Conv1D -------------------------------------------------------------------------------
+
+
+def test_allocate_and_allocate_peft_config_give_the_same_adapter(models, tmp_path):
+    """--allocate runs `spectra allocate` in process; its --peft-config file given as --ranks gives the same ranks."""
+    from peft import PeftModel
+
+    peft_cfg = tmp_path / "lora.json"
+    r = run("allocate", models["llama"], "--kinds", "q_proj,v_proj,down_proj", "--budget-rank", "4",
+            "--strategy", "energy", "--peft-config", peft_cfg, "-q", "-f", "json")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    a = init(models["llama"], tmp_path / "a", "--kinds", "q_proj,v_proj,down_proj", "--allocate", "energy",
+             "--budget-rank", "4")  # fmt: skip
+    b = init(models["llama"], tmp_path / "b", "--kinds", "q_proj,v_proj,down_proj", "--ranks", peft_cfg)
+    ranks_a = {row["name"]: row["rank"] for row in a["rows"]}
+    assert ranks_a == {row["name"]: row["rank"] for row in b["rows"] if row["rank"]}
+    assert sum(ranks_a.values()) <= 4 * 6
+    base = _auto("llama").from_pretrained(tmp_path / "a" / "residual").eval()
+    model = PeftModel.from_pretrained(base, tmp_path / "a" / "adapter").eval()
+    for name, rank in ranks_a.items():
+        assert model.base_model.model.get_submodule(name).lora_A["default"].weight.shape[0] == rank
+    assert round_trip_error(models["llama"], tmp_path / "a", "llama") <= TOL
+
+
+def test_gpt2_conv1d_weights_get_fan_in_fan_out(tmp_path):
+    from peft import PeftModel
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)).eval()
+    model.save_pretrained(tmp_path / "gpt2", safe_serialization=True)
+    out = tmp_path / "out"
+    env = init(tmp_path / "gpt2", out, "--method", "pissa", "--rank", "3")
+    assert {r["name"].rsplit(".", 1)[-1] for r in env["rows"]} == {"c_attn", "c_proj", "c_fc"}
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    ad = tensors(out / "adapter")
+    assert ad["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"].shape == (3, 32)
+    assert ad["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"].shape == (96, 3)
+    peft_model = PeftModel.from_pretrained(
+        GPT2LMHeadModel.from_pretrained(out / "residual").eval(), out / "adapter"
+    )
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert float((peft_model.eval()(ids).logits - model(ids).logits).abs().max()) <= TOL
