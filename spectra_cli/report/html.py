@@ -168,6 +168,8 @@ def _analyze_figures(env: dict[str, Any]) -> list[Figure]:
         ("Distribution of the heavy-tail exponent α", lambda p: _alpha_histogram(rows, p)),
     ]
     for key, label in (("effective_rank_ratio", "effective rank / min(m, n)"), ("alpha", "power-law α")):
+        if not any(isinstance(r.get(key), int | float) and math.isfinite(r[key]) for r in rows):
+            continue  # an empty heatmap says nothing
         todo.append((f"{label} by depth and kind", partial(plots.plot_heatmap, rows, key, label)))
     return _draw(todo)
 
