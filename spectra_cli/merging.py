@@ -257,15 +257,15 @@ def _rows_for_module(spec: MatrixSpec, tuned: list[Tuned], updates: list[Update]
     cos, ov = inter["cosine"], inter["overlap"]
     rows = []
     for i, t in enumerate(tuned):
-        others = [j for j in range(n) if j != i]
+        others = [j for j in range(n) if j != i and inter["norms"][j] > 0]  # tasks that changed this module
         mod = t.modules.get(spec.name) if t.adapter is not None else None
         rows.append({
             **_depth_kind(spec), "task": t.name, "source": t.kind, "weight": weights[i],
             "lora_rank": mod.rank if mod is not None else None,
             "delta_norm": math.sqrt(max(inner(updates[i], updates[i]), 0.0)),
             "rel_error": float(errors[i]), "kept": float(kept[i]),
-            "max_cos": float(max(abs(cos[i, j]) for j in others)),
-            "mean_overlap": float(np.mean([ov[i, j] for j in others])),
+            "max_cos": float(max(abs(cos[i, j]) for j in others)) if others else None,
+            "mean_overlap": float(np.mean([ov[i, j] for j in others])) if others else None,
             **extra,
         })  # fmt: skip
     return rows
@@ -356,7 +356,7 @@ def run_merge(
         need_w0 = not is_rmm or bool(loaders)
         copy = None if is_rmm else PatchedCopy(base, stage)
         rows: list[dict[str, Any]] = []
-        cos_sum, ov_sum = np.zeros((n, n)), np.zeros((n, n))
+        cos_sum, ov_sum, pairs = np.zeros((n, n)), np.zeros((n, n)), np.zeros((n, n))
         bundle_t: dict[str, RawTensor | np.ndarray] = {}
         modules_meta: dict[str, Any] = {}
         sweep_acc: dict[str, Any] = {
@@ -374,8 +374,11 @@ def run_merge(
             raw = sum(u.size for u in updates)
             raw_total += raw
             inter = _interference(updates, opts.interference_k)
-            cos_sum += inter["cosine"]
-            ov_sum += inter["overlap"]
+            live = inter["norms"] > 0
+            both = np.outer(live, live)
+            pairs += both
+            cos_sum += np.where(both, inter["cosine"], 0.0)
+            ov_sum += np.where(both, inter["overlap"], 0.0)
             fit: RMMModule | None = None
             if is_rmm:
                 fit = rmm_fit(updates, basis=opts.basis, energy=opts.energy, center=opts.center)
@@ -431,7 +434,8 @@ def run_merge(
                             for k, v in bundle_t.items() if k.startswith("task."))  # fmt: skip
         stored_total += extra_numbers
         tasks = [t.name for t in tuned]
-        cos_mean, ov_mean = cos_sum / len(work), ov_sum / len(work)
+        cos_mean = np.divide(cos_sum, pairs, out=np.zeros((n, n)), where=pairs > 0)
+        ov_mean = np.divide(ov_sum, pairs, out=np.zeros((n, n)), where=pairs > 0)
         sweep = _sweep_summary(sweep_acc, raw_total, n) if opts.sweep else None
         inputs = {
             "base": str(base.path),

@@ -1,0 +1,388 @@
+"""`spectra merge` and `spectra reconstruct`: merged checkpoints against W₀ + λΣwᵢΔWᵢ computed here with NumPy,
+rmm bundles rebuilt into the tuned checkpoints and into adapters that PEFT loads and that reproduce the original
+adapters' outputs, the Eckart–Young optimum for p < n, bad inputs, staging, provenance and plots.
+
+Expected values come from the fixtures' own arrays (``fixtures.merge_cases``) or from the files read with
+``fixtures.checkpoints.read_tensor``, never from spectra.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fixtures import checkpoints as fx
+from fixtures import merge_cases as mc
+from spectra_cli.cli.app import app
+
+runner = CliRunner()
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def run(*args: str | Path | float) -> Any:
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def merge_json(*args: str | Path | float) -> dict[str, Any]:
+    r = run("merge", *args, "-f", "json", "-q")
+    assert r.exit_code == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def named(paths: dict[str, Path]) -> list[str]:
+    return [f"{k}={v}" for k, v in paths.items()]
+
+
+def tensors(folder: Path) -> dict[str, np.ndarray]:
+    f = folder / "model.safetensors"
+    return {k: fx.read_tensor(f, k) for k in fx.read_header(f)[0] if k != "__metadata__"}
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory: pytest.TempPathFactory) -> mc.FullCase:
+    return mc.full_case(tmp_path_factory.mktemp("full"), n=3)
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory: pytest.TempPathFactory) -> mc.LoraCase:
+    return mc.lora_case(tmp_path_factory.mktemp("lora"), n=3)
+
+
+# ---- registry methods: the merged checkpoint -------------------------------------------------------------
+
+
+def test_task_arithmetic_on_full_checkpoints_equals_w0_plus_lambda_weighted_sum(full, tmp_path):
+    out = tmp_path / "merged"
+    w = {"t0": 1.0, "t1": 2.0, "t2": 0.5}
+    env = merge_json(full.base_path, *named(full.paths), "--method", "task-arithmetic", "--scale", 0.5,
+                     "--weights", "1,2,0.5", "--out", out)  # fmt: skip
+    got = tensors(out)
+    assert set(got) == set(full.base)
+    for name, w0 in full.base.items():
+        want = w0 + 0.5 * sum(w[t] * (full.tuned[t][name] - w0) for t in full.paths)
+        np.testing.assert_allclose(got[name], want.astype(np.float32), rtol=0, atol=2e-6, err_msg=name)
+    # the base's layout: config copied, one safetensors file, provenance beside it
+    assert (out / "config.json").read_text() == (full.base_path / "config.json").read_text()
+    run_rec = json.loads((out / "spectra_run.json").read_text())
+    assert run_rec["command"] == "merge" and run_rec["options"]["weights"] == [1.0, 2.0, 0.5]
+    assert [t["weight"] for t in env["inputs"]["tuned"]] == [1.0, 2.0, 0.5]
+    # one row per module × task with the interference figures, cosines from NumPy
+    name = "model.layers.0.self_attn.q_proj.weight"
+    d = {t: (full.tuned[t][name] - full.base[name]).ravel() for t in full.paths}
+    row = next(r for r in env["rows"] if r["module"] == name and r["task"] == "t0")
+    cos = [abs(d["t0"] @ d[o]) / np.linalg.norm(d["t0"]) / np.linalg.norm(d[o]) for o in ("t1", "t2")]
+    assert row["max_cos"] == pytest.approx(max(cos), abs=1e-6)
+    assert row["delta_norm"] == pytest.approx(np.linalg.norm(d["t0"]), rel=1e-6)
+    merged = 0.5 * (d["t0"] + 2 * d["t1"] + 0.5 * d["t2"])
+    assert row["rel_error"] == pytest.approx(
+        np.linalg.norm(merged - d["t0"]) / np.linalg.norm(d["t0"]), rel=1e-5
+    )
+    assert row["kept"] == pytest.approx(merged @ d["t0"] / (d["t0"] @ d["t0"]), rel=1e-5)
+
+
+def test_task_arithmetic_on_adapters_equals_w0_plus_sum_of_scaled_products(lora, tmp_path):
+    out = tmp_path / "merged"
+    merge_json(lora.base_path, *named(lora.paths), "--out", out)
+    got = tensors(out)
+    changed = set()
+    for name, w0 in lora.base.items():
+        mod = name.removesuffix(".weight")
+        want = w0 + sum(lora.scale * f[mod][1] @ f[mod][0] for f in lora.factors.values() if mod in f)
+        if any(mod in f for f in lora.factors.values()):
+            changed.add(mod)
+        np.testing.assert_allclose(got[name], want, rtol=0, atol=2e-6, err_msg=name)
+    assert "model.layers.0.mlp.up_proj" in changed  # covered by one adapter only
+    norm = fx.read_tensor(lora.base_path / "model.safetensors", "model.norm.weight")
+    np.testing.assert_array_equal(got["model.norm.weight"], norm)  # adapters change nothing else
+
+
+@pytest.mark.parametrize("method", ["tsv", "knots", "ties"])
+def test_other_methods_write_base_plus_the_methods_update(full, tmp_path, method):
+    from spectra_cli.spectral.merge import METHODS, Update
+
+    out = tmp_path / method
+    env = merge_json(full.base_path, *named(full.paths), "--method", method, "--out", out)
+    assert env["summary"]["method"] == method and env["summary"]["reference"] == METHODS[method].reference
+    got = tensors(out)
+    name = "model.layers.1.mlp.up_proj.weight"
+    ups = [Update(dense=full.tuned[t][name] - full.base[name]) for t in full.paths]
+    want = full.base[name] + METHODS[method](ups).update.to_dense()
+    np.testing.assert_allclose(got[name], want, rtol=0, atol=2e-6)
+    norm = "model.layers.0.input_layernorm.weight"
+    deltas = [full.tuned[t][norm] - full.base[norm] for t in full.paths]
+    if method == "ties":  # elementwise: the method's own rule on the 1-D tensor
+        want1 = (
+            full.base[norm] + METHODS["ties"]([Update(dense=d[None]) for d in deltas]).update.to_dense()[0]
+        )
+    else:  # 1-D parameters averaged, as TSV does
+        want1 = full.base[norm] + np.mean(deltas, axis=0)
+    np.testing.assert_allclose(got[norm], want1, rtol=0, atol=2e-6)
+
+
+# ---- rmm: bundle and reconstruct -------------------------------------------------------------------------
+
+
+def test_rmm_bundle_rebuilds_every_full_checkpoint_at_p_equal_n(full, tmp_path):
+    bundle = tmp_path / "bundle"
+    env = merge_json(full.base_path, *named(full.paths), "--method", "rmm", "--basis", 3, "--out", bundle)
+    assert {p.name for p in bundle.iterdir()} == {
+        "basis.safetensors",
+        "coefficients.json",
+        "spectra_run.json",
+    }
+    doc = json.loads((bundle / "coefficients.json").read_text())
+    assert [t["name"] for t in doc["tasks"]] == ["t0", "t1", "t2"] and {t["kind"] for t in doc["tasks"]} == {
+        "full"
+    }
+    assert env["summary"]["storage"] == pytest.approx(
+        env["summary"]["stored_numbers"] / env["summary"]["raw_numbers"]
+    )
+    for task, want in full.tuned.items():
+        out = tmp_path / f"rebuilt-{task}"
+        r = run("reconstruct", bundle, "--task", task, "--out", out, "-q", "-f", "json")
+        assert r.exit_code == 0, r.stderr
+        rec = json.loads(r.stdout)
+        assert rec["summary"]["kind"] == "full" and rec["summary"]["max_rel_error"] < 1e-6
+        got = tensors(out)
+        assert set(got) == set(want)
+        for name, value in want.items():
+            np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-6, err_msg=f"{task}: {name}")
+        assert (out / "config.json").is_file()
+        assert json.loads((out / "spectra_run.json").read_text())["command"] == "reconstruct"
+
+
+def test_rmm_below_n_reaches_the_eckart_young_optimum(full, tmp_path):
+    bundle = tmp_path / "bundle"
+    env = merge_json(
+        full.base_path, *named(full.paths), "--method", "rmm", "--basis", 1, "--sweep", "--out", bundle
+    )
+    name = "model.layers.0.mlp.down_proj.weight"
+    x = np.stack([(full.tuned[t][name] - full.base[name]).ravel() for t in full.paths])
+    mu = x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x - mu, full_matrices=False)
+    proj = mu + (x - mu) @ vt[:1].T @ vt[:1]  # best rank-1 affine fit (PCA around the mean)
+    want_err = np.linalg.norm(x - proj, axis=1) / np.linalg.norm(x, axis=1)
+    rows = {r["task"]: r for r in env["rows"] if r["module"] == name}
+    for i, t in enumerate(full.paths):
+        assert rows[t]["rel_error"] == pytest.approx(want_err[i], rel=1e-4, abs=1e-7)
+        assert rows[t]["p"] == 1
+    out = tmp_path / "t1"
+    assert run("reconstruct", bundle, "--task", "t1", "--out", out, "-q").exit_code == 0
+    got = tensors(out)[name].ravel()
+    np.testing.assert_allclose(got - full.base[name].ravel(), proj[1], rtol=0, atol=2e-6)
+    # the sweep: per-module error for p = 1..n from the singular values, falling to zero
+    sweep = env["summary"]["sweep"]
+    assert sweep["p"] == [1, 2, 3]
+    s = np.linalg.svd(x - mu, compute_uv=False)
+    per_mod = sweep["modules"][name]
+    for p in (1, 2, 3):
+        assert per_mod[p - 1] == pytest.approx(
+            np.sqrt(np.sum(s[p:] ** 2) / np.sum(x * x)), rel=1e-4, abs=1e-7
+        )
+    assert sweep["error"][0] > sweep["error"][1] >= sweep["error"][2] and sweep["error"][2] < 1e-6
+    assert sweep["storage"][0] < sweep["storage"][1] < sweep["storage"][2]
+
+
+def test_rmm_on_adapters_rebuilds_adapters_with_the_same_updates(lora, tmp_path):
+    bundle = tmp_path / "bundle"
+    merge_json(lora.base_path, *named(lora.paths), "--method", "rmm", "--out", bundle)
+    out = tmp_path / "a0"
+    r = run("reconstruct", bundle, "--task", "a0", "--out", out, "-q")
+    assert r.exit_code == 0, r.stderr
+    assert {p.name for p in out.iterdir()} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "spectra_run.json",
+    }
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    f = out / "adapter_model.safetensors"
+    for mod, (a, b) in lora.factors["a0"].items():
+        r_, _, s = fx.lora_scale(cfg, mod)
+        a2 = fx.read_tensor(f, f"base_model.model.{mod}.lora_A.weight")
+        b2 = fx.read_tensor(f, f"base_model.model.{mod}.lora_B.weight")
+        assert a2.shape[0] == r_ == 2  # the task's own rank, not the basis's
+        np.testing.assert_allclose(s * b2 @ a2, lora.scale * b @ a, rtol=0, atol=1e-5, err_msg=mod)
+    assert "model.layers.0.mlp.up_proj" not in {k.split(".lora_")[0] for k in fx.read_header(f)[0]}
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_rmm_adapters_out_load_in_peft_and_reproduce_the_original_outputs(tmp_path, arch):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModel, LlamaForCausalLM
+
+    case = mc.peft_adapters(tmp_path / "peft", arch, n=2)
+    bundle = tmp_path / "bundle"
+    env = merge_json(case.base, *named(case.adapters), "--method", "rmm", "--basis", 2, "--out", bundle)
+    assert env["summary"]["p"] and max(env["summary"]["p"].values()) <= 2
+    cls = LlamaForCausalLM if arch == "llama" else AutoModel
+    ids = torch.tensor([[1, 5, 7, 2, 9, 11, 3]])
+    for task, original in case.adapters.items():
+        out = tmp_path / f"rebuilt-{task}"
+        assert run("reconstruct", bundle, "--task", task, "--out", out, "-q").exit_code == 0
+        outputs = []
+        for folder in (original, out):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model = PeftModel.from_pretrained(cls.from_pretrained(case.base), folder).eval()
+            msgs = [str(w.message).lower() for w in caught]
+            assert not [m for m in msgs if "missing" in m or "unexpected" in m], msgs
+            with torch.no_grad():
+                res = model(input_ids=ids)
+            outputs.append((res.logits if arch == "llama" else res.last_hidden_state).double().numpy())
+        with torch.no_grad():
+            plain = cls.from_pretrained(case.base).eval()(input_ids=ids)
+        base_out = (plain.logits if arch == "llama" else plain.last_hidden_state).double().numpy()
+        assert np.abs(outputs[0] - base_out).max() > 1e-3  # the adapter does change the outputs
+        assert np.abs(outputs[1] - outputs[0]).max() <= 1e-4, task
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+
+
+def test_a_single_model_is_an_error(full, tmp_path):
+    r = run("merge", full.base_path, f"t0={full.paths['t0']}", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and r.stderr.startswith("Error: ") and "at least two" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_models_of_different_architectures_are_an_error(full, tmp_path):
+    other = mc.other_architecture(tmp_path / "other")
+    r = run("merge", full.base_path, f"t0={full.paths['t0']}", f"x={other}", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "different architectures" in r.stderr and "x:" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_adapters_on_different_bases_are_an_error_naming_the_module(lora, tmp_path):
+    # an adapter of a wider model: its q_proj update is 16×32 where the base's q_proj is 16×16
+    rng = np.random.default_rng(3)
+    wide = fx.lora_adapter(tmp_path / "wide", {"model.layers.0.self_attn.q_proj": (rng.standard_normal((2, 32)),
+                                                                                   rng.standard_normal((16, 2)))},
+                           2, 4.0)  # fmt: skip
+    r = run("merge", lora.base_path, f"a0={lora.paths['a0']}", f"wide={wide}", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and r.stderr.startswith("Error: wide:")
+    assert "model.layers.0.self_attn.q_proj" in r.stderr and "another base" in r.stderr
+    # an adapter of another architecture: its modules are not in the base at all
+    bert = mc.peft_adapters(tmp_path / "peft", "bert", n=1)
+    r = run("merge", lora.base_path, f"a0={lora.paths['a0']}", f"bert={bert.adapters['task0']}",
+            "--out", tmp_path / "o")  # fmt: skip
+    assert r.exit_code == 1 and r.stderr.startswith("Error: bert:")
+    assert "encoder.layer.0.attention.self.query" in r.stderr and "does not fit the base" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_basis_larger_than_n_is_an_error(full, tmp_path):
+    r = run(
+        "merge", full.base_path, *named(full.paths), "--method", "rmm", "--basis", 4, "--out", tmp_path / "o"
+    )
+    assert r.exit_code == 1 and "--basis 4 is larger than the number of tasks (3)" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "fragment"),
+    [
+        (["--method", "nope"], 2, "not one of"),
+        (["--method", "tsv", "--basis", "2"], 2, "rmm only"),
+        (["--weights", "1,2"], 1, "--weights has 2 values for 3"),
+        (["--weights", "1,x,2"], 2, "expected numbers"),
+        (["--method", "tsv", "--param", "density=0.3"], 1, "no parameter"),
+        (["--method", "rmm", "--energy", "1.5"], 1, "(0, 1]"),
+    ],
+)
+def test_bad_options(full, tmp_path, extra, code, fragment):
+    r = run("merge", full.base_path, *named(full.paths), *extra, "--out", tmp_path / "o")
+    assert r.exit_code == code, r.stderr
+    assert fragment in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_rmm_of_mixed_kinds_is_an_error(tmp_path):
+    case = mc.peft_adapters(tmp_path / "peft", "llama", n=1)
+    r = run("merge", case.base, f"a={case.adapters['task0']}", f"b={case.base}", "--method", "rmm",
+            "--out", tmp_path / "o")  # fmt: skip
+    assert r.exit_code == 1 and "one kind" in r.stderr
+
+
+def test_reconstruct_errors(full, tmp_path):
+    bundle = tmp_path / "bundle"
+    merge_json(full.base_path, *named(full.paths), "--method", "rmm", "--basis", 2, "--out", bundle)
+    r = run("reconstruct", bundle, "--task", "zz", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "no task named 'zz'" in r.stderr and "t0, t1, t2" in r.stderr
+    r = run("reconstruct", full.base_path, "--task", "t0", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "not an rmm bundle" in r.stderr
+    other = mc.other_architecture(tmp_path / "other")
+    r = run("reconstruct", bundle, "--task", "t0", "--base", other, "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "--base" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+# ---- output staging, provenance, plots, help -------------------------------------------------------------
+
+
+def test_existing_output_is_refused_unless_force(full, tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    r = run("merge", full.base_path, *named(full.paths), "--out", out)
+    assert r.exit_code == 1 and "already exists" in r.stderr and "--force" in r.stderr
+    assert (out / "keep.txt").exists()
+    assert run("merge", full.base_path, *named(full.paths), "--out", out, "--force", "-q").exit_code == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_output_inside_an_input_is_refused(full):
+    r = run("merge", full.base_path, *named(full.paths), "--out", full.paths["t0"] / "sub")
+    assert r.exit_code == 1 and "must not be inside" in r.stderr
+
+
+@pytest.mark.parametrize("method", ["task-arithmetic", "rmm"])
+def test_an_interrupted_merge_leaves_nothing_behind(full, tmp_path, monkeypatch, method):
+    import spectra_cli.merging as merging
+
+    calls = {"n": 0}
+    real = merging._interference
+
+    def interrupt(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(merging, "_interference", interrupt)
+    r = runner.invoke(app, ["merge", str(full.base_path), *named(full.paths), "--method", method,
+                            "--out", str(tmp_path / "o")])  # fmt: skip
+    assert r.exit_code != 0 and calls["n"] == 3
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its staging folder
+
+
+def test_plots_and_sweep(full, tmp_path):
+    plots = tmp_path / "plots"
+    env = merge_json(full.base_path, *named(full.paths), "--method", "rmm", "--basis", 2, "--sweep",
+                     "--plots", plots, "--out", tmp_path / "b")  # fmt: skip
+    assert {p.name for p in plots.iterdir()} == {"interference.png", "sweep.png", "spectra_run.json"}
+    for p in ("interference.png", "sweep.png"):
+        assert (plots / p).read_bytes()[:8] == PNG
+    cos = np.asarray(env["summary"]["cosine"])  # mean over the modules where both tasks changed something
+    assert cos.shape == (3, 3) and np.allclose(np.diag(cos), 1.0) and np.allclose(cos, cos.T)
+    name = "lm_head.weight"  # t2 leaves it unchanged
+    d = {t: (full.tuned[t][name] - full.base[name]).ravel() for t in full.paths}
+    assert all(r["max_cos"] == pytest.approx(abs(d["t0"] @ d["t1"]) / np.linalg.norm(d["t0"]) / np.linalg.norm(d["t1"]), abs=1e-6)
+               for r in env["rows"] if r["module"] == name and r["task"] in ("t0", "t1"))  # fmt: skip
+
+
+def test_table_output_and_help(full, tmp_path):
+    r = run("merge", full.base_path, *named(full.paths), "--method", "tsv", "--out", tmp_path / "m", "-q")
+    assert r.exit_code == 0 and "mean relative error per task" in r.stdout and "interference" in r.stdout
+    for cmd in ("merge", "reconstruct"):
+        h = run(cmd, "--help")
+        assert h.exit_code == 0 and "Examples" in h.stdout
+    h = run("merge", "--help")
+    for m in ("task-arithmetic", "ties", "tsv", "knots", "rmm"):
+        assert m in h.stdout
