@@ -308,6 +308,9 @@ def run_allocate(
         }  # fmt: skip
         if "explained_variance" in answer.info:
             row["explained_variance"] = answer.info["explained_variance"][i]
+        if "pruned_fraction" in answer.info:  # WeLore: > 50% of the rank below t marks a low-rank component
+            row["pruned_fraction"] = answer.info["pruned_fraction"][i]
+            row["low_rank_component"] = answer.info["pruned_fraction"][i] > 0.5
         if "effective_ranks" in answer.info:
             row["effective_rank"] = answer.info["effective_ranks"][i]
         rows.append(row)
@@ -334,6 +337,11 @@ def run_allocate(
         "lora_alpha": alpha_of(r_common),
         "alpha_policy": opts.alpha_policy,
         **{k: v for k, v in answer.info.items() if k in ("threshold", "reduction_ratio", "components")},
+        **(
+            {"low_rank_components": sum(1 for row in rows if row["low_rank_component"])}
+            if "pruned_fraction" in answer.info
+            else {}
+        ),
         "engine": engine,
         "seconds": round(time.perf_counter() - t0, 3),
     }

@@ -117,6 +117,8 @@ def test_welore_known(tmp_path: Path) -> None:
     assert res.summary["threshold"] == pytest.approx(1 / 3)
     # reduction ratio: pruned (σ̃ < 1/3) = 1 + 1 of 7
     assert res.summary["reduction_ratio"] == pytest.approx(2 / 7)
+    assert [r["pruned_fraction"] for r in res.rows] == pytest.approx([1 / 3, 1 / 4])
+    assert res.summary["low_rank_components"] == 0
 
 
 EVA_RATIOS = {
@@ -431,6 +433,14 @@ def test_peft_config_file_and_force(known: Path, tmp_path: Path) -> None:
     assert r.exit_code == 1 and "already exists" in r.stderr and "--force" in r.stderr
     assert run(known, "--budget-rank", "2", "--peft-config", out, "--force", "-q").exit_code == 0
     assert json.loads(out.read_text())["rank_pattern"]
+
+
+def test_default_targets_leave_out_embeddings_and_head(llama: Path) -> None:
+    res = run_allocate(llama, AllocateOptions(strategy="uniform", budget_rank=2))
+    assert "model.embed_tokens" not in res.ranks and "lm_head" not in res.ranks
+    assert len(res.ranks) == 3 * 7  # q, k, v, o, gate, up, down in each of 3 layers
+    res = run_allocate(llama, AllocateOptions(strategy="uniform", budget_rank=2, kinds=("lm_head",)))
+    assert list(res.ranks) == ["lm_head"]
 
 
 def test_plots(llama: Path, tmp_path: Path) -> None:

@@ -76,6 +76,8 @@ def _columns(extra: list[str]) -> list[Any]:
     ]
     if "effective_rank" in extra:
         cols.append(Column("effective_rank", "eff. rank", lambda x: fmt_num(x, 1)))
+    if "pruned_fraction" in extra:
+        cols.append(Column("pruned_fraction", "pruned (σ̃ < t)", pct))
     if "explained_variance" in extra:
         cols.append(Column("explained_variance", "expl. var.", pct))
     return cols

@@ -21,11 +21,15 @@ import heapq
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from spectra_cli.errors import SpectraError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# NumPy is imported inside the functions that use it: the CLI builds its --strategy choices from this registry
+# when it starts, and `spectra --help` should not pay for NumPy.
 
 
 class AllocationError(SpectraError):
@@ -149,6 +153,8 @@ class Strategy:
 
 def energy_curve(sigma: np.ndarray, full_rank: int) -> np.ndarray:
     """E(r) for r = 0..full_rank: the fraction Σ_{i≤r} σᵢ² / Σ σᵢ² (all zeros for an all-zero matrix)."""
+    import numpy as np
+
     s = np.sort(np.abs(np.asarray(sigma, dtype=np.float64)))[::-1][:full_rank]
     lam = np.zeros(full_rank)
     lam[: len(s)] = s**2
@@ -159,6 +165,8 @@ def energy_curve(sigma: np.ndarray, full_rank: int) -> np.ndarray:
 
 def effective_rank(sigma: np.ndarray) -> float:
     """Roy & Vetterli's effective rank exp(−Σ pₖ log pₖ), pₖ = σₖ/Σσ (0 for an all-zero matrix)."""
+    import numpy as np
+
     s = np.abs(np.asarray(sigma, dtype=np.float64))
     total = s.sum()
     if total <= 0:
@@ -270,6 +278,8 @@ def _effective_rank(problem: Problem) -> Allocation:
 
 def normalised_sigma(sigma: np.ndarray, full_rank: int) -> np.ndarray:
     """WeLore's σ̃ = (σ − min σ)/(max σ − min σ) over the full rank (missing values are 0); all ones when flat."""
+    import numpy as np
+
     s = np.zeros(full_rank)
     v = np.sort(np.abs(np.asarray(sigma, dtype=np.float64)))[::-1][:full_rank]
     s[: len(v)] = v
@@ -278,6 +288,8 @@ def normalised_sigma(sigma: np.ndarray, full_rank: int) -> np.ndarray:
 
 
 def _welore(problem: Problem) -> Allocation:
+    import numpy as np
+
     problem.check_floor()
     levels = problem.levels()
     normed = [normalised_sigma(s, f) for s, f in zip(problem.spectra, problem.full_ranks, strict=True)]
@@ -304,11 +316,18 @@ def _welore(problem: Problem) -> Allocation:
     t = float(cands[hi])
     ranks = ranks_at(t)
     full = sum(problem.full_ranks)
-    pruned = sum(int((n < t).sum()) for n in normed)
-    return Allocation(tuple(ranks), {"threshold": t, "reduction_ratio": pruned / full if full else 0.0})
+    pruned = [int((n < t).sum()) for n in normed]
+    info = {
+        "threshold": t,
+        "reduction_ratio": sum(pruned) / full if full else 0.0,
+        "pruned_fraction": [p / f for p, f in zip(pruned, problem.full_ranks, strict=True)],
+    }
+    return Allocation(tuple(ranks), info)
 
 
 def _eva(problem: Problem) -> Allocation:
+    import numpy as np
+
     if problem.explained is None:
         raise AllocationError("the eva strategy needs --activations FILE (input statistics of every module)")
     k = max(1, math.ceil(problem.rho * problem.reference_rank))
