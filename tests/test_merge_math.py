@@ -119,6 +119,10 @@ def test_factored_svd_randomized_top_k_on_known_spectrum() -> None:
     w = (qu * sigma) @ qv.T
     u, s, vt = factored_svd([Update(dense=w)], None, k)
     np.testing.assert_allclose(s, sigma[:k], rtol=1e-8)
+    # the exact path at this size (float64 Gram route): every singular value and the matrix itself
+    u_all, s_all, vt_all = factored_svd([Update(dense=w)], None, None)
+    np.testing.assert_allclose(s_all, sigma, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose((u_all * s_all) @ vt_all, w, atol=1e-9)
     np.testing.assert_allclose(np.abs(np.sum(u * qu[:, :k], axis=0)), 1.0, atol=1e-6)
     np.testing.assert_allclose(np.abs(np.sum(vt.T * qv[:, :k], axis=0)), 1.0, atol=1e-6)
 
@@ -338,7 +342,7 @@ def test_tsv_factored_equals_dense_when_rank_allows() -> None:
 
 
 @pytest.mark.parametrize("combine", ["ties", "linear"])
-@pytest.mark.parametrize(("t", "m", "n"), [(3, 8, 6), (2, 5, 9)])
+@pytest.mark.parametrize(("t", "m", "n"), [(3, 8, 6), (2, 5, 9), (2, 20, 6)])
 def test_knots_matches_the_published_procedure(combine: str, t: int, m: int, n: int) -> None:
     rng = np.random.default_rng(20 + t)
     deltas = [rng.standard_normal((m, n)) for _ in range(t)]
