@@ -20,6 +20,7 @@ import numpy as np
 from spectra_cli.checkpoint.embeddings import EmbeddingSource, chunk_rows_for, open_embeddings
 from spectra_cli.errors import SpectraError
 from spectra_cli.results import RunResult
+from spectra_cli.spectral.engine import EngineOptions, resolve
 from spectra_cli.spectral.rankme import (
     RANKME_EPS,
     GramAccumulator,
@@ -51,6 +52,7 @@ class RankmeOptions:
     max_length: int | None = None
     normalize: bool = False
     device: str = "auto"
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.chunk_rows is not None and self.chunk_rows < 1:
@@ -58,10 +60,11 @@ class RankmeOptions:
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
 
-    def rows_per_chunk(self, k: int) -> int:
+    def rows_per_chunk(self, k: int, budget: int | None = None) -> int:
+        """``chunk_rows``, else as many rows as fit ``max_memory`` (or ``budget``, or 256 MB)."""
         if self.chunk_rows:
             return self.chunk_rows
-        return chunk_rows_for(k, self.max_memory or DEFAULT_CHUNK_BYTES)
+        return chunk_rows_for(k, self.max_memory or budget or DEFAULT_CHUNK_BYTES)
 
 
 @dataclass
@@ -93,25 +96,34 @@ def _row(name: str, s: RankScores, source: str, dtype: str, seconds: float) -> d
 
 
 def score_source(
-    src: EmbeddingSource, rows: int, progress: Callable[[int, int], None] | None = None
+    src: EmbeddingSource,
+    rows: int,
+    progress: Callable[[int, int], None] | None = None,
+    device: str | None = None,
 ) -> RankScores:
-    """Scores of one embedding file, streamed in chunks of ``rows`` rows."""
-    acc = GramAccumulator(src.k)
+    """Scores of one embedding file, streamed in chunks of ``rows`` rows; ``device``: None for NumPy, else the
+    torch device of the float64 Gram accumulation."""
+    acc = GramAccumulator(src.k, device)
     for chunk in src.chunks(rows, progress):
         acc.update(chunk)
     return scores_from_accumulator(acc, dtype_eps(src.dtype))
 
 
 def _score_model(
-    model: Path, texts: list[str], opts: RankmeOptions, progress: Callable[[int, int], None]
+    model: Path,
+    texts: list[str],
+    opts: RankmeOptions,
+    progress: Callable[[int, int], None],
+    device: str,
+    acc_device: str | None,
 ) -> RankScores:
     from spectra_cli.hf_embed import iter_embeddings
 
     acc: GramAccumulator | None = None
     for batch in iter_embeddings(model, texts, batch_size=opts.batch_size, max_length=opts.max_length,
-                                 device=opts.device, normalize=opts.normalize, progress=progress):  # fmt: skip
+                                 device=device, normalize=opts.normalize, progress=progress):  # fmt: skip
         if acc is None:
-            acc = GramAccumulator(batch.shape[1])
+            acc = GramAccumulator(batch.shape[1], acc_device)
         if not np.isfinite(batch).all():
             raise SpectraError(f"{model}: the model produced NaN/Inf embeddings; check the weights")
         acc.update(batch)
@@ -141,6 +153,8 @@ def run_rankme(
     if dup:
         raise SpectraError(f"two inputs are named {dup[0]!r}; name them apart with NAME=PATH")
     t0 = time.perf_counter()
+    engine = resolve(EngineOptions(device=opts.device, backend=opts.backend, max_memory=opts.max_memory))
+    acc_device = engine.device if engine.backend == "torch" else None
     # open (and validate) everything before the long work starts
     sources = [(name, open_embeddings(path, opts.key)) for name, path in inputs]
     texts: list[str] = []
@@ -166,13 +180,14 @@ def run_rankme(
 
     for name, src in sources:
         t = time.perf_counter()
-        sc = score_source(src, opts.rows_per_chunk(src.k), tick(name))
+        budget = engine.budget // 2 if acc_device else engine.budget  # device copy of the chunk as well
+        sc = score_source(src, opts.rows_per_chunk(src.k, budget), tick(name), acc_device)
         done += src.n
         rows.append(_row(name, sc, src.label, src.dtype, time.perf_counter() - t))
         spectra[name] = sc.singular_values
     for name, model in models:
         t = time.perf_counter()
-        sc = _score_model(model, texts, opts, tick(name))
+        sc = _score_model(model, texts, opts, tick(name), engine.device, acc_device)
         done += len(texts)
         rows.append(_row(name, sc, f"{model} ← {opts.texts}", "float32", time.perf_counter() - t))
         spectra[name] = sc.singular_values
@@ -216,4 +231,6 @@ def run_rankme(
         inputs_out["texts"] = {"path": str(opts.texts), "count": len(texts)}
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
     options["rankme_eps"] = RANKME_EPS
+    options["resolved_device"] = engine.device
+    options["resolved_backend"] = engine.backend
     return RankmeResult(rows=rows, summary=summary, inputs=inputs_out, options=options, spectra=spectra)

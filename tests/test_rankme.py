@@ -314,12 +314,25 @@ def test_few_samples_warn_on_stderr(ranked, tmp_path: Path):
     assert run(ranked["full"]).stderr == ""  # N = 400 ≥ 10·24
 
 
-def test_chunk_rows_and_max_memory_do_not_change_scores(ranked):
-    a = ok_json(ranked["decay"])["rows"][0]
+def test_chunk_rows_max_memory_and_torch_backend_do_not_change_scores(ranked):
+    env = ok_json(ranked["decay"])
+    assert env["options"]["resolved_backend"] == "numpy"
+    a = env["rows"][0]
     b = ok_json(ranked["decay"], "--chunk-rows", "3")["rows"][0]
     c = ok_json(ranked["decay"], "--max-memory", "2KB")["rows"][0]
+    env_t = ok_json(ranked["decay"], "--backend", "torch", "--device", "cpu", "--chunk-rows", "50")
+    assert env_t["options"]["resolved_backend"] == "torch"
+    d = env_t["rows"][0]
     for key in ("rankme", "effective_rank", "participation_ratio", "alpha_req"):
-        assert b[key] == pytest.approx(a[key], rel=1e-10) and c[key] == pytest.approx(a[key], rel=1e-10)
+        for other in (b, c, d):
+            assert other[key] == pytest.approx(a[key], rel=1e-10), key
+
+
+def test_torch_accumulator_matches_numpy():
+    z = np.random.default_rng(14).standard_normal((300, 10)) * np.linspace(2, 0.1, 10) + 5.0
+    a, b = rk.scores(z, chunk_rows=41), rk.scores(z, chunk_rows=41, device="cpu")
+    np.testing.assert_allclose(b.singular_values, a.singular_values, rtol=1e-10)
+    np.testing.assert_allclose(b.covariance_eigenvalues, a.covariance_eigenvalues, rtol=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -348,6 +361,11 @@ def test_cli_usage_errors_exit_2(ranked, files, tmp_path: Path):
     assert r.exit_code == 1 and "refusing to write over an input" in r.stderr
     r = run(tmp_path / "missing.npy")
     assert r.exit_code == 1 and "no such file" in r.stderr
+    import torch
+
+    if not torch.cuda.is_available():
+        r = run(ranked["full"], "--device", "cuda")
+        assert r.exit_code == 1 and "CUDA is not available" in r.stderr
 
 
 def test_output_file_and_plots(ranked, tmp_path: Path):

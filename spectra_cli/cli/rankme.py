@@ -157,11 +157,12 @@ def rankme_cmd(
             min=1,
             metavar="ROWS",
             rich_help_panel="Compute",
-            help="Rows read per chunk (default: from --max-memory, or 256MB worth).",
+            help="Rows read per chunk (default: as many as fit --max-memory).",
         ),
     ] = None,
     max_memory: o.MaxMemoryOpt = None,
     device: o.DeviceOpt = "auto",
+    backend: o.BackendOpt = o.Backend.auto,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
     plots: o.PlotsOpt = None,
@@ -183,7 +184,7 @@ def rankme_cmd(
         raise SpectraError(f"{output}: refusing to write over an input")
     opts = RankmeOptions(
         key=key, chunk_rows=chunk_rows, max_memory=max_memory, texts=texts, batch_size=batch_size,
-        max_length=max_length, normalize=normalize, device=device,
+        max_length=max_length, normalize=normalize, device=device, backend=backend.value,
     )  # fmt: skip
     with progress_bar("rankme", quiet) as update:
         result = run_rankme(inputs, opts, models, progress=update)

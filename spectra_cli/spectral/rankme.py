@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -70,13 +71,17 @@ class GramAccumulator:
 
     ``update`` takes chunks of shape (rows, K); memory is O(K²) whatever N is. ``shift`` (c) is the mean of the
     first chunk; ``gram_shifted`` = Σ (z − c)(z − c)ᵀ, ``sum_shifted`` = Σ (z − c), ``n`` = N.
+    ``device``: None accumulates with NumPy; a torch device name ("cpu", "cuda:0") runs the float64 GEMMs
+    with PyTorch on that device (the totals are copied back to NumPy when read).
     """
 
     k: int
+    device: str | None = None
     n: int = 0
     shift: np.ndarray | None = None
     gram_shifted: np.ndarray = field(init=False)
     sum_shifted: np.ndarray = field(init=False)
+    _dev: Any = field(init=False, default=None, repr=False)  # (gram, sum, shift) torch tensors on device
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -93,22 +98,49 @@ class GramAccumulator:
             return
         if self.shift is None:
             self.shift = x.mean(axis=0)
-        y = x - self.shift
-        self.gram_shifted += y.T @ y
-        self.sum_shifted += y.sum(axis=0)
+        if self.device is not None:
+            self._update_torch(x)
+        else:
+            y = x - self.shift
+            self.gram_shifted += y.T @ y
+            self.sum_shifted += y.sum(axis=0)
         self.n += x.shape[0]
+
+    def _update_torch(self, x: np.ndarray) -> None:
+        import torch
+
+        if self._dev is None:
+            assert self.device is not None
+            dev = torch.device(self.device)
+            z = torch.zeros((self.k, self.k), dtype=torch.float64, device=dev)
+            self._dev = (z, torch.zeros(self.k, dtype=torch.float64, device=dev),
+                         torch.from_numpy(self.shift).to(dev))  # fmt: skip
+        g, s, c = self._dev
+        y = torch.from_numpy(x).to(g.device, non_blocking=False) - c
+        g.addmm_(y.T, y)
+        s.add_(y.sum(dim=0))
+
+    def _sync(self) -> None:
+        if self._dev is not None:
+            g, s, _ = self._dev
+            self.gram_shifted += g.cpu().numpy()
+            self.sum_shifted += s.cpu().numpy()
+            g.zero_()
+            s.zero_()
 
     @property
     def mean(self) -> np.ndarray:
         """μ = column means of Z (K,)."""
         if self.n == 0 or self.shift is None:
             raise ValueError("no rows accumulated")
+        self._sync()
         return self.shift + self.sum_shifted / self.n
 
     def gram(self) -> np.ndarray:
         """ZᵀZ (K×K, uncentred) = Yᵀ Y + c sᵀ + s cᵀ + N c cᵀ with Y = Z − c, s = Σ y."""
         if self.n == 0 or self.shift is None:
             raise ValueError("no rows accumulated")
+        self._sync()
         c, s = self.shift, self.sum_shifted
         return self.gram_shifted + np.outer(c, s) + np.outer(s, c) + self.n * np.outer(c, c)
 
@@ -116,6 +148,7 @@ class GramAccumulator:
         """(Z − μ)ᵀ(Z − μ) (K×K, centred) = YᵀY − s sᵀ/N."""
         if self.n == 0:
             raise ValueError("no rows accumulated")
+        self._sync()
         s = self.sum_shifted
         return self.gram_shifted - np.outer(s, s) / self.n
 
@@ -251,13 +284,15 @@ def scores_from_accumulator(acc: GramAccumulator, stored_eps: float = _EPS64) ->
     )  # fmt: skip
 
 
-def scores(z: np.ndarray, stored_eps: float | None = None, chunk_rows: int | None = None) -> RankScores:
-    """Every score of an in-memory N×K matrix ``z`` (convenience wrapper around :class:`GramAccumulator`).
-    ``stored_eps`` defaults to the epsilon of ``z``'s dtype."""
+def scores(
+    z: np.ndarray, stored_eps: float | None = None, chunk_rows: int | None = None, device: str | None = None
+) -> RankScores:
+    """Every score of an in-memory N×K matrix ``z`` (convenience wrapper around :class:`GramAccumulator`;
+    ``device`` as there). ``stored_eps`` defaults to the epsilon of ``z``'s dtype."""
     z = np.asarray(z)
     if z.ndim != 2 or 0 in z.shape:
         raise ValueError(f"expected a non-empty N×K matrix, got shape {z.shape}")
-    acc = GramAccumulator(z.shape[1])
+    acc = GramAccumulator(z.shape[1], device)
     step = chunk_rows or z.shape[0]
     for i in range(0, z.shape[0], step):
         acc.update(z[i : i + step])
