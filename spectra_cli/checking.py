@@ -308,7 +308,8 @@ def run_check(
     verdicts: list[Verdict] = []
     for rule_name in active:
         rule = RULES[rule_name]
-        if rule_name == "max_intruders" and policy.rules.get("max_intruders") not in (None, False):
+        total_limit = policy.rules.get(rule_name)
+        if rule_name == "max_intruders" and total_limit is not None and total_limit is not False:
             counted = {n: f for n, f in facts.items() if not policy.exempt("max_intruders", n)}
             verdicts.append(evaluate_total_intruders(policy.rules["max_intruders"], counted,
                                                      policy.lines.get("max_intruders")))  # fmt: skip
