@@ -119,6 +119,10 @@ def test_welore_known(tmp_path: Path) -> None:
     assert res.summary["reduction_ratio"] == pytest.approx(2 / 7)
     assert [r["pruned_fraction"] for r in res.rows] == pytest.approx([1 / 3, 1 / 4])
     assert res.summary["low_rank_components"] == 0
+    r = run(ck, "--budget-rank", "2.5", "--strategy", "welore", "-q")
+    assert (
+        r.exit_code == 0 and "WeLore threshold t = 0.3333" in r.stdout and "0 low-rank components" in r.stdout
+    )
 
 
 EVA_RATIOS = {

@@ -94,7 +94,8 @@ def _notes(result: Any) -> list[str]:
     ]
     if "threshold" in s:
         lines.append(
-            f"WeLore threshold t = {s['threshold']:.4g} (reduction ratio {s['reduction_ratio']:.3f})"
+            f"WeLore threshold t = {s['threshold']:.4g} (reduction ratio {s['reduction_ratio']:.3f}; "
+            f"{s['low_rank_components']} low-rank components, more than half their rank below t)"
         )
     if s["dropped"]:
         lines.append(
