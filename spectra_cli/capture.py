@@ -390,6 +390,8 @@ def run_capture(
         raise SpectraError(f"stats must be one of {', '.join(STATS)} (got {opts.stats!r})")
     if opts.stats != "covariance" and opts.components < 1:
         raise SpectraError("--components must be at least 1 when the PCA is captured")
+    if not (model_dir / "config.json").is_file():
+        raise CheckpointError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
     texts = read_texts(data, opts.text_field)
     device = resolve(EngineOptions(device=opts.device, backend="torch")).device
     model = load_model(model_dir, device)
