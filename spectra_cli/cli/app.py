@@ -42,7 +42,17 @@ def _root(
 
 
 def _register() -> None:
-    from spectra_cli.cli import allocate, analyze, capture, check, compare, init_adapter, rankme, report
+    from spectra_cli.cli import (
+        allocate,
+        analyze,
+        capture,
+        check,
+        compare,
+        init_adapter,
+        merge,
+        rankme,
+        report,
+    )
 
     analyze.register(app)
     compare.register(app)
@@ -51,6 +61,7 @@ def _register() -> None:
     allocate.register(app)
     init_adapter.register(app)
     capture.register(app)
+    merge.register(app)
     check.register(app)
 
 
