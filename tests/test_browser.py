@@ -1,0 +1,226 @@
+"""The HTML report in a real browser: headless Chromium (Debian ``chromium`` + ``chromedriver``) via selenium.
+
+One browser session for the module. The page must load with no console errors and no network requests, its
+tables must sort (numbers as numbers, missing values last both ways), every figure must decode and take up
+space, and a screenshot of the figures must show something drawn.
+
+Without Chromium these tests skip on a developer machine and FAIL under CI (``CI`` set): `.ci/run` installs it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fixtures import checkpoints as fx
+from fixtures.report_pages import report_model
+from spectra_cli.cli.app import app
+
+CHROMIUM = os.environ.get("SPECTRA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = (
+    os.environ.get("SPECTRA_CHROMEDRIVER") or shutil.which("chromedriver") or "/usr/bin/chromedriver"
+)
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,1000",
+)
+
+
+def _unavailable() -> str | None:
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not Path(path).exists():
+            return f"{path} not found (apt-get install chromium chromium-driver; .ci/run does)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[dev]')"
+    return None
+
+
+def _skip_or_fail(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"browser tests cannot run under CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An analyze page (with a NaN matrix) and a compare page, made by the CLI."""
+    d = tmp_path_factory.mktemp("pages")
+    runner = CliRunner()
+    model = report_model(d / "model")
+    r = runner.invoke(app, ["analyze", str(model), "--html", str(d / "analyze.html"), "-q", "-f", "json"])
+    assert r.exit_code == 0, r.stderr
+    cases = fx.intruder_cases(d / "cases")
+    args = [str(cases[k].path) for k in ("base", "intruders")]
+    r = runner.invoke(app, ["compare", *args, "--html", str(d / "compare.html"), "-q", "-f", "json"])
+    assert r.exit_code == 0, r.stderr
+    return {"analyze": d / "analyze.html", "compare": d / "compare.html", "dir": d}
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    reason = _unavailable()
+    if reason:
+        _skip_or_fail(reason)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in FLAGS:
+        opts.add_argument(flag)
+    profile = tempfile.mkdtemp(prefix="spectra-chromium-")
+    opts.add_argument(f"--user-data-dir={profile}")
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def opened(browser: Any, pages: dict[str, Path]) -> dict[str, list[dict[str, Any]]]:
+    """Open each page once; return the browser's console log of each."""
+    logs: dict[str, list[dict[str, Any]]] = {}
+    for name in ("compare", "analyze"):  # analyze stays open for the tests below
+        browser.get(pages[name].as_uri())
+        browser.execute_script("return document.readyState")
+        logs[name] = browser.get_log("browser")
+        logs[name + ":resources"] = browser.execute_script(
+            "return performance.getEntriesByType('resource').map(function(e){return e.name;})"
+        )
+        logs[name + ":images"] = _images(browser)
+    return logs
+
+
+def _images(browser: Any) -> list[dict[str, Any]]:
+    return browser.execute_script(
+        """return Array.prototype.map.call(document.querySelectorAll('#plots img, #plots svg'), function(im){
+             im.scrollIntoView(); var r = im.getBoundingClientRect();
+             return {complete: im.complete === undefined ? true : im.complete,
+                     natural: im.naturalWidth === undefined ? r.width : im.naturalWidth,
+                     width: r.width, height: r.height};});"""
+    )
+
+
+def _column(browser: Any, header: str) -> tuple[Any, list[str]]:
+    """The <th> whose text is ``header`` in the rows table, and the data-v of that column's cells, in
+    display order."""
+    from selenium.webdriver.common.by import By
+
+    heads = browser.find_elements(By.CSS_SELECTOR, "#rows-table thead th")
+    texts = [h.get_attribute("textContent").strip() for h in heads]
+    i = texts.index(header)
+    values = browser.execute_script(
+        "return Array.prototype.map.call(document.querySelectorAll('#rows-table tbody tr'),"
+        " function(r){return r.cells[arguments[0]].getAttribute('data-v');});".replace("arguments[0]", str(i))
+    )
+    return heads[i], values
+
+
+def test_pages_load_without_console_errors_or_network(opened: dict[str, Any]) -> None:
+    for name in ("analyze", "compare"):
+        severe = [e for e in opened[name] if e.get("level") == "SEVERE"]
+        assert severe == [], (name, severe)
+        assert opened[name + ":resources"] == [], name  # nothing fetched: everything is inline
+
+
+def test_every_figure_renders(opened: dict[str, Any]) -> None:
+    assert len(opened["analyze:images"]) == 4
+    assert len(opened["compare:images"]) == 3
+    for name in ("analyze", "compare"):
+        for im in opened[name + ":images"]:
+            assert im["complete"] and im["natural"] > 0, (name, im)
+            assert im["width"] > 200 and im["height"] > 100, (name, im)
+
+
+def test_numeric_column_sorts_both_ways_missing_last(browser: Any, opened: dict[str, Any]) -> None:
+    th, before = _column(browser, "σ₁")
+    assert "" in before  # the NaN matrix has no σ₁
+    th.click()
+    assert th.get_attribute("aria-sort") == "ascending"
+    _, up = _column(browser, "σ₁")
+    nums = [float(v) for v in up if v != ""]
+    assert up[-1] == "" and nums == sorted(nums) and len(set(nums)) > 3
+    th.click()
+    assert th.get_attribute("aria-sort") == "descending"
+    _, down = _column(browser, "σ₁")
+    assert down[-1] == "" and [float(v) for v in down if v != ""] == sorted(nums, reverse=True)
+    # numbers sort as numbers, not as text: '10' after '9'
+    th, _ = _column(browser, "r90")
+    th.click()
+    _, r90 = _column(browser, "r90")
+    ints = [int(v) for v in r90 if v != ""]
+    assert ints == sorted(ints) and ints != sorted(ints, key=str)
+
+
+def test_text_column_sorts_naturally(browser: Any, opened: dict[str, Any]) -> None:
+    th, _ = _column(browser, "name")
+    th.click()
+    _, names = _column(browser, "name")
+    layer = [int(n.split(".")[2]) for n in names]
+    assert layer == sorted(layer) and names != sorted(names, reverse=True)
+    other, _ = _column(browser, "kind")
+    other.click()
+    assert th.get_attribute("aria-sort") is None and other.get_attribute("aria-sort") == "ascending"
+
+
+def test_filter_and_all_fields(browser: Any, opened: dict[str, Any]) -> None:
+    from selenium.webdriver.common.by import By
+
+    visible = "return Array.prototype.filter.call(document.querySelectorAll('#rows-table tbody tr'), function(r){return r.offsetParent !== null;}).length"
+    assert browser.execute_script(visible) == 10
+    box = browser.find_element(By.ID, "filter")
+    box.send_keys("up_proj")
+    assert browser.execute_script(visible) == 3
+    browser.execute_script(
+        "var f = document.getElementById('filter'); f.value = ''; f.dispatchEvent(new Event('input'));"
+    )
+    assert browser.execute_script(visible) == 10
+    extra = "return document.querySelector('#rows-table thead th.x').getBoundingClientRect().width"
+    assert browser.execute_script(extra) == 0
+    browser.find_element(By.ID, "allcols").click()
+    assert browser.execute_script(extra) > 0
+
+
+def test_screenshot_shows_the_figures(browser: Any, opened: dict[str, Any], pages: dict[str, Path]) -> None:
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    browser.execute_script("document.getElementById('plots').scrollIntoView()")
+    whole = pages["dir"] / "screenshot.png"
+    assert browser.save_screenshot(str(whole))
+    figure = browser.find_element(By.CSS_SELECTOR, "#plots figure")
+    png = figure.screenshot_as_png
+    (pages["dir"] / "figure.png").write_bytes(png)
+    with Image.open(io.BytesIO(png)) as im:
+        rgb = im.convert("RGB")
+        w, h = rgb.size
+        assert w > 400 and h > 200
+        px = np.asarray(rgb, dtype=np.int32).reshape(-1, 3)
+    colours = len(np.unique(px, axis=0))
+    ink = float(np.mean(px.sum(axis=1) < 600))  # not white/near-white
+    r, g, b = px.T
+    blue = float(np.mean((b > r + 40) & (b > g + 20)))  # the plotted lines and bars
+    assert colours > 100 and ink > 0.03 and blue > 0.001, (colours, ink, blue)
+    with Image.open(whole) as im:
+        assert len(np.unique(np.asarray(im.convert("L")))) > 50  # the page itself is not blank
