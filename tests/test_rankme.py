@@ -417,11 +417,26 @@ def test_minilm_end_to_end(tmp_path: Path):
         emb = ((h * m).sum(1) / m.sum(1)).numpy()
     assert_scores(row, ref(emb), 1e-4)
     assert row["numerical_rank"] == 6 and row["alpha_req_points"] == 5
+
+
+def test_batches_pad_and_mean_pool_over_the_mask_only(tmp_path: Path):
+    """Batched (padded) embeddings equal one-text-at-a-time (unpadded) ones only if padding is masked out."""
+    import torch
+    import transformers
+
     from spectra_cli.hf_embed import embed_texts
 
-    normed = embed_texts(folder, SENTENCES[:2], normalize=True, device="cpu")
-    np.testing.assert_allclose(np.linalg.norm(normed, axis=1), 1.0, rtol=1e-5)
-    np.testing.assert_allclose(normed, emb[:2] / np.linalg.norm(emb[:2], axis=1, keepdims=True), atol=2e-5)
+    folder = fx.tiny_sentence_model(tmp_path / "tiny", minilm_dir())
+    got = embed_texts(folder, SENTENCES, batch_size=4, device="cpu")
+    normed = embed_texts(folder, SENTENCES, batch_size=3, device="cpu", normalize=True)
+    tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = transformers.AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    with torch.no_grad():
+        want = np.stack(
+            [model(**tok(s, return_tensors="pt")).last_hidden_state[0].mean(0).numpy() for s in SENTENCES]
+        )
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    np.testing.assert_allclose(normed, want / np.linalg.norm(want, axis=1, keepdims=True), atol=2e-5)
 
 
 def test_missing_transformers_says_which_extra(monkeypatch, tmp_path: Path):
