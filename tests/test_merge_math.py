@@ -469,3 +469,32 @@ def test_rmm_all_zero_module_reconstructs_zero(factored: bool, center: bool) -> 
     assert np.all(m.errors == 0) and m.energy_kept == 1.0
     rec = rmm_reconstruct(m, 1).to_dense()
     assert rec.shape == (5, 4) and not np.any(rec)
+
+
+def test_ties_zero_sign_takes_the_majority_and_chunks_do_not_matter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entry 0 cancels exactly (2 − 2): its sign is the majority of the elected signs (+), so task 1's 2 is
+    kept. Processing the module one row at a time (a tiny chunk) gives the same result."""
+    import spectra_cli.spectral.merge as merge
+
+    rows = np.array([[2.0, 1.0, 1.0, 3.0], [-2.0, 1.0, 1.0, -1.0]])
+    want = np.array([2.0, 1.0, 1.0, 3.0])
+    ups = [Update(dense=r.reshape(2, 2)) for r in rows]
+    np.testing.assert_allclose(METHODS["ties"](ups, None, {"density": 1.0}).update.to_dense().ravel(), want)
+    monkeypatch.setattr(merge, "_CHUNK", 1)
+    np.testing.assert_allclose(METHODS["ties"](ups, None, {"density": 1.0}).update.to_dense().ravel(), want)
+    rng = np.random.default_rng(30)
+    big = [Update(B=rng.standard_normal((9, 2)), A=rng.standard_normal((2, 7))) for _ in range(3)]
+    chunked = METHODS["ties"](big, [1.0, 2.0, 0.5], {"density": 0.3}).update.to_dense()
+    monkeypatch.setattr(merge, "_CHUNK", 1 << 20)
+    whole = METHODS["ties"](big, [1.0, 2.0, 0.5], {"density": 0.3}).update.to_dense()
+    np.testing.assert_allclose(chunked, whole, atol=1e-12)
+
+
+def test_ties_keeps_exactly_the_density_count_with_tied_magnitudes() -> None:
+    """Four equal magnitudes and density 0.5 of 8 entries: exactly 4 are kept (the first in storage order)."""
+    x = np.array([[1.0, -1.0, 1.0, -1.0, 0.1, 0.2, 0.3, 0.4]])
+    out = METHODS["ties"]([Update(dense=x)], None, {"density": 0.5})
+    np.testing.assert_allclose(out.update.to_dense(), [[1.0, -1.0, 1.0, -1.0, 0, 0, 0, 0]])
+    out = METHODS["ties"]([Update(dense=x)], None, {"density": 0.25})
+    np.testing.assert_allclose(out.update.to_dense(), [[1.0, -1.0, 0, 0, 0, 0, 0, 0]])
+    assert out.stats["energy_kept"] == pytest.approx(2.0 / float(np.sum(x**2)))
