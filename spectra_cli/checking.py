@@ -49,12 +49,20 @@ Progress = Callable[[int, int, str], None]
 @dataclass(frozen=True)
 class CheckOptions(SelectionFields):
     """Options of ``check`` (the CLI flags of the same names). ``baseline`` overrides the policy's
-    ``baseline``; ``updating`` says a new baseline is being written, so a missing one is not an error."""
+    ``baseline``; ``update_baseline`` is the file a new baseline will be written to (then a missing baseline is
+    not an error, and ``max_drift_pct`` is skipped when it would compare against the file being rewritten);
+    ``allow_missing`` skips base tensors missing from CKPT (as ``compare --allow-missing``)."""
 
     base: Path | None = None
     base_spectra: Path | None = None
     baseline: Path | None = None
-    updating: bool = False
+    update_baseline: Path | None = None
+    allow_missing: bool = False
+
+    @property
+    def updating(self) -> bool:
+        return self.update_baseline is not None
+
     device: str = "auto"
     precision: str = "float32"
     backend: str = "auto"
@@ -162,6 +170,7 @@ def _from_compare(ckpt: str | Path, policy: Policy, opts: CheckOptions, progress
         include=opts.include, exclude=opts.exclude, kinds=opts.kinds, min_dim=opts.min_dim,
         top_k=int(policy.params["intruder_top_k"]), epsilons=(float(policy.params["intruder_epsilon"]),),
         precision=opts.precision, device=opts.device, backend=opts.backend, max_memory=opts.max_memory,
+        allow_missing=opts.allow_missing,
     )  # fmt: skip
     res = run_compare(opts.base, [("tuned", ckpt)], copts, progress=progress)
     mods = {m.spec.name: m for m in res.modules}
@@ -270,6 +279,10 @@ def write_baseline(path: Path, result: CheckResult) -> int:
     return len(modules)
 
 
+def _same(a: Path, b: Path | None) -> bool:
+    return b is not None and Path(a).resolve() == Path(b).resolve()
+
+
 def _num(x: Any) -> float | None:
     if x is None or isinstance(x, bool):
         return None
@@ -297,14 +310,23 @@ def run_check(
     if p["compare"] and opts.base_spectra is not None:
         notes.append("--base-spectra was not needed: the base spectra came from comparing against --base")
     baseline_file: Path | None = p["baseline"]
-    if baseline_file is not None and baseline_file.is_file():
+    if (
+        baseline_file is not None
+        and baseline_file.is_file()
+        and not _same(baseline_file, opts.update_baseline)
+    ):
         base_modules = read_baseline(baseline_file)
         for name, f in facts.items():
             f.baseline = base_modules.get(name)
         missing = sorted(set(base_modules) - set(facts))
         if missing:
             notes.append(f"{len(missing)} modules of the baseline were not measured now (selection changed?)")
-    drift_off = "baseline" in needs and (baseline_file is None or not baseline_file.is_file())
+    rewriting = (
+        baseline_file is not None
+        and opts.update_baseline is not None
+        and Path(opts.update_baseline).resolve() == baseline_file.resolve()
+    )
+    drift_off = "baseline" in needs and (baseline_file is None or not baseline_file.is_file() or rewriting)
     verdicts: list[Verdict] = []
     for rule_name in active:
         rule = RULES[rule_name]
@@ -318,8 +340,10 @@ def run_check(
             if limit is None or limit is False:
                 continue
             if rule_name == "max_drift_pct" and drift_off:
-                verdicts.append(Verdict(rule_name, name, "skip", None, limit,
-                                        "no baseline yet (this run writes it)", line, f.kind))  # fmt: skip
+                why = (
+                    "the baseline is being rewritten by --update-baseline" if rewriting else "no baseline yet"
+                )
+                verdicts.append(Verdict(rule_name, name, "skip", None, limit, why, line, f.kind))
                 continue
             verdicts.append(evaluate_module(rule, limit, f, line))
     summary = _summary(verdicts, policy)

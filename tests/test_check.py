@@ -605,3 +605,51 @@ def test_ci_docs_yaml_parses_and_its_commands_run(models: dict[str, Generated], 
         assert root.get("failures") == "0" and int(root.get("tests")) > 0
         assert (tmp_path / "spectra-summary.md").read_text().startswith("## ✅")
         (tmp_path / env["BASE_SPECTRA"]).unlink()
+
+
+def test_saved_spectra_as_ckpt_give_the_same_verdicts(models: dict[str, Generated], tmp_path: Path) -> None:
+    saved = tmp_path / "tuned.spectra.safetensors"
+    r = runner.invoke(app, ["analyze", str(models["overtrained"].path), "--save-spectra", str(saved), "-q"])
+    assert r.exit_code == 0, r.stderr
+    text = "[rules]\nalpha_range = [2.0, 6.0]\nmax_spectral_norm = 2.5\n"
+    direct = verdicts(tmp_path, text, models["overtrained"].path, code=1)["rows"]
+    again = verdicts(tmp_path, text, saved, code=1)["rows"]
+    assert [(v["rule"], v["module"], v["status"]) for v in again] == [
+        (v["rule"], v["module"], v["status"]) for v in direct
+    ]
+    for a, b in zip(again, direct, strict=True):
+        assert a["value"] == pytest.approx(b["value"], rel=1e-9)
+    r = run(
+        saved,
+        "--policy",
+        policy(tmp_path, "[rules]\nmax_relative_delta = 1\n"),
+        "--base",
+        models["base"].path,
+    )
+    assert r.exit_code == 2 and "spectra file" in r.stderr
+
+
+def test_update_baseline_over_the_compared_file_skips_drift(
+    models: dict[str, Generated], tmp_path: Path
+) -> None:
+    b = tmp_path / "baseline.json"
+    p = policy(tmp_path, f'baseline = "{b.name}"\n[rules]\nmax_drift_pct = 5\n')
+    assert run(models["base"].path, "--policy", p, "--update-baseline", b, "-q").exit_code == 0
+    assert run(models["scaled"].path, "--policy", p, "-q").exit_code == 1  # 20 % > 5 %
+    r = run(models["scaled"].path, "--policy", p, "--update-baseline", b, "-q", "-f", "json")
+    assert r.exit_code == 0  # accepting the new state: nothing to compare against
+    assert {v["status"] for v in json.loads(r.stdout)["rows"]} == {"skip"}
+    assert run(models["scaled"].path, "--policy", p, "-q").exit_code == 0  # the new baseline holds
+
+
+def test_allow_missing_with_a_partial_checkpoint(models: dict[str, Generated], tmp_path: Path) -> None:
+    from fixtures.checkpoints import write_safetensors
+
+    part = write_safetensors(tmp_path / "part.safetensors",
+                             {fg.Q0: np.asarray(models["scaled"].matrices[fg.Q0], dtype=np.float32)})  # fmt: skip
+    p = policy(tmp_path, "[rules]\nmax_relative_delta = 0.25\n")
+    r = run(part, "--policy", p, "--base", models["base"].path)
+    assert r.exit_code == 2 and "missing" in r.stderr
+    env = verdicts(tmp_path, "[rules]\nmax_relative_delta = 0.25\n", part, "--base", models["base"].path,
+                   "--allow-missing", code=0)  # fmt: skip
+    assert set(by(env, "max_relative_delta")) == {fg.Q0}

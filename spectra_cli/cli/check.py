@@ -161,6 +161,13 @@ def check_cmd(
         ),
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="With --init: replace an existing file.")] = False,
+    allow_missing: Annotated[
+        bool,
+        typer.Option(
+            "--allow-missing",
+            help="With --base: skip base tensors or adapter modules missing from the other side.",
+        ),
+    ] = False,
     junit: Annotated[
         Path | None,
         typer.Option(
@@ -186,7 +193,8 @@ def check_cmd(
         typer.Option(
             "--github",
             rich_help_panel="Output",
-            help="Print GitHub Actions ::error annotations for failures (on stderr when stdout holds JSON/CSV).",
+            help="Print GitHub Actions ::error annotations for failures (on stdout; on stderr when stdout holds "
+            "--format json/csv/markdown: use --output FILE then).",
         ),
     ] = False,
     show_all: Annotated[
@@ -221,7 +229,7 @@ def check_cmd(
 
 def _check(ckpt: Path | None, policy: Path | None, base: Path | None, base_spectra: Path | None,
            baseline: Path | None, update_baseline: Path | None, init: bool, force: bool, junit: Path | None,
-           markdown: Path | None, github: bool, show_all: bool, include: list[str] | None,
+           markdown: Path | None, github: bool, show_all: bool, allow_missing: bool, include: list[str] | None,
            exclude: list[str] | None, kinds: list[str] | None, min_dim: int, device: str, precision: o.Precision,
            backend: o.Backend, max_memory: int | None, fmt: o.Format, output: Path | None, quiet: bool) -> None:  # fmt: skip
     if init:
@@ -243,7 +251,7 @@ def _check(ckpt: Path | None, policy: Path | None, base: Path | None, base_spect
             raise SpectraError(f"{out}: refusing to write over an input")
     opts = CheckOptions(
         include=o.split_csv(include), exclude=o.split_csv(exclude), kinds=o.split_csv(kinds), min_dim=min_dim,
-        base=base, base_spectra=base_spectra, baseline=baseline, updating=update_baseline is not None,
+        base=base, base_spectra=base_spectra, baseline=baseline, update_baseline=update_baseline, allow_missing=allow_missing,
         device=device, precision=precision.value, backend=backend.value, max_memory=max_memory,
     )  # fmt: skip
     with progress_bar("checking", quiet) as update:
@@ -259,7 +267,7 @@ def _check(ckpt: Path | None, policy: Path | None, base: Path | None, base_spect
     if markdown is not None:
         write_text(markdown, md)
     if github:
-        data_on_stdout = fmt.value in ("json", "csv") and output is None
+        data_on_stdout = fmt.value != "table" and output is None
         for line in github_annotations(result.verdicts, policy_name):
             print(line, file=sys.stderr if data_on_stdout else sys.stdout)
         sys.stdout.flush()
