@@ -193,7 +193,7 @@ def bad(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.parametrize(
     ("fmt", "key"),
     [("npy", None), ("npz", "emb"), ("pt", None), ("pt_dict", "emb"), ("safetensors", None),
-     ("safetensors_multi", "emb"), ("csv", None), ("csv_noheader", None), ("parquet", None),
+     ("safetensors_multi", "emb"), ("csv", None), ("csv_noheader", None), ("csv_numbered", None), ("parquet", None),
      ("parquet_vectors", "embedding")],
 )  # fmt: skip
 def test_every_format_reads_the_same_matrix(files, fmt: str, key: str | None):

@@ -9,7 +9,8 @@ Formats, by suffix:
 * ``.safetensors``: the header is parsed by :mod:`spectra_cli.checkpoint.safetensors_io` and only the rows
   of one chunk are read at a time.
 * ``.csv`` / ``.tsv`` / ``.parquet``: pandas (parquet needs pyarrow), read whole. Every column must be numeric
-  (one column per feature; a header row is optional), or ``key`` names one column whose cells are vectors
+  (one column per feature; a header row is optional: a first row of numbers is data unless it reads
+  0, 1, …, K−1 or 1, …, K, which is pandas' header for unnamed columns), or ``key`` names one column whose cells are vectors
   (a common way to store embeddings in parquet).
 
 Errors (all :class:`SpectraError`, one line, saying what to do): 1-D or >2-D arrays, no rows or columns,
@@ -247,7 +248,12 @@ def _open_table(path: Path, key: str | None) -> EmbeddingSource:
         else:
             sep = "\t" if suffix == ".tsv" else ","
             df = pd.read_csv(path, sep=sep)
-            if len(df.columns) and all(_is_number(c) for c in df.columns):  # no header row
+            names = [str(c) for c in df.columns]
+            counting = names in (
+                [str(i) for i in range(len(names))],
+                [str(i) for i in range(1, len(names) + 1)],
+            )
+            if names and all(_is_number(c) for c in names) and not counting:  # no header row
                 df = pd.read_csv(path, sep=sep, header=None)
     except SpectraError:
         raise
