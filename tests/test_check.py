@@ -653,3 +653,39 @@ def test_allow_missing_with_a_partial_checkpoint(models: dict[str, Generated], t
     env = verdicts(tmp_path, "[rules]\nmax_relative_delta = 0.25\n", part, "--base", models["base"].path,
                    "--allow-missing", code=0)  # fmt: skip
     assert set(by(env, "max_relative_delta")) == {fg.Q0}
+
+
+def test_real_minilm_against_itself(tmp_path: Path) -> None:
+    """End to end on the real all-MiniLM-L6-v2: against itself there is no intruder and ΔW = 0; α outside
+    [2, 6] fails exactly the matrices `analyze` reports outside it."""
+    from fixtures.real import minilm_dir
+
+    model = minilm_dir()
+    text = "[rules]\nno_nonfinite = true\nmax_intruders = 0\nmax_relative_delta = 0.0\nalpha_range = [2.0, 6.0]\n"
+    r = run(
+        model,
+        "--base",
+        model,
+        "--kinds",
+        "query,value",
+        "--policy",
+        policy(tmp_path, text),
+        "-q",
+        "-f",
+        "json",
+    )
+    assert r.exit_code in (0, 1), r.stderr
+    env = json.loads(r.stdout)
+    assert by(env, "max_intruders")["(model)"]["value"] == 0
+    deltas = by(env, "max_relative_delta")
+    assert len(deltas) == 12 and all(v["value"] == 0.0 and v["status"] == "pass" for v in deltas.values())
+    a = runner.invoke(app, ["analyze", str(model), "--kinds", "query,value", "-f", "json", "-q"])
+    outside = {row["name"] for row in json.loads(a.stdout)["rows"] if not 2.0 <= row["alpha"] <= 6.0}
+    assert {m for m, v in by(env, "alpha_range").items() if v["status"] == "fail"} == outside
+    assert r.exit_code == (1 if outside else 0)
+
+
+def test_help_has_examples_and_exit_codes() -> None:
+    r = runner.invoke(app, ["check", "--help"], env={"COLUMNS": "160"})
+    assert r.exit_code == 0
+    assert "spectra check --init" in r.stdout and "Exit codes: 0" in r.stdout and "[tool.spectra]" in r.stdout

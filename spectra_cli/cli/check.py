@@ -19,7 +19,7 @@ Examples:
 
   spectra check --init                       # write a commented spectra.toml
 
-  spectra check tuned/                       # policy from ./spectra.toml or [tool.spectra] in pyproject.toml
+  spectra check tuned/                       # policy from ./spectra.toml or \\[tool.spectra] in pyproject.toml
 
   spectra check tuned/ --base base/ --policy gate.toml --junit report.xml --markdown summary.md --github
 
@@ -114,7 +114,7 @@ def check_cmd(
             "-p",
             metavar="FILE",
             dir_okay=False,
-            help="Policy file (TOML). Default: ./spectra.toml, else [tool.spectra] in ./pyproject.toml.",
+            help="Policy file (TOML). Default: ./spectra.toml, else \\[tool.spectra] in ./pyproject.toml.",
         ),
     ] = None,
     base: Annotated[
