@@ -6,7 +6,7 @@ computed in the input's precision, so that W_res + s·B·A reproduces W. The con
 (``peft/tuners/lora/layer.py``, ``pissa_init`` / ``olora_init``), so an adapter written from these factors is
 the one PEFT would build with ``init_lora_weights="pissa"`` / ``"pissa_niter_N"`` / ``"olora"``:
 
-- PiSSA: W = U·S·Vᵀ (``torch.linalg.svd``, ``full_matrices=False``); A = diag(√(S_r/s))·V_rᵀ,
+- PiSSA: W = U·S·Vᵀ (``torch.linalg.svd``, ``full_matrices=False``, of Wᵀ when W is wide: faster on CPU); A = diag(√(S_r/s))·V_rᵀ,
   B = U_r·diag(√(S_r/s)) with the top r triplets. ``options["niter"] = N`` uses ``torch.svd_lowrank(W, q=r,
   niter=N)`` as PEFT's ``pissa_niter_N`` does (random, so not reproducible bit for bit across runs unless the
   torch seed is fixed).
@@ -76,10 +76,21 @@ def _energy(part: torch.Tensor, total: torch.Tensor) -> float:
     return float(part) / t if t > 0 else 0.0
 
 
+def thin_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd(w, full_matrices=False)``, taken of wᵀ when w is wide: PyTorch's CPU SVD is ~15×
+    slower on a wide 384×1536 matrix than on its tall transpose (7.9 s vs 0.5 s, 2-core machine). The
+    factors are the same up to the sign of each singular pair."""
+    if w.shape[0] >= w.shape[1]:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        return u, s, vh
+    u2, s, vh2 = torch.linalg.svd(w.T, full_matrices=False)
+    return vh2.T, s, u2.T
+
+
 def _svd_top(w: torch.Tensor, r: int, niter: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-r (U out×r, S r, Vh r×in): exact thin SVD, or ``torch.svd_lowrank(w, q=r, niter)`` as PEFT calls it."""
     if niter is None:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u, s, vh = thin_svd(w)
         return u[:, :r], s[:r], vh[:r]
     u, s, v = torch.svd_lowrank(w, q=r, niter=niter)
     return u, s, v.T
@@ -103,7 +114,7 @@ def milora(inp: InitInput) -> InitFactors:
     _check_rank(inp)
     _niter(inp, "milora")
     w, r = inp.weight, inp.rank
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    u, s, vh = thin_svd(w)
     k = s.numel()
     u, s_r, vh = u[:, k - r :], s[k - r :], vh[k - r :]
     a, b = _split_sqrt(u, s_r, vh, inp.scale)
@@ -147,7 +158,7 @@ def extract(inp: InitInput) -> InitFactors:
         tau = float(energy)
         if not 0.0 < tau <= 1.0:
             raise SpectraError(f"--energy {tau}: the energy threshold must be in (0, 1]")
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        u, s, vh = thin_svd(delta)
         cap = inp.rank if inp.rank > 0 else s.numel()
         if float(total) == 0.0:
             r = 0
