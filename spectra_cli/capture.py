@@ -54,12 +54,38 @@ def _flip_signs(vt: torch.Tensor) -> torch.Tensor:
     return vt * signs[:, None]
 
 
+_GRAM_RTOL = 1e-12  # λ (= σ²) below this fraction of λ₁ is at the float64 Gram route's noise floor
+
+
+def _top_right_singular(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k singular values (descending) and right singular vectors (k×d rows) of a float64 m×d matrix.
+
+    By the Gram route on the smaller side (one GEMM + a symmetric eigensolve, 2-5× faster than an SVD on CPU
+    and more on CUDA): eigh(AᵀA) gives V directly; eigh(AAᵀ) gives U, and Vᵀ = diag(1/σ)·UᵀA. Directions whose
+    σ² is below 1e-12·σ₁² (nothing left of the data there) are dropped, so fewer than k may come back.
+    """
+    m, d = a.shape
+    if m >= d:
+        lam, vecs = torch.linalg.eigh(a.T @ a)
+        lam, vecs = lam.flip(0), vecs.flip(1)
+        keep = int((lam > _GRAM_RTOL * lam[0].clamp(min=0)).sum()) if float(lam[0]) > 0 else 0
+        keep = min(k, keep)
+        return lam[:keep].clamp(min=0).sqrt(), vecs[:, :keep].T.contiguous()
+    lam, u = torch.linalg.eigh(a @ a.T)
+    lam, u = lam.flip(0), u.flip(1)
+    keep = int((lam > _GRAM_RTOL * lam[0].clamp(min=0)).sum()) if float(lam[0]) > 0 else 0
+    keep = min(k, keep)
+    s = lam[:keep].sqrt()
+    vt = (u[:, :keep].T @ a) / s[:, None]
+    return s, vt
+
+
 class IncrementalPCA:
     """Mean-centred incremental PCA of a stream of row batches (n×d), float64.
 
     Each :meth:`update` takes the SVD of [diag(σ)·V_kᵀ; X − x̄_batch; √(n₀n/(n₀+n))·(μ₀ − x̄_batch)] and keeps
     the top k right singular vectors (Ross et al. 2008, as in scikit-learn and PEFT's ``IncrementalPCA``, but
-    with an exact SVD instead of PEFT's ``svd_lowrank``). ``explained_variance_ratio`` is σₖ² / Σ‖x − μ‖²
+    with an exact decomposition, :func:`_top_right_singular`, instead of PEFT's ``svd_lowrank``). ``explained_variance_ratio`` is σₖ² / Σ‖x − μ‖²
     over all rows seen, i.e. λₖ over the total (population) variance. ``cosines`` holds, per component, the
     cosine between the last two estimates (NaN before the second update).
     """
@@ -93,9 +119,9 @@ class IncrementalPCA:
             correction = factor * (self.mean - batch_mean)
             stacked = torch.cat([self.singular_values[:, None] * self.components, xc, correction[None, :]])
             total_ss = self.ss + batch_ss + float(correction @ correction)
-        _, s, vt = torch.linalg.svd(stacked, full_matrices=False)
-        keep = min(self.k, int(s.shape[0]))
-        vt = _flip_signs(vt[:keep])
+        s, vt = _top_right_singular(stacked, self.k)
+        keep = int(s.shape[0])
+        vt = _flip_signs(vt)
         previous = self.components
         common = min(len(previous), keep)
         if common:

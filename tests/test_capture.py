@@ -131,7 +131,10 @@ def test_statistics_equal_direct_hooks(models: dict[str, Path], tmp_path: Path, 
             np.testing.assert_allclose(m.pca_explained_variance_ratio[:5], ratios[:5], rtol=1e-6, atol=1e-9)
             cos = np.abs(np.sum(m.pca_components[:5] * comps[:5], axis=1))
             np.testing.assert_allclose(cos, 1.0, atol=1e-4)
-        assert k == 32 or len(x) < 32  # the pooler sees one row per example
+        # directions with no variance left are dropped (LayerNorm outputs lose one; the pooler sees few rows)
+        xc = x - x.mean(axis=0)
+        sv = np.linalg.svd(xc, compute_uv=False)
+        assert k == min(32, int((sv > 1e-5 * sv[0]).sum()))
     assert result.summary["tokens"] == len(next(iter(direct.values())))
     assert "pca_converged" in acts.metadata and acts.metadata["pca_tau"] == "0.99"
 
