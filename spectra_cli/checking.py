@@ -184,7 +184,7 @@ def _from_compare(ckpt: str | Path, policy: Policy, opts: CheckOptions, progress
             f.base = _metrics(m.s_base, m.spec.shape, opts.precision)
             f.nonfinite = 0
         else:
-            f.nonfinite = int(row.get("nonfinite_tuned", 0)) or None
+            f.nonfinite = int(row.get("nonfinite_tuned", 0))  # counted even when the base is the bad side
             if not f.nonfinite:
                 f.note = f"the base's {name} has NaN/Inf weights"
         facts[name] = f

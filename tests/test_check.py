@@ -689,3 +689,17 @@ def test_help_has_examples_and_exit_codes() -> None:
     r = runner.invoke(app, ["check", "--help"], env={"COLUMNS": "160"})
     assert r.exit_code == 0
     assert "spectra check --init" in r.stdout and "Exit codes: 0" in r.stdout and "[tool.spectra]" in r.stdout
+
+
+def test_nonfinite_base_side(models: dict[str, Generated], tmp_path: Path) -> None:
+    """A base with NaN/Inf in UP0: the finite tuned UP0 passes no_nonfinite, but nothing against the base can be
+    measured there, so ΔW fails (and the model's intruder total is unknown, a failure); α is skipped."""
+    text = "[rules]\nno_nonfinite = true\nmax_intruders = 10\nmax_relative_delta = 1.0\nalpha_range = [2.0, 6.0]\n"
+    env = verdicts(tmp_path, text, models["healthy"].path, "--base", models["nonfinite"].path, code=1)
+    assert by(env, "no_nonfinite")[fg.UP0]["status"] == "pass"
+    delta = by(env, "max_relative_delta")[fg.UP0]
+    assert delta["status"] == "fail" and f"base {fg.NONFINITE_COUNT}, tuned 0" in delta["message"]
+    assert by(env, "alpha_range")[fg.UP0]["status"] == "skip"
+    total = by(env, "max_intruders")["(model)"]
+    assert total["status"] == "fail" and "unknown" in total["message"]
+    assert [v["module"] for v in env["rows"] if v["status"] == "fail"] == ["(model)", fg.UP0]

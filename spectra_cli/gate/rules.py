@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 #: what a rule needs measured: the tuned model's spectra; the base model's spectra (``--base`` or
@@ -75,7 +75,6 @@ class Facts:
     compare: dict[str, Any] | None = None
     baseline: dict[str, Any] | None = None
     note: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 Outcome = tuple[str, float | int | None, str]  # (status, value, message)
