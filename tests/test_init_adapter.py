@@ -597,3 +597,35 @@ def test_gpt2_conv1d_weights_get_fan_in_fan_out(tmp_path):
     ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert float((peft_model.eval()(ids).logits - model(ids).logits).abs().max()) <= TOL
+
+
+def test_options_for_other_methods_are_refused(models, tmp_path):
+    acts = tmp_path / "acts.safetensors"
+    acts.write_bytes(b"")
+    r = run("init-adapter", models["llama"], "--out", tmp_path / "o", "--rank", "2", "--activations", acts)
+    assert r.exit_code == 1 and "--activations is not used by pissa" in r.stderr
+    r = run(
+        "init-adapter", models["llama"], "--out", tmp_path / "o", "--rank", "2", "--tuned", models["bert"]
+    )
+    assert r.exit_code == 1 and "--tuned is only used by" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_bf16_checkpoint_residual_is_rounded_from_the_fp32_residual(models, tmp_path):
+    """bf16 weights are upcast, decomposed in float32, and the residual rounded back to bf16 (round to nearest)."""
+    model = _auto("llama").from_pretrained(models["llama"]).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16", safe_serialization=True)
+    out = tmp_path / "out"
+    init(tmp_path / "bf16", out, "--rank", "4", "--alpha", "8", "--kinds", "v_proj")
+    src, res, ad = tensors(tmp_path / "bf16"), tensors(out / "residual"), tensors(out / "adapter")
+    name = "model.layers.1.self_attn.v_proj"
+    a, b = ad[f"base_model.model.{name}.lora_A.weight"], ad[f"base_model.model.{name}.lora_B.weight"]
+    assert a.dtype == torch.float32 and res[f"{name}.weight"].dtype == torch.bfloat16
+    w = src[f"{name}.weight"].double()
+    expect = (w - 2.0 * b.double() @ a.double()).float().to(torch.bfloat16)
+    mismatch = (res[f"{name}.weight"] != expect).float().mean().item()
+    assert mismatch < 0.02  # float32 vs float64 products may round a rare element the other way
+    s = np.linalg.svd(w.numpy(), compute_uv=False)
+    np.testing.assert_allclose(
+        np.linalg.svd(2.0 * (b.double() @ a.double()).numpy(), compute_uv=False)[:4], s[:4], rtol=1e-4
+    )
