@@ -512,7 +512,10 @@ def test_json_envelope_and_table(models: dict[str, Generated], tmp_path: Path) -
     assert (s["checks"], s["passed"], s["failed"], s["skipped"], s["ok"]) == (10, 9, 1, 0, False)
     assert s["by_rule"]["max_intruders"]["first_failure"]["module"] == "(model)"
     r, _, _ = _outputs(models, tmp_path)
-    assert "FAILED: 1 of 10 checks on 5 modules" in r.stdout and "✗ max_intruders · (model)" in r.stdout
+    assert (
+        "FAILED: 1 failed, 9 passed, 0 skipped (10 checks on 5 modules" in r.stdout
+        and "✗ max_intruders · (model)" in r.stdout
+    )
     r = run(
         models["healthy"].path,
         "--policy",

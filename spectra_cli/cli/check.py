@@ -78,11 +78,9 @@ def _notes(result: Any, policy: str) -> list[str]:
             f"… and {len(failed) - MAX_NOTE_FAILURES} more failures (--junit / --format json list all)"
         )
     lines.extend(s.get("notes", []))
+    counts = f"{s['failed']} failed, {s['passed']} passed, {s['skipped']} skipped"
     tail = f"{s['checks']} checks on {s['modules']} modules, policy {policy}, {s['seconds']:.2f} s"
-    if s["failed"]:
-        lines.append(f"FAILED: {s['failed']} of {tail} ({s['skipped']} skipped)")
-    else:
-        lines.append(f"PASSED: all {s['passed']} evaluated of {tail} ({s['skipped']} skipped)")
+    lines.append(f"{'FAILED' if s['failed'] else 'PASSED'}: {counts} ({tail})")
     return lines
 
 
