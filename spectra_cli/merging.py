@@ -366,6 +366,7 @@ def run_merge(
             "modules": {},
         }
         raw_total = 0
+        dense_total = 0  # n dense out×in updates per module: what full fine-tunes would take
         stored_total = 0
         module_stats: dict[str, Any] = {}
         for done, spec in enumerate(work, 1):
@@ -373,6 +374,7 @@ def run_merge(
             updates = [task_update(t, spec, w0, loaders.get(t.name), dtype) for t in tuned]
             raw = sum(u.size for u in updates)
             raw_total += raw
+            dense_total += n * spec.shape[0] * spec.shape[1]
             inter = _interference(updates, opts.interference_k)
             live = inter["norms"] > 0
             both = np.outer(live, live)
@@ -457,12 +459,23 @@ def run_merge(
             summary["storage"] = stored_total / (raw_total + extra_numbers) if raw_total else None
             summary["stored_numbers"] = stored_total
             summary["raw_numbers"] = raw_total + extra_numbers
+            summary["storage_vs_dense"] = (
+                stored_total / (dense_total + extra_numbers) if dense_total else None
+            )
             summary["p"] = {k: v["p"] for k, v in modules_meta.items()}
             num = sum((r["rel_error"] * r["delta_norm"]) ** 2 for r in rows)
             den = sum(r["delta_norm"] ** 2 for r in rows)
             summary["overall_error"] = math.sqrt(num / den) if den > 0 else 0.0
         if module_stats:
             summary["method_stats"] = module_stats
+        if (
+            not is_rmm
+        ):  # non-LoRA tensors of adapters (modules_to_save, …) have no place in a merged base copy
+            skipped = {
+                t.name: list(t.adapter.ignored) for t in tuned if t.adapter is not None and t.adapter.ignored
+            }
+            if skipped:
+                summary["adapter_tensors_not_merged"] = skipped
         if sweep is not None:
             summary["sweep"] = sweep
         summary["seconds"] = round(time.perf_counter() - t0, 3)

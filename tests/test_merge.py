@@ -189,6 +189,20 @@ def test_rmm_below_n_reaches_the_eckart_young_optimum(full, tmp_path):
     assert sweep["storage"][0] < sweep["storage"][1] < sweep["storage"][2]
 
 
+def test_rmm_energy_picks_the_smallest_basis_per_module(full, tmp_path):
+    env = merge_json(
+        full.base_path, *named(full.paths), "--method", "rmm", "--energy", 0.6, "--out", tmp_path / "b"
+    )
+    for name, p in env["summary"]["p"].items():
+        x = np.stack([(full.tuned[t][name] - full.base[name]).ravel() for t in full.paths])
+        s2 = np.linalg.svd(x - x.mean(axis=0), compute_uv=False) ** 2
+        want = int(np.searchsorted(np.cumsum(s2) / s2.sum(), 0.6) + 1)
+        assert p == want, name
+    exact = merge_json(full.base_path, *named(full.paths), "--method", "rmm", "--out", tmp_path / "e")
+    assert env["summary"]["storage"] < exact["summary"]["storage"]
+    assert max(exact["summary"]["mean_rel_error"].values()) < 1e-6  # no --basis/--energy: exact
+
+
 def test_rmm_on_adapters_rebuilds_adapters_with_the_same_updates(lora, tmp_path):
     bundle = tmp_path / "bundle"
     merge_json(lora.base_path, *named(lora.paths), "--method", "rmm", "--out", bundle)
@@ -269,9 +283,10 @@ def test_adapters_on_different_bases_are_an_error_naming_the_module(lora, tmp_pa
     assert r.exit_code == 1 and r.stderr.startswith("Error: wide:")
     assert "model.layers.0.self_attn.q_proj" in r.stderr and "another base" in r.stderr
     # an adapter of another architecture: its modules are not in the base at all
-    bert = mc.peft_adapters(tmp_path / "peft", "bert", n=1)
-    r = run("merge", lora.base_path, f"a0={lora.paths['a0']}", f"bert={bert.adapters['task0']}",
-            "--out", tmp_path / "o")  # fmt: skip
+    mod = "encoder.layer.0.attention.self.query"
+    bert = fx.lora_adapter(tmp_path / "bert", {mod: (rng.standard_normal((2, 16)), rng.standard_normal((16, 2)))},
+                           2, 4.0)  # fmt: skip
+    r = run("merge", lora.base_path, f"a0={lora.paths['a0']}", f"bert={bert}", "--out", tmp_path / "o")
     assert r.exit_code == 1 and r.stderr.startswith("Error: bert:")
     assert "encoder.layer.0.attention.self.query" in r.stderr and "does not fit the base" in r.stderr
     assert not (tmp_path / "o").exists()
@@ -302,9 +317,8 @@ def test_bad_options(full, tmp_path, extra, code, fragment):
     assert not (tmp_path / "o").exists()
 
 
-def test_rmm_of_mixed_kinds_is_an_error(tmp_path):
-    case = mc.peft_adapters(tmp_path / "peft", "llama", n=1)
-    r = run("merge", case.base, f"a={case.adapters['task0']}", f"b={case.base}", "--method", "rmm",
+def test_rmm_of_mixed_kinds_is_an_error(lora, tmp_path):
+    r = run("merge", lora.base_path, f"a={lora.paths['a0']}", f"b={lora.base_path}", "--method", "rmm",
             "--out", tmp_path / "o")  # fmt: skip
     assert r.exit_code == 1 and "one kind" in r.stderr
 

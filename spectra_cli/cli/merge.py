@@ -103,7 +103,7 @@ def _notes(result: Any) -> list[str]:
     if "storage" in s and s["storage"] is not None:
         lines.append(
             f"storage: {s['storage']:.3g} of the {len(s['tasks'])} inputs ({s['stored_numbers']:,} of "
-            f"{s['raw_numbers']:,} numbers)"
+            f"{s['raw_numbers']:,} numbers; {s['storage_vs_dense']:.3g} of n dense updates)"
         )
     cos = s["cosine"]
     n = len(cos)
@@ -248,6 +248,8 @@ def merge_cmd(
     )
     with progress_bar("merging", quiet) as update:
         result = run_merge(base, pairs, out, opts, force=force, argv=sys.argv, progress=update)
+    for name, skipped in result.summary.get("adapter_tensors_not_merged", {}).items():
+        warn(f"{name}: {len(skipped)} non-LoRA adapter tensors (e.g. {skipped[0]}) were not merged", quiet)
     warn(f"wrote {result.summary['output_kind']} to {out}", quiet)
     if plots:
         from spectra_cli.provenance import write_run_record
