@@ -202,6 +202,21 @@ def test_filter_and_all_fields(browser: Any, opened: dict[str, Any]) -> None:
     assert browser.execute_script(extra) > 0
 
 
+def test_header_stays_visible_when_the_table_scrolls(browser: Any, opened: dict[str, Any]) -> None:
+    browser.set_window_size(1400, 500)  # the table's box (75vh) is now shorter than its rows
+    try:
+        tops = browser.execute_script(
+            """var wrap = document.querySelector('.table-wrap'); wrap.scrollIntoView();
+               wrap.scrollTop = wrap.scrollHeight;
+               var th = document.querySelector('#rows-table thead th');
+               return [wrap.scrollTop, wrap.getBoundingClientRect().top, th.getBoundingClientRect().top];"""
+        )
+    finally:
+        browser.set_window_size(1400, 1000)
+    scrolled, wrap_top, th_top = tops
+    assert scrolled > 0 and abs(th_top - wrap_top) <= 2, tops
+
+
 def test_screenshot_shows_the_figures(browser: Any, opened: dict[str, Any], pages: dict[str, Path]) -> None:
     from PIL import Image
     from selenium.webdriver.common.by import By

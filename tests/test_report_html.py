@@ -278,6 +278,29 @@ def test_generic_view_shows_every_field_and_sort_keys() -> None:
     assert_self_contained(page)
 
 
+def test_pass_fail_statuses_and_rows_without_status() -> None:
+    rows = [
+        {"rule": "alpha", "module": f"layers.{d}.q", "depth": d, "kind": "q", "status": s, "value": v}
+        for d, s, v in ((0, "pass", 2.5), (1, "fail", 1.5), (2, "skip", None), (3, "FAIL", 7.0))
+    ]
+    doc = Page(render_html({"schema_version": 1, "command": "check", "rows": rows}, plots=False))
+    marked = [
+        i for i, (t, a) in enumerate(x for x in doc.tags if x[0] == "tr" and x[1].get("class") == "bad")
+    ]
+    assert len(marked) == 2
+    page = render_html({"schema_version": 1, "command": "check", "rows": rows}, plots=False)
+    assert "2 not ok" in page
+    # allocate-like rows: depth and kind but no status; integer fields that vary are drawn
+    alloc = [
+        {"name": f"l{d}.{k}", "depth": d, "kind": k, "rank": d + len(k), "rows": 8}
+        for d in range(3)
+        for k in "ab"
+    ]
+    page = render_html({"schema_version": 1, "command": "allocate", "rows": alloc})
+    imgs = Page(page).all("img")
+    assert len(imgs) == 1 and min(png_size(imgs[0]["src"] or "")) > 100
+
+
 def test_envelope_without_depths_has_no_figures_and_no_rows_is_fine() -> None:
     env = {"schema_version": 1, "command": "check", "rows": [{"rule": "alpha<6", "passed": False}]}
     doc = Page(render_html(env))

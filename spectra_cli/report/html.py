@@ -201,20 +201,38 @@ def _compare_figures(env: dict[str, Any]) -> list[Figure]:
 
 
 def _generic_figures(env: dict[str, Any]) -> list[Figure]:
-    """Rows with a depth, a kind and a status: their float-valued fields against depth (at most six)."""
+    """Rows with a depth and a kind: up to six of their numeric fields that vary, against depth."""
     from spectra_cli.report import plots
 
-    rows = env["rows"]
-    if not rows or not all("depth" in r and "kind" in r and "status" in r for r in rows):
+    rows = [r for r in env["rows"] if is_good(r.get("status"))]
+    if not rows or not all(isinstance(r.get("depth"), int) and "kind" in r for r in rows):
         return []
     keys: list[str] = []
     for r in rows:
-        keys.extend(k for k, v in r.items() if isinstance(v, float) and k not in keys)
-    metrics = tuple((k, k) for k in keys[:6])
+        keys.extend(k for k, v in r.items() if _is_number(v) and k not in keys and k not in _NOT_METRICS)
+    varying = [k for k in keys if len({r.get(k) for r in rows if _is_number(r.get(k))}) > 1]
+    metrics = tuple((k, k.replace("_", " ")) for k in varying[:6])
     if not metrics:
         return []
-    title = f"spectra {env['command']}: metrics by depth, one line per module kind"
-    return _draw([(title, lambda p: plots.plot_by_depth(rows, p, metrics, title))])
+    flat = [{"depth": r["depth"], "kind": str(r["kind"]), "status": "ok", **{k: r.get(k) for k in varying}}
+            for r in rows]  # fmt: skip
+    title = f"spectra {env['command']}: by depth, one line per module kind"
+    return _draw([(title, partial(plots.plot_by_depth, flat, metrics=metrics, title=title))])
+
+
+_NOT_METRICS = {"depth", "rows", "cols", "line", "index"}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def is_good(status: Any) -> bool:
+    """Whether a row's status reads as fine (``ok``, ``pass``) or neutral (``skip``): not highlighted."""
+    return status is None or str(status).lower() in _GOOD_STATUS
+
+
+_GOOD_STATUS = {"", "ok", "pass", "passed", "skip", "skipped", "n/a"}
 
 
 def _draw(todo: list[tuple[str, Callable[[Any], object]]]) -> list[Figure]:
@@ -281,7 +299,8 @@ def _generic_cards(env: dict[str, Any]) -> list[Card]:
     return [
         (k.replace("_", " "), fmt_value(v), "")
         for k, v in s.items()
-        if k not in _PROVENANCE_KEYS and (v is None or isinstance(v, str | int | float | bool))
+        if k not in _PROVENANCE_KEYS
+        and (v is None or isinstance(v, int | float | bool) or (isinstance(v, str) and len(v) <= 24))
     ][:12]
 
 
@@ -350,7 +369,7 @@ def _rows_table(rows: list[dict[str, Any]], columns: Sequence[Column]) -> str:
     body: list[str] = []
     for r in rows:
         status = r.get("status")
-        cls = ' class="bad"' if status not in (None, "ok") else ""
+        cls = "" if is_good(status) else ' class="bad"'
         cells = [_cell(c, r, "") for c in main] + [_cell(c, r, "x") for c in extra]
         body.append(f"<tr{cls}>{''.join(cells)}</tr>")
     return (
@@ -423,7 +442,7 @@ def render_html(
     timings = {k: summary[k] for k in _PROVENANCE_KEYS if k in summary}
     other = {k: v for k, v in env.items() if k not in _ENVELOPE_KEYS}
     figs = figures(env) if plots and rows else []
-    bad = sum(1 for r in rows if r.get("status") not in (None, "ok"))
+    bad = sum(1 for r in rows if not is_good(r.get("status")))
 
     provenance: dict[str, Any] = {
         "command": command,
