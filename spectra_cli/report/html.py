@@ -323,7 +323,7 @@ def _kv(data: Any, depth: int = 0) -> str:
     if isinstance(data, dict):
         if not data:
             return '<span class="muted">(none)</span>'
-        if depth < 3 and all(isinstance(v, dict) and v and _flat(v) for v in data.values()) and len(data) > 1:
+        if len(data) > 1 and all(isinstance(v, dict) and v and _flat(v) for v in data.values()):
             return _records([{"": k, **v} for k, v in data.items()])
         body = "".join(f"<tr><th>{_e(k)}</th><td>{_kv(v, depth + 1)}</td></tr>" for k, v in data.items())
         return f'<table class="kv">{body}</table>'
