@@ -30,8 +30,9 @@ Examples:
 
   spectra analyze model.safetensors --html report.html   # the same page, straight from the run
 
-The page is one file with everything inline (figures as PNG, no network): open it in any browser or keep it
-as a CI artifact. Columns sort on click; 'all fields' shows every field of the rows.
+The page is one file with everything inline (figures as PNG, no network): open it in any browser or keep it as a CI artifact.
+
+Columns sort on click; 'all fields' shows every field of the rows.
 """
 
 
