@@ -191,13 +191,17 @@ def run_rankme(
         done += len(texts)
         rows.append(_row(name, sc, f"{model} ← {opts.texts}", "float32", time.perf_counter() - t))
         spectra[name] = sc.singular_values
+    short: dict[tuple[int, int], list[str]] = {}
     for r in rows:
         if r["N"] < opts.sample_factor * r["K"]:
-            warnings.append(
-                f"{r['input']}: N = {r['N']:,} samples < {opts.sample_factor}·K = {opts.sample_factor * r['K']:,}; "
-                f"the scores are capped by the sample count (RankMe ≤ min(N, K) = {min(r['N'], r['K']):,}) and "
-                f"noisy: use more samples (the paper uses N = {PAPER_N:,})"
-            )
+            short.setdefault((r["N"], r["K"]), []).append(r["input"])
+    for (n, k), names_nk in short.items():
+        who = ", ".join(names_nk[:4]) + (f" and {len(names_nk) - 4} more" if len(names_nk) > 4 else "")
+        warnings.append(
+            f"{who}: N = {n:,} samples < {opts.sample_factor}·K = {opts.sample_factor * k:,}; the scores are "
+            f"capped by the sample count (RankMe ≤ min(N, K) = {min(n, k):,}) and noisy: use more samples "
+            f"(the paper uses N = {PAPER_N:,})"
+        )
     rows.sort(key=_sort_key)
     best = rows[0]["input"] if rows and _sort_key(rows[0])[0] == 0 else None
     ks = sorted({r["K"] for r in rows})

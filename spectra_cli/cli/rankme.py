@@ -28,8 +28,7 @@ Examples:
 
   spectra rankme --model base=./base --model tuned=./tuned --texts sentences.txt
 
-Inputs: .npy (memory-mapped), .npz, .pt/.pth/.bin (a tensor or a dict: --key), .safetensors (--key when it
-holds several tensors), .csv/.tsv/.parquet (numeric columns, or --key COLUMN of vectors). One row per sample.
+Inputs, one row per sample: .npy (memory-mapped), .npz, .pt/.pth/.bin (a tensor or a dict: --key), .safetensors (--key when it holds several tensors), .csv/.tsv/.parquet (numeric columns, or --key COLUMN of vectors).
 """
 
 
