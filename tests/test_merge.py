@@ -225,17 +225,32 @@ def test_rmm_on_adapters_rebuilds_adapters_with_the_same_updates(lora, tmp_path)
     assert "model.layers.0.mlp.up_proj" not in {k.split(".lora_")[0] for k in fx.read_header(f)[0]}
 
 
-@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_task_arithmetic_of_conv1d_adapters_equals_the_sum_of_pefts_own_merges(tmp_path):
+    # GPT-2: Conv1D weights stored in×out, adapters with fan_in_fan_out; PEFT's merge_and_unload is the reference
+    case = mc.peft_adapters(tmp_path / "peft", "gpt2", n=2, merged=True)
+    out = tmp_path / "merged"
+    merge_json(case.base, *named(case.adapters), "--out", out)
+    got, base = tensors(out), tensors(case.base)
+    singles = {t: tensors(case.base.parent / f"{t}-merged") for t in case.adapters}
+    changed = 0
+    for name, w0 in base.items():
+        want = w0 + sum(s[name] - w0 for s in singles.values())
+        np.testing.assert_allclose(got[name], want, rtol=0, atol=3e-6, err_msg=name)
+        changed += int(np.abs(want - w0).max() > 1e-3)
+    assert changed >= 6  # c_attn, c_fc, c_proj of both layers
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])
 def test_rmm_adapters_out_load_in_peft_and_reproduce_the_original_outputs(tmp_path, arch):
     import torch
     from peft import PeftModel
-    from transformers import AutoModel, LlamaForCausalLM
+    from transformers import AutoModel, GPT2Model, LlamaForCausalLM
 
     case = mc.peft_adapters(tmp_path / "peft", arch, n=2)
     bundle = tmp_path / "bundle"
     env = merge_json(case.base, *named(case.adapters), "--method", "rmm", "--basis", 2, "--out", bundle)
     assert env["summary"]["p"] and max(env["summary"]["p"].values()) <= 2
-    cls = LlamaForCausalLM if arch == "llama" else AutoModel
+    cls = {"llama": LlamaForCausalLM, "bert": AutoModel, "gpt2": GPT2Model}[arch]
     ids = torch.tensor([[1, 5, 7, 2, 9, 11, 3]])
     for task, original in case.adapters.items():
         out = tmp_path / f"rebuilt-{task}"
