@@ -330,15 +330,24 @@ def test_tsv_matches_the_published_procedure(t: int, m: int, n: int) -> None:
     assert got.stats["rank"] == t * (min(m, n) // t)
 
 
-def test_tsv_factored_equals_dense_when_rank_allows() -> None:
-    """Rank-2 updates of a 10×6 module, T = 3: ⌊6/3⌋ = 2 = r, so both paths keep the same triplets. (When
-    ⌊min/T⌋ > r the dense path, as published, also feeds r's null singular vectors into the Procrustes step;
-    the factored path keeps only the r real triplets.)"""
+@pytest.mark.parametrize("shape", [(10, 6), (30, 24)])
+def test_tsv_factored_equals_dense(shape: tuple[int, int]) -> None:
+    """Rank-2 updates, T = 3. For 10×6, ⌊6/3⌋ = 2 = r: the published procedure as is. For 30×24, ⌊24/3⌋ = 8 > r:
+    the dense path finds 6 null triplets per task; they carry no energy and are dropped (the published code
+    would feed their arbitrary vectors into the Procrustes step), so both paths still agree."""
     rng = np.random.default_rng(16)
-    f = _factored(rng, 3, 10, 6, 2)
-    a = METHODS["tsv"](f).update.to_dense()
-    b = METHODS["tsv"](_densified(f)).update.to_dense()
-    np.testing.assert_allclose(a, b, atol=1e-9)
+    f = _factored(rng, 3, *shape, 2)
+    a = METHODS["tsv"](f)
+    b = METHODS["tsv"](_densified(f))
+    np.testing.assert_allclose(a.update.to_dense(), b.update.to_dense(), atol=1e-9)
+    assert a.stats["rank"] == b.stats["rank"] == 6
+
+
+def test_all_zero_updates_merge_to_zero() -> None:
+    ups = [Update(B=np.zeros((6, 2)), A=np.zeros((2, 5))) for _ in range(2)]
+    for name in METHODS:
+        out = METHODS[name](ups).update.to_dense()
+        assert out.shape == (6, 5) and not np.any(out), name
 
 
 @pytest.mark.parametrize("combine", ["ties", "linear"])
@@ -498,3 +507,12 @@ def test_ties_keeps_exactly_the_density_count_with_tied_magnitudes() -> None:
     out = METHODS["ties"]([Update(dense=x)], None, {"density": 0.25})
     np.testing.assert_allclose(out.update.to_dense(), [[1.0, -1.0, 0, 0, 0, 0, 0, 0]])
     assert out.stats["energy_kept"] == pytest.approx(2.0 / float(np.sum(x**2)))
+
+
+def test_zero_results_stay_rank_one() -> None:
+    """A zero merged or reconstructed adapter is a zero rank-1 pair, never rank 0 (an adapter writer needs r ≥ 1)."""
+    ups = [Update(B=np.zeros((6, 2)), A=np.zeros((2, 5))) for _ in range(2)]
+    for name in ("task-arithmetic", "tsv", "knots"):
+        out = METHODS[name](ups).update
+        assert out.is_factored and out.rank == 1, name
+    assert rmm_reconstruct(rmm_fit(ups, basis=1, center=True), 0).rank == 1

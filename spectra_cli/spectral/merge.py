@@ -238,8 +238,11 @@ def compress(
 
 
 def _as_factored(B: np.ndarray, A: np.ndarray, dtype: np.dtype) -> Update:
-    """B·A compressed to its numerical rank, the singular values folded into B."""
+    """B·A compressed to its numerical rank (at least 1: a zero product stays a zero rank-1 pair), the
+    singular values folded into B."""
     u, s, vt = compress(B, A)
+    if s.size == 0:
+        return Update(B=np.zeros((B.shape[0], 1), dtype), A=np.zeros((1, A.shape[1]), dtype))
     return Update(B=(u * s).astype(dtype, copy=False), A=vt.astype(dtype, copy=False))
 
 
@@ -512,32 +515,40 @@ def _procrustes(x: np.ndarray) -> np.ndarray:
 
 
 def tsv_rank(shape: tuple[int, int], n_tasks: int, rank: int) -> int:
-    """Triplets kept per task by TSV-Merge: ⌊min(out, in)/T⌋ (the authors' rule), at most the update's own
-    rank r for a factored update, at least 1."""
+    """Triplets asked of each task by TSV-Merge: ⌊min(out, in)/T⌋ (the authors' rule, by integer division),
+    at most the update's r for a factored update, at least 1. Of those, only triplets with σ > 1e-7·σ₁ are
+    used (see :func:`_merge_tsv`)."""
     return max(1, min(min(shape) // n_tasks, rank))
 
 
 def _merge_tsv(
     updates: Sequence[Update], weights: Sequence[float], params: Mapping[str, Any]
 ) -> MergeOutcome:
+    # Deviation from the published code, only for rank-deficient updates: triplets with σ ≤ 1e-7·σ₁ are
+    # dropped. They carry no energy, but their singular vectors are arbitrary (LAPACK's choice of a null
+    # basis) and would still move the Procrustes factors; dropping them makes dense and factored inputs agree.
     alpha = _param_float(params, "scale")
     n = len(updates)
     us, ss, vts, kept = [], [], [], []
     for u, w in zip(updates, weights, strict=True):
-        k = tsv_rank(u.shape, n, u.rank)
-        uu, s, vt = factored_svd([u], None, k)
+        uu, s, vt = factored_svd([u], None, tsv_rank(u.shape, n, u.rank))
+        keep = int(np.sum(s > GRAM_RTOL * s[0])) if s.size and s[0] > 0 else 0
         total = u.frob_norm() ** 2
-        kept.append(float(np.sum(s * s)) / total if total > 0 else 1.0)
-        us.append(uu)
-        ss.append(s * w)
-        vts.append(vt)
+        kept.append(float(np.sum(s[:keep] ** 2)) / total if total > 0 else 1.0)
+        us.append(uu[:, :keep])
+        ss.append(s[:keep] * w)
+        vts.append(vt[:keep])
     u_cat = np.concatenate(us, axis=1)
     vt_cat = np.concatenate(vts, axis=0)
     s_cat = np.concatenate(ss)
+    dtype = _out_dtype(updates)
+    stats = {"energy_kept": float(np.mean(kept)), "rank": float(s_cat.size)}
+    if s_cat.size == 0:  # every update is zero
+        out, inn = updates[0].shape
+        return MergeOutcome(Update(B=np.zeros((out, 1), dtype), A=np.zeros((1, inn), dtype)), stats)
     u_orth = _procrustes(u_cat)
     vt_orth = _procrustes(vt_cat)
-    update = _dense_or_factored(alpha * u_orth * s_cat, vt_orth, _out_dtype(updates))
-    return MergeOutcome(update, {"energy_kept": float(np.mean(kept)), "rank": float(s_cat.size)})
+    return MergeOutcome(_dense_or_factored(alpha * u_orth * s_cat, vt_orth, dtype), stats)
 
 
 def knots_svd(updates: Sequence[Update]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
@@ -616,6 +627,12 @@ def _merge_knots(
         merged, kept = ties_combine(x, weights, _param_float(params, "density", 0.0, 1.0))
     else:
         raise MergeError(f"knots combine={combine!r} is unknown; use 'linear' or 'ties'")
+    if s.size == 0:  # every update is zero
+        out, inn = updates[0].shape
+        dtype = _out_dtype(updates)
+        return MergeOutcome(
+            Update(B=np.zeros((out, 1), dtype), A=np.zeros((1, inn), dtype)), {"energy_kept": 1.0}
+        )
     rep = merged.reshape(s.size, -1)
     update = _dense_or_factored(lam * u, rep, _out_dtype(updates))
     return MergeOutcome(update, {"energy_kept": kept, "rank": float(s.size)})
