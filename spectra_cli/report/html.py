@@ -270,7 +270,7 @@ def _analyze_cards(env: dict[str, Any]) -> list[Card]:
         ("matrices analysed", f"{_num(s.get('analysed'))} / {_num(s.get('matrices'))}",
          f"{s['skipped_tensors']} non-matrix tensors skipped" if s.get("skipped_tensors") else ""),
         ("parameters", f"{s['params']:,}" if isinstance(s.get("params"), int) else "-", "in the analysed matrices"),
-        ("mean α", _num(s.get("mean_alpha"), 2), "heavy-tail exponent; 2–6 is the healthy range"),
+        ("mean α", _num(s.get("mean_alpha"), 2), "heavy-tail exponent; WeightWatcher reads 2–6 as well trained"),
         ("α < 2", _num(s.get("over_trained")), "over-trained matrices"),
         ("α > 6", _num(s.get("under_trained")), "under-trained matrices"),
         ("mean eff. rank ratio", _num(s.get("mean_effective_rank_ratio")), "effective rank / min(m, n)"),
