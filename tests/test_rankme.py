@@ -209,7 +209,7 @@ def test_npy_is_memory_mapped_and_tiny_chunks_bound_memory(tmp_path: Path):
     path = tmp_path / "big.npy"
     np.save(path, z)
     src = open_embeddings(path)
-    assert isinstance(src.read(0, 2), np.memmap)
+    assert isinstance(src.read(0, 2), np.memmap) and src.release is not None
     from spectra_cli.representation import score_source
 
     tracemalloc.start()

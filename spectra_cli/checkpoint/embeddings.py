@@ -20,6 +20,8 @@ values (how many, and the first row and column).
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -50,6 +52,7 @@ class EmbeddingSource:
     dtype: str
     key: str | None
     read: RowReader
+    release: Callable[[int, int], None] | None = None
 
     @property
     def label(self) -> str:
@@ -73,6 +76,8 @@ class EmbeddingSource:
                     first = (start + int(r), int(c))
             elif bad == 0:
                 yield x
+            if self.release is not None:
+                self.release(start, stop)
             if progress is not None:
                 progress(stop, self.n)
         if bad:
@@ -129,7 +134,32 @@ def _open_npy(path: Path, key: str | None) -> EmbeddingSource:
         raise CheckpointError(f"{path}: cannot read as .npy ({e}); re-save it with np.save") from e
     dtype = _check_numeric_np(str(path), arr.dtype)
     n, k = _check_shape(str(path), arr.shape)
-    return EmbeddingSource(path, "npy", n, k, dtype, None, lambda a, b: arr[a:b])
+    return EmbeddingSource(path, "npy", n, k, dtype, None, lambda a, b: arr[a:b], _releaser(arr))
+
+
+def _releaser(arr: np.ndarray) -> Callable[[int, int], None] | None:
+    """Drop the pages of rows a:b from this process's mapping once read (``madvise(MADV_DONTNEED)``; they stay
+    in the page cache), so the resident size stays at one chunk however large the memory-mapped file."""
+    mm = getattr(arr, "_mmap", None)
+    if (
+        mm is None
+        or not hasattr(mm, "madvise")
+        or not hasattr(mmap, "MADV_DONTNEED")
+        or not arr.flags.c_contiguous
+    ):
+        return None
+    row = arr.strides[0] if arr.ndim == 2 else 0
+    base = int(getattr(arr, "offset", 0)) % mmap.ALLOCATIONGRANULARITY  # where the data starts in mm
+    page = mmap.PAGESIZE
+
+    def release(a: int, b: int) -> None:
+        start = (base + a * row) // page * page
+        stop = (base + b * row) // page * page
+        if stop > start:
+            with contextlib.suppress(OSError, ValueError):
+                mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+    return release
 
 
 def _open_npz(path: Path, key: str | None) -> EmbeddingSource:
