@@ -434,6 +434,7 @@ def run_merge(
         rest_changed = _merge_rest(rest, tuned, weights, opts, params, copy, bundle_t)
         extra_numbers = sum(int(np.asarray(v.data if isinstance(v, RawTensor) else v).size)
                             for k, v in bundle_t.items() if k.startswith("task."))  # fmt: skip
+        matrix_stored = stored_total
         stored_total += extra_numbers
         tasks = [t.name for t in tuned]
         cos_mean = np.divide(cos_sum, pairs, out=np.zeros((n, n)), where=pairs > 0)
@@ -459,6 +460,7 @@ def run_merge(
             summary["storage"] = stored_total / (raw_total + extra_numbers) if raw_total else None
             summary["stored_numbers"] = stored_total
             summary["raw_numbers"] = raw_total + extra_numbers
+            summary["matrix_storage"] = matrix_stored / raw_total if raw_total else None
             summary["storage_vs_dense"] = (
                 stored_total / (dense_total + extra_numbers) if dense_total else None
             )

@@ -103,7 +103,8 @@ def _notes(result: Any) -> list[str]:
     if "storage" in s and s["storage"] is not None:
         lines.append(
             f"storage: {s['storage']:.3g} of the {len(s['tasks'])} inputs ({s['stored_numbers']:,} of "
-            f"{s['raw_numbers']:,} numbers; {s['storage_vs_dense']:.3g} of n dense updates)"
+            f"{s['raw_numbers']:,} numbers; merged matrices alone {s['matrix_storage']:.3g}; "
+            f"{s['storage_vs_dense']:.3g} of n dense updates); overall relative error {s['overall_error']:.3g}"
         )
     cos = s["cosine"]
     n = len(cos)
@@ -118,7 +119,7 @@ def _notes(result: Any) -> list[str]:
             f"p={p}: err {e:.3g}, storage {st:.3g}"
             for p, e, st in zip(sw["p"], sw["error"], sw["storage"], strict=True)
         )
-        lines.append(f"sweep: {pts}")
+        lines.append(f"sweep (merged matrices): {pts}")
     lines.append(f"wrote {s['output_kind']} {s['output']} in {s['seconds']:.2f} s")
     return lines
 
@@ -250,7 +251,6 @@ def merge_cmd(
         result = run_merge(base, pairs, out, opts, force=force, argv=sys.argv, progress=update)
     for name, skipped in result.summary.get("adapter_tensors_not_merged", {}).items():
         warn(f"{name}: {len(skipped)} non-LoRA adapter tensors (e.g. {skipped[0]}) were not merged", quiet)
-    warn(f"wrote {result.summary['output_kind']} to {out}", quiet)
     if plots:
         from spectra_cli.provenance import write_run_record
         from spectra_cli.report.merge_plots import merge_plots

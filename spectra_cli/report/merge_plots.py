@@ -83,6 +83,6 @@ def merge_plots(result: Any, out: Path) -> list[Path]:
     if result.sweep is not None:
         p = out / "sweep.png"
         s = result.summary
-        plot_sweep(result.sweep, p, s.get("storage"), s.get("overall_error"))
+        plot_sweep(result.sweep, p, s.get("matrix_storage"), s.get("overall_error"))
         paths.append(p)
     return paths
