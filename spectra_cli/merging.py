@@ -68,11 +68,17 @@ def method_names() -> list[str]:
     return [*METHODS, RMM]
 
 
-def method_help() -> str:
-    """One line per method (name: summary [reference]) for ``--help``."""
-    lines = [f"{m.name}: {m.summary} [{m.reference}]" for m in METHODS.values()]
-    lines.append(f"{RMM}: reversible bundle, rebuild any task with `spectra reconstruct` [{RMM_REFERENCE}]")
-    return "; ".join(lines)
+def method_lines() -> list[str]:
+    """One line per method for ``--help`` and the docs: name, summary, parameters (default), reference."""
+    lines = []
+    for m in METHODS.values():
+        params = ", ".join(f"{k}={d!r}" for k, (d, _) in m.params.items())
+        lines.append(f"{m.name}: {m.summary} Parameters: {params or 'none'}. [{m.reference}]")
+    lines.append(
+        f"{RMM}: a per-module basis (--basis P or --energy τ, --center) and per-task coefficients, written as a "
+        f"bundle; `spectra reconstruct` rebuilds any task. [{RMM_REFERENCE}]"
+    )
+    return lines
 
 
 @dataclass(frozen=True)

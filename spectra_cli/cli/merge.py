@@ -37,9 +37,16 @@ Examples:
 
 
 def _method_help() -> str:
-    from spectra_cli.merging import method_help
+    from spectra_cli.merging import method_names
 
-    return "Merge method. " + method_help()
+    return f"Merge method: {', '.join(method_names())} (each described below, with its paper)."
+
+
+def _epilog() -> str:
+    """The examples, then one paragraph per method from the registry (name, summary, parameters, reference)."""
+    from spectra_cli.merging import method_lines
+
+    return MERGE_EPILOG + "\nMethods:\n\n" + "\n\n".join(f"  {line}" for line in method_lines()) + "\n"
 
 
 def _weights(values: list[str] | None) -> tuple[float, ...] | None:
@@ -334,5 +341,5 @@ def reconstruct_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("merge", epilog=MERGE_EPILOG)(handle_errors(merge_cmd))
+    app.command("merge", epilog=_epilog())(handle_errors(merge_cmd))
     app.command("reconstruct", epilog=RECONSTRUCT_EPILOG)(handle_errors(reconstruct_cmd))
