@@ -287,6 +287,9 @@ class ResidualWriter:
             )
         self.ckpt, self.stage, self.dtype = ckpt, stage, dtype
         src = Path(ckpt.path)
+        if src.is_file() and src.name.endswith(".index.json"):
+            src = src.parent  # the index names a sharded folder: write the folder
+        self.src = src
         self.root = src if src.is_dir() else src.parent
         self.skipped_files: list[str] = []
         self._copy_side_files(src)
@@ -394,7 +397,7 @@ class ResidualWriter:
     def finish(self) -> None:
         self._advance(None)
         self._close()
-        src = Path(self.ckpt.path)
+        src = self.src
         index = src / _INDEX if src.is_dir() else None
         if index is not None and index.is_file():
             data = json.loads(index.read_text())

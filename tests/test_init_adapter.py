@@ -629,3 +629,12 @@ def test_bf16_checkpoint_residual_is_rounded_from_the_fp32_residual(models, tmp_
     np.testing.assert_allclose(
         np.linalg.svd(2.0 * (b.double() @ a.double()).numpy(), compute_uv=False)[:4], s[:4], rtol=1e-4
     )
+
+
+def test_index_file_as_input_writes_the_sharded_folder(models, tmp_path):
+    src = models["llama_sharded"]
+    out = tmp_path / "out"
+    init(src / "model.safetensors.index.json", out, "--rank", "2", "--kinds", "o_proj")
+    res = out / "residual"
+    assert (res / "model.safetensors.index.json").is_file() and (res / "config.json").is_file()
+    assert round_trip_error(src, out, "llama") <= TOL
