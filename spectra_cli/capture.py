@@ -16,6 +16,7 @@ gate/up) are computed once and written as aliases. Module paths are the checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -37,7 +38,7 @@ from spectra_cli.checkpoint.naming import module_path
 from spectra_cli.checkpoint.source import open_checkpoint
 from spectra_cli.errors import CheckpointError, SelectionError, SpectraError
 from spectra_cli.results import RunResult
-from spectra_cli.spectral.engine import EngineOptions, resolve
+from spectra_cli.spectral.engine import EngineOptions, is_small, resolve
 
 STATS = ("pca", "covariance", "both")
 DEFAULT_TAU = 0.99  # EVA's convergence threshold on the cosine of consecutive estimates
@@ -57,13 +58,41 @@ def _flip_signs(vt: torch.Tensor) -> torch.Tensor:
 _GRAM_RTOL = 1e-12  # λ (= σ²) below this fraction of λ₁ is at the float64 Gram route's noise floor
 
 
+_controller: Any = None
+
+
+def _one_thread(active: bool) -> contextlib.AbstractContextManager[Any]:
+    """One BLAS *and* OpenMP thread (torch's CPU eigh runs under OpenMP; on a busy machine several threads
+    make a 200×200 eigh ~100× slower)."""
+    global _controller
+    if not active:
+        return contextlib.nullcontext()
+    if _controller is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # optional: without it the default thread count is kept
+            _controller = False
+        else:
+            _controller = ThreadpoolController()
+    if _controller is False:
+        return contextlib.nullcontext()
+    return _controller.limit(limits=1)
+
+
 def _top_right_singular(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k singular values (descending) and right singular vectors (k×d rows) of a float64 m×d matrix.
 
     By the Gram route on the smaller side (one GEMM + a symmetric eigensolve, 2-5× faster than an SVD on CPU
     and more on CUDA): eigh(AᵀA) gives V directly; eigh(AAᵀ) gives U, and Vᵀ = diag(1/σ)·UᵀA. Directions whose
     σ² is below 1e-12·σ₁² (nothing left of the data there) are dropped, so fewer than k may come back.
+    Small problems run on one BLAS thread (as the engine does: several threads only add contention there).
     """
+    m, d = a.shape
+    with _one_thread(a.device.type == "cpu" and is_small((m, d))):
+        return _top_right_singular_gram(a, k)
+
+
+def _top_right_singular_gram(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     m, d = a.shape
     if m >= d:
         lam, vecs = torch.linalg.eigh(a.T @ a)
