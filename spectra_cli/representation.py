@@ -61,10 +61,10 @@ class RankmeOptions:
             raise ValueError("batch_size must be at least 1")
 
     def rows_per_chunk(self, k: int, budget: int | None = None) -> int:
-        """``chunk_rows``, else as many rows as fit ``max_memory`` (or ``budget``, or 256 MB)."""
+        """``chunk_rows``, else as many rows as fit ``budget`` bytes (default: ``max_memory``, else 256 MB)."""
         if self.chunk_rows:
             return self.chunk_rows
-        return chunk_rows_for(k, self.max_memory or budget or DEFAULT_CHUNK_BYTES)
+        return chunk_rows_for(k, budget or self.max_memory or DEFAULT_CHUNK_BYTES)
 
 
 @dataclass
@@ -180,7 +180,10 @@ def run_rankme(
 
     for name, src in sources:
         t = time.perf_counter()
-        budget = engine.budget // 2 if acc_device else engine.budget  # device copy of the chunk as well
+        # --max-memory as given; by default at most 256 MB a chunk (GEMM speed is flat well below that)
+        budget = min(engine.budget, DEFAULT_CHUNK_BYTES) if opts.max_memory is None else engine.budget
+        if acc_device:
+            budget //= 2  # the chunk has a device copy as well
         sc = score_source(src, opts.rows_per_chunk(src.k, budget), tick(name), acc_device)
         done += src.n
         rows.append(_row(name, sc, src.label, src.dtype, time.perf_counter() - t))

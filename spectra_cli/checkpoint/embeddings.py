@@ -363,5 +363,6 @@ def open_embeddings(path: str | Path, key: str | None = None) -> EmbeddingSource
 
 
 def chunk_rows_for(k: int, budget_bytes: int) -> int:
-    """Rows per chunk so that a float64 chunk and its stored copy (≤ 16·K bytes a row) fit ``budget_bytes``."""
-    return max(1, budget_bytes // (16 * max(k, 1)))
+    """Rows per chunk so that one chunk in flight fits ``budget_bytes``: the stored rows (≤ 8·K bytes a row), their
+    float64 copy and its shifted copy in the accumulator (8·K each), 24·K bytes a row in all."""
+    return max(1, budget_bytes // (24 * max(k, 1)))

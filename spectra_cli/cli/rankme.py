@@ -156,7 +156,7 @@ def rankme_cmd(
             min=1,
             metavar="ROWS",
             rich_help_panel="Compute",
-            help="Rows read per chunk (default: as many as fit --max-memory).",
+            help="Rows read per chunk (default: as many as fit --max-memory, or 256MB).",
         ),
     ] = None,
     max_memory: o.MaxMemoryOpt = None,
