@@ -425,8 +425,11 @@ def _activations(src: Path, path: Path, kinds: tuple[str, ...]) -> None:
 
 
 @pytest.mark.skipif("corda" not in methods(), reason="the data-driven methods are not in this tree")
-@pytest.mark.parametrize("method", ["corda", "eva"])
-def test_data_driven_methods_run_end_to_end(models, tmp_path, method):
+@pytest.mark.parametrize(
+    "method,extra",
+    [("corda", ()), ("corda", ("--corda-mode", "kpm")), ("eva", ()), ("eva", ("--no-redistribute",))],
+)
+def test_data_driven_methods_run_end_to_end(models, tmp_path, method, extra):
     acts = tmp_path / "acts.safetensors"
     _activations(models["llama"], acts, ("q_proj", "v_proj"))
     out = tmp_path / "out"
@@ -441,10 +444,15 @@ def test_data_driven_methods_run_end_to_end(models, tmp_path, method):
         "q_proj,v_proj",
         "--activations",
         acts,
+        *extra,
     )
     assert env["summary"]["modules"] >= 1
     base = None if method == "corda" else models["llama"]
     assert (out / "residual").exists() == (method == "corda")
+    if "--no-redistribute" in extra:
+        assert {r["rank"] for r in env["rows"]} == {4}
+    if "kpm" in extra:
+        assert {r.get("mode") for r in env["rows"]} == {"kpm"}
     assert round_trip_error(models["llama"], out, "llama", base_dir=base) <= TOL
 
 
