@@ -240,7 +240,7 @@ def test_task_arithmetic_of_conv1d_adapters_equals_the_sum_of_pefts_own_merges(t
     assert changed >= 6  # c_attn, c_fc, c_proj of both layers
 
 
-@pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "llama_embed", "bert", "gpt2"])
 def test_rmm_adapters_out_load_in_peft_and_reproduce_the_original_outputs(tmp_path, arch):
     import torch
     from peft import PeftModel
@@ -250,7 +250,9 @@ def test_rmm_adapters_out_load_in_peft_and_reproduce_the_original_outputs(tmp_pa
     bundle = tmp_path / "bundle"
     env = merge_json(case.base, *named(case.adapters), "--method", "rmm", "--basis", 2, "--out", bundle)
     assert env["summary"]["p"] and max(env["summary"]["p"].values()) <= 2
-    cls = {"llama": LlamaForCausalLM, "bert": AutoModel, "gpt2": GPT2Model}[arch]
+    cls = {"llama": LlamaForCausalLM, "llama_embed": LlamaForCausalLM, "bert": AutoModel, "gpt2": GPT2Model}[
+        arch
+    ]
     ids = torch.tensor([[1, 5, 7, 2, 9, 11, 3]])
     for task, original in case.adapters.items():
         out = tmp_path / f"rebuilt-{task}"
@@ -264,10 +266,12 @@ def test_rmm_adapters_out_load_in_peft_and_reproduce_the_original_outputs(tmp_pa
             assert not [m for m in msgs if "missing" in m or "unexpected" in m], msgs
             with torch.no_grad():
                 res = model(input_ids=ids)
-            outputs.append((res.logits if arch == "llama" else res.last_hidden_state).double().numpy())
+            outputs.append(
+                (res.logits if arch.startswith("llama") else res.last_hidden_state).double().numpy()
+            )
         with torch.no_grad():
             plain = cls.from_pretrained(case.base).eval()(input_ids=ids)
-        base_out = (plain.logits if arch == "llama" else plain.last_hidden_state).double().numpy()
+        base_out = (plain.logits if arch.startswith("llama") else plain.last_hidden_state).double().numpy()
         assert np.abs(outputs[0] - base_out).max() > 1e-3  # the adapter does change the outputs
         assert np.abs(outputs[1] - outputs[0]).max() <= 1e-4, task
 
