@@ -103,18 +103,22 @@ def make_adapters(base: Path, out: Path, n: int, r: int) -> list[Path]:
     return paths
 
 
-def tiny_base(out: Path) -> Path:
-    """A tiny LLaMA (hidden 16, 2 layers) written by transformers, so PEFT can load it too."""
-    if (out / "config.json").is_file():
-        return out
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+TINY = r"""
+import sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)).save_pretrained(sys.argv[1])
+"""
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
-                                         max_position_embeddings=64))  # fmt: skip
-    model.save_pretrained(out)
+
+def tiny_base(out: Path) -> Path:
+    """A tiny LLaMA (hidden 32, 2 layers) written by transformers, so PEFT can load it too. Made in a child
+    process: a parent that imported torch would inflate every later child's peak RSS (fork copies it)."""
+    import subprocess
+
+    if not (out / "config.json").is_file():
+        subprocess.run([sys.executable, "-c", TINY, str(out)], check=True, capture_output=True)
     return out
 
 
