@@ -574,8 +574,10 @@ def run_init(
         raise SpectraError(f"--energy is only used by extract, not {method.name}")
     if method.needs_tuned and opts.tuned is None:
         raise SpectraError(f"{method.name} needs the fine-tuned checkpoint: add --tuned TUNED")
-    if opts.activations is not None and not method.needs_activations:
-        raise SpectraError(f"--activations is not used by {method.name} (only by methods that need them)")
+    if opts.activations is not None and not method.needs_activations and opts.allocate is None:
+        raise SpectraError(
+            f"--activations is not used by {method.name} (only by methods that need them, and --allocate eva)"
+        )
     if method.needs_activations and opts.activations is None:
         raise SpectraError(
             f"{method.name} needs the inputs' statistics: capture them with `spectra capture` and pass "
@@ -586,7 +588,7 @@ def run_init(
     ckpt = open_checkpoint(path)
     specs = select_targets(ckpt, opts)
     acts = None
-    if opts.activations is not None:
+    if opts.activations is not None and method.needs_activations:
         from spectra_cli.checkpoint.activations import read_activations
 
         acts_file = read_activations(opts.activations)
