@@ -476,9 +476,12 @@ def run_merge(
             summary["overall_error"] = math.sqrt(num / den) if den > 0 else 0.0
         if module_stats:
             summary["method_stats"] = module_stats
-        if (
-            not is_rmm
-        ):  # non-LoRA tensors of adapters (modules_to_save, …) have no place in a merged base copy
+        named_bases = sorted({str(t.adapter.config.get("base_model_name_or_path")) for t in tuned
+                              if t.adapter is not None and t.adapter.config.get("base_model_name_or_path")})  # fmt: skip
+        if len(named_bases) > 1:  # they fit this base's shapes, but say they were trained on different models
+            summary["adapter_base_names"] = named_bases
+        if not is_rmm:
+            # non-LoRA tensors of adapters (modules_to_save, …) have no place in a merged base copy
             skipped = {
                 t.name: list(t.adapter.ignored) for t in tuned if t.adapter is not None and t.adapter.ignored
             }

@@ -311,6 +311,13 @@ def test_adapters_on_different_bases_are_an_error_naming_the_module(lora, tmp_pa
     assert not (tmp_path / "o").exists()
 
 
+def test_adapters_naming_different_base_models_get_a_warning(lora, tmp_path):
+    a, b = (fx.lora_adapter(tmp_path / k.replace("/", "-"), {m: (f[0], f[1]) for m, f in lora.factors["a0"].items()},
+                            2, 4.0, base_model_name_or_path=k) for k in ("org/model-x", "org/model-y"))  # fmt: skip
+    r = runner.invoke(app, ["merge", str(lora.base_path), f"a={a}", f"b={b}", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0 and "name different base models (org/model-x, org/model-y)" in r.stderr
+
+
 def test_basis_larger_than_n_is_an_error(full, tmp_path):
     r = run(
         "merge", full.base_path, *named(full.paths), "--method", "rmm", "--basis", 4, "--out", tmp_path / "o"

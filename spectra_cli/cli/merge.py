@@ -256,6 +256,12 @@ def merge_cmd(
     )
     with progress_bar("merging", quiet) as update:
         result = run_merge(base, pairs, out, opts, force=force, argv=sys.argv, progress=update)
+    if "adapter_base_names" in result.summary:
+        names = ", ".join(result.summary["adapter_base_names"])
+        warn(
+            f"the adapters name different base models ({names}); they fit BASE's shapes, check they belong together",
+            quiet,
+        )
     for name, skipped in result.summary.get("adapter_tensors_not_merged", {}).items():
         warn(f"{name}: {len(skipped)} non-LoRA adapter tensors (e.g. {skipped[0]}) were not merged", quiet)
     if plots:
