@@ -247,16 +247,18 @@ class CaptureResult(RunResult):
     aliases: dict[str, str] | None = None
 
 
-def read_texts(path: Path, text_field: str = "text") -> list[str]:
-    """Examples from a text file (one per non-empty line) or a JSONL file (``text_field`` of every object)."""
+def iter_texts(path: Path, text_field: str = "text") -> Iterator[str]:
+    """Examples from a text file (one per non-empty line) or a JSONL file (``text_field`` of every object),
+    read lazily line by line (the file may be larger than memory)."""
     if not path.is_file():
         raise SpectraError(f"{path}: no such data file")
-    raw = path.read_text(encoding="utf-8")
-    lines = [line for line in raw.splitlines() if line.strip()]
-    texts: list[str] = []
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        for i, line in enumerate(raw.splitlines(), 1):
+    jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
             if not line.strip():
+                continue
+            if not jsonl:
+                yield line.rstrip("\r\n")
                 continue
             try:
                 obj = json.loads(line)
@@ -268,12 +270,12 @@ def read_texts(path: Path, text_field: str = "text") -> list[str]:
                 raise SpectraError(
                     f"{path}:{i}: no string field {text_field!r}; name the field with --text-field"
                 )
-            texts.append(obj[text_field])
-    else:
-        texts = lines
-    if not texts:
-        raise SpectraError(f"{path}: no examples (the file is empty)")
-    return texts
+            yield obj[text_field]
+
+
+def _count_examples(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
 
 
 def _transformers() -> Any:
@@ -366,9 +368,15 @@ def _count(a: np.ndarray | None) -> int:
     return 0 if a is None else len(a)
 
 
-def _batches(texts: list[str], size: int) -> Iterator[list[str]]:
-    for start in range(0, len(texts), size):
-        yield texts[start : start + size]
+def _batches(texts: Iterator[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _file_hash(path: Path) -> str:
@@ -447,7 +455,10 @@ def run_capture(
         raise SpectraError("--components must be at least 1 when the PCA is captured")
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
-    texts = read_texts(data, opts.text_field)
+    texts = iter_texts(data, opts.text_field)
+    total = _count_examples(data)
+    if total == 0:
+        raise SpectraError(f"{data}: no examples (the file is empty)")
     device = resolve(EngineOptions(device=opts.device, backend="torch")).device
     model = load_model(model_dir, device)
     tokenizer = load_tokenizer(Path(opts.tokenizer) if opts.tokenizer else model_dir)
@@ -482,7 +493,7 @@ def run_capture(
             used += int(mask.sum())
             examples += len(batch)
             if progress is not None:
-                progress(examples, len(texts), f"{used} tokens")
+                progress(examples, total, f"{used} tokens")
     finally:
         for h in handles:
             h.remove()

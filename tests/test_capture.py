@@ -354,3 +354,29 @@ def test_round_trip_through_transformers_and_peft(models: dict[str, Path], tmp_p
         assert lora_a, "the adapter has no LoRA weights"
         diff = float((outputs(model) - reference).abs().max())
         assert diff <= 1e-4, (method, extra, diff)
+
+
+def test_data_files(tmp_path: Path) -> None:
+    from spectra_cli.capture import iter_texts
+    from spectra_cli.errors import SpectraError
+
+    txt = tmp_path / "a.txt"
+    txt.write_text("one two\n\n  \nthree\r\n")
+    assert list(iter_texts(txt)) == ["one two", "three"]
+    jl = tmp_path / "a.jsonl"
+    jl.write_text('{"text": "x y"}\n\n{"text": "z"}\n{"other": 1}\n')
+    with pytest.raises(SpectraError, match=r"a\.jsonl:4: no string field 'text'"):
+        list(iter_texts(jl))
+    jl.write_text('{"text": "x"}\nnot json\n')
+    with pytest.raises(SpectraError, match=r":2: not a JSON line"):
+        list(iter_texts(jl))
+
+
+def test_empty_data_file(models: dict[str, Path], tmp_path: Path) -> None:
+    empty = tmp_path / "e.txt"
+    empty.write_text("\n\n")
+    res = runner.invoke(
+        app, ["capture", str(models["llama"]), "--data", str(empty), "--out", str(tmp_path / "o.safetensors")]
+    )
+    assert res.exit_code == 1 and "no examples" in res.stderr
+    assert not (tmp_path / "o.safetensors").exists()
