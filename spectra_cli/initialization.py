@@ -23,6 +23,7 @@ Output layout (``out/``):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,7 +33,7 @@ import shutil
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -529,6 +530,25 @@ def _from_device(t: torch.Tensor, code: str) -> RawTensor:
     return RawTensor(t.to(_torch_dtype(name)).cpu().contiguous().numpy(), code)
 
 
+@contextlib.contextmanager
+def _threads(shape: tuple[int, int], device: str) -> Iterator[None]:
+    """One PyTorch CPU thread for small matrices (the analyze engine's rule, ``engine.is_small``): threads
+    gain little there, and on a busy machine their spinning made the decompositions several times slower."""
+    import torch
+
+    from spectra_cli.spectral.engine import is_small
+
+    if device != "cpu" or not is_small(shape):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _device(opts: InitOptions) -> str:
     from spectra_cli.spectral.engine import EngineOptions, resolve
 
@@ -657,7 +677,8 @@ def run_init(
                 name=tg.path, weight=w, rank=tg.rank, scale=tg.scale,
                 activations=acts[tg.path] if acts is not None else None, tuned=tuned_w, options=m_opts,
             )  # fmt: skip
-            res = method.factorize(inp)
+            with _threads(spec.shape, device):
+                res = method.factorize(inp)
             r = int(res.A.shape[0])
             if tuple(res.A.shape) != (r, spec.shape[1]) or tuple(res.B.shape) != (spec.shape[0], r):
                 raise RuntimeError(
