@@ -379,3 +379,61 @@ def test_check_envelope_defaults_and_errors() -> None:
     assert env["inputs"] == env["options"] == env["summary"] == {}
     with pytest.raises(SpectraError, match="schema_version '1' is not supported"):
         check_envelope({"schema_version": "1", "command": "merge", "rows": []})
+
+
+# ---- figures drawn with the right labels (review of issue #7) ---------------------------------------------
+
+
+@pytest.fixture
+def drawn(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every matplotlib figure saved during the test, captured before the plot function closes it."""
+    from matplotlib.figure import Figure
+
+    figures: list[Any] = []
+    real = Figure.savefig
+
+    def capture(self: Any, *args: Any, **kwargs: Any) -> None:
+        self.canvas.draw()
+        figures.append(self)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", capture)
+    return figures
+
+
+def _heat_rows() -> list[dict[str, Any]]:
+    return [{"name": f"layers.{d}.{k}", "kind": k, "depth": d, "status": "ok", "intruders": (d + i) % 3,
+             "rank": 8 * (d + 1), "ratio": 0.123 * (d + 1)}
+            for d in range(4) for i, k in enumerate(("q", "v"))]  # fmt: skip
+
+
+def test_heatmap_cells_use_the_format(drawn: list[Any]) -> None:
+    from spectra_cli.report.plots import plot_heatmap
+
+    assert plot_heatmap(_heat_rows(), "intruders", "intruders", io.BytesIO(), fmt=".0f")  # type: ignore[arg-type]
+    cells = {t.get_text() for t in drawn[-1].axes[0].texts}
+    assert cells == {"0", "1", "2"}
+    # integer counts need no decimals even without an explicit format; fractions keep two
+    assert plot_heatmap(_heat_rows(), "rank", "rank", io.BytesIO())  # type: ignore[arg-type]
+    assert {t.get_text() for t in drawn[-1].axes[0].texts} == {"8", "16", "24", "32"}
+    assert plot_heatmap(_heat_rows(), "ratio", "ratio", io.BytesIO())  # type: ignore[arg-type]
+    assert {t.get_text() for t in drawn[-1].axes[0].texts} == {"0.12", "0.25", "0.37", "0.49"}
+
+
+def test_depth_axes_have_integer_ticks(drawn: list[Any]) -> None:
+    from spectra_cli.report.plots import plot_by_depth
+
+    rows = [r for r in _heat_rows() if r["depth"] < 3]
+    metrics = (("rank", "rank"), ("ratio", "ratio"))
+    assert plot_by_depth(rows, io.BytesIO(), metrics, "t")  # type: ignore[arg-type]
+    for ax in drawn[-1].axes[:2]:
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_analyze_table_shows_dash_for_missing_r90(model: Path) -> None:
+    r = run("analyze", model, "-f", "markdown", "-q")
+    assert r.exit_code == 0, r.stderr
+    nan_row = next(line for line in r.stdout.splitlines() if "o_proj" in line)
+    assert "None" not in nan_row and "| - |" in nan_row

@@ -47,7 +47,7 @@ def _columns() -> list[Any]:
         Column("spectral_norm", "σ₁", f()),
         Column("stable_rank", "stable rank", f()),
         Column("effective_rank", "eff. rank", f(1)),
-        Column("energy_rank_90", "r90"),
+        Column("energy_rank_90", "r90", lambda x: "-" if x is None else str(x)),
         Column("alpha", "α", f()),
         Column("alpha_flag", "α reading", lambda x: x or "-", "left"),
         Column("entropy", "entropy", f()),

@@ -89,6 +89,8 @@ def plot_by_depth(
 ) -> bool:
     """Each metric against depth, one line per module kind. False when no row has a depth."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     ok = [r for r in rows if r.get("status") == "ok" and r.get("depth") is not None]
     if not ok:
         return False
@@ -108,6 +110,7 @@ def plot_by_depth(
                 ax.plot(d, v, marker="o", ms=3, lw=1.2, color=cmap(i % cmap.N), label=kind)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("block depth")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # depths are whole numbers
         ax.grid(alpha=0.3)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(kinds), 6), fontsize=8, frameon=False)
@@ -119,8 +122,12 @@ def plot_by_depth(
     return True
 
 
-def plot_heatmap(rows: list[dict[str, Any]], key: str, label: str, path: Path, fmt: str = ".2f") -> bool:
-    """A depth × kind heatmap of one metric. False when no row has a depth."""
+def plot_heatmap(
+    rows: list[dict[str, Any]], key: str, label: str, path: Path, fmt: str | None = None
+) -> bool:
+    """A depth × kind heatmap of one metric (the mean over rows sharing a cell), each cell labelled with
+    ``format(value, fmt)``; without ``fmt``, whole numbers print without decimals and others with two.
+    False when no row has a depth."""
     plt = _plt()
     ok = [r for r in rows if r.get("status") == "ok" and r.get("depth") is not None]
     if not ok:
@@ -139,11 +146,14 @@ def plot_heatmap(rows: list[dict[str, Any]], key: str, label: str, path: Path, f
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     if grid.size <= 300 and np.isfinite(grid).any():
         lo, hi = np.nanmin(grid), np.nanmax(grid)
+        finite = grid[np.isfinite(grid)]
+        cell_fmt = fmt or (".0f" if np.all(finite == np.round(finite)) else ".2f")
         for (i, j), v in np.ndenumerate(grid):
             if np.isfinite(v):
                 dark = hi > lo and (v - lo) / (hi - lo) < 0.6
                 ax.text(
-                    j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if dark else "black"
+                    j, i, format(v, cell_fmt), ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black",
                 )
     ax.set_xticks(range(len(depths)), [str(d) for d in depths], fontsize=8)
     ax.set_yticks(range(len(kinds)), kinds, fontsize=8)
