@@ -2,7 +2,7 @@
 
 For every selected linear module the forward hooks stream, in float64 on the compute device:
 
-- the token mean of its input x (``input_mean``),
+- the token mean of its input x (``input_mean``) and the variance of each feature (``input_variance``),
 - with ``stats`` "covariance"/"both", the uncentred second moment C = mean xᵀx (in×in, CorDA's C),
 - with ``stats`` "pca"/"both", an incremental, mean-centred PCA of up to ``components`` directions
   (:class:`IncrementalPCA`, the update of scikit-learn's / PEFT's ``IncrementalPCA``) with explained-variance
@@ -189,13 +189,22 @@ class _Stats:
         self.dim = dim
         self.n = 0
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(dim, dtype=torch.float64, device=device)  # Σ (x − mean)² per feature
         self.cov = torch.zeros(dim, dim, dtype=torch.float64, device=device) if covariance else None
         self.pca = IncrementalPCA(components, dim, device) if components > 0 else None
         self.chunk = chunk
 
     def update(self, x: torch.Tensor) -> None:
         x = x.to(torch.float64)
-        self.n += int(x.shape[0])
+        n0, n = self.n, int(x.shape[0])
+        if n == 0:
+            return
+        batch_mean = x.mean(dim=0)
+        xc = x - batch_mean
+        # Chan et al.'s pairwise merge of the per-feature sums of squared deviations
+        delta = batch_mean - self.sum / max(n0, 1)
+        self.m2 += (xc * xc).sum(dim=0) + (delta * delta) * (n0 * n / (n0 + n))
+        self.n += n
         self.sum += x.sum(dim=0)
         if self.cov is not None:
             self.cov += x.T @ x
@@ -214,6 +223,7 @@ class _Stats:
             module=name,
             input_covariance=cov,
             input_mean=(self.sum / n).cpu().numpy(),
+            input_variance=(self.m2 / n).cpu().numpy(),
             pca_components=comps,
             pca_explained_variance_ratio=ratios,
             tokens=self.n,

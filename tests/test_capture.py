@@ -123,6 +123,8 @@ def test_statistics_equal_direct_hooks(models: dict[str, Path], tmp_path: Path, 
         x = direct[name]
         assert m.tokens == len(x)
         np.testing.assert_allclose(m.input_mean, x.mean(axis=0), atol=1e-6)
+        assert m.input_variance is not None  # per-feature population variance (EVA's --whiten from PCA alone)
+        np.testing.assert_allclose(m.input_variance, x.var(axis=0), rtol=1e-5, atol=1e-6)
         assert m.input_covariance is not None
         np.testing.assert_allclose(m.input_covariance, x.T @ x / len(x), rtol=1e-5, atol=1e-5)
         comps, ratios = _exact_pca(x)

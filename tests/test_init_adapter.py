@@ -479,7 +479,7 @@ def test_activations_for_other_modules_are_refused(models, tmp_path):
         (("--rank", "40"), 1, "rank larger than min(out, in)"),
         (("--rank", "2", "--kinds", "q_proj,nope"), 1, "--kinds nope: matches no linear weight"),
         (("--rank", "2", "--method", "milora", "--fast", "2"), 1, "--fast is not available for milora"),
-        (("--rank", "2", "--method", "nope"), 1, "unknown init method 'nope'"),
+        (("--rank", "2", "--method", "nope"), 2, "'nope' is not one of corda"),
         (("--rank", "2", "--method", "extract"), 1, "add --tuned"),
         (("--rank", "2", "--energy", "0.9"), 1, "--energy is only used by extract"),
         (("--rank", "2", "--dtype", "int8"), 2, "choose one of"),
@@ -559,6 +559,30 @@ def test_table_output_and_list_methods(models, tmp_path):
     for name in ("pissa", "milora", "olora", "extract"):
         assert f"{name}: " in r.stdout
     assert "arXiv:2404.02948" in r.stdout
+
+
+def test_help_lists_every_registry_method_however_the_process_started():
+    """The method list comes from the registry in any process (CliRunner here, not `spectra init-adapter`)."""
+    r = run("init-adapter", "--help")
+    assert r.exit_code == 0
+    text = " ".join(r.stdout.split())
+    for name, m in methods().items():
+        assert f"{name}: " in text and m.reference.split(",")[0] in text
+    assert "(needs --activations)" in text and "(needs --tuned)" in text
+
+
+def test_registry_metadata_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from spectra_cli.spectral.init import methods; import spectra_cli.cli.init_adapter\n"
+        "names = sorted(methods()); assert names == ['corda', 'eva', 'extract', 'milora', 'olora', 'pissa'], names\n"
+        "print('TORCH', 'torch' in sys.modules)"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "TORCH False" in p.stdout
 
 
 # ---- allocations, GPT-2 Conv1D -------------------------------------------------------------------------------

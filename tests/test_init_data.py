@@ -116,8 +116,41 @@ def test_eva_factors_are_the_top_principal_directions() -> None:
     white2 = eva_factorize(InitInput("m", w, 3, 2.0, activations=cov_acts, options={"whiten": True}))
     np.testing.assert_allclose(np.linalg.norm(white2.A.numpy(), axis=1), 1 / np.sqrt(sv[:3]), rtol=1e-7)
     pca_only = ModuleActivations("m", pca_components=vt[:4], pca_explained_variance_ratio=np.ones(4) / 8)
-    with pytest.raises(CheckpointError, match="--stats covariance"):
+    with pytest.raises(CheckpointError, match="input_variance"):
         eva_factorize(InitInput("m", w, 3, 2.0, activations=pca_only, options={"whiten": True}))
+    # a PCA-only file whitens with the per-feature variance and the token count
+    ratios = sv**2 / np.sum(xc**2)
+    pca_var = ModuleActivations(
+        "m",
+        pca_components=vt[:4],
+        pca_explained_variance_ratio=ratios[:4],
+        input_variance=x.var(axis=0),
+        tokens=300,
+    )
+    white3 = eva_factorize(InitInput("m", w, 3, 2.0, activations=pca_var, options={"whiten": True}))
+    np.testing.assert_allclose(np.linalg.norm(white3.A.numpy(), axis=1), 1 / np.sqrt(sv[:3]), rtol=1e-9)
+
+
+def test_eva_whitening_matches_peft_incremental_pca_singular_values() -> None:
+    """PEFT's whiten divides by √(IncrementalPCA.singular_values_); a PCA-only file with input_variance gives the
+    same rows (fitted here in two partial_fit batches, as PEFT's hooks do)."""
+    from peft.utils.incremental_pca import IncrementalPCA
+
+    x = _data(400, 12, 7, spread=3.0) + 5.0
+    ipca = IncrementalPCA(n_components=4)
+    for part in (x[:150], x[150:]):
+        ipca.partial_fit(torch.as_tensor(part))
+    peft_rows = ipca.components_[:3] / ipca.singular_values_[:3].sqrt().reshape(-1, 1)
+    acts = ModuleActivations(
+        "m",
+        pca_components=ipca.components_.numpy(),
+        pca_explained_variance_ratio=ipca.explained_variance_ratio_.numpy(),
+        input_variance=x.var(axis=0),
+        tokens=400,
+    )
+    w = torch.zeros(5, 12, dtype=torch.float64)
+    got = eva_factorize(InitInput("m", w, 3, 1.0, activations=acts, options={"whiten": True}))
+    np.testing.assert_allclose(got.A.numpy(), peft_rows.numpy(), rtol=1e-8, atol=1e-12)
 
 
 def _pca_acts(ratios: list[float], dim: int = 16) -> ModuleActivations:

@@ -10,6 +10,8 @@ key                                       shape       meaning
 ========================================  ==========  ===================================================
 ``<module>.input_covariance``             (in, in)    mean of xᵀx over the tokens (uncentred second moment)
 ``<module>.input_mean``                   (in,)       mean of x over the tokens
+``<module>.input_variance``               (in,)       variance of each input feature over the tokens
+                                                      (population: mean of (x − mean)²)
 ``<module>.pca_components``               (k, in)     top-k principal directions of the mean-centred
                                                       inputs, orthonormal rows, largest variance first
 ``<module>.pca_explained_variance_ratio`` (k,)        variance along each direction / total variance
@@ -18,8 +20,12 @@ key                                       shape       meaning
 ========================================  ==========  ===================================================
 
 A module needs ``input_covariance`` or ``input_samples`` for CorDA, and ``pca_*``, ``input_covariance``
-(with ``input_mean``) or ``input_samples`` for EVA. The optional metadata entry ``aliases`` (a JSON object
-``{"module": "module it shares its input with"}``) lets q/k/v projections share one set of statistics.
+(with ``input_mean``) or ``input_samples`` for EVA. EVA's ``--whiten`` divides each direction by √σₖ with
+σₖ = √(ratioₖ · Σ input_variance · tokens), the singular value of the centred tokens×in input matrix (PEFT's
+``IncrementalPCA.singular_values_``), so with ``pca_*`` alone it also needs ``input_variance`` and ``tokens``
+(the total variance is otherwise derived from ``input_covariance`` + ``input_mean`` or ``input_samples``).
+The optional metadata entry ``aliases`` (a JSON object ``{"module": "module it shares its input with"}``)
+lets q/k/v projections share one set of statistics.
 Float tensors may be F32 or F64.
 """
 
@@ -41,6 +47,7 @@ VERSION = "1"
 FIELDS = (
     "input_covariance",
     "input_mean",
+    "input_variance",
     "pca_components",
     "pca_explained_variance_ratio",
     "input_samples",
@@ -55,6 +62,7 @@ class ModuleActivations:
     module: str
     input_covariance: np.ndarray | None = None
     input_mean: np.ndarray | None = None
+    input_variance: np.ndarray | None = None  # (in,) per-feature population variance
     pca_components: np.ndarray | None = None
     pca_explained_variance_ratio: np.ndarray | None = None
     input_samples: np.ndarray | None = None

@@ -11,6 +11,7 @@ import typer
 from spectra_cli.cli import options as o
 from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.progress import progress_bar, warn
+from spectra_cli.spectral.init import methods as _registry  # metadata only: no PyTorch import
 
 EPILOG = """\
 Examples:
@@ -32,20 +33,23 @@ base (use it in place of the original model), OUT/README.md and OUT/spectra_run.
 `spectra init-adapter --list-methods` lists the methods with their papers.
 """
 
-_METHOD_HELP = (
-    "Initialisation: pissa, milora, olora, extract, and corda/eva (need --activations); see --list-methods."
-)
+_METHOD_NAMES = sorted(_registry())
+_METHOD_HELP = "Initialisation method (see Methods below, or --list-methods)."
 
 
 def _method_lines() -> list[str]:
-    from spectra_cli.spectral.init import methods
-
     lines = []
-    for name, m in sorted(methods().items()):
-        needs = [w for w, f in (("activations", m.needs_activations), ("--tuned", m.needs_tuned)) if f]
-        extra = f" [needs {', '.join(needs)}]" if needs else ""
+    for name, m in sorted(_registry().items()):
+        needs = [w for w, f in (("--activations", m.needs_activations), ("--tuned", m.needs_tuned)) if f]
+        extra = f" (needs {', '.join(needs)})" if needs else ""  # not [..]: rich would read it as markup
         lines.append(f"{name}: {m.summary.rstrip('. ')}{extra}. {m.reference}")
     return lines
+
+
+def _check_method(value: str) -> str:
+    if value not in _METHOD_NAMES:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(_METHOD_NAMES)}")
+    return value
 
 
 def _list_methods(value: bool) -> None:
@@ -102,7 +106,16 @@ def init_adapter_cmd(
             rich_help_panel="Output",
         ),
     ],
-    method: Annotated[str, typer.Option("--method", "-m", metavar="METHOD", help=_METHOD_HELP)] = "pissa",
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            "-m",
+            metavar="[" + "|".join(_METHOD_NAMES) + "]",
+            callback=_check_method,
+            help=_METHOD_HELP,
+        ),
+    ] = "pissa",
     rank: Annotated[
         int | None,
         typer.Option(
@@ -327,8 +340,5 @@ def init_adapter_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    epilog = EPILOG
-    if "init-adapter" in sys.argv[1:3] and any(h in sys.argv for h in ("--help", "-h")):
-        # the full method list needs the registry (and PyTorch): only when this command's help is shown
-        epilog += "\nMethods:\n\n" + "\n\n".join(f"  {line}" for line in _method_lines()) + "\n"
+    epilog = EPILOG + "\nMethods:\n\n" + "\n\n".join(f"  {line}" for line in _method_lines()) + "\n"
     app.command("init-adapter", epilog=epilog)(handle_errors(init_adapter_cmd))

@@ -8,17 +8,21 @@ register themselves here when imported, and :func:`methods` imports them.
 
 Conventions: W is out×in (``nn.Linear`` layout); ``lora_A`` is r×in, ``lora_B`` is out×r; s = α/r (α/√r with
 rsLoRA) is the scale PEFT applies, so W = W_res + s·B·A.
+
+Importing this module and the method modules does not import PyTorch (the method functions import it when
+they run), so ``spectra init-adapter --help`` can list the registry cheaply.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # the registry's metadata (names, summaries, references) must import without PyTorch
+    import torch
 
-from spectra_cli.checkpoint.activations import ModuleActivations
+    from spectra_cli.checkpoint.activations import ModuleActivations
 
 
 @dataclass(frozen=True)

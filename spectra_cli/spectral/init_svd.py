@@ -25,12 +25,13 @@ carries, and for extract ``relative_error`` = ‖ΔW − s·B·A‖_F / ‖ΔW�
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from spectra_cli.errors import ShapeMismatch, SpectraError
 from spectra_cli.spectral.init import InitFactors, InitInput, InitMethod, register
+
+if TYPE_CHECKING:  # PyTorch is imported by the functions that run, so the registry imports without it
+    import torch
 
 
 def _check_rank(inp: InitInput, allow_zero: bool = False) -> None:
@@ -65,6 +66,8 @@ def _split_sqrt(
     u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) = (diag(√(s/scale))·vh, u·diag(√(s/scale))), PEFT's PiSSA split of the scale."""
+    import torch
+
     root = torch.sqrt(s / scale)
     a = root[:, None] * vh
     b = u * root[None, :]
@@ -80,6 +83,8 @@ def thin_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     """``torch.linalg.svd(w, full_matrices=False)``, taken of wᵀ when w is wide: PyTorch's CPU SVD is about
     2× slower on a wide 384×1536 matrix than on its tall transpose (median 0.28 s vs 0.12 s, 2 threads). The
     factors are the same up to the sign of each singular pair."""
+    import torch
+
     if w.shape[0] >= w.shape[1]:
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         return u, s, vh
@@ -89,6 +94,8 @@ def thin_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def _svd_top(w: torch.Tensor, r: int, niter: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-r (U out×r, S r, Vh r×in): exact thin SVD, or ``torch.svd_lowrank(w, q=r, niter)`` as PEFT calls it."""
+    import torch
+
     if niter is None:
         u, s, vh = thin_svd(w)
         return u[:, :r], s[:r], vh[:r]
@@ -129,6 +136,8 @@ def milora(inp: InitInput) -> InitFactors:
 
 def olora(inp: InitInput) -> InitFactors:
     """OLoRA (Büyükakyüz 2024): B = Q[:, :r], A = R[:r] of the reduced QR of W (PEFT's ``olora_init``)."""
+    import torch
+
     _check_rank(inp)
     _niter(inp, "olora")
     w, r = inp.weight, inp.rank
@@ -143,6 +152,8 @@ def olora(inp: InitInput) -> InitFactors:
 
 def extract(inp: InitInput) -> InitFactors:
     """A LoRA adapter from a fine-tune: the truncated SVD of ΔW = W_tuned − W (base unchanged)."""
+    import torch
+
     if inp.tuned is None:
         raise SpectraError(f"{inp.name}: extract needs the fine-tuned checkpoint (--tuned TUNED)")
     if inp.tuned.shape != inp.weight.shape:
