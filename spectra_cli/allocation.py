@@ -35,6 +35,7 @@ from spectra_cli.spectral.allocation import (
     Problem,
     allocate,
     energy_curve,
+    eva_components,
     uniform_ranks,
 )
 from spectra_cli.spectral.engine import EngineOptions, ResolvedEngine, resolve, singular_values
@@ -215,7 +216,7 @@ def _explained(acts: Activations, ckpt: Checkpoint, targets: list[_Target], k: i
         known |= {t.name for t in targets}
     acts.check_modules(known, {t.name: t.shape[1] for t in targets})
     acts.require(t.name for t in targets)
-    return {t.name: acts.modules[t.name].pca(k)[1] for t in targets}
+    return {t.name: acts.modules[t.name].pca(min(k, t.shape[1]))[1] for t in targets}
 
 
 def _budget(opts: AllocateOptions, targets: list[_Target]) -> tuple[str, float, tuple[int, ...]]:
@@ -273,7 +274,7 @@ def run_allocate(
         ref = max([r for r in uniform if r > 0], default=constraints.smallest)
     explained = None
     if strategy.needs_activations and acts is not None:
-        explained = _explained(acts, ckpt, targets, max(1, math.ceil(opts.rho * ref)))
+        explained = _explained(acts, ckpt, targets, eva_components(ref, opts.rho))
     problem = Problem(names, shapes, tuple(spectra), budget, costs, constraints, explained, opts.rho, ref)
     answer = allocate(strategy.name, problem)
     ranks = list(answer.ranks)

@@ -496,3 +496,90 @@ def test_other_bad_input(known: Path, tmp_path: Path) -> None:
     assert r.exit_code == 1 and "no weight matrices selected" in r.stderr
     with pytest.raises(SpectraError, match="exactly one budget"):
         run_allocate(known, AllocateOptions())
+
+
+# ---- EVA: one rule for `allocate --strategy eva` and `init-adapter --method eva` ------------------------------
+
+
+def _eva_acts(ratio_lists: list[list[float]], dim: int = 16) -> dict[str, Any]:
+    from spectra_cli.checkpoint.activations import ModuleActivations
+
+    return {
+        f"m{i}": ModuleActivations(f"m{i}", pca_components=np.eye(dim)[: len(v)],
+                                   pca_explained_variance_ratio=np.array(sorted(v, reverse=True)))
+        for i, v in enumerate(ratio_lists)
+    }  # fmt: skip
+
+
+def eva_published(ratio_lists: list[list[float]], r: int, rho: float) -> list[int]:
+    """REFERENCE/PEFT: k = round(ρ·r) ratios per module (PEFT's `round`), sorted globally (ties: module order),
+    keep the top r·#modules, count per module."""
+    k = round(rho * r)
+    pool = sorted(
+        (-v, i, j) for i, vs in enumerate(ratio_lists) for j, v in enumerate(sorted(vs, reverse=True)[:k])
+    )
+    kept = pool[: r * len(ratio_lists)]
+    return [sum(1 for _, i, _ in kept if i == m) for m in range(len(ratio_lists))]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.lists(st.floats(0.0, 1.0), min_size=8, max_size=8), min_size=1, max_size=5),
+    st.integers(1, 3),  # round(ρ·r) ≤ 8, the components stored
+    st.sampled_from([1.0, 1.5, 2.0, 2.5]),
+)
+def test_eva_one_rule_for_allocate_and_init_adapter(
+    ratio_lists: list[list[float]], r: int, rho: float
+) -> None:
+    from spectra_cli.spectral.allocation import eva_ranks
+    from spectra_cli.spectral.init_data import eva_plan_ranks
+
+    acts = _eva_acts(ratio_lists)
+    want = eva_published(ratio_lists, r, rho)
+    plan = eva_plan_ranks(acts, r, {"rho": rho})
+    assert list(plan.values()) == want
+    n = len(ratio_lists)
+    explained = {k: a.pca(round(rho * r))[1] for k, a in acts.items()}
+    p = Problem(tuple(acts), ((16, 16),) * n, (np.ones(1),) * n, float(r * n), (1,) * n,
+                Constraints(allow_zero=True), explained, rho, r)  # fmt: skip
+    assert list(allocate("eva", p).ranks) == want
+    assert eva_ranks(explained, r, rho) == dict(zip(acts, want, strict=True))
+
+
+def test_eva_multiple_of_above_the_components_looked_at() -> None:
+    # --multiple-of 4 with R = 1, ρ = 2: EVA looks at 2 components per module, a step adds 4 ranks; the budget of
+    # 4 ranks goes to the module with the most variance in its top 2 (it used to be clamped back to 0 everywhere)
+    explained = {"a": np.array([0.3, 0.2]), "b": np.array([0.6, 0.1]), "c": np.array([0.1, 0.05]),
+                 "d": np.array([0.2, 0.2])}  # fmt: skip
+    p = Problem(tuple(explained), ((16, 16),) * 4, (np.ones(1),) * 4, 4.0, (1,) * 4,
+                Constraints(multiple_of=4, allow_zero=True), explained, 2.0, 1)  # fmt: skip
+    assert list(allocate("eva", p).ranks) == [0, 4, 0, 0]
+
+
+def test_eva_same_ranks_through_allocate_and_init_adapter(llama: Path, tmp_path: Path) -> None:
+    """`allocate --strategy eva --budget-rank r --activations A` and `init-adapter --method eva --rank r
+    --activations A` give every module the same rank (allocate needs --allow-zero for EVA's dropped modules)."""
+    names = [f"model.layers.{i}.self_attn.{k}" for i in range(3) for k in ("q_proj", "v_proj")]
+    lists = [
+        [0.30, 0.20, 0.10, 0.05, 0.03, 0.02, 0.01, 0.01],
+        [0.10, 0.09, 0.08, 0.07, 0.06, 0.05, 0.04, 0.03],
+        [0.25, 0.05, 0.02, 0.01, 0.01, 0.01, 0.01, 0.01],
+        [0.02, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01],  # EVA drops this one
+        [0.15, 0.14, 0.13, 0.02, 0.01, 0.01, 0.01, 0.01],
+        [0.50, 0.10, 0.05, 0.01, 0.01, 0.01, 0.01, 0.01],
+    ]
+    acts = fxa.pca_activations(
+        tmp_path / "acts.safetensors", {n: (32, v) for n, v in zip(names, lists, strict=True)}
+    )
+    for r, rho in ((2, 2.0), (3, 1.5)):
+        want = eva_published(lists, r, rho)
+        assert len(set(want)) > 2 and (r == 3 or want[3] == 0)  # the case is not trivial
+        common = ("--activations", acts, "--kinds", "q_proj,v_proj", "--rho", str(rho))
+        got_alloc = ok_json(llama, "--strategy", "eva", "--budget-rank", str(r), "--allow-zero", *common)
+        res = runner.invoke(app, ["init-adapter", str(llama), "--out", str(tmp_path / f"o{r}"), "--method", "eva",
+                                  "--rank", str(r), "-f", "json", "-q", *map(str, common)])  # fmt: skip
+        assert res.exit_code == 0, res.stderr
+        got_init = {row["name"]: row["rank"] for row in json.loads(res.stdout)["rows"]}
+        alloc = {row["name"]: row["rank"] for row in got_alloc["rows"]}
+        assert [alloc[n] for n in names] == want
+        assert [got_init.get(n, 0) for n in names] == want

@@ -179,11 +179,11 @@ def total_cost(ranks: Sequence[int], costs: Sequence[int]) -> float:
     return float(sum(r * k for r, k in zip(ranks, costs, strict=True)))
 
 
-def greedy(problem: Problem, priority: Callable[[int, int, int], float]) -> list[int]:
+def greedy(problem: Problem, priority: Callable[[int, int, int], float | None]) -> list[int]:
     """Grow ranks one level at a time, always taking the step of highest priority.
 
     Every module starts at its lowest level. ``priority(i, r, r_next)`` scores the step of module i from rank r
-    to its next level r_next. A step that does not fit in the remaining budget freezes its module (its later
+    to its next level r_next, or is None when the module takes no further step. A step that does not fit in the remaining budget freezes its module (its later
     steps are never taken); the others go on, so the budget is used as fully as the levels allow. Within a
     module the priorities used for ordering are made non-increasing (running minimum), which makes the order
     of steps a fixed sequence: with priority = gain per cost unit, the total gain is then monotone in the
@@ -199,7 +199,10 @@ def greedy(problem: Problem, priority: Callable[[int, int, int], float]) -> list
 
     def push(i: int) -> None:
         if pos[i] + 1 < len(levels[i]):
-            p = min(priority(i, levels[i][pos[i]], levels[i][pos[i] + 1]), last[i])
+            score = priority(i, levels[i][pos[i]], levels[i][pos[i] + 1])
+            if score is None:
+                return
+            p = min(score, last[i])
             last[i] = p
             heapq.heappush(heap, (-p, i))
 
@@ -325,34 +328,86 @@ def _welore(problem: Problem) -> Allocation:
     return Allocation(tuple(ranks), info)
 
 
+def eva_components(rank: int, rho: float) -> int:
+    """How many principal components of each module's inputs EVA looks at: round(ρ·r) (PEFT's rule), at least 1."""
+    return max(1, round(rho * rank))
+
+
 def _eva(problem: Problem) -> Allocation:
+    """EVA's rank redistribution, the one implementation (``allocate --strategy eva`` and ``init-adapter
+    --method eva`` both come here).
+
+    The published rule (Paischer et al. 2024; PEFT ``_get_rank_distribution``; REFERENCE.md): with B = r × #modules,
+    take the explained-variance ratios of the top k = round(ρ·r) components of every module's inputs, sort them
+    all globally, keep the top B and count per module. Here it is run as a greedy over the ratios (each module's
+    ratios sorted descending), which picks exactly those top B; ties go to the earlier module, as a stable global
+    sort would. A module never goes beyond its k components (or the ratios it has, if fewer).
+
+    Constraints on top, as for every strategy (:class:`Constraints`): every module starts at its lowest level
+    (``min_rank``, or 0 with ``allow_zero``; those components count as taken), and grows one level at a time
+    (``multiple_of`` ranks, the step's priority the sum of the ratios it adds per budget unit, ratios past k
+    counting 0; steps entirely past k are never taken); ``max_rank`` and the full rank cap the levels. With
+    ``allow_zero``, ``min_rank`` 1, ``multiple_of`` 1 and a rank budget this is exactly the published rule. A
+    parameter budget makes the priority "ratio per parameter" (one rank of a module costs in + out).
+    """
     import numpy as np
 
     if problem.explained is None:
         raise AllocationError("the eva strategy needs --activations FILE (input statistics of every module)")
-    k = max(1, math.ceil(problem.rho * problem.reference_rank))
-    ratios = []
+    k = eva_components(problem.reference_rank, problem.rho)
+    cums, avail, vals = [], [], []
     for name in problem.names:
         if name not in problem.explained:
             raise AllocationError(
                 f"the activations hold no statistics for {name}; capture them for every module"
             )
-        v = np.zeros(k)
-        got = np.asarray(problem.explained[name], dtype=np.float64)[:k]
-        v[: len(got)] = np.clip(got, 0.0, None)
-        ratios.append(np.concatenate([[0.0], np.cumsum(v)]))
-    levels = problem.levels()
+        got = np.sort(np.clip(np.asarray(problem.explained[name], dtype=np.float64).ravel(), 0.0, None))[
+            ::-1
+        ][:k]
+        avail.append(len(got))
+        vals.append(got)
+        cums.append(np.concatenate([[0.0], np.cumsum(got)]))
 
-    def gain(i: int, r: int, r_next: int) -> float:
-        if r_next > k:
-            return -1.0  # beyond the ρ·R components EVA looks at: only when the budget is otherwise unused
-        return float(ratios[i][r_next] - ratios[i][r]) / ((r_next - r) * problem.costs[i])
+    def gain(i: int, r: int, r_next: int) -> float | None:
+        if r >= avail[i]:
+            return None  # EVA never looks past the top ρ·r components
+        added = float(np.sum(vals[i][r:r_next]))  # not a difference of cumulative sums: ties must stay exact
+        return added / ((r_next - r) * problem.costs[i])
 
     ranks = greedy(problem, gain)
-    limit = [max([v for v in lv if v <= k] or [lv[0]]) for lv in levels]
-    ranks = [min(r, m) for r, m in zip(ranks, limit, strict=True)]
-    captured = [float(ratios[i][min(r, k)]) for i, r in enumerate(ranks)]
+    captured = [float(cums[i][min(r, avail[i])]) for i, r in enumerate(ranks)]
     return Allocation(tuple(ranks), {"components": k, "explained_variance": captured})
+
+
+def eva_ranks(
+    explained: Mapping[str, np.ndarray],
+    rank: int,
+    rho: float = 2.0,
+    constraints: Constraints | None = None,
+    full_ranks: Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """EVA's ranks for modules with the given explained-variance ratios (module → ratios, any order; at least the
+    top :func:`eva_components` of them), under the rank budget r × #modules: module → rank (0 = no adapter).
+
+    The rule is :func:`_eva`'s; ``constraints`` default to the published rule (0 allowed, no minimum, steps of 1);
+    ``full_ranks`` cap the ranks (default: the number of ratios given). ``init-adapter --method eva`` uses this.
+    """
+    import numpy as np
+
+    names = tuple(explained)
+    caps = [max(1, (full_ranks or {}).get(n, len(np.asarray(explained[n]).ravel()))) for n in names]
+    problem = Problem(
+        names,
+        tuple((c, c) for c in caps),
+        tuple(np.zeros(1) for _ in names),
+        float(rank * len(names)),
+        tuple(1 for _ in names),
+        constraints or Constraints(allow_zero=True),
+        explained,
+        rho,
+        rank,
+    )
+    return dict(zip(names, allocate("eva", problem).ranks, strict=True))
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -419,6 +474,8 @@ __all__ = [
     "allocate",
     "effective_rank",
     "energy_curve",
+    "eva_components",
+    "eva_ranks",
     "greedy",
     "normalised_sigma",
     "uniform_ranks",
