@@ -16,15 +16,18 @@ by explained variance (:func:`eva_plan_ranks`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from spectra_cli.checkpoint.activations import ModuleActivations
 from spectra_cli.errors import CheckpointError, ShapeMismatch, SpectraError
 from spectra_cli.spectral.allocation import eva_components, eva_ranks
 from spectra_cli.spectral.init import InitFactors, InitInput, InitMethod, register
+
+if TYPE_CHECKING:  # PyTorch is imported by the functions that run, so the registry imports without it
+    import torch
+
+    from spectra_cli.checkpoint.activations import ModuleActivations
 
 CORDA_DAMP_START = 0.01  # λ starts at this fraction of mean(diag C) ...
 CORDA_INV_TOL = 0.05  # ... and doubles until ‖C_λ C_λ⁻¹ − I‖_F is below this
@@ -37,6 +40,8 @@ def corda_damped_inverse(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
     λ = 0.01·mean(diag C), doubled until ‖(C+λI)(C+λI)⁻¹ − I‖_F < 0.05 (PEFT's ``collect_eigens_for_layer``),
     computed in C's dtype.
     """
+    import torch
+
     n = c.shape[0]
     mean_diag = torch.mean(torch.diagonal(c))
     if not bool(torch.isfinite(c).all()) or float(mean_diag) <= 0.0:
@@ -70,6 +75,8 @@ def corda_factorize(inp: InitInput) -> InitFactors:
     Needs ``inp.activations`` with the uncentred second moment C = mean xᵀx. Computed in the weight's dtype
     on its device. ``info``: ``damping`` (λ/mean(diag C)) and ``relative_residual`` ‖W_res‖_F/‖W‖_F.
     """
+    import torch
+
     mode = str(inp.options.get("mode", "ipm")).lower()
     if mode not in ("ipm", "kpm"):
         raise SpectraError(f"CorDA mode {mode!r} is unknown; use ipm (instruction-previewed) or kpm")
@@ -103,6 +110,8 @@ def corda_factorize(inp: InitInput) -> InitFactors:
 
 def _total_variance(acts: ModuleActivations) -> float | None:
     """Σ per-feature variance of the inputs (population), when the file lets us compute it."""
+    if acts.input_variance is not None:
+        return float(np.sum(acts.input_variance))
     if acts.input_samples is not None:
         x = acts.input_samples
         return float(((x - x.mean(axis=0)) ** 2).sum() / max(len(x), 1))
@@ -115,9 +124,13 @@ def eva_factorize(inp: InitInput) -> InitFactors:
     """EVA factors of one module: A = top-r principal directions of its inputs (r×in), B = 0 (out×r).
 
     With ``options["whiten"]`` each row is divided by √σₖ, σₖ = √(N·λₖ) the k-th singular value of the
-    mean-centred N×in input matrix (PEFT's convention); that needs the total variance, so the file must hold
-    ``input_covariance`` with ``input_mean``, or ``input_samples``. The base is unchanged (residual None).
+    mean-centred N×in input matrix (PEFT's convention: ``IncrementalPCA.singular_values_``, with
+    σₖ² = ratioₖ·Σⱼ varⱼ·N). That needs the total variance and N (``tokens``), so the file must hold
+    ``input_variance`` (spectra capture writes it), ``input_covariance`` with ``input_mean``, or
+    ``input_samples``. The base is unchanged (residual None).
     """
+    import torch
+
     if inp.activations is None:
         raise SpectraError(f"{inp.name}: EVA needs activations; pass --activations from `spectra capture`")
     w = inp.weight
@@ -139,8 +152,8 @@ def eva_factorize(inp: InitInput) -> InitFactors:
         n = acts.tokens or (len(acts.input_samples) if acts.input_samples is not None else 0)
         if total is None or n <= 0:
             raise CheckpointError(
-                f"{inp.name}: whitening needs the inputs' total variance and token count; capture with "
-                "`--stats covariance` (or store input_samples)"
+                f"{inp.name}: whitening needs the inputs' total variance and token count; store "
+                "input_variance and tokens (spectra capture writes both), or capture with `--stats both`"
             )
         sv = np.sqrt(np.clip(np.asarray(ratios[:r]) * total * n, 0.0, None))
         if np.any(sv <= 0):
