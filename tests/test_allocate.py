@@ -583,3 +583,25 @@ def test_eva_same_ranks_through_allocate_and_init_adapter(llama: Path, tmp_path:
         alloc = {row["name"]: row["rank"] for row in got_alloc["rows"]}
         assert [alloc[n] for n in names] == want
         assert [got_init.get(n, 0) for n in names] == want
+
+
+@pytest.mark.parametrize("t0", [0.0225, 0.0495, 0.076, 0.105, 0.135, 0.17, 0.21])  # WeLore's published t
+def test_welore_reproduces_the_published_rule_on_a_synthetic_spectrum(t0: float) -> None:
+    """WeLore: σ̃ = (σ − min σ)/(max σ − min σ) per matrix, prune #{σ̃ < t} with one global t, reduction ratio
+    Σ pruned / Σ min(m, n). A budget of exactly the ranks that t0 keeps must give t0's ranks and ratio."""
+    rng = np.random.default_rng(1)
+    shapes = ((64, 64), (96, 64), (64, 128), (48, 48), (80, 40))
+    # heavy-tailed spectra with different decays, as WeLore sees in LLaMA layers
+    spectra = tuple(np.sort(np.exp(-rng.uniform(0.02, 0.3) * np.arange(min(s))) + 0.01 * rng.random(min(s)))[::-1]
+                    for s in shapes)  # fmt: skip
+    normed = [(s - s.min()) / (s.max() - s.min()) for s in spectra]
+    kept = [int((n >= t0).sum()) for n in normed]
+    pruned = sum(len(n) - k for n, k in zip(normed, kept, strict=True))
+    assert 0 < pruned < sum(min(s) for s in shapes)
+    n = len(shapes)
+    p = Problem(tuple(f"m{i}" for i in range(n)), shapes, spectra, float(sum(kept)), (1,) * n)
+    got = allocate("welore", p)
+    assert list(got.ranks) == kept
+    assert got.info["reduction_ratio"] == pytest.approx(pruned / sum(min(s) for s in shapes))
+    assert got.info["threshold"] >= t0 - 1e-12
+    assert [int((m >= got.info["threshold"]).sum()) for m in normed] == kept
