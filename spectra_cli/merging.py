@@ -27,7 +27,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,9 @@ from spectra_cli.checkpoint.tensors import RawTensor, TensorInfo, to_float
 from spectra_cli.comparison import Tuned, open_tuned
 from spectra_cli.errors import CheckpointError, SelectionError, ShapeMismatch, SpectraError
 from spectra_cli.results import RunResult
+from spectra_cli.spectral.engine import nonfinite_counts
 from spectra_cli.spectral.merge import (
+    GRAM_RTOL,
     METHODS,
     MergeMethod,
     RMMModule,
@@ -244,6 +246,23 @@ def task_update(
     return Update(dense=(wt.astype(np.float64) - w0.astype(np.float64)).astype(dtype))
 
 
+def _check_finite(x: np.ndarray, who: str, tensor: str, path: str | Path) -> None:
+    """A NaN/Inf weight makes every merge statistic and every SVD meaningless: refuse it, naming where."""
+    nan, inf = nonfinite_counts(x)
+    if nan or inf:
+        raise CheckpointError(
+            f"{who}: {tensor} in {path} has {nan} NaN and {inf} Inf values; merging non-finite weights is "
+            "meaningless, repair or leave out this input"
+        )
+
+
+def _check_update(u: Update, t: Tuned, spec: MatrixSpec) -> Update:
+    for x in (u.dense, u.B, u.A):
+        if x is not None:
+            _check_finite(x, t.name, spec.tensor.name, t.path)
+    return u
+
+
 def _spec_fields(spec: MatrixSpec) -> dict[str, Any]:
     return {f: getattr(spec, f) for f in spec.__dataclass_fields__}
 
@@ -299,14 +318,44 @@ def _interference(updates: list[Update], k: int) -> dict[str, np.ndarray]:
     return {key: np.asarray(v, dtype=np.float64) for key, v in interference(updates, min(k, m, n)).items()}
 
 
+def _rmm_live(updates: list[Update], live: np.ndarray, raw: int, basis: int | None, energy: float | None,
+              center: bool) -> RMMModule:  # fmt: skip
+    """rmm of one module fitted on the tasks that changed it (``live``: ‖ΔWᵢ‖ > 0), so the basis is not spent
+    on tasks that left the module alone; those get zero coefficients and error 0 and are rebuilt exactly as
+    an unchanged module (``zero_tasks`` in the bundle). ``raw`` is the numbers of all n inputs."""
+    idx = np.flatnonzero(live)
+    n = len(updates)
+    if idx.size == 0 or idx.size == n:
+        fit = rmm_fit(updates, basis=basis, energy=energy, center=center)
+        return replace(fit, raw=raw)
+    fit = rmm_fit([updates[i] for i in idx], basis=None if basis is None else min(basis, int(idx.size)),
+                  energy=energy, center=center)  # fmt: skip
+    coeff = np.zeros((n, fit.coefficients.shape[1]))
+    coeff[idx] = fit.coefficients
+    errors = np.zeros(n)
+    errors[idx] = fit.errors
+    storage = fit.storage + (n - int(idx.size)) * int(fit.coefficients.shape[1])
+    return replace(fit, coefficients=coeff, errors=errors, storage=storage, raw=raw)
+
+
 def _sweep_module(
     sv: np.ndarray, n: int, mean_size: int, basis_size: float
 ) -> tuple[list[float], list[float]]:
     """For p = 1..n: the residual energy Σ_{k>p} σ_k² of the best rank-p basis (Eckart–Young, from the stack's
-    singular values) and the numbers a rank-p bundle stores (mean + p basis elements + n·p coefficients)."""
-    s2 = np.asarray(sv, dtype=np.float64) ** 2
+    singular values) and the numbers a rank-p bundle stores (mean + p basis elements + n·p coefficients), with
+    p capped at the stack's numerical rank as :func:`rmm_fit` caps it (a centred stack of n tasks has rank ≤ n − 1,
+    so ``--basis n`` writes n − 1 elements)."""
+    s = np.asarray(sv, dtype=np.float64)
+    s2 = s**2
+    rank = int(np.sum(s > GRAM_RTOL * s[0])) if s.size and s[0] > 0 else 0
     resid = [float(np.sum(s2[p:])) for p in range(1, n + 1)]
-    stored = [float(mean_size + p * basis_size + n * p) for p in range(1, n + 1)]
+    stored = []
+    for p in range(1, n + 1):
+        k = min(p, rank)
+        if k == 0 and mean_size == 0:  # an all-zero module without a mean: one zero element, n coefficients
+            stored.append(float(basis_size + n))
+        else:
+            stored.append(float(mean_size + k * basis_size + n * k))
     return resid, stored
 
 
@@ -322,10 +371,13 @@ class _Rest:
     def deltas(self, info: TensorInfo) -> tuple[np.ndarray, list[np.ndarray]] | None:
         """(base value, per full task its value − base) as float64, or None when no task changed it."""
         w0 = to_float(self.base.read(info), np.float64)
+        _check_finite(w0, "base", info.name, self.base.path)
         ds = []
         for t in self.full:
             assert t.checkpoint is not None
-            ds.append(to_float(t.checkpoint.read(t.checkpoint.info(info.name)), np.float64) - w0)
+            wt = to_float(t.checkpoint.read(t.checkpoint.info(info.name)), np.float64)
+            _check_finite(wt, t.name, info.name, t.path)
+            ds.append(wt - w0)
         if not any(np.any(d != 0) for d in ds):
             return None
         return w0, ds
@@ -377,7 +429,11 @@ def run_merge(
         module_stats: dict[str, Any] = {}
         for done, spec in enumerate(work, 1):
             w0 = _dense(base_loader, spec, dtype) if need_w0 else None
-            updates = [task_update(t, spec, w0, loaders.get(t.name), dtype) for t in tuned]
+            if w0 is not None:
+                _check_finite(w0, "base", spec.tensor.name, base.path)
+            updates = [
+                _check_update(task_update(t, spec, w0, loaders.get(t.name), dtype), t, spec) for t in tuned
+            ]
             raw = sum(u.size for u in updates)
             raw_total += raw
             dense_total += n * spec.shape[0] * spec.shape[1]
@@ -389,9 +445,9 @@ def run_merge(
             ov_sum += np.where(both, inter["overlap"], 0.0)
             fit: RMMModule | None = None
             if is_rmm:
-                fit = rmm_fit(updates, basis=opts.basis, energy=opts.energy, center=opts.center)
+                fit = _rmm_live(updates, live, raw, opts.basis, opts.energy, opts.center)
             elif opts.sweep:  # only the singular values of the stack are needed
-                fit = rmm_fit(updates, basis=1, center=opts.center)
+                fit = _rmm_live(updates, live, raw, 1, None, opts.center)
             if opts.sweep:
                 assert fit is not None
                 energy = sum(inner(u, u) for u in updates)
@@ -418,6 +474,7 @@ def run_merge(
                     "errors": errs, "singular_values": [float(x) for x in fit.singular_values],
                     "centered": fit.mean is not None, "storage": fit.storage, "raw": fit.raw,
                     "energy_kept": fit.energy_kept, "covered": [t.name for t in tuned if t.covers(spec.name)],
+                    "zero_tasks": [i for i in range(n) if not live[i]] if live.any() else [],
                 }  # fmt: skip
                 extra: dict[str, Any] = {
                     "p": fit.p,
@@ -731,9 +788,10 @@ def run_reconstruct(
                 spec = specs.get(meta["tensor"])
                 if spec is None:
                     raise CheckpointError(f"{base.path}: no matrix {meta['tensor']} for module {name}")
-                delta = rmm_reconstruct(module_fit(doc, ck, name), idx).to_dense()
-                w_new = _dense(loader, spec, np.float64) + delta
-                copy.patch(spec.tensor, w_new.T if spec.transposed else w_new)
+                if idx not in meta.get("zero_tasks", []):  # else: the task left it alone, the base's stays
+                    delta = rmm_reconstruct(module_fit(doc, ck, name), idx).to_dense()
+                    w_new = _dense(loader, spec, np.float64) + delta
+                    copy.patch(spec.tensor, w_new.T if spec.transposed else w_new)
                 rows.append(_rec_row(name, meta, idx, task, "full", None))
                 if progress:
                     progress(done, len(names), name)
@@ -786,7 +844,9 @@ def _write_task_adapter(doc: dict[str, Any], ck: Checkpoint, idx: int, entry: di
     for done, (name, info) in enumerate(mods.items(), 1):
         meta = doc["modules"][name]
         rec = rmm_reconstruct(module_fit(doc, ck, name), idx)
-        if rec.is_factored:  # at float32's resolution: reconstruction round-off must not inflate the rank
+        if idx in meta.get("zero_tasks", []):  # a zero update (e.g. lora_B still at its zero init)
+            b, a = np.zeros((rec.shape[0], 0)), np.zeros((0, rec.shape[1]))
+        elif rec.is_factored:  # at float32's resolution: reconstruction round-off must not inflate the rank
             u, sv, vt = compress(np.asarray(rec.B), np.asarray(rec.A), ADAPTER_RTOL)
             b, a = u * sv, vt
         else:  # a dense reconstruction: factor it at its numerical rank

@@ -262,6 +262,22 @@ def merge_cmd(
             f"the adapters name different base models ({names}); they fit BASE's shapes, check they belong together",
             quiet,
         )
+    s = result.summary
+    if method == "rmm" and opts.weights is not None:
+        warn(
+            "--weights do not change an rmm bundle (every task is rebuilt as it came in); they are only recorded",
+            quiet,
+        )
+    if method == "rmm" and s.get("storage") is not None and s["stored_numbers"] > s["raw_numbers"]:
+        why = (
+            "every basis element of adapters has about their summed rank, so rmm on adapters gives a shared basis, "
+            "not a saving; the adapters themselves are the smaller store"
+            if any(t["kind"] == "adapter" for t in result.inputs["tuned"])
+            else "choose --basis P below the number of tasks, or --energy τ < 1, to trade error for space"
+        )
+        warn(
+            f"the bundle is {s['storage']:.2f}× the size of the inputs, larger than the inputs: {why}", quiet
+        )
     for name, skipped in result.summary.get("adapter_tensors_not_merged", {}).items():
         warn(f"{name}: {len(skipped)} non-LoRA adapter tensors (e.g. {skipped[0]}) were not merged", quiet)
     if plots:
