@@ -490,3 +490,38 @@ def test_a_task_that_left_a_module_alone_is_rebuilt_exactly_there(full, tmp_path
         rows = {r["task"]: r for r in env["rows"] if r["module"] == name}
         assert rows["t2"]["rel_error"] == 0 and s[1] < 1e-9 * s[0]
         assert rows["t0"]["rel_error"] < 1e-6 and rows["t1"]["rel_error"] < 1e-6
+
+
+def test_the_table_on_a_case_worked_by_hand(tmp_path):
+    """One 4×4 matrix; ΔW₀ = e₁e₁ᵀ, ΔW₁ = e₂e₂ᵀ, ΔW₂ = e₁e₁ᵀ + e₂e₂ᵀ. By hand: cos(0,1) = 0, cos(0,2) = cos(1,2)
+    = 1/√2; top-k left subspaces span{e₁}, span{e₂}, span{e₁,e₂}: overlaps 0, 1, 1. Task arithmetic M = 2e₁e₁ᵀ
+    + 2e₂e₂ᵀ: error of task 0 ‖e₁e₁ᵀ + 2e₂e₂ᵀ‖ = √5, kept ⟨M, ΔW₀⟩ = 2; task 2 error ‖ΔW₂‖/‖ΔW₂‖ = 1, kept 4/2.
+    rmm p = 1 around the mean (2/3, 2/3) in the (e₁e₁ᵀ, e₂e₂ᵀ) coordinates: the centred rows' covariance
+    [[6, −3], [−3, 6]]/9 keeps (1, −1)/√2 (λ = 1) and drops (1, 1)/√2 (λ = 1/3): energy kept 3/4, errors
+    √(1/18), √(1/18), √(2/9)/√2 = 1/3. tsv keeps ⌊4/3⌋ = 1 triplet per task: energy 1, 1, 1/2 → mean 5/6."""
+    name = "model.layers.0.self_attn.q_proj.weight"
+    w0 = np.arange(16, dtype=np.float32).reshape(4, 4) / 10
+    e = np.eye(4, dtype=np.float32)
+    deltas = [np.outer(e[0], e[0]), np.outer(e[1], e[1]), np.outer(e[0], e[0]) + np.outer(e[1], e[1])]
+    fx.write_safetensors(tmp_path / "base" / "model.safetensors", {name: w0}, {"format": "pt"})
+    ins = []
+    for i, d in enumerate(deltas):
+        fx.write_safetensors(tmp_path / f"t{i}" / "model.safetensors", {name: w0 + d}, {"format": "pt"})
+        ins.append(f"t{i}={tmp_path / f't{i}'}")
+    ta = {r["task"]: r for r in merge_json(tmp_path / "base", *ins, "--out", tmp_path / "ta")["rows"]}
+    assert ta["t0"]["rel_error"] == pytest.approx(np.sqrt(5)) and ta["t0"]["kept"] == pytest.approx(2)
+    assert ta["t2"]["rel_error"] == pytest.approx(1) and ta["t2"]["kept"] == pytest.approx(2)
+    assert ta["t0"]["max_cos"] == pytest.approx(1 / np.sqrt(2)) and ta["t2"]["max_cos"] == pytest.approx(
+        1 / np.sqrt(2)
+    )
+    assert ta["t0"]["mean_overlap"] == pytest.approx(0.5)  # mean of overlap(0,1) = 0 and overlap(0,2) = 1
+    assert ta["t2"]["mean_overlap"] == pytest.approx(1.0)
+    env = merge_json(tmp_path / "base", *ins, "--method", "rmm", "--basis", 1, "--out", tmp_path / "b")
+    rm = {r["task"]: r for r in env["rows"]}
+    assert rm["t0"]["energy_kept"] == pytest.approx(0.75)
+    for t, want in (("t0", np.sqrt(1 / 18)), ("t1", np.sqrt(1 / 18)), ("t2", 1 / 3)):
+        assert rm[t]["rel_error"] == pytest.approx(want, rel=1e-6)
+    cos = np.asarray(env["summary"]["cosine"])
+    np.testing.assert_allclose(cos, [[1, 0, 2**-0.5], [0, 1, 2**-0.5], [2**-0.5, 2**-0.5, 1]], atol=1e-6)
+    tsv = merge_json(tmp_path / "base", *ins, "--method", "tsv", "--out", tmp_path / "tsv")["rows"]
+    assert tsv[0]["energy_kept"] == pytest.approx(5 / 6)
