@@ -114,16 +114,7 @@ def analyze_cmd(
     max_memory: o.MaxMemoryOpt = None,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
-    html: Annotated[
-        Path | None,
-        typer.Option(
-            "--html",
-            metavar="FILE",
-            help="Also write a self-contained HTML report (summary, sortable table, figures, provenance).",
-            dir_okay=False,
-            rich_help_panel="Output",
-        ),
-    ] = None,
+    html: o.HtmlOpt = None,
     plots: o.PlotsOpt = None,
     plot_layers: Annotated[
         str | None,

@@ -144,9 +144,7 @@ def compare_cmd(
             "--out", metavar="DIR", help="Folder for --remove-intruders output.", rich_help_panel="Output"
         ),
     ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Replace an existing --out folder.", rich_help_panel="Output")
-    ] = False,
+    force: o.ForceOutOpt = False,
     include: o.IncludeOpt = None,
     exclude: o.ExcludeOpt = None,
     kinds: o.KindsOpt = None,
@@ -157,16 +155,7 @@ def compare_cmd(
     max_memory: o.MaxMemoryOpt = None,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
-    html: Annotated[
-        Path | None,
-        typer.Option(
-            "--html",
-            metavar="FILE",
-            help="Also write a self-contained HTML report (summary, sortable table, figures, provenance).",
-            dir_okay=False,
-            rich_help_panel="Output",
-        ),
-    ] = None,
+    html: o.HtmlOpt = None,
     plots: o.PlotsOpt = None,
     quiet: o.QuietOpt = False,
 ) -> None:

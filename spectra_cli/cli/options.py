@@ -122,3 +122,11 @@ QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress bar and no warnings on stderr.",
                        rich_help_panel="Output"),
 ]  # fmt: skip
+HtmlOpt = Annotated[
+    Path | None,
+    typer.Option("--html", metavar="FILE", dir_okay=False, rich_help_panel="Output",
+                 help="Also write a self-contained HTML report (summary, sortable table, figures, provenance)."),
+]  # fmt: skip
+ForceOutOpt = Annotated[
+    bool, typer.Option("--force", help="Replace an existing --out folder.", rich_help_panel="Output"),
+]  # fmt: skip
