@@ -578,15 +578,28 @@ def test_ci_docs_yaml_parses_and_its_commands_run(models: dict[str, Generated], 
     yaml = pytest.importorskip("yaml")
     gh, gl = (yaml.safe_load(b) for b in _blocks("yaml"))
     steps = gh["jobs"]["spectra-check"]["steps"]
-    cache = next(s for s in steps if s.get("uses", "").startswith("actions/cache@"))
+    uses = [s.get("uses", "") for s in steps]
+    # actions/cache@ saves in its post step only when the job succeeds: a failing gate would never keep the
+    # base spectra. restore + save (right after computing them) keeps them whatever the gate says.
+    assert not any(u.startswith("actions/cache@") for u in uses)
+    cache = steps[uses.index("actions/cache/restore@v4")]
     assert cache["with"]["path"] == ".spectra-cache" and "key" in cache["with"]
     miss = next(s for s in steps if "save-spectra" in s.get("run", ""))
     assert miss["if"] == f"steps.{cache['id']}.outputs.cache-hit != 'true'"
-    assert any("GITHUB_STEP_SUMMARY" in s.get("run", "") for s in steps)
+    save = steps[uses.index("actions/cache/save@v4")]
+    assert save["if"] == miss["if"] and save["with"]["path"] == cache["with"]["path"]
+    assert save["with"]["key"] == f"${{{{ steps.{cache['id']}.outputs.cache-primary-key }}}}"
+    check_at = next(i for i, s in enumerate(steps) if "spectra check" in s.get("run", ""))
+    assert steps.index(miss) < steps.index(save) < check_at
+    summary = next(s for s in steps if "GITHUB_STEP_SUMMARY" in s.get("run", ""))
+    assert (
+        summary["if"] == "always()" and "-f spectra-summary.md" in summary["run"]
+    )  # no summary after exit 2
     job = gl["spectra-check"]
     assert job["artifacts"]["reports"]["junit"] == "spectra-junit.xml" and job["cache"]["paths"] == [
         ".spectra-cache/"
     ]
+    assert job["cache"]["when"] == "always"  # GitLab too saves caches only on success by default
     # run every spectra command of both recipes, in order, on the fixtures
     monkeypatch.chdir(tmp_path)
     (tmp_path / "spectra.toml").write_text(_blocks("toml")[0])
@@ -706,3 +719,48 @@ def test_nonfinite_base_side(models: dict[str, Generated], tmp_path: Path) -> No
     total = by(env, "max_intruders")["(model)"]
     assert total["status"] == "fail" and "unknown" in total["message"]
     assert [v["module"] for v in env["rows"] if v["status"] == "fail"] == ["(model)", fg.UP0]
+
+
+# ---- review of issue #7 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["--junit", "--markdown", "--output", "--update-baseline", "--html"])
+def test_output_in_a_missing_folder_fails_before_the_run(
+    models: dict[str, Generated], tmp_path: Path, flag: str
+) -> None:
+    p = policy(tmp_path, "[rules]\nno_nonfinite = true\n")
+    target = tmp_path / "no" / "such" / "out.txt"
+    r = run(models["healthy"].path, "--policy", p, flag, target, "-q")
+    assert r.exit_code == 2, r.stderr
+    assert r.stderr.strip() == f"Error: {target.parent}: no such folder; create it first (for {flag})"
+    assert r.stdout == ""  # nothing was checked
+
+
+def test_unwritable_output_is_one_line_exit_2(
+    models: dict[str, Generated], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spectra_cli.gate import markdown
+
+    def refuse(path: Path, text: str) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(markdown, "write_text", refuse)
+    p = policy(tmp_path, "[rules]\nno_nonfinite = true\n")
+    r = run(models["healthy"].path, "--policy", p, "--markdown", tmp_path / "s.md", "-q")
+    assert r.exit_code == 2 and r.stderr.strip() == f"Error: {tmp_path / 's.md'}: Permission denied"
+
+
+def test_a_tensor_name_twice_is_not_checked_once(models: dict[str, Generated], tmp_path: Path) -> None:
+    """A folder of two unrelated checkpoints lists every name twice: the NaN of one copy must not be hidden by
+    the other (the gate refuses to run rather than pass)."""
+    import shutil
+
+    folder = tmp_path / "two"
+    folder.mkdir()
+    shutil.copy(models["nonfinite"].path, folder / "a.safetensors")
+    shutil.copy(models["healthy"].path, folder / "b.safetensors")
+    p = policy(tmp_path, "[rules]\nno_nonfinite = true\n")
+    r = run(folder, "--policy", p, "-q")
+    assert r.exit_code != 0
+    if r.exit_code == 2:
+        assert "more than once" in r.stderr, r.stderr

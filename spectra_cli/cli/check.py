@@ -29,7 +29,10 @@ Examples:
 
   spectra check tuned/ --update-baseline spectra-baseline.json   # record the baseline max_drift_pct compares to
 
-Exit codes: 0 every rule holds; 1 a rule fails; 2 usage, policy or input error.
+  spectra check tuned/ --html gate.html      # the verdicts as one self-contained page (see spectra report)
+
+Exit codes: 0 every rule holds; 1 a rule fails; 2 the gate could not run (bad flag, policy error, missing or
+unreadable checkpoint, base or baseline, a rule whose input was not given).
 """
 
 MAX_NOTE_FAILURES = 20
@@ -213,15 +216,20 @@ def check_cmd(
     max_memory: o.MaxMemoryOpt = None,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
+    html: o.HtmlOpt = None,
     quiet: o.QuietOpt = False,
 ) -> None:
     """Gate a checkpoint on a policy of spectral rules; exit 1 when any rule fails (JUnit, Markdown, annotations)."""
     try:
         _check(**locals())
-    except SpectraError as e:
+    except (SpectraError, OSError) as e:
+        # 2, not the other commands' 1: CI must tell "a rule failed" (1) from "the gate could not run"
         if os.environ.get("SPECTRA_DEBUG") == "1":
             raise
-        print(f"Error: {e}", file=sys.stderr)
+        if isinstance(e, OSError) and e.filename is not None:
+            print(f"Error: {e.filename}: {e.strerror}", file=sys.stderr)
+        else:
+            print(f"Error: {e}", file=sys.stderr)
         raise typer.Exit(2) from None
 
 
@@ -229,7 +237,8 @@ def _check(ckpt: Path | None, policy: Path | None, base: Path | None, base_spect
            baseline: Path | None, update_baseline: Path | None, init: bool, force: bool, junit: Path | None,
            markdown: Path | None, github: bool, show_all: bool, allow_missing: bool, include: list[str] | None,
            exclude: list[str] | None, kinds: list[str] | None, min_dim: int, device: str, precision: o.Precision,
-           backend: o.Backend, max_memory: int | None, fmt: o.Format, output: Path | None, quiet: bool) -> None:  # fmt: skip
+           backend: o.Backend, max_memory: int | None, fmt: o.Format, output: Path | None, html: Path | None,
+           quiet: bool) -> None:  # fmt: skip
     if init:
         _init(ckpt, force, quiet)
         return
@@ -244,9 +253,15 @@ def _check(ckpt: Path | None, policy: Path | None, base: Path | None, base_spect
 
     pol = load_policy(policy if policy is not None else find_policy(Path.cwd()))
     inputs = {p.resolve() for p in (ckpt, base, base_spectra) if p is not None}
-    for out in (output, junit, markdown, update_baseline):
-        if out is not None and out.resolve() in inputs:
+    outputs = {"--output": output, "--junit": junit, "--markdown": markdown, "--update-baseline": update_baseline,
+               "--html": html}  # fmt: skip
+    for flag, out in outputs.items():
+        if out is None:
+            continue
+        if out.resolve() in inputs:
             raise SpectraError(f"{out}: refusing to write over an input")
+        if not out.parent.is_dir():  # before the run, not after minutes of decompositions
+            raise SpectraError(f"{out.parent}: no such folder; create it first (for {flag})")
     opts = CheckOptions(
         include=o.split_csv(include), exclude=o.split_csv(exclude), kinds=o.split_csv(kinds), min_dim=min_dim,
         base=base, base_spectra=base_spectra, baseline=baseline, update_baseline=update_baseline, allow_missing=allow_missing,
@@ -285,6 +300,11 @@ def _check(ckpt: Path | None, policy: Path | None, base: Path | None, base_spect
         render({**env, "rows": rows}, fmt.value, _rule_columns(), title, _notes(result, policy_name), output)
     else:
         render(env, fmt.value, _verdict_columns(), title, _notes(result, policy_name), output)
+    if html is not None:
+        from spectra_cli.cli.report import write_html
+
+        write_html(env, html)
+        warn(f"wrote the HTML report to {html}", quiet)
     if not result.ok:
         raise typer.Exit(1)
 

@@ -311,7 +311,8 @@ def find_policy(cwd: str | Path = ".") -> Path:
 EXAMPLE_POLICY = """\
 # spectra.toml: the policy of `spectra check` (a CI gate on a fine-tuned checkpoint).
 # The same tables can live in pyproject.toml as [tool.spectra], [tool.spectra.rules] and
-# [[tool.spectra.overrides]]. Exit codes: 0 every rule holds, 1 a rule fails, 2 usage or policy error.
+# [[tool.spectra.overrides]]. Exit codes: 0 every rule holds, 1 a rule fails, 2 the gate could not run
+# (usage or policy error, missing or unreadable input).
 
 # The file that max_drift_pct compares against, relative to this file. Write it once from a good run
 # with `spectra check CKPT --update-baseline spectra-baseline.json`.
