@@ -437,3 +437,31 @@ def test_analyze_table_shows_dash_for_missing_r90(model: Path) -> None:
     assert r.exit_code == 0, r.stderr
     nan_row = next(line for line in r.stdout.splitlines() if "o_proj" in line)
     assert "None" not in nan_row and "| - |" in nan_row
+
+
+def test_check_html_equals_report_of_its_json(tmp_path: Path) -> None:
+    from fixtures.gate import gate_models
+
+    models = gate_models(tmp_path / "gate")
+    pol = tmp_path / "p.toml"
+    pol.write_text("[rules]\nno_nonfinite = true\nmax_spectral_norm = 100.0\n")
+    args = ("check", models["nonfinite"].path, "--policy", pol, "-q")
+    r = run(*args, "-f", "json", "-o", tmp_path / "c.json", "--html", tmp_path / "run.html")
+    assert r.exit_code == 1, r.stderr  # the page is written although the gate failed
+    assert run("report", tmp_path / "c.json", "-q").exit_code == 0
+    page = (tmp_path / "c.html").read_text()
+    assert page == (tmp_path / "run.html").read_text()
+    assert_self_contained(page)
+    doc = Page(page)
+    assert doc.head[:6] == ["rule", "module", "value", "limit", "status", "why"]
+    env = json.loads((tmp_path / "c.json").read_text())
+    assert len(doc.rows) == len(env["rows"]) == 10
+    assert len([a for a in doc.all("tr") if a.get("class") == "bad"]) == 2  # NaN: both rules fail there
+    assert (
+        ">FAILED<" in page
+        and "exit code 1: a rule failed" in page
+        and "rules: no_nonfinite, max_spectral_norm" in page
+    )
+    assert "FAILED: 2 failed, 8 passed, 0 skipped" in page  # the CLI's verdict line
+    r = run(*args[:2], "--policy", pol, "-q", "--html", tmp_path / "ok.html", "-i", "*q_proj*")
+    assert r.exit_code == 0 and ">PASSED<" in (tmp_path / "ok.html").read_text()

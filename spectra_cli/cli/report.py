@@ -30,6 +30,8 @@ Examples:
 
   spectra analyze model.safetensors --html report.html   # the same page, straight from the run
 
+  spectra check tuned/ --base base/ --html gate.html     # the gate's verdicts (also: --format json, then report)
+
 The page is one file with everything inline (figures as PNG, no network): open it in any browser or keep it as a CI artifact.
 
 Columns sort on click; 'all fields' shows every field of the rows.
@@ -51,10 +53,20 @@ def _compare_view(env: dict[str, Any]) -> tuple[list[Any], list[str]]:
     )
 
 
+def _check_view(env: dict[str, Any]) -> tuple[list[Any], list[str]]:
+    from spectra_cli.cli import check
+
+    failed = [SimpleNamespace(**r) for r in env["rows"] if r.get("status") == "fail"]
+    policy = env["inputs"].get("policy") or env["options"].get("policy") or "?"
+    result = SimpleNamespace(summary=env["summary"], failed=failed)
+    return check._verdict_columns(), check._notes(result, str(policy))
+
+
 #: command → (the CLI table's columns, its note lines) from an envelope; other commands get every field
 VIEWS: dict[str, Callable[[dict[str, Any]], tuple[list[Any], list[str]]]] = {
     "analyze": _analyze_view,
     "compare": _compare_view,
+    "check": _check_view,
 }
 
 

@@ -294,6 +294,25 @@ def _compare_cards(env: dict[str, Any]) -> list[Card]:
     return cards
 
 
+def _check_cards(env: dict[str, Any]) -> list[Card]:
+    s = env["summary"]
+    by_rule = s.get("by_rule") if isinstance(s.get("by_rule"), dict) else {}
+    broken = [k for k, r in by_rule.items() if isinstance(r, dict) and r.get("failed")]
+    ok = s.get("ok")
+    verdict = "PASSED" if ok is True else "FAILED" if ok is False else "-"
+    code = {"PASSED": "exit code 0: every rule holds", "FAILED": "exit code 1: a rule failed"}.get(
+        verdict, ""
+    )
+    return [
+        ("gate", verdict, code),
+        ("failed", _num(s.get("failed")), ("rules: " + ", ".join(broken)) if broken else "no rule broken"),
+        ("passed", _num(s.get("passed")), ""),
+        ("skipped", _num(s.get("skipped")), "a rule could not apply (e.g. α not fitted)"),
+        ("checks", _num(s.get("checks")), f"{len(by_rule)} rules, each on the modules it applies to"),
+        ("modules", _num(s.get("modules")), "matrices checked"),
+    ]
+
+
 def _generic_cards(env: dict[str, Any]) -> list[Card]:
     s = env["summary"]
     return [
@@ -307,6 +326,7 @@ def _generic_cards(env: dict[str, Any]) -> list[Card]:
 CARDS: dict[str, Callable[[dict[str, Any]], list[Card]]] = {
     "analyze": _analyze_cards,
     "compare": _compare_cards,
+    "check": _check_cards,
 }
 
 
