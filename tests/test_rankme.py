@@ -454,3 +454,12 @@ def test_empty_texts_file(tmp_path: Path):
     texts.write_text("\n  \n")
     r = run("--model", minilm_dir(), "--texts", texts)
     assert r.exit_code == 1 and "holds no text" in r.stderr
+
+
+def test_a_file_that_is_not_npy_says_so(tmp_path: Path):
+    # NumPy's own message for a text file named .npy talks about pickled data, which misleads
+    path = tmp_path / "notes.npy"
+    path.write_text("garbage\n")
+    with pytest.raises(SpectraError, match=r"notes.npy: not a \.npy file \(no NumPy header\)") as e:
+        open_embeddings(path)
+    assert "pickle" not in str(e.value)

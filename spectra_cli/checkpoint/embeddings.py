@@ -129,6 +129,13 @@ def _pick(label: str, names: list[str], key: str | None, what: str = "tensors") 
 
 def _open_npy(path: Path, key: str | None) -> EmbeddingSource:
     try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from e
+    if magic and magic != b"\x93NUMPY":
+        raise CheckpointError(f"{path}: not a .npy file (no NumPy header); save the matrix with np.save")
+    try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise CheckpointError(f"{path}: cannot read as .npy ({e}); re-save it with np.save") from e
