@@ -190,7 +190,7 @@ def allocate_cmd(
         typer.Option(
             "--rho",
             min=1.0,
-            help="EVA: look at the top ρ·R components of every module.",
+            help="EVA: look at the top round(ρ·R) components of every module (1 = no redistribution).",
             rich_help_panel="Budget",
         ),
     ] = 2.0,

@@ -441,7 +441,8 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy(
             "eva",
             "explained variance of each module's input activations: the top B of all modules' top ρ·R "
-            "ratios, counted per module (needs --activations)",
+            "ratios, counted per module (needs --activations; add --allow-zero for EVA's exact rule, the ranks "
+            "init-adapter --method eva gives: otherwise every module keeps --min-rank)",
             "Paischer et al. 2024, One Initialization to Rule them All: Explained Variance Adaptation (EVA)",
             _eva,
             needs_activations=True,
