@@ -430,6 +430,11 @@ def test_depth_axes_have_integer_ticks(drawn: list[Any]) -> None:
         lo, hi = ax.get_xlim()
         ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    # values that differ only in the 8th digit (a subspace overlap of 0.9999999): plain tick labels, no
+    # '1e-7+1' offset above the axis that a reader has to decode
+    near_one = [{**r, "ratio": 1 - 1e-8 * r["depth"]} for r in rows]
+    assert plot_by_depth(near_one, io.BytesIO(), metrics, "t")  # type: ignore[arg-type]
+    assert drawn[-1].axes[1].yaxis.get_major_formatter().get_offset() == ""
 
 
 def test_analyze_table_shows_dash_for_missing_r90(model: Path) -> None:
@@ -465,3 +470,23 @@ def test_check_html_equals_report_of_its_json(tmp_path: Path) -> None:
     assert "FAILED: 2 failed, 8 passed, 0 skipped" in page  # the CLI's verdict line
     r = run(*args[:2], "--policy", pol, "-q", "--html", tmp_path / "ok.html", "-i", "*q_proj*")
     assert r.exit_code == 0 and ">PASSED<" in (tmp_path / "ok.html").read_text()
+
+
+def test_generic_figure_draws_one_line_per_kind_and_task(drawn: list[Any]) -> None:
+    """merge rows come per module × task: a line per kind alone would zigzag between the tasks' values."""
+    from spectra_cli.report.html import figures
+
+    rows = [{"module": f"l.{d}.{k}", "kind": k, "depth": d, "task": t, "delta_norm": (1.0 if t == "a" else 60.0) + d,
+             "energy_kept": 1.0 - 1e-13 * ((d + len(t)) % 2)}
+            for d in range(3) for k in ("q", "v") for t in ("a", "b")]  # fmt: skip
+    env = {"schema_version": 1, "command": "merge", "rows": rows, "summary": {}, "inputs": {}, "options": {}}
+    assert len(figures(env)) == 1
+    fig = drawn[-1]
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert titles == ["delta norm"]  # energy_kept differs only by rounding: not a metric that varies
+    labels = sorted(t.get_text() for legend in fig.legends for t in legend.get_texts())
+    assert labels == ["q · a", "q · b", "v · a", "v · b"]
+    ax = fig.axes[0]
+    for line in ax.get_lines():  # each line is monotone in depth: no zigzag between tasks
+        ys = list(line.get_ydata())
+        assert ys == sorted(ys)

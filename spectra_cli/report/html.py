@@ -210,17 +210,49 @@ def _generic_figures(env: dict[str, Any]) -> list[Figure]:
     keys: list[str] = []
     for r in rows:
         keys.extend(k for k, v in r.items() if _is_number(v) and k not in keys and k not in _NOT_METRICS)
-    varying = [k for k in keys if len({r.get(k) for r in rows if _is_number(r.get(k))}) > 1]
+    varying = [k for k in keys if _varies([r[k] for r in rows if _is_number(r.get(k))])]
     metrics = tuple((k, k.replace("_", " ")) for k in varying[:6])
     if not metrics:
         return []
-    flat = [{"depth": r["depth"], "kind": str(r["kind"]), "status": "ok", **{k: r.get(k) for k in varying}}
+    split = _series_field(rows)
+
+    def series(r: dict[str, Any]) -> str:
+        return f"{r['kind']} · {r[split]}" if split else str(r["kind"])
+
+    flat = [{"depth": r["depth"], "kind": series(r), "status": "ok", **{k: r.get(k) for k in varying}}
             for r in rows]  # fmt: skip
-    title = f"spectra {env['command']}: by depth, one line per module kind"
+    title = f"spectra {env['command']}: by depth, one line per module kind" + (
+        f" and {split}" if split else ""
+    )
     return _draw([(title, partial(plots.plot_by_depth, flat, metrics=metrics, title=title))])
 
 
-_NOT_METRICS = {"depth", "rows", "cols", "line", "index"}
+_NOT_METRICS = {"depth", "rows", "cols", "line", "index", "seconds"}  # timings are not spectra
+
+
+def _varies(values: list[float]) -> bool:
+    """More than one value, beyond rounding (1e-9 relative): a constant drawn with an offset axis says nothing."""
+    if len(values) < 2:
+        return False
+    lo, hi = min(values), max(values)
+    return hi - lo > 1e-9 * max(abs(lo), abs(hi))
+
+
+def _series_field(rows: list[dict[str, Any]]) -> str | None:
+    """When several rows share a depth and kind (merge: one row per module × task; rows per tuned model or
+    input), the field that tells them apart with the fewest values, so each gets its own line; else None."""
+    if len({(r["depth"], r["kind"]) for r in rows}) == len(rows):
+        return None
+    best: tuple[int, str] | None = None
+    for k in rows[0]:
+        if k in ("depth", "kind") or not all(isinstance(r.get(k), str) for r in rows):
+            continue
+        if len({(r["depth"], r["kind"], r[k]) for r in rows}) != len(rows):
+            continue
+        n = len({r[k] for r in rows})
+        if n <= 12 and (best is None or n < best[0]):
+            best = (n, k)
+    return best[1] if best else None
 
 
 def _is_number(v: Any) -> bool:

@@ -111,6 +111,7 @@ def plot_by_depth(
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("block depth")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # depths are whole numbers
+        ax.ticklabel_format(axis="y", useOffset=False)  # 0.9999999, not '1e-7+1' above the axis
         ax.grid(alpha=0.3)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(kinds), 6), fontsize=8, frameon=False)
@@ -152,7 +153,12 @@ def plot_heatmap(
             if np.isfinite(v):
                 dark = hi > lo and (v - lo) / (hi - lo) < 0.6
                 ax.text(
-                    j, i, format(v, cell_fmt), ha="center", va="center", fontsize=7,
+                    j,
+                    i,
+                    format(v, cell_fmt),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
                     color="white" if dark else "black",
                 )
     ax.set_xticks(range(len(depths)), [str(d) for d in depths], fontsize=8)
