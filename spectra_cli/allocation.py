@@ -279,7 +279,24 @@ def run_allocate(
     answer = allocate(strategy.name, problem)
     ranks = list(answer.ranks)
     if not any(ranks):
-        raise AllocationError("the allocation dropped every module; raise the budget")
+        steps = [
+            (lv[1] * c, lv[1], n)
+            for lv, c, n in zip(problem.levels(), costs, names, strict=True)
+            if len(lv) > 1
+        ]
+        if not steps:
+            raise AllocationError(
+                "the allocation dropped every module: no module has an allowed rank within its full rank "
+                f"(--min-rank {constraints.min_rank}, --multiple-of {constraints.multiple_of}"
+                + (f", --max-rank {constraints.max_rank}" if constraints.max_rank is not None else "")
+                + "); lower them"
+            )
+        cost, r, name = min(steps)
+        unit = "ranks" if kind == "rank" else "parameters"
+        raise AllocationError(
+            f"the allocation dropped every module: the budget ({budget:,.0f} {unit}) is below the cheapest "
+            f"adapter ({name} at rank {r}: {cost:,} {unit}); raise the budget"
+        )
 
     base_alpha = float(opts.lora_alpha) if opts.lora_alpha is not None else float(ref)
 

@@ -192,10 +192,16 @@ def test_constraints(known: Path) -> None:
         12,
         12,
     ]
-    with pytest.raises(AllocationError, match="dropped every module"):
+    with pytest.raises(AllocationError, match="dropped every module: no module has an allowed rank"):
         run_allocate(
             known, AllocateOptions(strategy="energy", budget_rank=16, multiple_of=13, allow_zero=True)
         )
+    # one rank of the cheapest module (v0, 8×8) costs 16 parameters
+    with pytest.raises(
+        AllocationError,
+        match=r"budget \(10 parameters\) is below the cheapest adapter .*0.self_attn.v_proj at rank 1: 16",
+    ):
+        run_allocate(known, AllocateOptions(strategy="energy", budget_params=10, allow_zero=True))
 
 
 # ---- invariants (hypothesis) ---------------------------------------------------------------------------------
