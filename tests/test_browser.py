@@ -239,3 +239,73 @@ def test_screenshot_shows_the_figures(browser: Any, opened: dict[str, Any], page
     assert colours > 100 and ink > 0.03 and blue > 0.001, (colours, ink, blue)
     with Image.open(whole) as im:
         assert len(np.unique(np.asarray(im.convert("L")))) > 50  # the page itself is not blank
+
+
+# ---- .ci/run: installs the browser when it can, never breaks where it cannot ------------------------------
+
+
+@pytest.fixture
+def ci_tree(tmp_path: Path) -> dict[str, Any]:
+    """A copy of .ci/run beside a stub scripts/test.sh that prints CI, and a PATH of stubs only."""
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / ".ci").mkdir()
+    shutil.copy(root / ".ci" / "run", tmp_path / ".ci" / "run")
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "test.sh").write_text('echo "tests ran: CI=${CI:-unset} args=$*"\n')
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for tool in ("bash", "dirname", "touch", "chmod"):
+        (bin_ / tool).symlink_to(shutil.which(tool) or f"/usr/bin/{tool}")
+    return {"dir": tmp_path, "bin": bin_, "chromium": tmp_path / "opt" / "chromium",
+            "driver": tmp_path / "opt" / "chromedriver"}  # fmt: skip
+
+
+def _stub(bin_: Path, name: str, body: str) -> None:
+    (bin_ / name).write_text(f"#!{shutil.which('bash')}\n{body}\n")
+    (bin_ / name).chmod(0o755)
+
+
+def _ci_run(tree: dict[str, Any], **env: str) -> Any:
+    import subprocess
+
+    full = {"PATH": str(tree["bin"]), "SPECTRA_CHROMIUM": str(tree["chromium"]),
+            "SPECTRA_CHROMEDRIVER": str(tree["driver"]), **env}  # fmt: skip
+    bash = shutil.which("bash") or "/bin/bash"
+    return subprocess.run([bash, str(tree["dir"] / ".ci" / "run"), "-k", "x"], env=full, capture_output=True,
+                          text=True, timeout=30)  # fmt: skip
+
+
+def test_ci_run_without_apt_outside_ci_runs_the_tests_and_skips_the_browser(ci_tree: dict[str, Any]) -> None:
+    _stub(ci_tree["bin"], "id", "echo 0")
+    r = _ci_run(ci_tree)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "tests ran: CI=unset args=-k x"
+    assert "apt-get not found" in r.stderr and "will be skipped" in r.stderr
+    r = _ci_run(ci_tree, CI="1")  # CI says so: the browser tests must fail, not skip
+    assert r.returncode == 0 and "CI=1" in r.stdout and "will fail" in r.stderr
+
+
+def test_ci_run_as_root_installs_with_apt(ci_tree: dict[str, Any]) -> None:
+    _stub(ci_tree["bin"], "id", "echo 0")
+    log = ci_tree["dir"] / "apt.log"
+    c, d = ci_tree["chromium"], ci_tree["driver"]
+    _stub(ci_tree["bin"], "apt-get",
+          f'echo "$*" >> {log}; [ "$1" = install ] && mkdir -p {c.parent} && touch {c} {d} && chmod +x {c} {d}; true')  # fmt: skip
+    (ci_tree["bin"] / "mkdir").symlink_to(shutil.which("mkdir") or "/bin/mkdir")
+    r = _ci_run(ci_tree)
+    assert r.returncode == 0, r.stderr
+    assert "CI=true" in r.stdout
+    calls = log.read_text().splitlines()
+    assert calls[0] == "update -qq" and calls[1].startswith("install -y -qq --no-install-recommends chromium")
+    r = _ci_run(ci_tree)  # present now: no second install
+    assert r.returncode == 0 and len(log.read_text().splitlines()) == 2
+
+
+def test_ci_run_not_root_without_sudo_or_when_apt_fails(ci_tree: dict[str, Any]) -> None:
+    _stub(ci_tree["bin"], "apt-get", "exit 100")
+    _stub(ci_tree["bin"], "id", "echo 1000")
+    r = _ci_run(ci_tree)
+    assert r.returncode == 0 and "no passwordless sudo" in r.stderr and "CI=unset" in r.stdout
+    _stub(ci_tree["bin"], "id", "echo 0")
+    r = _ci_run(ci_tree)
+    assert r.returncode == 0 and "installing chromium failed" in r.stderr and "CI=unset" in r.stdout
