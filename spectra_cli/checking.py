@@ -320,6 +320,11 @@ def run_check(
     notes: list[str] = []
     if p["compare"] and opts.base_spectra is not None:
         notes.append("--base-spectra was not needed: the base spectra came from comparing against --base")
+    for i, o in enumerate(policy.overrides, 1):
+        if not any(o.matches(name) for name in facts):  # a glob with a typo would silently change nothing
+            where = f" ({policy.path.name}:{o.line})" if o.line else ""
+            globs = ", ".join(f'"{g}"' for g in o.modules)
+            notes.append(f"override #{i}{where} matches no checked module: {globs}")
     baseline_file: Path | None = p["baseline"]
     if (
         baseline_file is not None

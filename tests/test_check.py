@@ -764,3 +764,21 @@ def test_a_tensor_name_twice_is_not_checked_once(models: dict[str, Generated], t
     assert r.exit_code != 0
     if r.exit_code == 2:
         assert "more than once" in r.stderr, r.stderr
+
+
+def test_override_matching_no_module_is_noted(models: dict[str, Generated], tmp_path: Path) -> None:
+    """A glob with a typo (q_proj on a BERT model, say) would silently exempt nothing: the summary says so."""
+    text = '[rules]\nno_nonfinite = true\n\n[[overrides]]\nmodules = ["*query*", "*key*"]\nno_nonfinite = false\n'
+    env = verdicts(tmp_path, text, models["healthy"].path, code=0)
+    assert (
+        'override #1 (spectra.toml:4) matches no checked module: "*query*", "*key*"'
+        in env["summary"]["notes"]
+    )
+    text = text.replace('"*query*"', '"*q_proj*"')
+    env = verdicts(tmp_path, text, models["healthy"].path, code=0)
+    assert not any("override" in n for n in env["summary"]["notes"])
+
+
+def test_baseline_under_rules_says_where_it_goes(models: dict[str, Generated], tmp_path: Path) -> None:
+    r = run(models["healthy"].path, "--policy", policy(tmp_path, '[rules]\nbaseline = "b.json"\n'))
+    assert r.exit_code == 2 and "spectra.toml:2" in r.stderr and "top level, above [rules]" in r.stderr

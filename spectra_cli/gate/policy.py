@@ -235,6 +235,8 @@ def parse_policy(data: Mapping[str, Any], path: Path, reader: _Reader | None = N
                 params[key] = PARAMETERS[key].validate(key, value)
             elif key in RULES:
                 rules[key] = validate_value(key, value)
+            elif key == "baseline":
+                raise ValueProblem('baseline = "FILE" goes at the top level, above [rules], not under it')
             else:
                 known = [*RULES, *PARAMETERS]
                 raise ValueProblem(
