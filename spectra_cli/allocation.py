@@ -113,8 +113,12 @@ class AllocationResult(RunResult):
         """Write :meth:`peft_config` as JSON (to a temporary name, then renamed)."""
         path = Path(path)
         tmp = path.parent / f".{path.name}.tmp"
-        tmp.write_text(json.dumps(self.peft_config(), indent=2) + "\n")
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(self.peft_config(), indent=2) + "\n")
+            tmp.replace(path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"{path}: cannot write the PEFT config ({e.strerror or e})") from e
 
 
 def _pattern_order(paths: list[str]) -> list[str]:

@@ -611,3 +611,9 @@ def test_welore_reproduces_the_published_rule_on_a_synthetic_spectrum(t0: float)
     assert got.info["reduction_ratio"] == pytest.approx(pruned / sum(min(s) for s in shapes))
     assert got.info["threshold"] >= t0 - 1e-12
     assert [int((m >= got.info["threshold"]).sum()) for m in normed] == kept
+
+
+def test_outputs_in_a_missing_folder_are_refused_before_any_work(known: Path, tmp_path: Path) -> None:
+    for flag in ("--peft-config", "--output"):
+        r = run(known, "--budget-rank", "3", flag, tmp_path / "no" / "x.json", "-q")
+        assert r.exit_code == 1 and r.stderr.startswith("Error:") and "does not exist" in r.stderr, r.stderr

@@ -463,3 +463,10 @@ def test_a_file_that_is_not_npy_says_so(tmp_path: Path):
     with pytest.raises(SpectraError, match=r"notes.npy: not a \.npy file \(no NumPy header\)") as e:
         open_embeddings(path)
     assert "pickle" not in str(e.value)
+
+
+def test_output_in_a_missing_folder_is_one_error_line(tmp_path: Path):
+    path = tmp_path / "z.npy"
+    np.save(path, np.random.default_rng(0).standard_normal((20, 4)))
+    r = runner.invoke(app, ["rankme", str(path), "--output", str(tmp_path / "no" / "o.csv"), "-q"])
+    assert r.exit_code == 1 and r.stderr.startswith("Error:") and "does not exist" in r.stderr

@@ -293,6 +293,10 @@ def _check_outputs(ckpt: Path, outputs: list[Path | None], force: bool, peft_con
     for out in outputs:
         if out is None:
             continue
+        if not out.parent.is_dir():
+            raise SpectraError(
+                f"{out}: the folder {out.parent} does not exist; create it or choose another path"
+            )
         dst = out.resolve()
         if dst == src or (
             src.is_dir() and src in dst.parents and dst.suffix in {".safetensors", ".bin", ".json"}

@@ -181,6 +181,10 @@ def rankme_cmd(
         raise typer.BadParameter("--texts is only used with --model DIR", param_hint="--texts")
     if output is not None and output.resolve() in {p.resolve() for _, p in inputs}:
         raise SpectraError(f"{output}: refusing to write over an input")
+    if output is not None and not output.parent.is_dir():
+        raise SpectraError(
+            f"{output}: the folder {output.parent} does not exist; create it or choose another path"
+        )
     opts = RankmeOptions(
         key=key, chunk_rows=chunk_rows, max_memory=max_memory, texts=texts, batch_size=batch_size,
         max_length=max_length, normalize=normalize, device=device, backend=backend.value,
