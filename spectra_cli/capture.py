@@ -510,6 +510,20 @@ def run_capture(
     if used == 0:
         raise SpectraError(f"{data}: the examples gave no tokens")
     acts = {name: st.result(name) for name, st in hooks.stats.items()}
+    bad = [
+        name
+        for name, m in acts.items()
+        if any(
+            v is not None and not np.isfinite(v).all()
+            for v in (m.input_mean, m.input_variance, m.input_covariance, m.pca_components)
+        )
+    ]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise SpectraError(
+            f"{model_dir}: the inputs of {shown} hold NaN or infinite values (NaN weights, or an overflow in "
+            "this dtype); nothing was written"
+        )
     aliases = {a: t for a, t in hooks.aliases.items() if t in acts}
     converged = {name: st.pca.converged(opts.tau) for name, st in hooks.stats.items() if st.pca is not None}
     seconds = time.perf_counter() - t0

@@ -673,6 +673,12 @@ def run_init(
                     cdtype,
                 )
                 tuned_w = tw.T if spec.transposed else tw
+            for where, t in ((ckpt.path, w), (opts.tuned, tuned_w)):
+                if t is not None and not bool(t.isfinite().all()):
+                    raise CheckpointError(
+                        f"{where}: {spec.tensor.name} holds NaN or infinite values; an adapter cannot be "
+                        "initialised from it (exclude it with --exclude or repair the checkpoint)"
+                    )
             inp = InitInput(
                 name=tg.path, weight=w, rank=tg.rank, scale=tg.scale,
                 activations=acts[tg.path] if acts is not None else None, tuned=tuned_w, options=m_opts,

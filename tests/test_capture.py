@@ -382,3 +382,22 @@ def test_empty_data_file(models: dict[str, Path], tmp_path: Path) -> None:
     )
     assert res.exit_code == 1 and "no examples" in res.stderr
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_nan_weights_give_an_error_not_a_nan_file(models: dict[str, Path], tmp_path: Path) -> None:
+    """A model with a NaN weight wrote NaN statistics (exit 0) that init-adapter turned into a NaN adapter."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(models["llama"], bad)
+    sd = load_file(bad / "model.safetensors")
+    sd["model.layers.0.self_attn.o_proj.weight"][0, 0] = float("nan")
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "a.safetensors"
+    res = runner.invoke(app, ["capture", str(bad), "--data", str(models["data"]), "--out", str(out), "-q"])
+    assert res.exit_code == 1, res.output
+    assert res.stderr.startswith("Error: ") and "NaN or infinite" in res.stderr
+    assert "model.layers." in res.stderr  # names the modules whose inputs are not finite
+    assert not out.exists()

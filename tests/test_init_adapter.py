@@ -470,7 +470,51 @@ def test_activations_for_other_modules_are_refused(models, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("method", ["eva", "corda"])
+def test_non_finite_activations_are_refused(models, tmp_path, method):
+    """NaN statistics (e.g. captured from a model with NaN weights) gave EVA an all-NaN lora_A, silently."""
+    from spectra_cli.checkpoint.activations import ModuleActivations, write_activations
+
+    acts = tmp_path / "acts.safetensors"
+    c = np.eye(32)
+    c[3, 3] = np.nan
+    name = "model.layers.0.self_attn.q_proj"
+    write_activations(
+        acts, {name: ModuleActivations(name, input_covariance=c, input_mean=np.zeros(32), tokens=9)}
+    )
+    r = run("init-adapter", models["llama"], "--out", tmp_path / "o", "--method", method, "--rank", "2",
+            "--include", f"{name}.weight", "--activations", acts)  # fmt: skip
+    assert r.exit_code == 1, r.stdout
+    assert f"{name}.input_covariance holds NaN or infinite values" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
 # ---- bad input, existing output, interrupted runs ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method,extra", [("pissa", ()), ("pissa", ("--fast", "2")), ("olora", ()), ("extract", ())]
+)
+def test_nan_weights_are_one_line_errors(models, tmp_path, method, extra):
+    """NaN in a target weight: pissa died with torch's LinAlgError traceback, olora wrote a NaN adapter (exit 0)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(models["llama"], bad)
+    sd = load_file(bad / "model.safetensors")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    sd[name][0, 0] = float("nan")
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    args = ("--tuned", bad) if method == "extract" else ()
+    base = models["llama"] if method == "extract" else bad
+    r = run("init-adapter", base, "--out", tmp_path / "o", "--method", method, "--rank", "2", "--kinds", "q_proj",
+            *args, *extra)  # fmt: skip
+    assert r.exit_code == 1, (r.stdout, r.exception)
+    assert r.stderr.startswith("Error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert f"{name}" in r.stderr and "NaN or infinite" in r.stderr
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ A module needs ``input_covariance`` or ``input_samples`` for CorDA, and ``pca_*`
 (the total variance is otherwise derived from ``input_covariance`` + ``input_mean`` or ``input_samples``).
 The optional metadata entry ``aliases`` (a JSON object ``{"module": "module it shares its input with"}``)
 lets q/k/v projections share one set of statistics.
-Float tensors may be F32 or F64.
+Float tensors may be F32 or F64 and must be finite (a file with NaN or infinite values is refused).
 """
 
 from __future__ import annotations
@@ -177,6 +177,11 @@ def read_activations(path: str | Path) -> Activations:
             )
         raw = read_rows(info)
         arr = to_float(raw) if raw.dtype not in ("I64", "I32") else raw.data
+        if raw.dtype not in ("I64", "I32") and not np.isfinite(arr).all():
+            raise CheckpointError(
+                f"{path}: {info.name} holds NaN or infinite values; capture the activations again from a model "
+                "whose weights and outputs are finite"
+            )
         fields.setdefault(module, {})[field] = (
             int(np.asarray(arr).reshape(-1)[0]) if field == "tokens" else np.asarray(arr, dtype=np.float64)
         )
