@@ -494,7 +494,7 @@ def test_github_annotations(
     notes = [ln for ln in r.stdout.splitlines() if ln.startswith("::")]
     assert notes == [
         "::error file=spectra.toml,line=3,title=spectra check%3A max_intruders::(model): "
-        "2 intruder dimensions in 1 matrices > 0"
+        "2 intruder dimensions in 1 matrix > 0"
     ]
     r, _, _ = _outputs(
         models, tmp_path, "--github", "-q", "-f", "json"

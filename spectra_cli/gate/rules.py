@@ -360,12 +360,17 @@ def evaluate_total_intruders(limit: int, facts: Mapping[str, Facts], line: int |
     )
     if uncompared:
         return Verdict("max_intruders", MODEL, "fail", total, limit,
-                       f"{len(uncompared)} matrices with NaN/Inf could not be compared, so the total is unknown "
-                       f"(≥ {total})", line)  # fmt: skip
+                       f"{_n(len(uncompared), 'matrix', 'matrices')} with NaN/Inf could not be compared, so the "
+                       f"total is unknown (≥ {total})", line)  # fmt: skip
     ok = total <= limit
     return Verdict("max_intruders", MODEL, "pass" if ok else "fail", total, limit,
-                   f"{total} intruder dimensions in {with_any} matrices " + ("≤" if ok else ">") + f" {limit}",
-                   line)  # fmt: skip
+                   f"{_n(total, 'intruder dimension')} in {_n(with_any, 'matrix', 'matrices')} "
+                   + ("≤" if ok else ">") + f" {limit}", line)  # fmt: skip
+
+
+def _n(count: int, one: str, many: str | None = None) -> str:
+    """``1 matrix``, ``2 matrices``."""
+    return f"{count} {one if count == 1 else (many or one + 's')}"
 
 
 __all__ = [
