@@ -219,7 +219,7 @@ def check_cmd(
     html: o.HtmlOpt = None,
     quiet: o.QuietOpt = False,
 ) -> None:
-    """Gate a checkpoint on a policy of spectral rules; exit 1 when any rule fails (JUnit, Markdown, annotations)."""
+    """Gate a checkpoint on a policy of spectral rules: exit 0 all hold, 1 a rule fails, 2 the gate cannot run."""
     try:
         _check(**locals())
     except (SpectraError, OSError) as e:
