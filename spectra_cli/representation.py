@@ -27,6 +27,7 @@ from spectra_cli.spectral.rankme import (
     RankScores,
     dtype_eps,
     scores_from_accumulator,
+    scores_wide,
 )
 
 #: warn when N < SAMPLE_FACTOR·K: the score is then limited by the sample count, not the representation
@@ -102,7 +103,11 @@ def score_source(
     device: str | None = None,
 ) -> RankScores:
     """Scores of one embedding file, streamed in chunks of ``rows`` rows; ``device``: None for NumPy, else the
-    torch device of the float64 Gram accumulation."""
+    torch device of the float64 Gram accumulation. A wide input (N < K) that fits one chunk is scored through
+    its N×N Gram matrices instead (:func:`~spectra_cli.spectral.rankme.scores_wide`, same answers, O(N²K))."""
+    if src.n < src.k and src.n <= rows:
+        z = np.concatenate(list(src.chunks(rows, progress)))
+        return scores_wide(z, dtype_eps(src.dtype))
     acc = GramAccumulator(src.k, device)
     for chunk in src.chunks(rows, progress):
         acc.update(chunk)

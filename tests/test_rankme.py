@@ -174,6 +174,9 @@ def test_chunked_gram_equals_direct_svd(n: int, k: int, chunk: int, offset: floa
     assert_scores(chunked, want, 1e-7)
     assert_scores(whole, want, 1e-7)
     assert chunked.numerical_rank == whole.numerical_rank == min(n, k)
+    wide = rk.scores_wide(z)  # the N×N route (used for N < K), any shape
+    assert_scores(wide, want, 1e-7)
+    assert wide.numerical_rank == min(n, k)
 
 
 # ---- readers ------------------------------------------------------------------------------------------------
@@ -470,3 +473,29 @@ def test_output_in_a_missing_folder_is_one_error_line(tmp_path: Path):
     np.save(path, np.random.default_rng(0).standard_normal((20, 4)))
     r = runner.invoke(app, ["rankme", str(path), "--output", str(tmp_path / "no" / "o.csv"), "-q"])
     assert r.exit_code == 1 and r.stderr.startswith("Error:") and "does not exist" in r.stderr
+
+
+def test_wide_inputs_take_the_n_by_n_route(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """N < K (few samples, wide features): the scores come from the N×N Gram matrices, O(N²K), not from a K×K
+    eigendecomposition (100 × 6,000 took minutes and 1.2 GB); same answers as a direct SVD."""
+    import spectra_cli.representation as rep
+
+    rng = np.random.default_rng(4)
+    z = (rng.standard_normal((30, 500)) * np.linspace(1, 0.01, 500) + 2.0).astype(np.float32)
+    path = tmp_path / "wide.npy"
+    np.save(path, z)
+    want = ref(z)
+    k_by_k = rep.score_source(open_embeddings(path), rows=7)  # several chunks: the streamed K×K route
+
+    class NoGram:
+        def __init__(self, *a: Any, **k: Any) -> None:
+            raise AssertionError("the K×K accumulator was used for a wide input that fits one chunk")
+
+    monkeypatch.setattr(rep, "GramAccumulator", NoGram)
+    got = rep.score_source(open_embeddings(path), rows=64)
+    assert_scores(got, want, 1e-7)
+    for key in ("rankme", "effective_rank", "stable_rank", "participation_ratio", "alpha_req"):
+        assert getattr(got, key) == pytest.approx(getattr(k_by_k, key), rel=1e-7), key
+    assert got.numerical_rank == k_by_k.numerical_rank == 30
+    assert got.alpha_req_points == k_by_k.alpha_req_points
+    assert got.covariance_eigenvalues.shape == (500,) and got.singular_values.shape == (30,)

@@ -265,11 +265,37 @@ def scores_from_accumulator(acc: GramAccumulator, stored_eps: float = _EPS64) ->
     n, k = acc.n, acc.k
     if n == 0:
         raise ValueError("no rows accumulated")
+    return _scores_from_eigenvalues(
+        sym_eigenvalues(acc.gram()), sym_eigenvalues(acc.scatter()), n, k, stored_eps
+    )
+
+
+def scores_wide(z: np.ndarray, stored_eps: float = _EPS64) -> RankScores:
+    """Every score of an in-memory N×K matrix through the N×N Gram matrices Z Zᵀ and (Z − μ)(Z − μ)ᵀ, which have
+    the non-zero eigenvalues of ZᵀZ and of the K×K scatter: O(N²K) instead of the K×K route's O(K³), for N < K
+    (few samples of wide embeddings). Same thresholds as :func:`scores_from_accumulator` (ρ from K), so the two
+    routes agree to rounding."""
+    x = np.asarray(z, dtype=np.float64)
+    if x.ndim != 2 or 0 in x.shape:
+        raise ValueError(f"expected a non-empty N×K matrix, got shape {x.shape}")
+    n, k = x.shape
+    xc = x - x.mean(axis=0)
+    ev_scatter = np.zeros(k)
+    ev = sym_eigenvalues(xc @ xc.T)[:k]
+    ev_scatter[: ev.size] = ev
+    return _scores_from_eigenvalues(sym_eigenvalues(x @ x.T), ev_scatter, n, k, stored_eps)
+
+
+def _scores_from_eigenvalues(
+    ev_gram: np.ndarray, ev_scatter: np.ndarray, n: int, k: int, stored_eps: float
+) -> RankScores:
+    """The scores from the eigenvalues (descending) of ZᵀZ (at least min(N, K) of them) and of the centred
+    scatter (K of them, zeros included)."""
     m = min(n, k)
     floor = gram_resolution(k)
-    s = np.sqrt(sym_eigenvalues(acc.gram())[:m])
+    s = np.sqrt(ev_gram[:m])
     s[s <= floor * s[0]] = 0.0
-    lam = sym_eigenvalues(acc.scatter()) / n
+    lam = np.asarray(ev_scatter, dtype=np.float64) / n
     # centred threshold: the numerical-rank rule on the singular values √(N·λ) of Z − μ, with the rounding
     # term ε_in·‖Z‖_F of the stored (uncentred) values
     sc = np.sqrt(lam * n)
