@@ -782,3 +782,9 @@ def test_override_matching_no_module_is_noted(models: dict[str, Generated], tmp_
 def test_baseline_under_rules_says_where_it_goes(models: dict[str, Generated], tmp_path: Path) -> None:
     r = run(models["healthy"].path, "--policy", policy(tmp_path, '[rules]\nbaseline = "b.json"\n'))
     assert r.exit_code == 2 and "spectra.toml:2" in r.stderr and "top level, above [rules]" in r.stderr
+
+
+def test_init_into_a_missing_folder_names_the_file(tmp_path: Path) -> None:
+    r = run("--init", tmp_path / "nodir" / "spectra.toml")
+    assert r.exit_code == 2
+    assert r.stderr.strip() == f"Error: {tmp_path / 'nodir' / 'spectra.toml'}: No such file or directory"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -227,7 +228,9 @@ def check_cmd(
         if os.environ.get("SPECTRA_DEBUG") == "1":
             raise
         if isinstance(e, OSError) and e.filename is not None:
-            print(f"Error: {e.filename}: {e.strerror}", file=sys.stderr)
+            # outputs are staged as .NAME.tmp-PID beside NAME: name the file the user asked for
+            name = re.sub(r"(^|/)\.([^/]+)\.tmp-\d+$", r"\1\2", str(e.filename))
+            print(f"Error: {name}: {e.strerror}", file=sys.stderr)
         else:
             print(f"Error: {e}", file=sys.stderr)
         raise typer.Exit(2) from None
