@@ -488,8 +488,15 @@ model = PeftModel.from_pretrained(base, "{adapter}", is_trainable=True)  # is_tr
 _AFTER_RESIDUAL = """\
 The residual plus the adapter reproduces the original model's weights (W_res + s·B·A = W, up to rounding to the
 residual's dtype). Do not load the adapter on the *original* model: it would count the adapter's part twice.
-To turn a trained adapter back into a plain LoRA for the original model, use ΔW = BA − B₀A₀: A′ = [A; A₀],
-B′ = [B, −B₀] with r and α doubled (B₀, A₀ are the factors in this folder).
+To turn the trained adapter into a plain LoRA for the *original* model, let PEFT subtract this initial
+adapter when saving (it writes ΔW = s·(BA − B₀A₀) as A′ = [A; A₀], B′ = [B, −B₀] with r doubled and α doubled,
+×√2 with rsLoRA; PEFT refuses rsLoRA together with rank/alpha patterns). Give it a copy of `adapter/`, because PEFT
+rewrites the config of the folder it is given:
+
+```python
+# after training `model` (loaded as above); cp -r {adapter} initial-adapter
+model.save_pretrained("trained-lora", path_initial_model_for_weight_conversion="initial-adapter")
+```
 """
 
 _AFTER_BASE = """\
@@ -772,8 +779,9 @@ def run_init(
             "checkpoint": str(ckpt.path),
             "format": ckpt.format,
             "bytes": ckpt.total_bytes,
-            "tuned": str(opts.tuned) if opts.tuned else None,
-            "activations": str(opts.activations) if opts.activations else None,
+            "tuned": str(Path(opts.tuned).resolve()) if opts.tuned else None,
+            "activations": str(Path(opts.activations).resolve()) if opts.activations else None,
+            "ranks_file": str(Path(opts.ranks_file).resolve()) if opts.ranks_file else None,
         }
         opts_dict = _options_dict(opts)
         opts_dict["resolved"] = {"device": device, "precision": opts.precision}
@@ -796,7 +804,11 @@ def run_init(
                 ),
                 base=base_for_adapter,
                 adapter=str((out / "adapter").resolve()),
-                after=_AFTER_RESIDUAL if writer is not None else _AFTER_BASE,
+                after=(
+                    _AFTER_RESIDUAL.format(adapter=str((out / "adapter").resolve()))
+                    if writer is not None
+                    else _AFTER_BASE
+                ),
             )
         )
         artifacts = ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "README.md"]

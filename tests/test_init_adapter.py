@@ -136,6 +136,37 @@ def test_round_trip_residual_plus_adapter_is_the_original(models, tmp_path, kind
     )
 
 
+@pytest.mark.parametrize("extra", [(), ("--alpha", "8", "--rslora")], ids=["plain", "rslora"])
+def test_readme_conversion_to_a_plain_lora_for_the_original_model(models, tmp_path, extra):
+    """The README's recipe: after training on residual/, PEFT's save_pretrained(...,
+    path_initial_model_for_weight_conversion=adapter/) gives a LoRA (r and α doubled, α×√2 with rsLoRA) that
+    reproduces the trained model on the *original* base."""
+    import shutil
+
+    from peft import PeftModel
+
+    out = tmp_path / "out"
+    init(models["llama"], out, "--method", "pissa", "--rank", "3", "--kinds", "q_proj,v_proj", *extra)
+    text = (out / "README.md").read_text()
+    assert "path_initial_model_for_weight_conversion" in text
+    init_copy = tmp_path / "init_adapter"
+    shutil.copytree(out / "adapter", init_copy)  # PEFT rewrites the config of the folder it is given
+    base = _auto("llama").from_pretrained(out / "residual")
+    model = PeftModel.from_pretrained(base, out / "adapter", is_trainable=True)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # "training"
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    model.eval()
+    trained = _outputs(model, "llama")
+    model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(init_copy))
+    cfg = json.loads((tmp_path / "converted" / "adapter_config.json").read_text())
+    assert cfg["r"] == 6
+    converted = _load_peft(models["llama"], tmp_path / "converted", "llama")
+    assert float((_outputs(converted, "llama") - trained).abs().max()) <= TOL
+
+
 def test_default_targets_are_all_linear_but_embeddings_and_head(models, tmp_path):
     env = init(models["llama"], tmp_path / "o", "--rank", "2")
     names = {r["name"] for r in env["rows"]}
@@ -568,6 +599,16 @@ def test_existing_output_needs_force(models, tmp_path):
     assert record["command"] == "init-adapter" and record["options"]["rank"] == 2
     assert "PeftModel.from_pretrained" in (out / "README.md").read_text()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_run_record_names_inputs_by_absolute_path(models, tmp_path, monkeypatch):
+    """spectra_run.json recorded `--ranks r.json` / `--tuned t/` as typed, useless from another directory."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.json").write_text(json.dumps({"r": 2, "lora_alpha": 2, "target_modules": ["q_proj"]}))
+    r = run("init-adapter", models["llama"], "--out", "o", "--ranks", "r.json", "--kinds", "q_proj", "-q")
+    assert r.exit_code == 0, r.stderr
+    inputs = json.loads((tmp_path / "o" / "spectra_run.json").read_text())["inputs"]
+    assert inputs["ranks_file"] == str(tmp_path / "r.json")
 
 
 @pytest.mark.parametrize(
