@@ -525,3 +525,19 @@ def test_the_table_on_a_case_worked_by_hand(tmp_path):
     np.testing.assert_allclose(cos, [[1, 0, 2**-0.5], [0, 1, 2**-0.5], [2**-0.5, 2**-0.5, 1]], atol=1e-6)
     tsv = merge_json(tmp_path / "base", *ins, "--method", "tsv", "--out", tmp_path / "tsv")["rows"]
     assert tsv[0]["energy_kept"] == pytest.approx(5 / 6)
+
+
+def test_an_integer_buffer_missing_from_a_fine_tune_is_not_an_architecture_change(full, tmp_path):
+    """Newer transformers no longer save BERT's ``embeddings.position_ids``; fine-tunes of the real MiniLM saved
+    that way were refused as 'different architectures'. A missing float tensor still is an error."""
+    base = tmp_path / "base"
+    fx.write_safetensors(base / "model.safetensors",
+                         {**{k: v.astype(np.float32) for k, v in full.base.items()},
+                          "model.position_ids": np.arange(8, dtype=np.int64)[None]}, {"format": "pt"})  # fmt: skip
+    env = merge_json(base, *named(full.paths), "--method", "rmm", "--out", tmp_path / "b")
+    assert env["summary"]["modules"] > 0
+    fewer = tmp_path / "fewer"
+    t = {k: v.astype(np.float32) for k, v in full.tuned["t0"].items() if k != "model.norm.weight"}
+    fx.write_safetensors(fewer / "model.safetensors", t, {"format": "pt"})
+    r = run("merge", base, f"x={fewer}", f"t1={full.paths['t1']}", "--out", tmp_path / "o", "-q")
+    assert r.exit_code == 1 and "model.norm.weight" in r.stderr and "different architectures" in r.stderr
