@@ -455,9 +455,11 @@ def test_interference_orthogonal_and_identical() -> None:
     np.testing.assert_allclose(same["norms"], [f.frob_norm(), 3 * f.frob_norm(), f.frob_norm()], rtol=1e-12)
 
 
-def test_interference_overlap_is_mean_cos2_of_principal_angles() -> None:
+@pytest.mark.parametrize("shape", [(10, 8), (8, 10), (300, 40)])
+def test_interference_overlap_is_mean_cos2_of_principal_angles(shape: tuple[int, int]) -> None:
+    """Tall and wide dense updates (the subspaces come from the Gram matrix of the smaller side)."""
     rng = np.random.default_rng(29)
-    ups = _dense(rng, 2, 10, 8)
+    ups = _dense(rng, 2, *shape)
     k = 3
     res = interference(ups, k=k)
     u0 = np.linalg.svd(ups[0].to_dense())[0][:, :k]
