@@ -241,6 +241,42 @@ def test_screenshot_shows_the_figures(browser: Any, opened: dict[str, Any], page
         assert len(np.unique(np.asarray(im.convert("L")))) > 50  # the page itself is not blank
 
 
+def test_check_and_generic_pages_in_the_browser(browser: Any, pages: dict[str, Path]) -> None:
+    """The pages of commands without figures of their own: check (a failing gate, failures marked, sortable
+    value column) and a merge-shaped envelope (rows per module × task: one figure, a line per kind and task)."""
+    import json
+
+    from fixtures.gate import gate_models
+
+    d = pages["dir"]
+    models = gate_models(d / "gate")
+    (d / "p.toml").write_text("[rules]\nno_nonfinite = true\nmax_spectral_norm = 100.0\n")
+    r = CliRunner().invoke(app, ["check", str(models["nonfinite"].path), "--policy", str(d / "p.toml"), "-q",
+                                 "--html", str(d / "check.html")])  # fmt: skip
+    assert r.exit_code == 1, r.stderr
+    rows = [{"module": f"l.{k}.{i}", "kind": k, "depth": i, "task": t, "delta_norm": 1.0 + i + (t == "b")}
+            for i in range(3) for k in ("q", "v") for t in ("a", "b")]  # fmt: skip
+    env = {"schema_version": 1, "command": "merge", "rows": rows, "summary": {"method": "tsv"}}
+    (d / "merge.json").write_text(json.dumps(env))
+    assert CliRunner().invoke(app, ["report", str(d / "merge.json"), "-q"]).exit_code == 0
+    for name, n_images in (("check", 0), ("merge", 1)):
+        browser.get((d / f"{name}.html").as_uri())
+        log = browser.get_log("browser")
+        assert [e for e in log if e.get("level") == "SEVERE"] == [], (name, log)
+        fetched = browser.execute_script("return performance.getEntriesByType('resource').length")
+        assert fetched == 0, name
+        images = _images(browser)
+        assert len(images) == n_images and all(im["natural"] > 0 and im["width"] > 200 for im in images)
+    browser.get((d / "check.html").as_uri())
+    bad = browser.execute_script("return document.querySelectorAll('#rows-table tbody tr.bad').length")
+    assert bad == 2  # UP0's NaN fails both rules
+    th, _ = _column(browser, "value")
+    th.click()
+    _, values = _column(browser, "value")
+    nums = [float(v) for v in values if v != ""]
+    assert nums == sorted(nums) and values[-1] == ""  # the NaN matrix has no σ₁: last
+
+
 # ---- .ci/run: installs the browser when it can, never breaks where it cannot ------------------------------
 
 
