@@ -465,6 +465,12 @@ def run_capture(
         raise SpectraError("--components must be at least 1 when the PCA is captured")
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
+    if not Path(data).is_file():
+        raise SpectraError(f"{data}: no such data file")
+    if not Path(out).parent.is_dir():
+        raise SpectraError(f"{Path(out).parent}: the output folder does not exist; create it first")
+    # reading every header now makes a truncated or corrupt file a one-line error, not transformers' traceback
+    open_checkpoint(model_dir)
     texts = iter_texts(data, opts.text_field)
     total = _count_examples(data)
     if total == 0:

@@ -401,3 +401,29 @@ def test_nan_weights_give_an_error_not_a_nan_file(models: dict[str, Path], tmp_p
     assert res.stderr.startswith("Error: ") and "NaN or infinite" in res.stderr
     assert "model.layers." in res.stderr  # names the modules whose inputs are not finite
     assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["truncated_model", "missing_data", "missing_out_dir"])
+def test_bad_paths_are_one_line_errors(models: dict[str, Path], tmp_path: Path, case: str) -> None:
+    """These died with tracebacks (SafetensorError from transformers, FileNotFoundError), the last one only
+    after the whole run."""
+    import shutil
+
+    model, data, out = models["llama"], models["data"], tmp_path / "a.safetensors"
+    if case == "truncated_model":
+        model = tmp_path / "trunc"
+        shutil.copytree(models["llama"], model)
+        blob = (model / "model.safetensors").read_bytes()
+        (model / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+        want = "truncated"
+    elif case == "missing_data":
+        data = tmp_path / "nope.txt"
+        want = "no such data file"
+    else:
+        out = tmp_path / "no" / "dir" / "a.safetensors"
+        want = "does not exist"
+    res = runner.invoke(app, ["capture", str(model), "--data", str(data), "--out", str(out), "-q"])
+    assert res.exit_code == 1, (res.output, res.exception)
+    assert res.stderr.startswith("Error: ") and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert want in res.stderr
+    assert not out.exists()
