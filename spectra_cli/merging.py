@@ -41,7 +41,7 @@ from spectra_cli.checkpoint.tensors import RawTensor, TensorInfo, to_float
 from spectra_cli.comparison import Tuned, open_tuned
 from spectra_cli.errors import CheckpointError, SelectionError, ShapeMismatch, SpectraError
 from spectra_cli.results import RunResult
-from spectra_cli.spectral.engine import nonfinite_counts
+from spectra_cli.spectral.engine import blas_threads, nonfinite_counts
 from spectra_cli.spectral.merge import (
     GRAM_RTOL,
     METHODS,
@@ -430,71 +430,73 @@ def run_merge(
         stored_total = 0
         module_stats: dict[str, Any] = {}
         for done, spec in enumerate(work, 1):
-            w0 = _dense(base_loader, spec, dtype) if need_w0 else None
-            if w0 is not None:
-                _check_finite(w0, "base", spec.tensor.name, base.path)
-            updates = [
-                _check_update(task_update(t, spec, w0, loaders.get(t.name), dtype), t, spec) for t in tuned
-            ]
-            raw = sum(u.size for u in updates)
-            raw_total += raw
-            dense_total += n * spec.shape[0] * spec.shape[1]
-            inter = _interference(updates, opts.interference_k)
-            live = inter["norms"] > 0
-            both = np.outer(live, live)
-            pairs += both
-            cos_sum += np.where(both, inter["cosine"], 0.0)
-            ov_sum += np.where(both, inter["overlap"], 0.0)
-            fit: RMMModule | None = None
-            if is_rmm:
-                fit = _rmm_live(updates, live, raw, opts.basis, opts.energy, opts.center)
-            elif opts.sweep:  # only the singular values of the stack are needed
-                fit = _rmm_live(updates, live, raw, 1, None, opts.center)
-            if opts.sweep:
-                assert fit is not None
-                energy = sum(inner(u, u) for u in updates)
-                mean_size = fit.mean.size if fit.mean is not None else 0
-                bsize = (float(np.mean([b.size for b in fit.basis])) if fit.basis
-                         else float(sum(u.size for u in updates) if updates[0].is_factored else updates[0].size))  # fmt: skip
-                resid, stored = _sweep_module(fit.singular_values, n, mean_size, bsize)
-                sweep_acc["resid"] += np.asarray(resid)
-                sweep_acc["stored"] += np.asarray(stored)
-                sweep_acc["energy"] += energy
-                sweep_acc["modules"][spec.name] = [
-                    math.sqrt(r / energy) if energy > 0 else 0.0 for r in resid
+            with blas_threads(spec.shape):  # one BLAS thread for small modules (engine.SMALL_WORK)
+                w0 = _dense(base_loader, spec, dtype) if need_w0 else None
+                if w0 is not None:
+                    _check_finite(w0, "base", spec.tensor.name, base.path)
+                updates = [
+                    _check_update(task_update(t, spec, w0, loaders.get(t.name), dtype), t, spec)
+                    for t in tuned
                 ]
-            if is_rmm:
-                assert fit is not None
-                errs = [float(e) for e in fit.errors]
-                kept = [1.0 - e * e for e in errs]
-                _bundle_module(bundle_t, spec.name, fit, dtype)
-                stored_total += fit.storage
-                modules_meta[spec.name] = {
-                    "tensor": spec.tensor.name, "shape": list(spec.shape), "transposed": spec.transposed,
-                    "factored": all(u.is_factored for u in updates), "p": fit.p,
-                    "coefficients": np.asarray(fit.coefficients, dtype=np.float64).tolist(),
-                    "errors": errs, "singular_values": [float(x) for x in fit.singular_values],
-                    "centered": fit.mean is not None, "storage": fit.storage, "raw": fit.raw,
-                    "energy_kept": fit.energy_kept, "covered": [t.name for t in tuned if t.covers(spec.name)],
-                    "zero_tasks": [i for i in range(n) if not live[i]] if live.any() else [],
-                }  # fmt: skip
-                extra: dict[str, Any] = {
-                    "p": fit.p,
-                    "storage": fit.storage_ratio,
-                    "energy_kept": fit.energy_kept,
-                }
-            else:
-                assert method is not None and copy is not None and w0 is not None
-                outcome = method(updates, weights, params)
-                errs, kept = _merge_errors(outcome.update, updates)
-                w_new = w0.astype(np.float64) + outcome.update.to_dense()
-                copy.patch(spec.tensor, w_new.T if spec.transposed else w_new)
-                if outcome.stats:
-                    module_stats[spec.name] = _jsonable(outcome.stats)
-                extra = {"energy_kept": outcome.stats.get("energy_kept")}
-            rows.extend(_rows_for_module(spec, tuned, updates, weights, inter, errs, kept, extra))
-            if progress:
-                progress(done, len(work), spec.name)
+                raw = sum(u.size for u in updates)
+                raw_total += raw
+                dense_total += n * spec.shape[0] * spec.shape[1]
+                inter = _interference(updates, opts.interference_k)
+                live = inter["norms"] > 0
+                both = np.outer(live, live)
+                pairs += both
+                cos_sum += np.where(both, inter["cosine"], 0.0)
+                ov_sum += np.where(both, inter["overlap"], 0.0)
+                fit: RMMModule | None = None
+                if is_rmm:
+                    fit = _rmm_live(updates, live, raw, opts.basis, opts.energy, opts.center)
+                elif opts.sweep:  # only the singular values of the stack are needed
+                    fit = _rmm_live(updates, live, raw, 1, None, opts.center)
+                if opts.sweep:
+                    assert fit is not None
+                    energy = sum(inner(u, u) for u in updates)
+                    mean_size = fit.mean.size if fit.mean is not None else 0
+                    bsize = (float(np.mean([b.size for b in fit.basis])) if fit.basis
+                             else float(sum(u.size for u in updates) if updates[0].is_factored else updates[0].size))  # fmt: skip
+                    resid, stored = _sweep_module(fit.singular_values, n, mean_size, bsize)
+                    sweep_acc["resid"] += np.asarray(resid)
+                    sweep_acc["stored"] += np.asarray(stored)
+                    sweep_acc["energy"] += energy
+                    sweep_acc["modules"][spec.name] = [
+                        math.sqrt(r / energy) if energy > 0 else 0.0 for r in resid
+                    ]
+                if is_rmm:
+                    assert fit is not None
+                    errs = [float(e) for e in fit.errors]
+                    kept = [1.0 - e * e for e in errs]
+                    _bundle_module(bundle_t, spec.name, fit, dtype)
+                    stored_total += fit.storage
+                    modules_meta[spec.name] = {
+                        "tensor": spec.tensor.name, "shape": list(spec.shape), "transposed": spec.transposed,
+                        "factored": all(u.is_factored for u in updates), "p": fit.p,
+                        "coefficients": np.asarray(fit.coefficients, dtype=np.float64).tolist(),
+                        "errors": errs, "singular_values": [float(x) for x in fit.singular_values],
+                        "centered": fit.mean is not None, "storage": fit.storage, "raw": fit.raw,
+                        "energy_kept": fit.energy_kept, "covered": [t.name for t in tuned if t.covers(spec.name)],
+                        "zero_tasks": [i for i in range(n) if not live[i]] if live.any() else [],
+                    }  # fmt: skip
+                    extra: dict[str, Any] = {
+                        "p": fit.p,
+                        "storage": fit.storage_ratio,
+                        "energy_kept": fit.energy_kept,
+                    }
+                else:
+                    assert method is not None and copy is not None and w0 is not None
+                    outcome = method(updates, weights, params)
+                    errs, kept = _merge_errors(outcome.update, updates)
+                    w_new = w0.astype(np.float64) + outcome.update.to_dense()
+                    copy.patch(spec.tensor, w_new.T if spec.transposed else w_new)
+                    if outcome.stats:
+                        module_stats[spec.name] = _jsonable(outcome.stats)
+                    extra = {"energy_kept": outcome.stats.get("energy_kept")}
+                rows.extend(_rows_for_module(spec, tuned, updates, weights, inter, errs, kept, extra))
+                if progress:
+                    progress(done, len(work), spec.name)
         rest = _Rest(base, work, tuned)
         rest_changed = _merge_rest(rest, tuned, weights, opts, params, copy, bundle_t)
         extra_numbers = sum(int(np.asarray(v.data if isinstance(v, RawTensor) else v).size)
