@@ -175,6 +175,41 @@ def _read_ranks_file(path: Path) -> dict[str, Any]:
     return cfg
 
 
+def _peft_targets(target_modules: Any, path: str) -> bool:
+    """PEFT's ``target_modules`` rule: a string is a full regex (or "all-linear"), a list matches a module whose
+    path equals an entry or ends with ``.entry``; None (absent) matches everything."""
+    if target_modules is None:
+        return True
+    if isinstance(target_modules, str):
+        return target_modules == "all-linear" or re.fullmatch(target_modules, path) is not None
+    return path in target_modules or any(path.endswith(f".{t}") for t in target_modules)
+
+
+def _ranks_file_targets(
+    cfg: Mapping[str, Any], specs: Sequence[MatrixSpec], paths: Mapping[str, str], opts: InitOptions
+) -> list[MatrixSpec]:
+    """The modules a ranks file adapts: its ``target_modules`` (as PEFT reads them) among the selected ones.
+    Without --kinds/--include/--exclude, a ``rank_pattern``/``alpha_pattern`` key matching no module means the
+    file was written for another model: refused."""
+    tm = cfg.get("target_modules")
+    kept = [s for s in specs if _peft_targets(tm, paths[s.name])]
+    if not kept:
+        raise SelectionError(
+            f"{opts.ranks_file}: its target_modules ({tm}) match none of the selected modules; the ranks file "
+            "was written for another model or another selection (check --kinds)"
+        )
+    if not (opts.kinds or opts.include or opts.exclude):
+        known = [paths[s.name] for s in kept]
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            for key in cfg.get(field_name) or {}:
+                if not any(re.match(rf"(.*\.)?({key})$", p) for p in known):
+                    raise SelectionError(
+                        f"{opts.ranks_file}: {field_name} key {key!r} matches no module of the checkpoint's "
+                        "targets; the ranks file was written for another model"
+                    )
+    return kept
+
+
 def plan_targets(
     specs: Sequence[MatrixSpec],
     opts: InitOptions,
@@ -194,6 +229,7 @@ def plan_targets(
             cfg = _read_ranks_file(opts.ranks_file)
             r0 = int(cfg.get("r", 8))
             a0 = cfg.get("lora_alpha")
+            specs = _ranks_file_targets(cfg, specs, paths, opts)
             for s in specs:
                 p = paths[s.name]
                 r = int(pattern_value(cfg.get("rank_pattern"), p, r0))

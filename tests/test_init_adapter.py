@@ -694,6 +694,39 @@ def test_allocate_and_allocate_peft_config_give_the_same_adapter(models, tmp_pat
     assert round_trip_error(models["llama"], tmp_path / "a", "llama") <= TOL
 
 
+def test_ranks_file_target_modules_choose_the_targets(models, tmp_path):
+    """`allocate --kinds q_proj,v_proj --peft-config` then `init-adapter --ranks` without --kinds adapted every
+    linear module (the file's r for the others); PEFT itself would adapt only the file's target_modules."""
+    peft_cfg = tmp_path / "lora.json"
+    r = run("allocate", models["llama"], "--kinds", "q_proj,v_proj", "--budget-rank", "4",
+            "--strategy", "energy", "--peft-config", peft_cfg, "-q", "-f", "json")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    targets = set(json.loads(peft_cfg.read_text())["target_modules"])
+    env = init(models["llama"], tmp_path / "a", "--ranks", peft_cfg)
+    assert {row["name"] for row in env["rows"]} == targets
+    assert all(row["name"].endswith(("q_proj", "v_proj")) for row in env["rows"])
+    # PEFT's matching: short names match module paths by suffix, a string is a full regex
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps({"r": 2, "target_modules": ["o_proj"]}))
+    env = init(models["llama"], tmp_path / "b", "--ranks", short)
+    assert {row["name"] for row in env["rows"]} == {f"model.layers.{i}.self_attn.o_proj" for i in (0, 1)}
+    regex = tmp_path / "regex.json"
+    regex.write_text(json.dumps({"r": 2, "target_modules": r".*\.1\.mlp\.(up|down)_proj"}))
+    env = init(models["llama"], tmp_path / "c", "--ranks", regex)
+    assert {row["name"] for row in env["rows"]} == {
+        "model.layers.1.mlp.up_proj",
+        "model.layers.1.mlp.down_proj",
+    }
+    # a rank_pattern key that matches no module of the checkpoint: a ranks file for another model
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"r": 2, "rank_pattern": {"encoder.layer.0.attention.self.query": 4}}))
+    r = run("init-adapter", models["llama"], "--out", tmp_path / "d", "--ranks", other)
+    assert (
+        r.exit_code == 1 and "encoder.layer.0.attention.self.query" in r.stderr and "matches no" in r.stderr
+    )
+    assert not (tmp_path / "d").exists()
+
+
 def test_gpt2_conv1d_weights_get_fan_in_fan_out(tmp_path):
     from peft import PeftModel
     from transformers import GPT2Config, GPT2LMHeadModel
