@@ -616,4 +616,4 @@ def test_welore_reproduces_the_published_rule_on_a_synthetic_spectrum(t0: float)
 def test_outputs_in_a_missing_folder_are_refused_before_any_work(known: Path, tmp_path: Path) -> None:
     for flag in ("--peft-config", "--output"):
         r = run(known, "--budget-rank", "3", flag, tmp_path / "no" / "x.json", "-q")
-        assert r.exit_code == 1 and r.stderr.startswith("Error:") and "does not exist" in r.stderr, r.stderr
+        assert r.exit_code == 1 and r.stderr.startswith("Error:") and "no such folder; create it first" in r.stderr, r.stderr

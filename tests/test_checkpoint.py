@@ -551,3 +551,17 @@ def test_unsplittable_fused_projection_says_so(tmp_path):
     assert [s.name for s in specs] == ["h.0.attn.query_key_value.weight"]
     assert specs[0].shape == (24, 8)
     assert "fused projection left whole" in specs[0].note
+
+
+def test_a_folder_holding_two_copies_of_a_tensor_is_refused(tmp_path, ckpts):
+    """Two weight files without an index that define the same tensor: which one is meant is unknowable, so
+    the reader refuses instead of analysing both (a NaN in one copy could hide behind the other)."""
+    import shutil
+
+    src = ckpts.bert.path / "model.safetensors"
+    folder = tmp_path / "two-copies"
+    folder.mkdir()
+    shutil.copy(src, folder / "a.safetensors")
+    shutil.copy(src, folder / "b.safetensors")
+    with pytest.raises(errors.CheckpointError, match=r"is in both a\.safetensors and b\.safetensors"):
+        open_checkpoint(folder)

@@ -108,8 +108,22 @@ def test_output_file_is_written_and_stdout_is_empty(tiny: fx.Generated, tmp_path
 def test_refuses_to_write_over_the_input(tiny: fx.Generated) -> None:
     before = tiny.path.read_bytes()
     r = run("analyze", tiny.path, "-o", tiny.path)
-    assert r.exit_code == 1 and "refusing to write into the input" in r.stderr
+    assert r.exit_code == 1 and "refusing to write over an input (--output)" in r.stderr
     assert tiny.path.read_bytes() == before
+
+
+@pytest.mark.parametrize("command", ["analyze", "compare"])
+@pytest.mark.parametrize("flag", ["--output", "--html", "--save-spectra"])
+def test_an_output_in_a_missing_folder_is_refused_before_the_run(
+    tiny: fx.Generated, tmp_path: Path, command: str, flag: str
+) -> None:
+    if command == "compare" and flag == "--save-spectra":
+        pytest.skip("compare has no --save-spectra")
+    args = [command, tiny.path] + ([tiny.path] if command == "compare" else [])
+    r = runner.invoke(app, [str(a) for a in [*args, flag, tmp_path / "nope" / "out.x"]])
+    assert r.exit_code == 1, r.output
+    assert r.stderr.strip() == f"Error: {tmp_path / 'nope'}: no such folder; create it first (for {flag})"
+    assert not (tmp_path / "nope").exists()
 
 
 def test_selection_options(sharded: fx.Generated) -> None:

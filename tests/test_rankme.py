@@ -472,7 +472,7 @@ def test_output_in_a_missing_folder_is_one_error_line(tmp_path: Path):
     path = tmp_path / "z.npy"
     np.save(path, np.random.default_rng(0).standard_normal((20, 4)))
     r = runner.invoke(app, ["rankme", str(path), "--output", str(tmp_path / "no" / "o.csv"), "-q"])
-    assert r.exit_code == 1 and r.stderr.startswith("Error:") and "does not exist" in r.stderr
+    assert r.exit_code == 1 and r.stderr.startswith("Error:") and "no such folder; create it first" in r.stderr
 
 
 def test_wide_inputs_take_the_n_by_n_route(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

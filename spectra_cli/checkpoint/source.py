@@ -173,7 +173,21 @@ def _open_safetensors(files: list[Path], path: Path, fmt: str) -> Checkpoint:
         infos, meta = st.read_header(f)
         tensors.extend(infos)
         metadata.update(meta)
+    _refuse_duplicates(tensors, path)
     return Checkpoint(path=path, format=fmt, files=list(files), tensors=tensors, metadata=metadata)
+
+
+def _refuse_duplicates(tensors: list[TensorInfo], path: Path) -> None:
+    """Several weight files that hold the same tensor (e.g. two copies of a model in one folder) are ambiguous:
+    which one is meant? Refuse rather than analyse both or silently pick one."""
+    seen: dict[str, Path] = {}
+    for t in tensors:
+        first = seen.setdefault(t.name, t.file)
+        if first != t.file:
+            raise CheckpointError(
+                f"{path}: tensor {t.name!r} is in both {first.name} and {t.file.name}; point at one weight "
+                "file, or keep one copy per tensor (sharded models need their .index.json)"
+            )
 
 
 # ---- torch pickles --------------------------------------------------------------------------------------
@@ -249,6 +263,7 @@ def _open_torch(files: list[Path], path: Path, fmt: str) -> Checkpoint:
         for name, t in _unwrap(obj, f).items():
             tensors[name] = t
             infos.append(TensorInfo(name=name, shape=tuple(t.shape), dtype=_torch_code(t), file=f))
+    _refuse_duplicates(infos, path)
     return Checkpoint(path=path, format=fmt, files=list(files), tensors=infos, _torch_tensors=tensors)
 
 

@@ -12,6 +12,7 @@ import typer
 
 from spectra_cli.cli import options as o
 from spectra_cli.cli.errors import handle_errors
+from spectra_cli.cli.outputs import check_outputs
 from spectra_cli.cli.progress import progress_bar, warn
 from spectra_cli.errors import SpectraError
 from spectra_cli.spectral.allocation import STRATEGIES
@@ -257,7 +258,9 @@ def allocate_cmd(
         raise typer.BadParameter(
             f"--strategy {strategy.value} needs --activations FILE", param_hint="--activations"
         )
-    _check_outputs(ckpt, [output, peft_config], force, peft_config)
+    check_outputs([ckpt, activations], {"--output": output, "--peft-config": peft_config})
+    if peft_config is not None and peft_config.exists() and not force:
+        raise SpectraError(f"{peft_config} already exists; choose another --peft-config or pass --force")
     opts = AllocateOptions(
         include=o.split_csv(include), exclude=o.split_csv(exclude), kinds=o.split_csv(kinds), min_dim=min_dim,
         strategy=strategy.value, budget_rank=budget_rank, budget_params=budget_params, min_rank=min_rank,
@@ -286,24 +289,6 @@ def allocate_cmd(
     env = envelope("allocate", result.inputs, result.rows, result.summary, result.options)
     title = f"spectra allocate {result.inputs['checkpoint']} ({s['strategy']})"
     render(env, fmt.value, _columns(list(result.rows[0])), title, _notes(result), output)
-
-
-def _check_outputs(ckpt: Path, outputs: list[Path | None], force: bool, peft_config: Path | None) -> None:
-    src = ckpt.resolve()
-    for out in outputs:
-        if out is None:
-            continue
-        if not out.parent.is_dir():
-            raise SpectraError(
-                f"{out}: the folder {out.parent} does not exist; create it or choose another path"
-            )
-        dst = out.resolve()
-        if dst == src or (
-            src.is_dir() and src in dst.parents and dst.suffix in {".safetensors", ".bin", ".json"}
-        ):
-            raise SpectraError(f"{out}: refusing to write into the input checkpoint; choose another path")
-    if peft_config is not None and peft_config.exists() and not force:
-        raise SpectraError(f"{peft_config} already exists; choose another --peft-config or pass --force")
 
 
 def register(app: typer.Typer) -> None:

@@ -10,8 +10,8 @@ import typer
 
 from spectra_cli.cli import options as o
 from spectra_cli.cli.errors import handle_errors
+from spectra_cli.cli.outputs import check_outputs
 from spectra_cli.cli.progress import progress_bar, warn
-from spectra_cli.errors import SpectraError
 
 EPILOG = """\
 Examples:
@@ -153,11 +153,7 @@ def analyze_cmd(
         ckpt = demo_checkpoint()
         warn(f"analysing the demo checkpoint: {ckpt}", quiet)
     assert ckpt is not None
-    _check_outputs(ckpt, [output, save_spectra, html])
-    if html:
-        from spectra_cli.cli.report import check_target
-
-        check_target(html)
+    check_outputs([ckpt], {"--output": output, "--save-spectra": save_spectra, "--html": html})
     opts = AnalyzeOptions(
         include=o.split_csv(include), exclude=o.split_csv(exclude), kinds=o.split_csv(kinds), min_dim=min_dim,
         split_fused=split_fused, device=device, precision=precision.value, method=method.value,
@@ -192,18 +188,6 @@ def analyze_cmd(
 
         write_html(env, html)
         warn(f"wrote the HTML report to {html}", quiet)
-
-
-def _check_outputs(ckpt: Path, outputs: list[Path | None]) -> None:
-    src = ckpt.resolve()
-    for out in outputs:
-        if out is None:
-            continue
-        dst = out.resolve()
-        if dst == src or (
-            src.is_dir() and src in dst.parents and dst.suffix in {".safetensors", ".bin", ".json"}
-        ):
-            raise SpectraError(f"{out}: refusing to write into the input checkpoint; choose another path")
 
 
 def register(app: typer.Typer) -> None:

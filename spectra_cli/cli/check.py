@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from spectra_cli.cli import options as o
+from spectra_cli.cli.outputs import check_outputs
 from spectra_cli.cli.progress import progress_bar, warn
 from spectra_cli.errors import SpectraError
 
@@ -255,16 +256,8 @@ def _check(ckpt: Path | None, policy: Path | None, base: Path | None, base_spect
     from spectra_cli.gate.policy import find_policy, load_policy
 
     pol = load_policy(policy if policy is not None else find_policy(Path.cwd()))
-    inputs = {p.resolve() for p in (ckpt, base, base_spectra) if p is not None}
-    outputs = {"--output": output, "--junit": junit, "--markdown": markdown, "--update-baseline": update_baseline,
-               "--html": html}  # fmt: skip
-    for flag, out in outputs.items():
-        if out is None:
-            continue
-        if out.resolve() in inputs:
-            raise SpectraError(f"{out}: refusing to write over an input")
-        if not out.parent.is_dir():  # before the run, not after minutes of decompositions
-            raise SpectraError(f"{out.parent}: no such folder; create it first (for {flag})")
+    check_outputs([ckpt, base, base_spectra], {"--output": output, "--junit": junit, "--markdown": markdown,
+                                               "--update-baseline": update_baseline, "--html": html})  # fmt: skip
     opts = CheckOptions(
         include=o.split_csv(include), exclude=o.split_csv(exclude), kinds=o.split_csv(kinds), min_dim=min_dim,
         base=base, base_spectra=base_spectra, baseline=baseline, update_baseline=update_baseline, allow_missing=allow_missing,

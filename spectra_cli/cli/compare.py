@@ -10,8 +10,8 @@ import typer
 
 from spectra_cli.cli import options as o
 from spectra_cli.cli.errors import handle_errors
+from spectra_cli.cli.outputs import check_outputs
 from spectra_cli.cli.progress import progress_bar, warn
-from spectra_cli.errors import SpectraError
 
 EPILOG = """\
 Examples:
@@ -164,13 +164,7 @@ def compare_cmd(
 
     pairs = _parse_tuned(tuned)
     eps = _epsilons(epsilon)
-    for dst in (output, html):
-        if dst is not None and dst.resolve() in {Path(p).resolve() for _, p in pairs} | {base.resolve()}:
-            raise SpectraError(f"{dst}: refusing to write over an input")
-    if html:
-        from spectra_cli.cli.report import check_target
-
-        check_target(html)
+    check_outputs([base, *(Path(p) for _, p in pairs)], {"--output": output, "--html": html})
     if remove_intruders is not None and not (0.0 <= remove_intruders <= 1.0):
         raise typer.BadParameter(
             f"{remove_intruders}: λ must be in [0, 1] (0 removes the intruders, 1 keeps them)",

@@ -10,8 +10,8 @@ import typer
 
 from spectra_cli.cli import options as o
 from spectra_cli.cli.errors import handle_errors
+from spectra_cli.cli.outputs import check_outputs
 from spectra_cli.cli.progress import progress_bar, warn
-from spectra_cli.errors import SpectraError
 
 EPILOG = """\
 Examples:
@@ -179,12 +179,7 @@ def rankme_cmd(
         raise typer.BadParameter("--model needs --texts FILE (one text per line)", param_hint="--texts")
     if texts is not None and not models:
         raise typer.BadParameter("--texts is only used with --model DIR", param_hint="--texts")
-    if output is not None and output.resolve() in {p.resolve() for _, p in inputs}:
-        raise SpectraError(f"{output}: refusing to write over an input")
-    if output is not None and not output.parent.is_dir():
-        raise SpectraError(
-            f"{output}: the folder {output.parent} does not exist; create it or choose another path"
-        )
+    check_outputs([p for _, p in inputs], {"--output": output})
     opts = RankmeOptions(
         key=key, chunk_rows=chunk_rows, max_memory=max_memory, texts=texts, batch_size=batch_size,
         max_length=max_length, normalize=normalize, device=device, backend=backend.value,

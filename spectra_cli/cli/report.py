@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from spectra_cli.cli.errors import handle_errors
+from spectra_cli.cli.outputs import check_outputs
 from spectra_cli.cli.progress import warn
 from spectra_cli.errors import SpectraError
 
@@ -89,10 +90,7 @@ def html_page(env: dict[str, Any], title: str | None = None) -> str:
 
 def check_target(path: Path) -> None:
     """Fail early (before a long run) when the page could not be written to ``path``."""
-    if path.is_dir():
-        raise SpectraError(f"{path}: is a folder; give a file name such as report.html")
-    if not path.parent.is_dir():
-        raise SpectraError(f"{path.parent}: no such folder; create it first")
+    check_outputs([], {"--html": path})
 
 
 def write_html(env: dict[str, Any], path: Path, title: str | None = None) -> None:
