@@ -46,6 +46,7 @@ from spectra_cli.spectral.merge import (
     GRAM_RTOL,
     METHODS,
     MergeMethod,
+    MergeOutcome,
     RMMModule,
     Update,
     compress,
@@ -487,10 +488,15 @@ def run_merge(
                     }
                 else:
                     assert method is not None and copy is not None and w0 is not None
-                    outcome = method(updates, weights, params)
+                    if not live.any():  # no task changed it (e.g. frozen embeddings): the base's stays
+                        outcome = MergeOutcome(
+                            Update(B=np.zeros((spec.shape[0], 1)), A=np.zeros((1, spec.shape[1])))
+                        )
+                    else:
+                        outcome = method(updates, weights, params)
+                        w_new = w0.astype(np.float64) + outcome.update.to_dense()
+                        copy.patch(spec.tensor, w_new.T if spec.transposed else w_new)
                     errs, kept = _merge_errors(outcome.update, updates)
-                    w_new = w0.astype(np.float64) + outcome.update.to_dense()
-                    copy.patch(spec.tensor, w_new.T if spec.transposed else w_new)
                     if outcome.stats:
                         module_stats[spec.name] = _jsonable(outcome.stats)
                     extra = {"energy_kept": outcome.stats.get("energy_kept")}

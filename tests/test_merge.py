@@ -541,3 +541,17 @@ def test_an_integer_buffer_missing_from_a_fine_tune_is_not_an_architecture_chang
     fx.write_safetensors(fewer / "model.safetensors", t, {"format": "pt"})
     r = run("merge", base, f"x={fewer}", f"t1={full.paths['t1']}", "--out", tmp_path / "o", "-q")
     assert r.exit_code == 1 and "model.norm.weight" in r.stderr and "different architectures" in r.stderr
+
+
+@pytest.mark.parametrize("method", ["tsv", "knots", "ties"])
+def test_a_module_no_task_changed_keeps_the_bases_values(full, tmp_path, method):
+    """t2 and a renamed copy of it both leave embed_tokens and lm_head alone: those stay the base's, bit for bit
+    (they are skipped, not merged from n zero updates), and every other matrix is still merged."""
+    env = merge_json(full.base_path, f"a={full.paths['t2']}", f"b={full.paths['t2']}", "--method", method,
+                     "--out", tmp_path / "m")  # fmt: skip
+    got = tensors(tmp_path / "m")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        np.testing.assert_array_equal(got[name], full.base[name].astype(np.float32))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not np.array_equal(got[name], full.base[name].astype(np.float32))
+    assert {r["module"] for r in env["rows"]} >= {"model.embed_tokens.weight", name}
