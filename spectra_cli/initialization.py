@@ -650,6 +650,9 @@ def run_init(
         raise SpectraError(f"--dtype sets the residual's dtype; {method.name} leaves the base unchanged")
     ckpt = open_checkpoint(path)
     specs = select_targets(ckpt, opts)
+    if opts.ranks_file is not None:  # the file's target_modules narrow the selection before anything is read
+        paths = {sp.name: module_path(sp.tensor.name) for sp in specs}
+        specs = _ranks_file_targets(_read_ranks_file(opts.ranks_file), specs, paths, opts)
     acts = None
     if opts.activations is not None and method.needs_activations:
         from spectra_cli.checkpoint.activations import read_activations

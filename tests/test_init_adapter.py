@@ -727,6 +727,18 @@ def test_ranks_file_target_modules_choose_the_targets(models, tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_ranks_file_targets_need_activations_only_for_them(models, tmp_path):
+    """corda with --ranks: activations were required for every linear module, not the file's targets."""
+    acts = tmp_path / "acts.safetensors"
+    _activations(models["llama"], acts, ("q_proj", "v_proj"))
+    ranks = tmp_path / "r.json"
+    ranks.write_text(json.dumps({"r": 2, "lora_alpha": 2, "target_modules": ["q_proj", "v_proj"]}))
+    out = tmp_path / "o"
+    env = init(models["llama"], out, "--method", "corda", "--ranks", ranks, "--activations", acts)
+    assert len(env["rows"]) == 4
+    assert round_trip_error(models["llama"], out, "llama") <= TOL
+
+
 def test_gpt2_conv1d_weights_get_fan_in_fan_out(tmp_path):
     from peft import PeftModel
     from transformers import GPT2Config, GPT2LMHeadModel
