@@ -328,7 +328,14 @@ def _rmm_live(updates: list[Update], live: np.ndarray, raw: int, basis: int | No
     an unchanged module (``zero_tasks`` in the bundle). ``raw`` is the numbers of all n inputs."""
     idx = np.flatnonzero(live)
     n = len(updates)
-    if idx.size == 0 or idx.size == n:
+    if (
+        idx.size == 0
+    ):  # no task changed it: one zero rank-1 element, no (dense zero) mean; all tasks rebuilt as is
+        (out, inn), dt = updates[0].shape, updates[0].dtype
+        zero = Update(B=np.zeros((out, 1), dt), A=np.zeros((1, inn), dt))
+        return RMMModule(mean=None, basis=[zero], coefficients=np.zeros((n, 1)), errors=np.zeros(n),
+                         singular_values=np.zeros(n), storage=zero.size + n, raw=raw)  # fmt: skip
+    if idx.size == n:
         fit = rmm_fit(updates, basis=basis, energy=energy, center=center)
         return replace(fit, raw=raw)
     fit = rmm_fit([updates[i] for i in idx], basis=None if basis is None else min(basis, int(idx.size)),
@@ -439,7 +446,13 @@ def run_merge(
                     _check_update(task_update(t, spec, w0, loaders.get(t.name), dtype), t, spec)
                     for t in tuned
                 ]
-                raw = sum(u.size for u in updates)
+                # numbers the inputs hold: a full checkpoint always holds the matrix, an adapter only its own
+                # modules (the zero placeholder of an adapter that leaves the module alone is not an input)
+                raw = sum(
+                    u.size
+                    for u, t in zip(updates, tuned, strict=True)
+                    if t.adapter is None or t.covers(spec.name)
+                )
                 raw_total += raw
                 dense_total += n * spec.shape[0] * spec.shape[1]
                 inter = _interference(updates, opts.interference_k)
@@ -479,7 +492,7 @@ def run_merge(
                         "errors": errs, "singular_values": [float(x) for x in fit.singular_values],
                         "centered": fit.mean is not None, "storage": fit.storage, "raw": fit.raw,
                         "energy_kept": fit.energy_kept, "covered": [t.name for t in tuned if t.covers(spec.name)],
-                        "zero_tasks": [i for i in range(n) if not live[i]] if live.any() else [],
+                        "zero_tasks": [i for i in range(n) if not live[i]],
                     }  # fmt: skip
                     extra: dict[str, Any] = {
                         "p": fit.p,

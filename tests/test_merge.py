@@ -555,3 +555,20 @@ def test_a_module_no_task_changed_keeps_the_bases_values(full, tmp_path, method)
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not np.array_equal(got[name], full.base[name].astype(np.float32))
     assert {r["module"] for r in env["rows"]} >= {"model.embed_tokens.weight", name}
+
+
+def test_rmm_storage_of_untouched_modules_and_of_an_adapter_only_one_task_has(full, lora, tmp_path):
+    """A module no task changed costs a zero rank-1 pair and n coefficients (not a dense zero mean) and is rebuilt
+    as the base's; a module only one adapter adapts is stored as that adapter's update (its mean) and compared
+    with that adapter's own factors only (the other tasks hold nothing there): storage exactly 1."""
+    env = merge_json(full.base_path, f"a={full.paths['t2']}", f"b={full.paths['t2']}", "--method", "rmm",
+                     "--out", tmp_path / "b")  # fmt: skip
+    row = next(r for r in env["rows"] if r["module"] == "model.embed_tokens.weight")
+    v, d = full.base["model.embed_tokens.weight"].shape
+    assert row["storage"] == pytest.approx((v + d + 2) / (2 * v * d))
+    assert run("reconstruct", tmp_path / "b", "--task", "a", "--out", tmp_path / "ra", "-q").exit_code == 0
+    np.testing.assert_array_equal(tensors(tmp_path / "ra")["model.embed_tokens.weight"],
+                                  full.base["model.embed_tokens.weight"].astype(np.float32))  # fmt: skip
+    env = merge_json(lora.base_path, *named(lora.paths), "--method", "rmm", "--out", tmp_path / "lb")
+    up = [r for r in env["rows"] if r["module"] == "model.layers.0.mlp.up_proj.weight"]
+    assert all(r["storage"] == pytest.approx(1.0) for r in up)
