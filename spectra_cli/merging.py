@@ -79,7 +79,9 @@ def method_lines() -> list[str]:
         lines.append(f"{m.name}: {m.summary} Parameters: {params or 'none'}. [{m.reference}]")
     lines.append(
         f"{RMM}: a per-module basis (--basis P or --energy τ, --center) and per-task coefficients, written as a "
-        f"bundle; `spectra reconstruct` rebuilds any task. [{RMM_REFERENCE}]"
+        f"bundle; `spectra reconstruct` rebuilds any task. Saves space on full fine-tunes with --basis P < n (or "
+        f"--energy τ < 1); on adapters the bundle is larger than the adapters (each basis element has about their "
+        f"summed rank): use it there for the shared basis, not to save space. [{RMM_REFERENCE}]"
     )
     return lines
 
