@@ -299,8 +299,17 @@ def test_cli_contract(models: dict[str, Path], tmp_path: Path, monkeypatch: pyte
         app, ["capture", str(models["llama"]), "--data", str(data), "--out", str(out), "--stats", "nope"]
     )
     assert res.exit_code == 2
+    (tmp_path / "not_a_model").mkdir()
     res = runner.invoke(
-        app, ["capture", str(tmp_path), "--data", str(data), "--out", str(tmp_path / "y.safetensors")]
+        app,
+        [
+            "capture",
+            str(tmp_path / "not_a_model"),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "y.safetensors"),
+        ],
     )
     assert res.exit_code == 1 and "config.json" in res.stderr
     monkeypatch.setitem(sys.modules, "transformers", None)
@@ -421,9 +430,28 @@ def test_bad_paths_are_one_line_errors(models: dict[str, Path], tmp_path: Path, 
         want = "no such data file"
     else:
         out = tmp_path / "no" / "dir" / "a.safetensors"
-        want = "does not exist"
+        want = "no such folder"
     res = runner.invoke(app, ["capture", str(model), "--data", str(data), "--out", str(out), "-q"])
     assert res.exit_code == 1, (res.output, res.exception)
     assert res.stderr.startswith("Error: ") and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert want in res.stderr
     assert not out.exists()
+
+
+def test_outputs_never_land_in_the_model_folder(models: dict[str, Path], tmp_path: Path) -> None:
+    """`capture M --out M/model.safetensors --force` replaced the model's weights with the statistics."""
+    import shutil
+
+    src = tmp_path / "m"
+    shutil.copytree(models["llama"], src)
+    blob = (src / "model.safetensors").read_bytes()
+    data = str(models["data"])
+    for args in (
+        ["--out", str(src / "model.safetensors"), "--force"],
+        ["--out", str(src / "acts.safetensors")],
+        ["--out", str(tmp_path / "a.safetensors"), "-o", str(src / "config.json")],
+    ):
+        res = runner.invoke(app, ["capture", str(src), "--data", data, "-q", *args])
+        assert res.exit_code == 1 and "refusing" in res.stderr, (args, res.output)
+    assert (src / "model.safetensors").read_bytes() == blob
+    assert not (src / "acts.safetensors").exists() and not (tmp_path / "a.safetensors").exists()

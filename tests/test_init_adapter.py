@@ -601,6 +601,22 @@ def test_existing_output_needs_force(models, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
+def test_report_output_never_lands_on_an_input(models, tmp_path):
+    """`-o MODEL/model.safetensors` wrote the table over the model's weights (exit 0)."""
+    import shutil
+
+    src = tmp_path / "m"
+    shutil.copytree(models["llama"], src)
+    before = digests(src)
+    for target in (src / "model.safetensors", src / "report.json"):
+        r = run(
+            "init-adapter", src, "--out", tmp_path / "o", "--rank", "2", "--kinds", "q_proj", "-o", target
+        )
+        assert r.exit_code == 1 and r.stderr.startswith("Error: ") and "refusing" in r.stderr, r.stderr
+        assert not (tmp_path / "o").exists()
+    assert digests(src) == before
+
+
 def test_run_record_names_inputs_by_absolute_path(models, tmp_path, monkeypatch):
     """spectra_run.json recorded `--ranks r.json` / `--tuned t/` as typed, useless from another directory."""
     monkeypatch.chdir(tmp_path)

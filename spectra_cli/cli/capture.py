@@ -152,11 +152,16 @@ def capture_cmd(
     input are computed once. Needs transformers (pip install 'spectra-cli[hf]').
     """  # fmt: skip
     from spectra_cli.capture import CaptureOptions, run_capture
+    from spectra_cli.cli.outputs import check_outputs
 
+    # before the --force check: an output in the model folder must never be offered --force
+    check_outputs(
+        [model_dir, data, Path(tokenizer) if tokenizer else None], {"--out": out, "--output": output}
+    )
+    if output is not None and output.resolve() == out.resolve():
+        raise SpectraError(f"{output}: the report and the activations file (--out) must differ")
     if out.exists() and not force:
         raise SpectraError(f"{out} exists; pass --force to replace it")
-    if out.resolve() in {model_dir.resolve(), data.resolve()}:
-        raise SpectraError(f"{out}: refusing to write over an input")
     if out.suffix != ".safetensors":
         raise typer.BadParameter(f"{out}: the activations file must end in .safetensors", param_hint="--out")
     opts = CaptureOptions(

@@ -285,6 +285,9 @@ def init_adapter_cmd(
         raise typer.BadParameter("--allocate and --budget-rank go together", param_hint="--allocate")
     if output is not None and output.resolve() in {ckpt.resolve(), out.resolve()}:
         raise typer.BadParameter(f"{output}: refusing to write the report over an input or the output folder")
+    from spectra_cli.cli.outputs import check_outputs
+
+    check_outputs([ckpt, tuned, activations, ranks, out], {"--output": output})
     m_opts: dict[str, Any] = {}
     if corda_mode is not None:
         m_opts["mode"] = corda_mode.lower()
