@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -428,6 +429,9 @@ def run_merge(
         rows: list[dict[str, Any]] = []
         cos_sum, ov_sum, pairs = np.zeros((n, n)), np.zeros((n, n)), np.zeros((n, n))
         bundle_t: dict[str, RawTensor | np.ndarray] = {}
+        spill = stage / ".bundle-parts" if is_rmm else None
+        if spill is not None:
+            spill.mkdir()
         modules_meta: dict[str, Any] = {}
         sweep_acc: dict[str, Any] = {
             "resid": np.zeros(n),
@@ -485,7 +489,7 @@ def run_merge(
                     assert fit is not None
                     errs = [float(e) for e in fit.errors]
                     kept = [1.0 - e * e for e in errs]
-                    _bundle_module(bundle_t, spec.name, fit, dtype)
+                    _bundle_module(bundle_t, spec.name, fit, dtype, spill)
                     stored_total += fit.storage
                     modules_meta[spec.name] = {
                         "tensor": spec.tensor.name, "shape": list(spec.shape), "transposed": spec.transposed,
@@ -575,6 +579,9 @@ def run_merge(
         artifacts: list[str]
         if is_rmm:
             _write_bundle(stage, base, tuned, weights, opts, modules_meta, bundle_t, summary)
+            if spill is not None:
+                bundle_t.clear()  # drop the memory maps before their files
+                shutil.rmtree(spill)
             artifacts = ["basis.safetensors", "coefficients.json"]
         else:
             artifacts = sorted(p.name for p in stage.iterdir())
@@ -582,8 +589,6 @@ def run_merge(
                          {"summary": {k: v for k, v in summary.items() if k not in ("cosine", "overlap")}})  # fmt: skip
         commit_output(stage, out)
     except BaseException:
-        import shutil
-
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return MergeResult(rows, summary, inputs, opts_dict, out, tasks, cos_mean, ov_mean, sweep)
@@ -657,17 +662,27 @@ def _merge_rest(rest: _Rest, tuned: list[Tuned], weights: list[float], opts: Mer
     return changed
 
 
-def _bundle_module(tensors: dict[str, RawTensor | np.ndarray], name: str, fit: Any, dtype: type) -> int:
+def _bundle_module(tensors: dict[str, RawTensor | np.ndarray], name: str, fit: Any, dtype: type,
+                   spill: Path | None = None) -> int:  # fmt: skip
     """Put one module's mean and basis into the bundle's tensors; returns the numbers stored (with the n×p
-    coefficients)."""
+    coefficients). With ``spill`` (a folder in the staging area) each array is saved there and kept as a read-only
+    memory map, so the bundle is not held in memory until it is written (only one module's arrays are)."""
     stored = int(np.asarray(fit.coefficients).size)
+
+    def keep(key: str, arr: np.ndarray | None) -> None:
+        x: np.ndarray = np.ascontiguousarray(arr, dtype)
+        if spill is not None and x.size:
+            f = spill / f"{len(tensors)}.npy"
+            np.save(f, x)
+            x = np.load(f, mmap_mode="r")
+        tensors[key] = x
 
     def put(key: str, u: Update) -> int:
         if u.is_factored:
-            tensors[f"{key}.B"] = np.ascontiguousarray(u.B, dtype)
-            tensors[f"{key}.A"] = np.ascontiguousarray(u.A, dtype)
+            keep(f"{key}.B", u.B)
+            keep(f"{key}.A", u.A)
         else:
-            tensors[key] = np.ascontiguousarray(u.dense, dtype)
+            keep(key, u.dense)
         return u.size
 
     if fit.mean is not None:
@@ -839,8 +854,6 @@ def run_reconstruct(
         )
         commit_output(stage, out)
     except BaseException:
-        import shutil
-
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return ReconstructResult(rows, summary, inputs, opts, out, entry["kind"])
