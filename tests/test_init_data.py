@@ -89,9 +89,13 @@ def test_corda_errors() -> None:
         )
     with pytest.raises(CheckpointError, match="--stats covariance"):
         corda_factorize(InitInput("m", w, 2, 1.0, activations=ModuleActivations("m", input_mean=np.zeros(3))))
-    with pytest.raises(SpectraError, match="zero"):
+    with pytest.raises(
+        SpectraError, match=r"^enc\.0\.q: the input second moment is zero"
+    ):  # names the module
         corda_factorize(
-            InitInput("m", w, 2, 1.0, activations=ModuleActivations("m", input_covariance=np.zeros((3, 3))))
+            InitInput(
+                "enc.0.q", w, 2, 1.0, activations=ModuleActivations("m", input_covariance=np.zeros((3, 3)))
+            )
         )
     with pytest.raises(SpectraError, match="activations"):
         corda_factorize(InitInput("m", w, 2, 1.0))

@@ -92,7 +92,10 @@ def corda_factorize(inp: InitInput) -> InitFactors:
             "inputs; capture the activations from this model"
         )
     c = torch.as_tensor(np.ascontiguousarray(c_np), dtype=w.dtype, device=w.device)
-    fixed, inv, damp = corda_damped_inverse(c)
+    try:
+        fixed, inv, damp = corda_damped_inverse(c)
+    except SpectraError as e:
+        raise SpectraError(f"{inp.name}: {e}") from None
     u, s, vh = torch.linalg.svd(w @ fixed, full_matrices=False)
     v = (vh @ inv).T  # in×min(out, in), not orthonormal
     sl = slice(0, r) if mode == "ipm" else slice(s.shape[0] - r, s.shape[0])
