@@ -45,7 +45,7 @@ _NOT_TARGETS = ("embedding", "lm_head")
 
 
 @dataclass(frozen=True)
-class AllocateOptions(SelectionFields):
+class AllocateOptions(SelectionFields, EngineOptions):
     """Options of ``allocate`` (the CLI flags of the same names).
 
     Exactly one of ``budget_rank`` (average rank R over the target modules: a total of R × #modules ranks) and
@@ -66,15 +66,6 @@ class AllocateOptions(SelectionFields):
     lora_alpha: float | None = None
     activations: str | Path | None = None
     rho: float = 2.0
-    device: str = "auto"
-    precision: str = "float32"
-    method: str = "auto"
-    backend: str = "auto"
-    max_memory: int | None = None
-
-    @property
-    def engine(self) -> EngineOptions:
-        return EngineOptions(self.device, self.precision, self.method, self.backend, self.max_memory)
 
     @property
     def constraints(self) -> Constraints:

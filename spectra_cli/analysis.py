@@ -28,19 +28,10 @@ SPECTRA_FORMAT = "spectra-singular-values"
 
 
 @dataclass(frozen=True)
-class AnalyzeOptions(SelectionFields):
-    """Options of ``analyze`` (the CLI flags of the same names)."""
+class AnalyzeOptions(SelectionFields, EngineOptions):
+    """Options of ``analyze`` (the CLI flags of the same names; ``.engine`` gives the compute ones)."""
 
     split_fused: bool = False
-    device: str = "auto"
-    precision: str = "float32"
-    method: str = "auto"
-    backend: str = "auto"
-    max_memory: int | None = None
-
-    @property
-    def engine(self) -> EngineOptions:
-        return EngineOptions(self.device, self.precision, self.method, self.backend, self.max_memory)
 
 
 @dataclass

@@ -38,7 +38,7 @@ from spectra_cli.checkpoint.naming import module_path
 from spectra_cli.checkpoint.source import open_checkpoint
 from spectra_cli.errors import CheckpointError, SelectionError, SpectraError
 from spectra_cli.results import RunResult
-from spectra_cli.spectral.engine import EngineOptions, is_small, resolve
+from spectra_cli.spectral.engine import EngineOptions, blas_threads, resolve
 
 STATS = ("pca", "covariance", "both")
 DEFAULT_TAU = 0.99  # EVA's convergence threshold on the cosine of consecutive estimates
@@ -58,27 +58,6 @@ def _flip_signs(vt: torch.Tensor) -> torch.Tensor:
 _GRAM_RTOL = 1e-12  # λ (= σ²) below this fraction of λ₁ is at the float64 Gram route's noise floor
 
 
-_controller: Any = None
-
-
-def _one_thread(active: bool) -> contextlib.AbstractContextManager[Any]:
-    """One BLAS *and* OpenMP thread (torch's CPU eigh runs under OpenMP; on a busy machine several threads
-    make a 200×200 eigh ~100× slower)."""
-    global _controller
-    if not active:
-        return contextlib.nullcontext()
-    if _controller is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:  # optional: without it the default thread count is kept
-            _controller = False
-        else:
-            _controller = ThreadpoolController()
-    if _controller is False:
-        return contextlib.nullcontext()
-    return _controller.limit(limits=1)
-
-
 def _top_right_singular(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k singular values (descending) and right singular vectors (k×d rows) of a float64 m×d matrix.
 
@@ -88,7 +67,7 @@ def _top_right_singular(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     Small problems run on one BLAS thread (as the engine does: several threads only add contention there).
     """
     m, d = a.shape
-    with _one_thread(a.device.type == "cpu" and is_small((m, d))):
+    with blas_threads((m, d), openmp=True) if a.device.type == "cpu" else contextlib.nullcontext():
         return _top_right_singular_gram(a, k)
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from spectra_cli.checkpoint.source import flatten_tensors
 from spectra_cli.errors import CheckpointError, SelectionError, ShapeMismatch, SpectraError
 
 SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".bin", ".safetensors", ".csv", ".tsv", ".parquet")
@@ -187,16 +188,6 @@ def _open_npz(path: Path, key: str | None) -> EmbeddingSource:
     )
 
 
-def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> None:
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        out[prefix] = obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-
-
 def _open_torch(path: Path, key: str | None) -> EmbeddingSource:
     import torch
 
@@ -212,7 +203,7 @@ def _open_torch(path: Path, key: str | None) -> EmbeddingSource:
         name, t = None, obj
     else:
         flat: dict[str, Any] = {}
-        _flatten("", obj, flat)
+        flatten_tensors("", obj, flat)
         if not flat:
             raise CheckpointError(
                 f"{path}: holds no tensor (got {type(obj).__name__}); save a tensor or a dict of tensors"

@@ -222,14 +222,15 @@ def _torch_to_raw(t: Any) -> RawTensor:
     return RawTensor(t.numpy(), code)
 
 
-def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> None:
+def flatten_tensors(prefix: str, obj: Any, out: dict[str, Any]) -> None:
+    """Collect the tensors of nested dicts into ``out`` under dotted names (``a.b.c``)."""
     import torch
 
     if isinstance(obj, torch.Tensor):
         out[prefix] = obj
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+            flatten_tensors(f"{prefix}.{k}" if prefix else str(k), v, out)
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, Any]:
@@ -242,7 +243,7 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Any]:
                 obj = inner
                 break
         flat: dict[str, Any] = {}
-        _flatten("", obj, flat)
+        flatten_tensors("", obj, flat)
         if flat:
             return flat
     raise CheckpointError(

@@ -54,6 +54,11 @@ class EngineOptions:
     backend: str = "auto"
     max_memory: int | None = None
 
+    @property
+    def engine(self) -> EngineOptions:
+        """These options alone: command option classes inherit them beside their own fields."""
+        return EngineOptions(self.device, self.precision, self.method, self.backend, self.max_memory)
+
 
 @dataclass(frozen=True)
 class ResolvedEngine:
@@ -248,8 +253,10 @@ def is_small(shape: tuple[int, int]) -> bool:
     return m * n * min(m, n) < SMALL_WORK
 
 
-def blas_threads(shape: tuple[int, int]) -> contextlib.AbstractContextManager[Any]:
-    """One BLAS thread for small matrices, the library's default for large ones."""
+def blas_threads(shape: tuple[int, int], openmp: bool = False) -> contextlib.AbstractContextManager[Any]:
+    """One BLAS thread for small matrices, the library's default for large ones. With ``openmp`` the OpenMP
+    pool is limited too (PyTorch's CPU ``eigh``/``svd`` run under OpenMP; on a busy machine several threads
+    make a 200×200 eigh ~100× slower)."""
     global _controller
     if not is_small(shape):
         return contextlib.nullcontext()
@@ -262,7 +269,7 @@ def blas_threads(shape: tuple[int, int]) -> contextlib.AbstractContextManager[An
             _controller = ThreadpoolController()
     if _controller is False:
         return contextlib.nullcontext()
-    return _controller.limit(limits=1, user_api="blas")
+    return _controller.limit(limits=1) if openmp else _controller.limit(limits=1, user_api="blas")
 
 
 def gram_values_np(x64: np.ndarray) -> np.ndarray:
