@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging
+
+logging.disable_progress_bar()
 
 TEXTS = ["Spectral analysis of weights.", "A LoRA adapter starts from the weights' own SVD.", "Hello"]
 

@@ -28,13 +28,14 @@ run init-eva spectra init-adapter minilm --method eva --rank 8 --kinds query,key
     --activations acts.safetensors --out eva-r8
 run init-corda spectra init-adapter minilm --method corda --rank 8 --kinds query,value \
     --activations acts.safetensors --out corda-r8
-run init-extract spectra init-adapter minilm --method extract --tuned inputs/lora-a --energy 0.99 \
-    --kinds query,value --out extracted
 run init-load python ../scripts/check_roundtrip.py minilm pissa-r8 eva-r8 corda-r8
 run merge-tsv spectra merge minilm a=inputs/lora-a b=inputs/lora-b c=inputs/lora-c --method tsv --out merged-tsv
 run merge-rmm spectra merge minilm a=inputs/lora-a b=inputs/lora-b c=inputs/lora-c --method rmm --basis 2 \
     --sweep --out bundle
 run reconstruct spectra reconstruct bundle --task b --out b-rebuilt
+# the tsv merge is a full fine-tune of MiniLM: extract a LoRA adapter back out of it
+run init-extract spectra init-adapter minilm --method extract --tuned merged-tsv --energy 0.9 \
+    --kinds query,value --out extracted
 cat > gate.toml <<'TOML'
 [rules]
 no_nonfinite = true
