@@ -17,8 +17,8 @@ from spectra_cli.errors import SpectraError
 
 app = typer.Typer(
     name="spectra",
-    help="Spectral analysis of neural-network weights: spectra, heavy tails, effective ranks, "
-    "and what fine-tuning did to them.",
+    help="Spectral analysis of neural-network weights: spectra, heavy tails, effective ranks, what "
+    "fine-tuning did to them, LoRA ranks and SVD initialisations, merges, and a gate for CI.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -54,15 +54,9 @@ def _register() -> None:
         report,
     )
 
-    analyze.register(app)
-    compare.register(app)
-    rankme.register(app)
-    report.register(app)
-    allocate.register(app)
-    init_adapter.register(app)
-    capture.register(app)
-    merge.register(app)
-    check.register(app)
+    # the order of `spectra --help`: look, compare, choose ranks, initialise, merge, gate, report
+    for command in (analyze, compare, rankme, allocate, init_adapter, capture, merge, check, report):
+        command.register(app)
 
 
 _register()
