@@ -284,6 +284,21 @@ def test_version_and_help_examples() -> None:
     assert h.exit_code == 0 and "Examples" in h.stdout and "--max-memory" in h.stdout
 
 
+COMMANDS = ("analyze", "compare", "rankme", "allocate", "init-adapter", "capture", "merge", "reconstruct",
+            "check", "report")  # fmt: skip
+
+
+def test_every_command_is_registered_and_its_help_has_examples() -> None:
+    """Concurrent edits of app.py once dropped registrations: every command must be listed and answer --help
+    with an epilog of examples that call it."""
+    root = run("--help").stdout
+    for command in COMMANDS:
+        assert command in root, command
+        h = run(command, "--help")
+        assert h.exit_code == 0, (command, h.output)
+        assert "Examples" in h.stdout and f"spectra {command}" in h.stdout, command
+
+
 def _spectra(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "spectra_cli", *args], capture_output=True, text=True, env=env)

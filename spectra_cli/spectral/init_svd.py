@@ -6,7 +6,8 @@ computed in the input's precision, so that W_res + s·B·A reproduces W. The con
 (``peft/tuners/lora/layer.py``, ``pissa_init`` / ``olora_init``), so an adapter written from these factors is
 the one PEFT would build with ``init_lora_weights="pissa"`` / ``"pissa_niter_N"`` / ``"olora"``:
 
-- PiSSA: W = U·S·Vᵀ (``torch.linalg.svd``, ``full_matrices=False``, of Wᵀ when W is wide: faster on CPU); A = diag(√(S_r/s))·V_rᵀ,
+- PiSSA: the top r triplets of W = U·S·Vᵀ (on CPU from the float64 Gram matrix, :func:`gram_top`; else
+  ``torch.linalg.svd``, ``full_matrices=False``, of Wᵀ when W is wide); A = diag(√(S_r/s))·V_rᵀ,
   B = U_r·diag(√(S_r/s)) with the top r triplets. ``options["niter"] = N`` uses ``torch.svd_lowrank(W, q=r,
   niter=N)`` as PEFT's ``pissa_niter_N`` does (random, so not reproducible bit for bit across runs unless the
   torch seed is fixed).
@@ -92,11 +93,48 @@ def thin_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return vh2.T, s, u2.T
 
 
+# the Gram route is used for the top r when the r-th singular value is at least this fraction of σ₁ (below,
+# a float64 Gram matrix no longer resolves it well: its noise floor is ~1e-8·σ₁, see REFERENCE.md)
+_GRAM_MIN_RATIO = 1e-4
+
+
+def gram_top(w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The top-r singular triplets of w (out×in) on the CPU from the float64 Gram matrix of its smaller side:
+    one GEMM, then only the r largest eigenpairs (LAPACK ``syevr`` on a subset), and the other side's vectors
+    as W·v/σ. About 3× faster than a full thin SVD on CPU (2048×5632: 0.8 s vs 2.5 s) and, for the top of
+    the spectrum, more accurate than a float32 SVD. Returns None (use a full SVD) when σ_r < 1e-4·σ₁, where
+    the Gram route would lose the r-th direction, or when r is not below the smaller side."""
+    import numpy as np
+    import scipy.linalg
+    import torch
+
+    m, n = w.shape
+    k = min(m, n)
+    if w.device.type != "cpu" or not 0 < r < k:
+        return None
+    w64 = w.detach().to(torch.float64).numpy()
+    tall = m >= n
+    g = w64.T @ w64 if tall else w64 @ w64.T
+    vals, vecs = scipy.linalg.eigh(g, subset_by_index=[k - r, k - 1], driver="evr")
+    vals, vecs = vals[::-1], vecs[:, ::-1].copy()
+    s = np.sqrt(np.clip(vals, 0.0, None))
+    if not s[0] > 0 or s[-1] < _GRAM_MIN_RATIO * s[0]:
+        return None
+    other = (w64 @ vecs if tall else w64.T @ vecs) / s  # the other side's singular vectors
+    u, v = (other, vecs) if tall else (vecs, other)
+    dt = w.dtype
+    return torch.from_numpy(u.copy()).to(dt), torch.from_numpy(s.copy()).to(dt), torch.from_numpy(v.T.copy()).to(dt)
+
+
 def _svd_top(w: torch.Tensor, r: int, niter: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-r (U out×r, S r, Vh r×in): exact thin SVD, or ``torch.svd_lowrank(w, q=r, niter)`` as PEFT calls it."""
+    """Top-r (U out×r, S r, Vh r×in): on CPU the float64 Gram route (:func:`gram_top`), else an exact thin
+    SVD; or ``torch.svd_lowrank(w, q=r, niter)`` as PEFT calls it when ``niter`` is given."""
     import torch
 
     if niter is None:
+        top = gram_top(w, r)
+        if top is not None:
+            return top
         u, s, vh = thin_svd(w)
         return u[:, :r], s[:r], vh[:r]
     u, s, v = torch.svd_lowrank(w, q=r, niter=niter)
