@@ -3,7 +3,7 @@
     python scripts/check_roundtrip.py MODEL OUT_DIR…
 
 For each OUT_DIR: transformers loads OUT_DIR/residual (or MODEL when the method left the base unchanged),
-PEFT loads OUT_DIR/adapter on top, and the last hidden states on a few sentences are compared with MODEL's.
+PEFT loads OUT_DIR/adapter on top, and the last hidden states of the (non-padding) tokens of a few sentences are compared with MODEL's.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def main() -> None:
                 warnings.simplefilter("always")
                 peft = PeftModel.from_pretrained(AutoModel.from_pretrained(base_dir), out / "adapter").eval()
             keys = [str(w.message) for w in caught if "key" in str(w.message).lower()]
-            diff = (peft(**batch).last_hidden_state - ref).abs().max().item()
+            real = batch["attention_mask"].bool()  # padded positions' outputs mean nothing
+            diff = (peft(**batch).last_hidden_state - ref)[real].abs().max().item()
             print(f"{out}: base {base_dir}, max |Δ output| = {diff:.2e}" + (f"; warnings: {keys}" if keys else ""))
 
 
