@@ -34,22 +34,34 @@ def thin_svd(w: np.ndarray) -> SVD:
     )
 
 
-def gram_svd(w: np.ndarray) -> SVD:
+def _top_eigh(g: np.ndarray, top: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs of the symmetric ``g`` in descending order: all of them, or only the ``top`` largest
+    (LAPACK ``syevr`` on a subset: the tridiagonal reduction, then only those vectors)."""
+    k = g.shape[0]
+    if top is None or top >= k:
+        lam, vec = np.linalg.eigh(g)
+    else:
+        import scipy.linalg
+
+        lam, vec = scipy.linalg.eigh(g, subset_by_index=[k - top, k - 1], driver="evr")
+    return lam[::-1].copy(), vec[:, ::-1].copy()
+
+
+def gram_svd(w: np.ndarray, top: int | None = None) -> SVD:
     """Thin SVD through the float64 Gram matrix of the smaller side (``eigh``), faster than LAPACK's
     ``gesdd`` on CPU here (2048²: 1.5 s vs 3.9 s in float64, 10 s in float32) and, being float64, at least as
     accurate as a float32 SVD for every σ ≳ 1e-7·σ₁. For a tall W the left vectors are made exactly
-    orthonormal by a QR of W·V (columns in descending σ, so the leading ones are U's)."""
+    orthonormal by a QR of W·V (columns in descending σ, so the leading ones are U's). With ``top`` only the
+    ``top`` largest triplets are computed (2048×5632: 0.8 s instead of 2.5 s for a float32 thin SVD)."""
     x = np.asarray(w, dtype=np.float64)
     m, n = x.shape
     if m <= n:
-        lam, u = np.linalg.eigh(x @ x.T)
-        lam, u = lam[::-1], np.ascontiguousarray(u[:, ::-1])
+        lam, u = _top_eigh(x @ x.T, top)
         s = np.sqrt(np.clip(lam, 0.0, None))
         safe = np.where(s > s[0] * 1e-12, s, np.inf) if s.size else s
         vt = (u.T @ x) / safe[:, None]
         return SVD(u, s, vt)
-    lam, v = np.linalg.eigh(x.T @ x)
-    lam, v = lam[::-1], np.ascontiguousarray(v[:, ::-1])
+    lam, v = _top_eigh(x.T @ x, top)
     s = np.sqrt(np.clip(lam, 0.0, None))
     q, r = np.linalg.qr(x @ v)
     signs = np.sign(np.diag(r))
