@@ -187,20 +187,9 @@ def _from_compare(ckpt: str | Path, policy: Policy, opts: CheckOptions, progress
             f.nonfinite = int(row.get("nonfinite_tuned", 0))  # counted even when the base is the bad side
             if not f.nonfinite:
                 f.note = f"the base's {name} has NaN/Inf weights"
-        _add(facts, f, ckpt)
+        facts[f.name] = f  # names are unique: the reader refuses a tensor held twice
     inputs = {"checkpoint": str(ckpt), "base": str(opts.base), "compare": res.inputs}
     return facts, {"inputs": inputs, "seconds": res.summary.get("seconds")}
-
-
-def _add(facts: dict[str, Facts], f: Facts, ckpt: str | Path) -> None:
-    """Verdicts are per matrix name: a name seen twice (a folder holding two checkpoints without an index)
-    would let one copy hide the other's NaN, so the gate refuses to run."""
-    if f.name in facts:
-        raise CheckpointError(
-            f"{ckpt}: the matrix {f.name} appears more than once (a folder holding several checkpoints?); "
-            "point CKPT at one checkpoint file or an indexed folder"
-        )
-    facts[f.name] = f
 
 
 def _analyze(path: str | Path, opts: CheckOptions, progress: Progress | None) -> Any:
@@ -223,7 +212,7 @@ def _from_analyze(ckpt: str | Path, needs: set[str], opts: CheckOptions, progres
             f.tuned = {
                 k: row[k] for k in ("spectral_norm", "effective_rank", "stable_rank", "alpha") if k in row
             }
-        _add(facts, f, ckpt)
+        facts[f.name] = f  # names are unique: the reader refuses a tensor held twice
     inputs: dict[str, Any] = {"checkpoint": str(ckpt), "analyze": res.inputs}
     if "base_spectra" in needs:
         src = opts.base_spectra or opts.base
