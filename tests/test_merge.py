@@ -383,6 +383,23 @@ def test_output_inside_an_input_is_refused(full):
     assert r.exit_code == 1 and "must not be inside" in r.stderr
 
 
+def test_report_into_an_input_folder_is_refused_before_the_run(full, tmp_path):
+    config = full.base_path / "config.json"
+    before = config.read_bytes()
+    r = run("merge", full.base_path, *named(full.paths), "--out", tmp_path / "m", "--format", "json",
+            "--output", config)  # fmt: skip
+    assert r.exit_code == 1 and "refusing to write into the input model folder" in r.stderr
+    assert config.read_bytes() == before and not (tmp_path / "m").exists()
+    bundle = tmp_path / "b"
+    r = run("merge", full.base_path, *named(full.paths), "--method", "rmm", "--out", bundle, "-q")
+    assert r.exit_code == 0
+    coeffs = (bundle / "coefficients.json").read_bytes()
+    r = run("reconstruct", bundle, "--task", "t0", "--out", tmp_path / "r", "--format", "json",
+            "--output", bundle / "coefficients.json")  # fmt: skip
+    assert r.exit_code == 1 and "refusing to write into the input model folder" in r.stderr
+    assert (bundle / "coefficients.json").read_bytes() == coeffs and not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("method", ["task-arithmetic", "rmm"])
 def test_an_interrupted_merge_leaves_nothing_behind(full, tmp_path, monkeypatch, method):
     import spectra_cli.merging as merging

@@ -10,8 +10,8 @@ import typer
 
 from spectra_cli.cli import options as o
 from spectra_cli.cli.errors import handle_errors
+from spectra_cli.cli.outputs import check_outputs
 from spectra_cli.cli.progress import progress_bar, warn
-from spectra_cli.errors import SpectraError
 
 MERGE_EPILOG = """\
 Examples:
@@ -235,8 +235,7 @@ def merge_cmd(
             f"{method!r} is not one of {', '.join(method_names())}", param_hint="--method"
         )
     pairs = _parse_tuned(tuned)
-    if output is not None and output.resolve() in {Path(p).resolve() for _, p in pairs} | {base.resolve()}:
-        raise SpectraError(f"{output}: refusing to write over an input")
+    check_outputs([base, *(Path(p) for _, p in pairs), out], {"--output": output})
     if method != "rmm" and (basis is not None or energy is not None):
         raise typer.BadParameter("--basis/--energy apply to --method rmm only", param_hint="--basis")
     opts = MergeOptions(
@@ -340,6 +339,7 @@ def reconstruct_cmd(
     from spectra_cli.merging import run_reconstruct
     from spectra_cli.report.render import Column, envelope, fmt_num, render
 
+    check_outputs([bundle, base, out], {"--output": output})
     with progress_bar("reconstructing", quiet) as update:
         result = run_reconstruct(bundle, task, out, base, force=force, argv=sys.argv, progress=update)
     s = result.summary
