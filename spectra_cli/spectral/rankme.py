@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from spectra_cli.spectral import metrics
+
 #: RankMe's ε (Garrido et al. 2022, and their reference code)
 RANKME_EPS = 1e-7
 
@@ -170,24 +172,6 @@ def rankme(s: np.ndarray, eps: float = RANKME_EPS) -> float:
     return float(math.exp(-np.sum(p * np.log(p))))
 
 
-def effective_rank(s: np.ndarray) -> float:
-    """Roy & Vetterli effective rank of singular values ``s``: exp(−Σ p log p), p = s/Σs, 0·log 0 = 0."""
-    s = np.asarray(s, dtype=np.float64)
-    total = s.sum()
-    if s.size == 0 or total <= 0:
-        return float("nan")
-    p = s[s > 0] / total
-    return float(math.exp(-np.sum(p * np.log(p))))
-
-
-def stable_rank(s: np.ndarray) -> float:
-    """Σσ²/σ₁² of singular values ``s``."""
-    s = np.asarray(s, dtype=np.float64)
-    if s.size == 0 or s.max() <= 0:
-        return float("nan")
-    return float(np.sum(s**2) / s.max() ** 2)
-
-
 def participation_ratio(lam: np.ndarray) -> float:
     """(Σλ)²/Σλ² of (covariance) eigenvalues ``lam``."""
     lam = np.asarray(lam, dtype=np.float64)
@@ -303,8 +287,11 @@ def _scores_from_eigenvalues(
     tau_c = max(stored_eps * fro, floor * float(sc[0])) if sc.size else 0.0
     lam[sc <= floor * (sc[0] if sc.size else 0.0)] = 0.0
     fit = lam[sc > tau_c] if sc.size and sc[0] > 0 else lam[:0]
+    zero = not s[0] > 0  # Z = 0: NaN scores (metrics.py reports 0 for a zero weight matrix)
     return RankScores(
-        n=n, k=k, rankme=rankme(s), effective_rank=effective_rank(s), stable_rank=stable_rank(s),
+        n=n, k=k, rankme=rankme(s),
+        effective_rank=math.nan if zero else metrics.effective_rank(s),
+        stable_rank=math.nan if zero else metrics.stable_rank(s),
         numerical_rank=numerical_rank(s, n, k, stored_eps), participation_ratio=participation_ratio(lam),
         alpha_req=alpha_req(fit), alpha_req_points=int(fit.size), singular_values=s, covariance_eigenvalues=lam,
     )  # fmt: skip
