@@ -161,6 +161,17 @@ def _metrics(values: Any, shape: tuple[int, int], precision: str) -> dict[str, A
     return compute_metrics(values, shape, precision).as_dict()
 
 
+def _base_metrics(s: Any) -> dict[str, float]:
+    """The base's numbers a rule reads (as the analyze path stores them): not the full metric set, whose α fit
+    is the costly part and is never used for the base."""
+    import numpy as np
+
+    from spectra_cli.spectral.metrics import effective_rank
+
+    s = np.clip(np.asarray(s, dtype=np.float64), 0.0, None)
+    return {"effective_rank": effective_rank(s), "spectral_norm": float(s.max()) if s.size else 0.0}
+
+
 def _from_compare(ckpt: str | Path, policy: Policy, opts: CheckOptions, progress: Progress | None
                   ) -> tuple[dict[str, Facts], dict[str, Any]]:  # fmt: skip
     from spectra_cli.comparison import CompareOptions, run_compare
@@ -181,7 +192,7 @@ def _from_compare(ckpt: str | Path, policy: Policy, opts: CheckOptions, progress
         if row["status"] == "ok":
             m = mods[name]
             f.tuned = _metrics(m.svd_tuned.s, m.spec.shape, opts.precision)
-            f.base = _metrics(m.s_base, m.spec.shape, opts.precision)
+            f.base = _base_metrics(m.s_base)
             f.nonfinite = 0
         else:
             f.nonfinite = int(row.get("nonfinite_tuned", 0))  # counted even when the base is the bad side
