@@ -44,7 +44,7 @@ from spectra_cli.checkpoint.adapter import is_adapter, pattern_value
 from spectra_cli.checkpoint.loader import MatrixLoader
 from spectra_cli.checkpoint.matrices import MatrixSpec, SelectionFields, select_matrices
 from spectra_cli.checkpoint.naming import matches_kind, module_path, parse_names
-from spectra_cli.checkpoint.safetensors_io import read_header, read_rows, write_safetensors
+from spectra_cli.checkpoint.safetensors_io import read_header, read_rows
 from spectra_cli.checkpoint.source import TORCH_SUFFIXES, Checkpoint, open_checkpoint
 from spectra_cli.checkpoint.tensors import DTYPES, RawTensor, TensorInfo, from_float, to_float
 from spectra_cli.errors import CheckpointError, SelectionError, ShapeMismatch, SpectraError
@@ -451,55 +451,6 @@ _INDEX = "model.safetensors.index.json"
 # ---- the adapter ------------------------------------------------------------------------------------------
 
 
-def _most_common(values: Sequence[Any]) -> Any:
-    counts = Counter(values)
-    best = max(counts.values())
-    return max(v for v, c in counts.items() if c == best)
-
-
-def adapter_config(
-    modules: Mapping[str, tuple[int, float]], base: str, rslora: bool, fan_in_fan_out: bool
-) -> dict[str, Any]:
-    """A PEFT LoRA config for modules path → (rank, α): ``r``/``lora_alpha`` the most common values, exact
-    escaped module paths in ``rank_pattern``/``alpha_pattern`` for the others (PEFT's first-match rule)."""
-    r0 = int(_most_common([r for r, _ in modules.values()]))
-    a0 = _most_common([a for r, a in modules.values() if r == r0])
-    rank_pattern = {re.escape(p): int(r) for p, (r, _) in modules.items() if r != r0}
-    alpha_pattern = {re.escape(p): _num(a) for p, (_, a) in modules.items() if a != a0}
-    return {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base,
-        "r": r0,
-        "lora_alpha": _num(a0),
-        "target_modules": sorted(modules),
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "use_rslora": rslora,
-        "init_lora_weights": True,
-        "bias": "none",
-        "lora_dropout": 0.0,
-        "fan_in_fan_out": fan_in_fan_out,
-        "modules_to_save": None,
-        "inference_mode": True,
-    }
-
-
-def _num(x: float) -> float | int:
-    return int(x) if float(x).is_integer() else float(x)
-
-
-def check_adapter_config(
-    cfg: Mapping[str, Any], factors: Mapping[str, tuple[np.ndarray, np.ndarray]]
-) -> None:
-    """Raise unless PEFT's matching rule gives every module the rank of its factors (and targets them all)."""
-    targets = set(cfg["target_modules"])
-    for p, (a, b) in factors.items():
-        r = int(pattern_value(cfg.get("rank_pattern"), p, cfg["r"]))
-        if p not in targets or r != a.shape[0] or r != b.shape[1]:
-            raise RuntimeError(f"{p}: the adapter config gives rank {r}, the factors have {a.shape[0]}")
-
-
 README = """\
 # LoRA adapter initialised by spectra ({method})
 
@@ -617,7 +568,13 @@ def run_init(
     """Initialise an adapter for the checkpoint at ``path`` and write it (with the residual) to ``out``."""
     import torch
 
-    from spectra_cli.checkpoint.writers import commit_output, prepare_output
+    from spectra_cli.checkpoint.writers import (
+        LoraFactors,
+        commit_output,
+        json_number,
+        prepare_output,
+        write_lora_adapter,
+    )
     from spectra_cli.provenance import write_run_record
     from spectra_cli.spectral.init import InitInput
 
@@ -750,7 +707,7 @@ def run_init(
             m, n = spec.shape
             row: dict[str, Any] = {
                 "name": tg.path, "kind": spec.kind, "depth": spec.depth, "shape": f"{m}x{n}",
-                "dtype": spec.dtype_name, "rank": r, "alpha": _num(alpha) if r else None,
+                "dtype": spec.dtype_name, "rank": r, "alpha": json_number(alpha) if r else None,
                 "scale": (tg.scale if r else None),
             }  # fmt: skip
             row.update(
@@ -780,15 +737,11 @@ def run_init(
         base_for_adapter = (
             str((out / "residual").resolve()) if writer is not None else str(Path(ckpt.path).resolve())
         )
-        cfg = adapter_config({p: (f[0].shape[0], alphas[p]) for p, f in factors.items()}, base_for_adapter,
-                             opts.rslora, fifo)  # fmt: skip
-        check_adapter_config(cfg, factors)
-        tensors: dict[str, RawTensor | np.ndarray] = {}
-        for p, (a, b) in factors.items():
-            tensors[f"base_model.model.{p}.lora_A.weight"] = a
-            tensors[f"base_model.model.{p}.lora_B.weight"] = b
-        write_safetensors(stage / "adapter" / "adapter_model.safetensors", tensors, {"format": "pt"})
-        (stage / "adapter" / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        write_lora_adapter(
+            stage / "adapter",
+            {p: LoraFactors(a, b, alphas[p]) for p, (a, b) in factors.items()},
+            base=base_for_adapter, rslora=opts.rslora, fan_in_fan_out=fifo,
+        )  # fmt: skip
         rank_counts = Counter(int(f[0].shape[0]) for f in factors.values())
         seconds = round(time.perf_counter() - t0, 3)
         untracked = (

@@ -10,12 +10,15 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from spectra_cli.checkpoint.adapter import Adapter
+from spectra_cli.checkpoint.adapter import Adapter, pattern_value
 from spectra_cli.checkpoint.safetensors_io import write_safetensors
 from spectra_cli.checkpoint.source import Checkpoint
 from spectra_cli.checkpoint.tensors import RawTensor, TensorInfo, from_float
@@ -90,17 +93,110 @@ def _escape(path: str) -> str:
     return re.escape(path)
 
 
+@dataclass(frozen=True)
+class LoraFactors:
+    """One module's LoRA factors as stored: ``a`` lora_A (r×in for a linear layer), ``b`` lora_B (out×r), its α,
+    and the stored tensor names (default ``base_model.model.<module>.lora_A.weight`` / ``….lora_B.weight``).
+    Rank r = ``a.shape[0]``."""
+
+    a: np.ndarray
+    b: np.ndarray
+    alpha: float
+    keys: tuple[str, str] | None = None
+
+
+def _most_common(values: Sequence[Any]) -> Any:
+    counts = Counter(values)
+    best = max(counts.values())
+    return max(v for v, c in counts.items() if c == best)
+
+
+def json_number(x: float) -> float | int:
+    """``x`` as a JSON int when it is integral (α = 16, not 16.0), else a float."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def lora_config(
+    modules: Mapping[str, tuple[int, float]], base: str, rslora: bool, fan_in_fan_out: bool
+) -> dict[str, Any]:
+    """A fresh PEFT LoRA config for modules path → (rank, α): ``r``/``lora_alpha`` the most common values, exact
+    escaped module paths in ``rank_pattern``/``alpha_pattern`` for the others (PEFT's first-match rule)."""
+    r0 = int(_most_common([r for r, _ in modules.values()]))
+    a0 = _most_common([a for r, a in modules.values() if r == r0])
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base,
+        "r": r0,
+        "lora_alpha": json_number(a0),
+        "target_modules": sorted(modules),
+        "rank_pattern": {_escape(p): int(r) for p, (r, _) in modules.items() if r != r0},
+        "alpha_pattern": {_escape(p): json_number(a) for p, (_, a) in modules.items() if a != a0},
+        "use_rslora": rslora,
+        "init_lora_weights": True,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "fan_in_fan_out": fan_in_fan_out,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+
+
+def write_lora_adapter(
+    stage: Path,
+    modules: Mapping[str, LoraFactors],
+    *,
+    config: Mapping[str, Any] | None = None,
+    base: str = "",
+    rslora: bool = False,
+    fan_in_fan_out: bool = False,
+    tensors: Mapping[str, RawTensor | np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Write a complete PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors`` with
+    metadata ``{"format": "pt"}``) into ``stage``; returns the config written.
+
+    ``modules`` maps module path → factors. Without ``config`` a fresh config is made (:func:`lora_config`
+    from ``base``, ``rslora``, ``fan_in_fan_out``); with one (an existing adapter's), every module given gets
+    its exact escaped path in ``rank_pattern``/``alpha_pattern`` *before* the existing keys (PEFT takes the
+    first matching key), the rest of the config is kept. Factors are stored float32 (float64 arrays as
+    float64): pre-scaled factors in half precision would make the update inexact. ``tensors`` are further
+    tensors written as they are (e.g. an adapter's untouched factors), in their order, with each module's
+    factors in place of a tensor of the same name (or after them)."""
+    if config is None:
+        cfg = lora_config(
+            {p: (int(f.a.shape[0]), f.alpha) for p, f in modules.items()}, base, rslora, fan_in_fan_out
+        )
+    else:
+        cfg = json.loads(json.dumps(config))
+        new_r = {_escape(p): int(f.a.shape[0]) for p, f in modules.items()}
+        new_a = {_escape(p): json_number(f.alpha) for p, f in modules.items()}
+        old_r, old_a = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        cfg["rank_pattern"] = {**new_r, **{k: v for k, v in old_r.items() if k not in new_r}}
+        cfg["alpha_pattern"] = {**new_a, **{k: v for k, v in old_a.items() if k not in new_a}}
+    factors: dict[str, np.ndarray] = {}
+    for p, f in modules.items():
+        r = int(pattern_value(cfg.get("rank_pattern"), p, cfg.get("r")))
+        if r != f.a.shape[0] or r != f.b.shape[-1]:
+            raise RuntimeError(f"{p}: the adapter config gives rank {r}, the factors have {f.a.shape[0]}")
+        ka, kb = f.keys or (f"base_model.model.{p}.lora_A.weight", f"base_model.model.{p}.lora_B.weight")
+        for key, x in ((ka, f.a), (kb, f.b)):
+            factors[key] = np.ascontiguousarray(x, np.float64 if x.dtype == np.float64 else np.float32)
+    out: dict[str, RawTensor | np.ndarray] = {}
+    for name, t in (tensors or {}).items():
+        out[name] = factors.pop(name, t)
+    out.update(factors)
+    write_safetensors(stage / "adapter_model.safetensors", out, {"format": "pt"})
+    (stage / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return cfg
+
+
 def write_adapter(adapter: Adapter, extra: Mapping[str, tuple[np.ndarray, np.ndarray]], stage: Path) -> None:
     """Write ``adapter`` with extra rank added to some modules, exactly: for module path p with extra factors
     (B_x out×q, A_x q×in) in the logical orientation, the new update s·B·A + B_x·A_x is stored as
     A′ = [A; A_x], B′ = [s·B, B_x] with scale 1 (rank_pattern / alpha_pattern set for p)."""
-    cfg = json.loads(json.dumps(adapter.config))
-    rslora = bool(cfg.get("use_rslora", False))
-    new_ranks: dict[str, int] = {}
-    new_alphas: dict[str, float] = {}
+    rslora = bool(adapter.config.get("use_rslora", False))
     by_path = {m.path: m for m in adapter.modules}
-    tensors: dict[str, RawTensor | np.ndarray] = {}
-    replaced: dict[str, np.ndarray] = {}
+    modules: dict[str, LoraFactors] = {}
     for path, (bx, ax) in extra.items():
         mod = by_path[path]
         b, a = adapter.factors(mod)
@@ -109,20 +205,11 @@ def write_adapter(adapter: Adapter, extra: Mapping[str, tuple[np.ndarray, np.nda
         new_b = np.concatenate([mod.scale * b, bx], axis=1)
         new_a = np.concatenate([a, ax], axis=0)
         r_new = new_a.shape[0]
-        replaced[mod.a.name] = new_a
-        replaced[mod.b.name] = new_b
-        key = _escape(path)
-        new_ranks[key] = r_new
-        new_alphas[key] = float(np.sqrt(r_new)) if rslora else float(r_new)
-    for t in adapter.checkpoint.tensors:
-        if t.name in replaced:
-            tensors[t.name] = from_float(
-                # float32 at least: s·B is pre-multiplied, so half precision would make the update inexact
-                replaced[t.name],
-                "F64" if t.dtype == "F64" else "F32",
-            )
-        else:
-            tensors[t.name] = adapter.checkpoint.read(t)
+        dt = np.float64 if mod.a.dtype == "F64" else np.float32
+        modules[path] = LoraFactors(
+            new_a.astype(dt), new_b.astype(np.float64 if mod.b.dtype == "F64" else np.float32),
+            float(np.sqrt(r_new)) if rslora else float(r_new), (mod.a.name, mod.b.name),
+        )  # fmt: skip
     src = Path(adapter.path)
     for f in src.iterdir():
         if f.is_file() and f.name not in {
@@ -131,9 +218,7 @@ def write_adapter(adapter: Adapter, extra: Mapping[str, tuple[np.ndarray, np.nda
             "adapter_config.json",
         }:
             shutil.copy2(f, stage / f.name)
-    write_safetensors(stage / "adapter_model.safetensors", tensors, {"format": "pt"})
-    # PEFT takes the first matching key: the changed modules' exact keys go before any existing (broader) ones
-    old_ranks, old_alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    cfg["rank_pattern"] = {**new_ranks, **{k: v for k, v in old_ranks.items() if k not in new_ranks}}
-    cfg["alpha_pattern"] = {**new_alphas, **{k: v for k, v in old_alphas.items() if k not in new_alphas}}
-    (stage / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    ck = adapter.checkpoint
+    write_lora_adapter(
+        stage, modules, config=adapter.config, tensors={t.name: ck.read(t) for t in ck.tensors}
+    )
