@@ -293,7 +293,7 @@ def _rows_for_module(spec: MatrixSpec, tuned: list[Tuned], updates: list[Update]
         rows.append({
             **_depth_kind(spec), "task": t.name, "source": t.kind, "weight": weights[i],
             "lora_rank": mod.rank if mod is not None else None,
-            "delta_norm": math.sqrt(max(inner(updates[i], updates[i]), 0.0)),
+            "delta_norm": float(inter["norms"][i]),
             "rel_error": float(errors[i]), "kept": float(kept[i]),
             "max_cos": float(max(abs(cos[i, j]) for j in others)) if others else None,
             "mean_overlap": float(np.mean([ov[i, j] for j in others])) if others else None,
@@ -302,13 +302,16 @@ def _rows_for_module(spec: MatrixSpec, tuned: list[Tuned], updates: list[Update]
     return rows
 
 
-def _merge_errors(merged: Update, updates: list[Update]) -> tuple[list[float], list[float]]:
+def _merge_errors(
+    merged: Update, updates: list[Update], norms: np.ndarray
+) -> tuple[list[float], list[float]]:
     """Per task: ‖M − ΔWᵢ‖_F/‖ΔWᵢ‖_F, and the share of ΔWᵢ the merged update keeps along it,
-    ⟨M, ΔWᵢ⟩/‖ΔWᵢ‖² (1 when the merged update contains the task's own update unchanged)."""
+    ⟨M, ΔWᵢ⟩/‖ΔWᵢ‖² (1 when the merged update contains the task's own update unchanged). ``norms``: the
+    ‖ΔWᵢ‖_F already known from :func:`interference` (not another pass over each update)."""
     mm = inner(merged, merged)
     errs, kept = [], []
-    for u in updates:
-        uu = inner(u, u)
+    for u, nrm in zip(updates, norms, strict=True):
+        uu = float(nrm) ** 2
         mu = inner(merged, u)
         if uu <= 0:
             errs.append(float("nan"))
@@ -474,7 +477,7 @@ def run_merge(
                     fit = _rmm_live(updates, live, raw, 1, None, opts.center)
                 if opts.sweep:
                     assert fit is not None
-                    energy = sum(inner(u, u) for u in updates)
+                    energy = float(np.sum(inter["norms"] ** 2))
                     mean_size = fit.mean.size if fit.mean is not None else 0
                     bsize = (float(np.mean([b.size for b in fit.basis])) if fit.basis
                              else float(sum(u.size for u in updates) if updates[0].is_factored else updates[0].size))  # fmt: skip
@@ -515,7 +518,7 @@ def run_merge(
                         outcome = method(updates, weights, params)
                         w_new = w0.astype(np.float64) + outcome.update.to_dense()
                         copy.patch(spec.tensor, w_new.T if spec.transposed else w_new)
-                    errs, kept = _merge_errors(outcome.update, updates)
+                    errs, kept = _merge_errors(outcome.update, updates, inter["norms"])
                     if outcome.stats:
                         module_stats[spec.name] = _jsonable(outcome.stats)
                     extra = {"energy_kept": outcome.stats.get("energy_kept")}
