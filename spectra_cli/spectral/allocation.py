@@ -163,18 +163,6 @@ def energy_curve(sigma: np.ndarray, full_rank: int) -> np.ndarray:
     return cum / total if total > 0 else np.zeros(full_rank + 1)
 
 
-def effective_rank(sigma: np.ndarray) -> float:
-    """Roy & Vetterli's effective rank exp(−Σ pₖ log pₖ), pₖ = σₖ/Σσ (0 for an all-zero matrix)."""
-    import numpy as np
-
-    s = np.abs(np.asarray(sigma, dtype=np.float64))
-    total = s.sum()
-    if total <= 0:
-        return 0.0
-    p = s[s > 0] / total
-    return float(np.exp(-(p * np.log(p)).sum()))
-
-
 def total_cost(ranks: Sequence[int], costs: Sequence[int]) -> float:
     return float(sum(r * k for r, k in zip(ranks, costs, strict=True)))
 
@@ -270,6 +258,8 @@ def _energy(problem: Problem) -> Allocation:
 
 
 def _effective_rank(problem: Problem) -> Allocation:
+    from spectra_cli.spectral.metrics import effective_rank  # Roy & Vetterli; 0 for an all-zero matrix
+
     weights = [effective_rank(s) for s in problem.spectra]
 
     def divisor(i: int, r: int, r_next: int) -> float:
@@ -473,7 +463,6 @@ __all__ = [
     "Problem",
     "Strategy",
     "allocate",
-    "effective_rank",
     "energy_curve",
     "eva_components",
     "eva_ranks",
