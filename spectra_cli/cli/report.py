@@ -7,7 +7,6 @@ envelope, so ``spectra report`` on a run's JSON gives the page that run would ha
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -95,15 +94,10 @@ def check_target(path: Path) -> None:
 
 def write_html(env: dict[str, Any], path: Path, title: str | None = None) -> None:
     """Write the page to ``path`` atomically (a temporary name in the same folder, then a rename)."""
+    from spectra_cli.report.render import write_text
+
     check_target(path)
-    page = html_page(env, title)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_text(path, html_page(env, title))
 
 
 def load_envelope(source: Path) -> dict[str, Any]:

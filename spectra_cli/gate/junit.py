@@ -4,13 +4,13 @@ broken rule and ``<skipped>`` where a rule could not apply. Written atomically (
 
 from __future__ import annotations
 
-import os
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 
 from spectra_cli.gate.rules import Verdict
+from spectra_cli.report.render import write_text
 
 
 def junit_tree(verdicts: Sequence[Verdict], name: str, seconds: float = 0.0, policy: str = "") -> ET.Element:
@@ -59,16 +59,9 @@ def write_junit(
     path: Path, verdicts: Sequence[Verdict], name: str, seconds: float = 0.0, policy: str = ""
 ) -> None:
     """Write :func:`junit_tree` to ``path`` (UTF-8, XML declaration) atomically."""
-    tree = ET.ElementTree(junit_tree(verdicts, name, seconds, policy))
-    ET.indent(tree)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tree.write(tmp, encoding="utf-8", xml_declaration=True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    root = junit_tree(verdicts, name, seconds, policy)
+    ET.indent(root)
+    write_text(path, ET.tostring(root, encoding="utf-8", xml_declaration=True).decode("utf-8"))
 
 
 __all__ = ["junit_tree", "write_junit"]

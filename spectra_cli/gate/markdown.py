@@ -3,13 +3,11 @@ and GitHub Actions ``::error`` annotations. Pure functions from verdicts to text
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from spectra_cli.gate.rules import Verdict
-from spectra_cli.report.render import fmt_num
+from spectra_cli.report.render import fmt_num, write_text
 
 MAX_FAILURE_ROWS = 50
 
@@ -63,18 +61,6 @@ def markdown_summary(verdicts: Sequence[Verdict], summary: dict[str, Any], title
     for note in summary.get("notes", []):
         out += ["", f"> {_esc(note)}"]
     return "\n".join(out) + "\n"
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _data(s: str) -> str:

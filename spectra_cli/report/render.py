@@ -143,11 +143,19 @@ def render(env: dict[str, Any], fmt: str, columns: Sequence[Column], title: str,
         _emit(sys.stdout, env, rows, fmt, columns, title, notes, width)
         sys.stdout.flush()
         return
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    buf = io.StringIO()
+    _emit(buf, env, rows, fmt, columns, title, notes, width)
+    write_text(output, buf.getvalue())
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: to ``.NAME.tmp-PID`` beside it, then renamed, so an
+    interrupted run leaves no half-written file (the one writer of every text output: tables, pages, reports)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            _emit(f, env, rows, fmt, columns, title, notes, width)
-        os.replace(tmp, output)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
