@@ -384,19 +384,22 @@ class _Rest:
         self.full = [t for t in tuned if t.checkpoint is not None]
         self.infos = [x for x in base.tensors if x.is_float and x.name not in done] if self.full else []
 
-    def deltas(self, info: TensorInfo) -> tuple[np.ndarray, list[np.ndarray]] | None:
-        """(base value, per full task its value − base) as float64, or None when no task changed it."""
+    def deltas(self, info: TensorInfo) -> tuple[np.ndarray, list[np.ndarray], list[RawTensor]] | None:
+        """(base value, per full task its value − base, as float64; per full task the tensor as stored, for
+        the bundle), or None when no task changed it."""
         w0 = to_float(self.base.read(info), np.float64)
         _check_finite(w0, "base", info.name, self.base.path)
-        ds = []
+        ds, raws = [], []
         for t in self.full:
             assert t.checkpoint is not None
-            wt = to_float(t.checkpoint.read(t.checkpoint.info(info.name)), np.float64)
+            raw = t.checkpoint.read(t.checkpoint.info(info.name))
+            wt = to_float(raw, np.float64)
             _check_finite(wt, t.name, info.name, t.path)
             ds.append(wt - w0)
+            raws.append(raw)
         if not any(np.any(d != 0) for d in ds):
             return None
-        return w0, ds
+        return w0, ds, raws
 
 
 def run_merge(
@@ -646,13 +649,12 @@ def _merge_rest(rest: _Rest, tuned: list[Tuned], weights: list[float], opts: Mer
         got = rest.deltas(info)
         if got is None:
             continue
-        w0, ds = got
+        w0, ds, raws = got
         changed += 1
-        if opts.method == RMM:
-            for t, d in zip(rest.full, ds, strict=True):
+        if opts.method == RMM:  # stored as read above, not read again
+            for t, d, raw in zip(rest.full, ds, raws, strict=True):
                 if np.any(d != 0):
-                    assert t.checkpoint is not None
-                    bundle_t[f"task.{t.name}.{info.name}"] = t.checkpoint.read(t.checkpoint.info(info.name))
+                    bundle_t[f"task.{t.name}.{info.name}"] = raw
             continue
         if opts.method in ELEMENTWISE:
             ups = [Update(dense=d.reshape(1, -1)) for d in ds]
