@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from spectra_cli.analysis import SPECTRA_FORMAT
+from spectra_cli.analysis import SPECTRA_FORMAT, _engine_info, _inputs
 from spectra_cli.checkpoint.activations import Activations, read_activations
 from spectra_cli.checkpoint.loader import MatrixLoader
 from spectra_cli.checkpoint.matrices import SelectionFields, select_matrices
@@ -38,7 +38,7 @@ from spectra_cli.spectral.allocation import (
     eva_components,
     uniform_ranks,
 )
-from spectra_cli.spectral.engine import EngineOptions, ResolvedEngine, resolve, singular_values
+from spectra_cli.spectral.engine import EngineOptions, resolve, singular_values
 
 ALPHA_POLICIES = ("scale", "fixed", "2r")
 _NOT_TARGETS = ("embedding", "lm_head")
@@ -200,11 +200,6 @@ def _targets_from_saved(
     return targets, spectra, {"source": "saved spectra", **saved_opts.get("resolved", {})}
 
 
-def _engine_info(eng: ResolvedEngine) -> dict[str, Any]:
-    return {"device": eng.device, "backend": eng.backend, "method": eng.method, "precision": eng.precision,
-            "max_memory": eng.budget}  # fmt: skip
-
-
 def _explained(acts: Activations, ckpt: Checkpoint, targets: list[_Target], k: int) -> dict[str, np.ndarray]:
     known = {module_path(t.name) for t in ckpt.tensors}
     if ckpt.metadata.get("format") == SPECTRA_FORMAT:
@@ -358,13 +353,7 @@ def run_allocate(
         "engine": engine,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    inputs = {
-        "checkpoint": str(ckpt.path),
-        "format": ckpt.format,
-        "files": len(ckpt.files),
-        "bytes": ckpt.total_bytes,
-        "model_type": (ckpt.config or {}).get("model_type"),
-    }
+    inputs = _inputs(ckpt)
     if saved:
         inputs["spectra_of"] = ckpt.metadata.get("source")
     if opts.activations is not None:
