@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import inspect
 import json
-import os
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -37,10 +36,12 @@ from spectra_cli.checkpoint.matrices import SelectionFields, select_matrices
 from spectra_cli.checkpoint.naming import module_path
 from spectra_cli.checkpoint.source import open_checkpoint
 from spectra_cli.errors import CheckpointError, SelectionError, SpectraError
+from spectra_cli.hf_embed import load_hf_model, load_hf_tokenizer
 from spectra_cli.results import RunResult
 from spectra_cli.spectral.engine import EngineOptions, blas_threads, resolve
 
 STATS = ("pca", "covariance", "both")
+_NEEDS_HF = "spectra capture runs the model with transformers"
 DEFAULT_TAU = 0.99  # EVA's convergence threshold on the cosine of consecutive estimates
 
 
@@ -267,55 +268,6 @@ def _count_examples(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
-def _transformers() -> Any:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        import transformers
-    except ImportError:
-        raise SpectraError(
-            "spectra capture runs the model with transformers, which is not installed; install the hf extra: "
-            "pip install 'spectra-cli[hf]'"
-        ) from None
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    return transformers
-
-
-def load_model(model_dir: Path, device: str) -> Any:
-    """The model of a local Hugging Face folder (class from config.json's ``architectures``), float32, eval."""
-    tf = _transformers()
-    if not (model_dir / "config.json").is_file():
-        raise CheckpointError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
-    try:
-        config = tf.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-        archs = getattr(config, "architectures", None) or []
-        cls = getattr(tf, archs[0], None) if archs else None
-        if cls is None:
-            cls = tf.AutoModel
-        model = cls.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{model_dir}: transformers could not load the model ({e})") from None
-    return model.to(device=device, dtype=torch.float32).eval()
-
-
-def load_tokenizer(path: Path) -> Any:
-    tf = _transformers()
-    try:
-        tok = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(
-            f"{path}: no usable tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-            "pass --tokenizer DIR"
-        ) from None
-    if tok.pad_token is None:
-        for candidate in ("eos_token", "unk_token", "bos_token"):
-            if getattr(tok, candidate, None) is not None:
-                tok.pad_token = getattr(tok, candidate)
-                break
-    return tok
-
-
 def target_modules(model: Any, model_dir: Path, opts: CaptureOptions) -> dict[str, str]:
     """model module name → checkpoint module path, for the selected linear modules.
 
@@ -455,8 +407,10 @@ def run_capture(
     if total == 0:
         raise SpectraError(f"{data}: no examples (the file is empty)")
     device = resolve(EngineOptions(device=opts.device, backend="torch")).device
-    model = load_model(model_dir, device)
-    tokenizer = load_tokenizer(Path(opts.tokenizer) if opts.tokenizer else model_dir)
+    model = load_hf_model(model_dir, device, _NEEDS_HF, architecture=True)
+    tokenizer = load_hf_tokenizer(
+        Path(opts.tokenizer) if opts.tokenizer else model_dir, _NEEDS_HF, "pass --tokenizer DIR"
+    )
     names = target_modules(model, model_dir, opts)
     want_pca = opts.stats in ("pca", "both")
     want_cov = opts.stats in ("covariance", "both")

@@ -5,6 +5,8 @@ The model and tokenizer are loaded with ``transformers.AutoModel`` / ``AutoToken
 its last hidden states over the real tokens (attention mask), as sentence-transformers' mean pooling does;
 ``normalize=True`` adds its L2 normalisation. Texts are processed in batches under ``torch.inference_mode``
 on CUDA when present. Needs the ``hf`` extra (transformers).
+
+:func:`load_hf_model` / :func:`load_hf_tokenizer` are the offline loaders ``spectra capture`` uses too.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from spectra_cli.errors import CheckpointError, DeviceError, SpectraError
+from spectra_cli.errors import CheckpointError, SpectraError
 
 HF_MISSING = "install the hf extra: pip install 'spectra-cli[hf]'"
 
@@ -41,28 +43,67 @@ def read_texts(path: Path) -> list[str]:
     return texts
 
 
-def _transformers() -> Any:
+def hf_transformers(purpose: str) -> Any:
+    """``transformers``, offline (``HF_HUB_OFFLINE=1``: nothing is downloaded), with its loading bars and
+    warnings off (spectra draws its own progress bar). ``purpose`` starts the one-line error shown when
+    transformers is not installed (e.g. "--model needs transformers")."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         import transformers
-    except ImportError as e:
-        raise SpectraError(f"--model needs transformers; {HF_MISSING}") from e
-    # spectra draws its own progress bar; transformers' loading bars and warnings would clutter stderr
+    except ImportError:
+        raise SpectraError(f"{purpose}, which is not installed; {HF_MISSING}") from None
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     return transformers
 
 
-def _device(torch: Any, device: str) -> Any:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError(f"--device {device}: CUDA is not available here; use --device cpu")
+def load_hf_model(model_dir: Path, device: str, purpose: str, architecture: bool = False) -> Any:
+    """The model of a local Hugging Face folder in float32, eval mode, on ``device`` (a resolved torch device
+    name). ``architecture``: the class named by config.json's ``architectures`` (its module names are the
+    checkpoint's tensor names), else ``AutoModel`` (the bare encoder/decoder: ``last_hidden_state``)."""
+    tf = hf_transformers(purpose)
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise CheckpointError(
+            f"{model_dir}: not a Hugging Face model folder (no config.json); give the folder holding "
+            "config.json, the weights and the tokenizer files"
+        )
     try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise DeviceError(f"--device {device}: not a device ({e}); use auto, cpu, cuda or cuda:N") from e
+        cls = tf.AutoModel
+        if architecture:
+            config = tf.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+            archs = getattr(config, "architectures", None) or []
+            cls = (getattr(tf, archs[0], None) if archs else None) or tf.AutoModel
+        model = cls.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"{model_dir}: transformers could not load the model ({_first_line(e)})"
+        ) from None
+    import torch
+
+    return model.to(device=device, dtype=torch.float32).eval()
+
+
+def load_hf_tokenizer(path: Path, purpose: str, hint: str) -> Any:
+    """The tokenizer of a local folder, with a pad token (eos, unk or bos when it has none) so that batches
+    can be padded; ``hint`` ends the error when there is no usable tokenizer."""
+    tf = hf_transformers(purpose)
+    try:
+        tok = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: no usable tokenizer ({_first_line(e)}); {hint}") from None
+    if tok.pad_token is None:
+        for candidate in ("eos_token", "unk_token", "bos_token"):
+            if getattr(tok, candidate, None) is not None:
+                tok.pad_token = getattr(tok, candidate)
+                break
+    return tok
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def _max_length(folder: Path, tokenizer: Any, model: Any, requested: int | None) -> int:
@@ -94,23 +135,15 @@ def iter_embeddings(
     """Yield the mean-pooled sentence embeddings of ``texts``, one float32 (batch × hidden) array per batch of
     ``batch_size`` texts, in order. ``max_length`` (tokens) defaults to the smallest of the model's limits
     (``sentence_bert_config.json``'s max_seq_length, the tokenizer's, max_position_embeddings, 512)."""
-    transformers = _transformers()
     import torch
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise CheckpointError(
-            f"{model_dir}: not a Hugging Face model folder (no config.json); give the folder holding "
-            "config.json, the weights and the tokenizer files"
-        )
-    dev = _device(torch, device)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        model = transformers.AutoModel.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{model_dir}: cannot load the model or its tokenizer ({first[:200]})") from e
-    model = model.to(dev).eval()
+    from spectra_cli.spectral.engine import EngineOptions, resolve
+
+    dev = resolve(EngineOptions(device=device, backend="torch")).device
+    model = load_hf_model(model_dir, dev, "--model needs transformers")
+    tokenizer = load_hf_tokenizer(
+        model_dir, "--model needs transformers", "give the folder holding the model's tokenizer files"
+    )
     length = _max_length(model_dir, tokenizer, model, max_length)
     done = 0
     with torch.inference_mode():
