@@ -328,10 +328,11 @@ def _interference(updates: list[Update], k: int) -> dict[str, np.ndarray]:
 
 
 def _rmm_live(updates: list[Update], live: np.ndarray, raw: int, basis: int | None, energy: float | None,
-              center: bool) -> RMMModule:  # fmt: skip
+              center: bool, g: np.ndarray) -> RMMModule:  # fmt: skip
     """rmm of one module fitted on the tasks that changed it (``live``: ‖ΔWᵢ‖ > 0), so the basis is not spent
     on tasks that left the module alone; those get zero coefficients and error 0 and are rebuilt exactly as
-    an unchanged module (``zero_tasks`` in the bundle). ``raw`` is the numbers of all n inputs."""
+    an unchanged module (``zero_tasks`` in the bundle). ``raw`` is the numbers of all n inputs; ``g`` the n×n
+    Gram matrix of the updates (interference's)."""
     idx = np.flatnonzero(live)
     n = len(updates)
     if (
@@ -342,10 +343,10 @@ def _rmm_live(updates: list[Update], live: np.ndarray, raw: int, basis: int | No
         return RMMModule(mean=None, basis=[zero], coefficients=np.zeros((n, 1)), errors=np.zeros(n),
                          singular_values=np.zeros(n), storage=zero.size + n, raw=raw)  # fmt: skip
     if idx.size == n:
-        fit = rmm_fit(updates, basis=basis, energy=energy, center=center)
+        fit = rmm_fit(updates, basis=basis, energy=energy, center=center, gram_matrix=g)
         return replace(fit, raw=raw)
     fit = rmm_fit([updates[i] for i in idx], basis=None if basis is None else min(basis, int(idx.size)),
-                  energy=energy, center=center)  # fmt: skip
+                  energy=energy, center=center, gram_matrix=g[np.ix_(idx, idx)])  # fmt: skip
     coeff = np.zeros((n, fit.coefficients.shape[1]))
     coeff[idx] = fit.coefficients
     errors = np.zeros(n)
@@ -475,9 +476,9 @@ def run_merge(
                 ov_sum += np.where(both, inter["overlap"], 0.0)
                 fit: RMMModule | None = None
                 if is_rmm:
-                    fit = _rmm_live(updates, live, raw, opts.basis, opts.energy, opts.center)
+                    fit = _rmm_live(updates, live, raw, opts.basis, opts.energy, opts.center, inter["gram"])
                 elif opts.sweep:  # only the singular values of the stack are needed
-                    fit = _rmm_live(updates, live, raw, 1, None, opts.center)
+                    fit = _rmm_live(updates, live, raw, 1, None, opts.center, inter["gram"])
                 if opts.sweep:
                     assert fit is not None
                     energy = float(np.sum(inter["norms"] ** 2))

@@ -211,6 +211,29 @@ def test_rmm_dependent_tasks_cap_the_basis_at_the_stack_rank() -> None:
     assert mc.p == 1 and mc.errors.max() < 1e-7
 
 
+def test_rmm_with_interference_gram_equals_its_own() -> None:
+    rng = np.random.default_rng(21)
+    for ups in (_dense(rng, 3, 9, 7), _factored(rng, 3, 9, 7, 2)):
+        g = interference(ups, k=2)["gram"]
+        np.testing.assert_allclose(
+            g, [[np.vdot(a.to_dense(), b.to_dense()) for b in ups] for a in ups], rtol=1e-12
+        )
+        for center in (False, True):
+            own, given_g = (
+                rmm_fit(ups, basis=2, center=center),
+                rmm_fit(ups, basis=2, center=center, gram_matrix=g),
+            )
+            np.testing.assert_allclose(given_g.errors, own.errors, atol=1e-12)
+            for task in range(3):
+                np.testing.assert_allclose(
+                    rmm_reconstruct(given_g, task).to_dense(),
+                    rmm_reconstruct(own, task).to_dense(),
+                    atol=1e-10,
+                )
+        with pytest.raises(ShapeMismatch):
+            rmm_fit(ups, basis=1, gram_matrix=g[:2, :2])
+
+
 def test_rmm_energy_picks_the_smallest_basis() -> None:
     s = np.array([3.0, 2.0, 1.0, 0.5])  # σ² = 9, 4, 1, 0.25 of 14.25
     assert basis_for_energy(s, 9 / 14.25) == 1
@@ -526,7 +549,9 @@ def test_tsv_dense_float32_equals_float64_for_low_rank_updates(shape: tuple[int,
     same matrix (to float32 resolution). Before the zero-energy triplets were dropped, each precision fed its
     own arbitrary null vectors into the Procrustes step and the results differed by ~0.1 relative."""
     rng = np.random.default_rng(21)
-    deltas = [rng.standard_normal((shape[0], 3)) @ rng.standard_normal((3, shape[1])) * 0.01 for _ in range(3)]
+    deltas = [
+        rng.standard_normal((shape[0], 3)) @ rng.standard_normal((3, shape[1])) * 0.01 for _ in range(3)
+    ]
     a = METHODS["tsv"]([Update(dense=d.astype(np.float32)) for d in deltas])
     b = METHODS["tsv"]([Update(dense=d) for d in deltas])
     got, want = a.update.to_dense().astype(np.float64), b.update.to_dense()

@@ -757,7 +757,12 @@ def _stack_svd(g: np.ndarray, center: bool) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rmm_fit(
-    updates: Sequence[Update], *, basis: int | None = None, energy: float | None = None, center: bool = False
+    updates: Sequence[Update],
+    *,
+    basis: int | None = None,
+    energy: float | None = None,
+    center: bool = False,
+    gram_matrix: np.ndarray | None = None,
 ) -> RMMModule:
     """Reversible merge of one module: the best rank-p approximation M ≈ C·Bᵀ of the n×(out·in) stack M of the
     vectorised task updates (rows; minus the mean row when ``center``), by Eckart–Young its truncated SVD.
@@ -770,6 +775,8 @@ def rmm_fit(
     Σσ²; default τ = 1). p is capped at the numerical rank of the stack (σ > 1e-7·σ₁; centring removes one),
     so ``len(result.basis)`` may be less than p when tasks are linearly dependent; the error stays exact.
     Per-task errors are √(Σ_{j>p} σⱼ²Qᵢⱼ²)/‖ΔWᵢ‖_F, the rows of the Eckart–Young residual.
+    ``gram_matrix``: the n×n :func:`gram` of ``updates`` when the caller already has it (e.g. from
+    :func:`interference`), so it is not computed again.
     """
     _check_shapes(updates)
     n = len(updates)
@@ -783,7 +790,9 @@ def rmm_fit(
     if energy is not None and not (0.0 < energy <= 1.0):
         raise BudgetError(f"energy fraction {energy} is out of range; choose --energy in (0, 1], e.g. 0.9")
 
-    g = gram(updates)
+    if gram_matrix is not None and gram_matrix.shape != (n, n):
+        raise ShapeMismatch(f"a Gram matrix of shape {gram_matrix.shape} for {n} updates; it must be {n}×{n}")
+    g = gram(updates) if gram_matrix is None else _f64(gram_matrix)
     sigma, q = _stack_svd(g, center)
     p = basis if basis is not None else basis_for_energy(sigma, 1.0 if energy is None else energy)
     numerical = int(np.sum(sigma > GRAM_RTOL * sigma[0])) if sigma[0] > 0 else 0
@@ -885,7 +894,8 @@ def _top_left(u: Update, k: int) -> np.ndarray:
 def interference(updates: Sequence[Update], k: int = 8) -> dict[str, np.ndarray]:
     """How much the task updates of one module overlap. ``cosine`` n×n: ⟨ΔWᵢ, ΔWⱼ⟩/(‖ΔWᵢ‖‖ΔWⱼ‖) (0 where an
     update is zero); ``overlap`` n×n: mean cos² of the principal angles between the top-k left singular
-    subspaces, ‖UᵢᵀUⱼ‖_F²/min(kᵢ, kⱼ) ∈ [0, 1] (kᵢ = min(k, rank of ΔWᵢ)); ``norms``: ‖ΔWᵢ‖_F."""
+    subspaces, ‖UᵢᵀUⱼ‖_F²/min(kᵢ, kⱼ) ∈ [0, 1] (kᵢ = min(k, rank of ΔWᵢ)); ``norms``: ‖ΔWᵢ‖_F; ``gram``: the
+    n×n :func:`gram` they come from (for :func:`rmm_fit`)."""
     _check_shapes(updates)
     if k < 1:
         raise SpectraError(f"the subspace size k={k} must be at least 1")
@@ -905,4 +915,4 @@ def interference(updates: Sequence[Update], k: int = 8) -> dict[str, np.ndarray]
             if kk:
                 m = subspaces[i].T @ subspaces[j]
                 overlap[i, j] = overlap[j, i] = min(1.0, float(np.sum(m * m)) / kk)
-    return {"cosine": np.clip(cosine, -1.0, 1.0), "overlap": overlap, "norms": norms}
+    return {"cosine": np.clip(cosine, -1.0, 1.0), "overlap": overlap, "norms": norms, "gram": g}
