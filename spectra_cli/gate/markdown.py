@@ -4,10 +4,11 @@ and GitHub Actions ``::error`` annotations. Pure functions from verdicts to text
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 from spectra_cli.gate.rules import Verdict
-from spectra_cli.report.render import fmt_num, write_text
+from spectra_cli.report.render import Column, fmt_num, markdown_table, write_text
 
 MAX_FAILURE_ROWS = 50
 
@@ -15,11 +16,33 @@ MAX_FAILURE_ROWS = 50
 def _cell(x: Any) -> str:
     if isinstance(x, tuple | list):
         return "[" + ", ".join(_cell(v) for v in x) + "]"
-    return fmt_num(x, 4).replace("|", "\\|")
+    return fmt_num(x, 4)
 
 
 def _esc(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
+
+
+def _line(s: Any) -> str:
+    return str(s).replace("\n", " ")
+
+
+def _code(s: Any) -> str:
+    return "`" + _line(s) + "`"
+
+
+_RULE_COLUMNS = [
+    Column("rule", "rule", str, "left"),
+    Column("limit", "limit", _cell),
+    *(Column(k, k) for k in ("checks", "passed", "failed", "skipped")),
+]
+_FAILURE_COLUMNS = [
+    Column("rule", "rule", _code, "left"),
+    Column("module", "module", _code, "left"),
+    Column("value", "value", _cell),
+    Column("limit", "limit", _cell),
+    Column("message", "why", _line, "left"),
+]
 
 
 def markdown_summary(verdicts: Sequence[Verdict], summary: dict[str, Any], title: str, policy: str) -> str:
@@ -31,28 +54,12 @@ def markdown_summary(verdicts: Sequence[Verdict], summary: dict[str, Any], title
         f"Policy `{policy}` · {summary['checks']} checks on {summary['modules']} modules: "
         f"{summary['passed']} passed, {summary['failed']} failed, {summary['skipped']} skipped"
     )
-    out += [
-        "",
-        "| rule | limit | checks | passed | failed | skipped |",
-        "| :--- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for rule, r in summary["by_rule"].items():
-        mark = "❌ " if r["failed"] else ""
-        out.append(f"| {mark}`{rule}` | {_cell(r['limit'])} | {r['checks']} | {r['passed']} | {r['failed']} "
-                   f"| {r['skipped']} |")  # fmt: skip
+    rules = [{**r, "rule": f"{'❌ ' if r['failed'] else ''}`{rule}`"} for rule, r in summary["by_rule"].items()]
+    out += ["", *markdown_table(rules, _RULE_COLUMNS)]
     failed = [v for v in verdicts if v.status == "fail"]
     if failed:
-        out += [
-            "",
-            "### Failures",
-            "",
-            "| rule | module | value | limit | why |",
-            "| :--- | :--- | ---: | ---: | :--- |",
-        ]
-        for v in failed[:MAX_FAILURE_ROWS]:
-            out.append(
-                f"| `{v.rule}` | `{_esc(v.module)}` | {_cell(v.value)} | {_cell(v.limit)} | {_esc(v.message)} |"
-            )
+        out += ["", "### Failures", ""]
+        out += markdown_table([asdict(v) for v in failed[:MAX_FAILURE_ROWS]], _FAILURE_COLUMNS)
         if len(failed) > MAX_FAILURE_ROWS:
             out += [
                 "",

@@ -102,12 +102,18 @@ def _md_escape(s: str) -> str:
     return s.replace("|", "\\|")
 
 
-def _to_markdown(rows: list[dict[str, Any]], columns: Sequence[Column], title: str, notes: list[str]) -> str:
-    out = [f"## {title}", ""]
-    out.append("| " + " | ".join(c.header for c in columns) + " |")
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> list[str]:
+    """The lines of a GitHub-flavoured Markdown table: a header, the alignment row (``---:`` for right-justified
+    columns), one line per row with each cell formatted by its column and ``|`` escaped."""
+    out = ["| " + " | ".join(c.header for c in columns) + " |"]
     out.append("| " + " | ".join("---:" if c.justify == "right" else ":---" for c in columns) + " |")
     for r in rows:
         out.append("| " + " | ".join(_md_escape(c.fmt(r.get(c.key))) for c in columns) + " |")
+    return out
+
+
+def _to_markdown(rows: list[dict[str, Any]], columns: Sequence[Column], title: str, notes: list[str]) -> str:
+    out = [f"## {title}", "", *markdown_table(rows, columns)]
     if notes:
         out.append("")
         out.extend(f"- {_md_escape(n)}" for n in notes)
