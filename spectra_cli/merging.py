@@ -248,7 +248,7 @@ def task_update(
     info = t.tensors.get(spec.name)
     if info is None:
         return Update(dense=np.zeros((out, inp), dtype))
-    wt = _dense(loader, MatrixSpec(**{**_spec_fields(spec), "tensor": info}), dtype)
+    wt = _dense(loader, replace(spec, tensor=info), dtype)
     return Update(dense=(wt.astype(np.float64) - w0.astype(np.float64)).astype(dtype))
 
 
@@ -267,10 +267,6 @@ def _check_update(u: Update, t: Tuned, spec: MatrixSpec) -> Update:
         if x is not None:
             _check_finite(x, t.name, spec.tensor.name, t.path)
     return u
-
-
-def _spec_fields(spec: MatrixSpec) -> dict[str, Any]:
-    return {f: getattr(spec, f) for f in spec.__dataclass_fields__}
 
 
 # ---- merge ----------------------------------------------------------------------------------------------
