@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from spectra_cli.gate.rules import (
     evaluate_module,
     evaluate_total_intruders,
 )
+from spectra_cli.report.render import write_text
 from spectra_cli.results import RunResult
 
 BASELINE_FORMAT = "spectra-baseline"
@@ -279,14 +279,7 @@ def write_baseline(path: Path, result: CheckResult) -> int:
         "metrics": list(DRIFT_METRICS),
         "modules": modules,
     }
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_text(path, json.dumps(record, indent=2) + "\n")
     return len(modules)
 
 
