@@ -245,3 +245,36 @@ def test_corda_parity_with_peft(tmp_path: Path, mode: str) -> None:
         np.testing.assert_allclose(b, b_peft, atol=2e-4 * np.abs(b_peft).max())
         assert got.residual is not None
         np.testing.assert_allclose(got.residual.double().numpy(), res_peft, atol=1e-5)
+
+
+def test_eva_decomposes_each_module_statistics_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planning the ranks (ρ·r directions) and then factorising (r_i ≤ ρ·r) reuse one eigendecomposition of
+    each module's covariance; the answers equal those of a fresh decomposition."""
+    calls: list[int] = []
+    eigh = np.linalg.eigh
+
+    def counting(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(a.shape[0])
+        return eigh(a)
+
+    def acts_of(seed: int) -> dict[str, ModuleActivations]:
+        out = {}
+        for i, name in enumerate(("m.q", "m.k", "m.v")):
+            x = _data(200, 12, seed + i, spread=1.0 + i)
+            out[name] = ModuleActivations(name, input_covariance=x.T @ x / 200, input_mean=x.mean(axis=0))
+        return out
+
+    acts = acts_of(3)
+    monkeypatch.setattr(np.linalg, "eigh", counting)
+    ranks = eva_plan_ranks(acts, 3, {})
+    w = torch.zeros(5, 12, dtype=torch.float64)
+    got = {
+        n: eva_factorize(InitInput(n, w, r, 1.0, activations=acts[n])).A.numpy()
+        for n, r in ranks.items()
+        if r
+    }
+    assert len(calls) == 3
+    monkeypatch.setattr(np.linalg, "eigh", eigh)
+    fresh = acts_of(3)
+    for n, a in got.items():
+        np.testing.assert_allclose(np.abs(a), np.abs(fresh[n].pca(ranks[n])[0]), atol=1e-12)

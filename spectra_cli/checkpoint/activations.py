@@ -31,6 +31,7 @@ Float tensors may be F32 or F64 and must be finite (a file with NaN or infinite 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -67,6 +68,12 @@ class ModuleActivations:
     pca_explained_variance_ratio: np.ndarray | None = None
     input_samples: np.ndarray | None = None
     tokens: int = 0
+    # top-k PCA computed from the covariance or the samples, largest k so far: EVA asks for ρ·r directions to
+    # plan the ranks, then for r per module, and each must not decompose the module's statistics again
+    # (aliases share it: the same input)
+    _pca_cache: dict[int, tuple[np.ndarray, np.ndarray]] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @property
     def in_features(self) -> int:
@@ -98,12 +105,21 @@ class ModuleActivations:
         comps, ratios = self.pca_components, self.pca_explained_variance_ratio
         if comps is not None and ratios is not None and len(comps) >= k:
             return comps[:k], ratios[:k]
+        for have, (c, r) in self._pca_cache.items():
+            if have >= k:
+                return c[:k], r[:k]
+        comps, ratios = self._computed_pca(k)
+        self._pca_cache.clear()
+        self._pca_cache[k] = (comps, ratios)
+        return comps, ratios
+
+    def _computed_pca(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.input_samples is not None:
             x = self.input_samples - self.input_samples.mean(axis=0)
             _, s, vt = np.linalg.svd(x, full_matrices=False)
             var = s**2
             total = var.sum()
-            return vt[:k], (var[:k] / total if total > 0 else np.zeros(min(k, len(var))))
+            return vt[:k].copy(), (var[:k] / total if total > 0 else np.zeros(min(k, len(var))))
         if self.input_covariance is not None:
             c = self.input_covariance
             if self.input_mean is not None:
