@@ -874,12 +874,13 @@ def _write_task_adapter(doc: dict[str, Any], ck: Checkpoint, idx: int, entry: di
                         rows: list[dict[str, Any]],
                         progress: Callable[[int, int, str], None] | None) -> None:  # fmt: skip
     """A PEFT LoRA adapter for one task: its original config with per-module rank_pattern / alpha_pattern
-    (scale 1, or α = √r with rsLoRA), factors from the reconstruction re-factored at their numerical rank."""
-    cfg = json.loads(json.dumps(entry["adapter_config"]))
+    (scale 1, or α = √r with rsLoRA), factors from the reconstruction re-factored at their numerical rank,
+    written by :func:`~spectra_cli.checkpoint.writers.write_lora_adapter`."""
+    from spectra_cli.checkpoint.writers import LoraFactors, write_lora_adapter
+
+    cfg = {**entry["adapter_config"], "inference_mode": True, "init_lora_weights": True}
     rslora = bool(cfg.get("use_rslora", False))
-    tensors: dict[str, RawTensor | np.ndarray] = {}
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
+    factors: dict[str, LoraFactors] = {}
     mods = entry["modules"]
     for done, (name, info) in enumerate(mods.items(), 1):
         meta = doc["modules"][name]
@@ -898,20 +899,14 @@ def _write_task_adapter(doc: dict[str, Any], ck: Checkpoint, idx: int, entry: di
             # an embedding: its stored factors hold (B·A)ᵀ of the logical update
             b, a = a.T, b.T
         r = a.shape[0]
-        tensors[info["a"]] = np.ascontiguousarray(a, np.float32)
-        tensors[info["b"]] = np.ascontiguousarray(b, np.float32)
-        key = re.escape(info["path"])
-        ranks[key] = r
-        alphas[key] = float(math.sqrt(r)) if rslora else float(r)
+        factors[info["path"]] = LoraFactors(
+            a.astype(np.float32),
+            b.astype(np.float32),
+            math.sqrt(r) if rslora else float(r),
+            (info["a"], info["b"]),
+        )
         rows.append(_rec_row(name, meta, idx, entry["name"], "adapter", r))
         if progress:
             progress(done, len(mods), name)
-    for tname in entry["extra_tensors"]:
-        tensors[tname] = ck.read(ck.info(f"task.{entry['name']}.{tname}"))
-    old_r, old_a = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    cfg["rank_pattern"] = {**ranks, **{k: v for k, v in old_r.items() if k not in ranks}}
-    cfg["alpha_pattern"] = {**alphas, **{k: v for k, v in old_a.items() if k not in alphas}}
-    cfg["inference_mode"] = True
-    cfg["init_lora_weights"] = True
-    write_safetensors(stage / "adapter_model.safetensors", tensors, {"format": "pt"})
-    (stage / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    extra = {tname: ck.read(ck.info(f"task.{entry['name']}.{tname}")) for tname in entry["extra_tensors"]}
+    write_lora_adapter(stage, factors, config=cfg, tensors=extra)
