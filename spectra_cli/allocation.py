@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from spectra_cli.analysis import SPECTRA_FORMAT, _engine_info, _inputs
+from spectra_cli.analysis import SPECTRA_FORMAT, checkpoint_inputs, engine_info, saved_matrices, saved_values
 from spectra_cli.checkpoint.activations import Activations, read_activations
 from spectra_cli.checkpoint.loader import MatrixLoader
 from spectra_cli.checkpoint.matrices import SelectionFields, select_matrices
@@ -159,19 +159,13 @@ def _targets_from_checkpoint(
             "out with --exclude"
         )
     targets = [_Target(module_path(s.name), s.name, s.shape, s.depth, s.kind, s.role) for s in specs]
-    return targets, [values[s.name] for s in specs], _engine_info(eng)
+    return targets, [values[s.name] for s in specs], engine_info(eng)
 
 
 def _targets_from_saved(
     ckpt: Checkpoint, opts: AllocateOptions, progress: Callable[[int, int, str], None] | None
 ) -> tuple[list[_Target], list[np.ndarray], dict[str, Any]]:
-    try:
-        metas: list[dict[str, Any]] = json.loads(ckpt.metadata["matrices"])
-        saved_opts = json.loads(ckpt.metadata.get("options", "{}"))
-    except (KeyError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{ckpt.path}: spectra file without a valid 'matrices' record") from e
-    sel = opts.selection()
-    chosen = [m for m in metas if sel.accepts_name(m["tensor"], m["kind"]) and min(m["shape"]) >= sel.min_dim]
+    chosen, saved_opts = saved_matrices(ckpt, opts.selection())
     if not opts.include and not opts.kinds:
         chosen = [m for m in chosen if m.get("role") not in _NOT_TARGETS]
     if not chosen:
@@ -182,15 +176,14 @@ def _targets_from_saved(
             f"{ckpt.path}: {parts[0]} is part of a split fused projection, which cannot be a LoRA target; save "
             "the spectra without --split-fused"
         )
-    by_name = {t.name: t for t in ckpt.tensors}
     targets, spectra = [], []
     for i, m in enumerate(chosen):
-        info = by_name.get(m["name"])
-        if info is None:
+        values = saved_values(ckpt, m["name"])
+        if values is None:
             raise AllocationError(
                 f"{ckpt.path}: no saved singular values for {m['name']} (NaN/Inf weights); leave it out with --exclude"
             )
-        spectra.append(ckpt.read(info).data.astype(np.float64))
+        spectra.append(values)
         shape = (int(m["shape"][0]), int(m["shape"][1]))
         targets.append(
             _Target(module_path(m["tensor"]), m["tensor"], shape, m.get("depth"), m["kind"], m["role"])
@@ -353,7 +346,7 @@ def run_allocate(
         "engine": engine,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    inputs = _inputs(ckpt)
+    inputs = checkpoint_inputs(ckpt)
     if saved:
         inputs["spectra_of"] = ckpt.metadata.get("source")
     if opts.activations is not None:

@@ -15,10 +15,9 @@ import numpy as np
 
 from spectra_cli import __version__
 from spectra_cli.checkpoint.loader import MatrixLoader
-from spectra_cli.checkpoint.matrices import MatrixSpec, SelectionFields, Skipped, select_matrices
+from spectra_cli.checkpoint.matrices import MatrixSpec, Selection, SelectionFields, Skipped, select_matrices
 from spectra_cli.checkpoint.safetensors_io import write_safetensors
 from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
-from spectra_cli.checkpoint.tensors import TensorInfo
 from spectra_cli.errors import CheckpointError, SelectionError
 from spectra_cli.results import RunResult
 from spectra_cli.spectral.engine import EngineOptions, ResolvedEngine, resolve, singular_values
@@ -120,15 +119,15 @@ def run_analyze(
     order = {s.name: k for k, s in enumerate(specs)}
     rows.sort(key=lambda r: order[r["name"]])
     metas.sort(key=lambda r: order[r["name"]])
-    inputs = _inputs(ckpt)
+    inputs = checkpoint_inputs(ckpt)
     summary = summarize(rows, skipped)
-    summary["engine"] = _engine_info(eng)
+    summary["engine"] = engine_info(eng)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["decompose_seconds"] = round(compute_s, 3)
     return AnalysisResult(rows, summary, inputs, _options_dict(opts, eng), skipped, spectra, metas)
 
 
-def _inputs(ckpt: Checkpoint) -> dict[str, Any]:
+def checkpoint_inputs(ckpt: Checkpoint) -> dict[str, Any]:
     return {
         "checkpoint": str(ckpt.path),
         "format": ckpt.format,
@@ -138,7 +137,7 @@ def _inputs(ckpt: Checkpoint) -> dict[str, Any]:
     }
 
 
-def _engine_info(eng: ResolvedEngine) -> dict[str, Any]:
+def engine_info(eng: ResolvedEngine) -> dict[str, Any]:
     return {"device": eng.device, "backend": eng.backend, "method": eng.method, "precision": eng.precision,
             "max_memory": eng.budget}  # fmt: skip
 
@@ -148,30 +147,43 @@ def _options_dict(opts: AnalyzeOptions, eng: ResolvedEngine | None) -> dict[str,
     for k in ("include", "exclude", "kinds"):
         d[k] = list(d[k])
     if eng is not None:
-        d["resolved"] = _engine_info(eng)
+        d["resolved"] = engine_info(eng)
     return d
 
 
-def _from_saved(
-    ckpt: Checkpoint, opts: AnalyzeOptions, t0: float, progress: Callable[[int, int, str], None] | None
-) -> AnalysisResult:
+def saved_matrices(ckpt: Checkpoint, sel: Selection) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The matrix records of a spectra file (``analyze --save-spectra``) that ``sel`` accepts, in file order,
+    and the options the spectra were computed with."""
     try:
         metas: list[dict[str, Any]] = json.loads(ckpt.metadata["matrices"])
         saved_opts = json.loads(ckpt.metadata.get("options", "{}"))
     except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{ckpt.path}: spectra file without a valid 'matrices' record") from e
-    precision = saved_opts.get("precision", "float32")
-    by_name = {t.name: t for t in ckpt.tensors}
-    sel = opts.selection()
     chosen = [m for m in metas if sel.accepts_name(m["tensor"], m["kind"]) and min(m["shape"]) >= sel.min_dim]
+    return chosen, saved_opts
+
+
+def saved_values(ckpt: Checkpoint, name: str) -> np.ndarray | None:
+    """The saved singular values (float64, descending) of one matrix; None for a matrix that had NaN/Inf
+    weights (it was not decomposed, so the file holds no values for it)."""
+    try:
+        info = ckpt.info(name)
+    except CheckpointError:
+        return None
+    return ckpt.read(info).data.astype(np.float64)
+
+
+def _from_saved(
+    ckpt: Checkpoint, opts: AnalyzeOptions, t0: float, progress: Callable[[int, int, str], None] | None
+) -> AnalysisResult:
+    chosen, saved_opts = saved_matrices(ckpt, opts.selection())
     if not chosen:
         raise SelectionError(f"{ckpt.path}: no saved spectra selected after filters")
+    precision = saved_opts.get("precision", "float32")
     loader_rows, spectra = [], {}
     for i, m in enumerate(chosen):
-        info: TensorInfo | None = by_name.get(m["name"])
-        values = None
-        if info is not None:
-            values = ckpt.read(info).data.astype(np.float64)
+        values = saved_values(ckpt, m["name"])
+        if values is not None:
             spectra[m["name"]] = values
         loader_rows.append(_row(m, values, int(m.get("nan_count", 0)), int(m.get("inf_count", 0)), precision))
         if progress:
@@ -180,7 +192,7 @@ def _from_saved(
     summary["skipped_tensors"] = int(ckpt.metadata.get("skipped_tensors", "0") or 0)
     summary["engine"] = {"source": "saved spectra", **saved_opts.get("resolved", {})}
     summary["seconds"] = round(time.perf_counter() - t0, 3)
-    inputs = _inputs(ckpt)
+    inputs = checkpoint_inputs(ckpt)
     inputs["spectra_of"] = ckpt.metadata.get("source")
     # the options the spectra were computed with, and this call's selection
     options = {
