@@ -526,11 +526,13 @@ def _from_device(t: torch.Tensor, code: str) -> RawTensor:
 
 @contextlib.contextmanager
 def _threads(shape: tuple[int, int], device: str) -> Iterator[None]:
-    """One PyTorch CPU thread for small matrices (the analyze engine's rule, ``engine.is_small``): threads
-    gain little there, and on a busy machine their spinning made the decompositions several times slower."""
+    """One CPU thread for small matrices (the analyze engine's rule, ``engine.is_small``), for PyTorch and for
+    the NumPy/SciPy BLAS of the Gram route (:func:`~spectra_cli.spectral.init_svd.gram_top`,
+    ``engine.blas_threads``): threads gain little there, and on a busy machine their spinning made the
+    decompositions several times slower."""
     import torch
 
-    from spectra_cli.spectral.engine import is_small
+    from spectra_cli.spectral.engine import blas_threads, is_small
 
     if device != "cpu" or not is_small(shape):
         yield
@@ -538,7 +540,8 @@ def _threads(shape: tuple[int, int], device: str) -> Iterator[None]:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        with blas_threads(shape):
+            yield
     finally:
         torch.set_num_threads(before)
 
