@@ -213,9 +213,7 @@ def merge_cmd(
         int,
         typer.Option("--interference-k", min=1, metavar="K", help="Top-k subspaces compared between tasks."),
     ] = 8,
-    force: Annotated[
-        bool, typer.Option("--force", help="Replace an existing --out folder.", rich_help_panel="Output")
-    ] = False,
+    force: o.ForceOutOpt = False,
     include: o.IncludeOpt = None,
     exclude: o.ExcludeOpt = None,
     kinds: o.KindsOpt = None,
@@ -328,9 +326,7 @@ def reconstruct_cmd(
             show_default=False,
         ),
     ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Replace an existing --out folder.", rich_help_panel="Output")
-    ] = False,
+    force: o.ForceOutOpt = False,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
     quiet: o.QuietOpt = False,
