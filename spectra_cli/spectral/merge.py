@@ -873,22 +873,17 @@ def rmm_reconstruct(m: RMMModule, task: int) -> Update:
 
 def _top_left(u: Update, k: int) -> np.ndarray:
     """The top-k left singular vectors of ΔW (out×k', k' ≤ k, only σ above round-off). Factored: exact from the
-    factors. Dense: from the float64 Gram matrix of the smaller side (eigh; for a tall ΔW the vectors are
-    ΔW·V orthonormalised by QR), instead of a full SVD: the overlap statistic needs only the leading subspace,
-    and a full SVD of e.g. a 30522×384 embedding update cost seconds per task."""
+    factors. Dense: :func:`~spectra_cli.spectral.compare.gram_svd` with ``top=k`` (the k largest eigenpairs of
+    the float64 Gram matrix of the smaller side; for a tall ΔW the vectors are ΔW·V orthonormalised by QR),
+    instead of a full SVD: the overlap statistic needs only the leading subspace, and a full SVD of e.g. a
+    30522×384 embedding update cost seconds per task."""
     if u.is_factored:
         uu, s, _ = factored_svd([u], None, min(k, u.rank))
         keep = int(np.sum(s > RANK_RTOL * s[0])) if s.size and s[0] > 0 else 0
         return uu[:, :keep]
-    x = _f64(u.to_dense())
-    m, n = x.shape
-    lam, vec = np.linalg.eigh(x @ x.T if m <= n else x.T @ x)
-    lam, vec = lam[::-1][:k], vec[:, ::-1][:, :k]
-    keep = int(np.sum(lam > GRAM_RTOL**2 * lam[0])) if lam.size and lam[0] > 0 else 0
-    if m <= n:
-        return np.ascontiguousarray(vec[:, :keep])
-    q, _ = np.linalg.qr(x @ vec[:, :keep])
-    return q
+    svd = gram_svd(_f64(u.to_dense()), top=k)
+    keep = int(np.sum(svd.s > GRAM_RTOL * svd.s[0])) if svd.s.size and svd.s[0] > 0 else 0
+    return np.ascontiguousarray(svd.u[:, :keep])
 
 
 def interference(updates: Sequence[Update], k: int = 8) -> dict[str, np.ndarray]:
