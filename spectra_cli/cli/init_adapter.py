@@ -283,8 +283,6 @@ def init_adapter_cmd(
         raise typer.BadParameter("give only one of --rank, --ranks and --allocate", param_hint="--rank")
     if (budget_rank is None) != (allocate is None):
         raise typer.BadParameter("--allocate and --budget-rank go together", param_hint="--allocate")
-    if output is not None and output.resolve() in {ckpt.resolve(), out.resolve()}:
-        raise typer.BadParameter(f"{output}: refusing to write the report over an input or the output folder")
     from spectra_cli.cli.outputs import check_outputs
 
     check_outputs([ckpt, tuned, activations, ranks, out], {"--output": output})
