@@ -531,7 +531,8 @@ def _merge_tsv(
     n = len(updates)
     us, ss, vts, kept = [], [], [], []
     for u, w in zip(updates, weights, strict=True):
-        if u.frob_norm() == 0:  # a task that left the module alone contributes no triplet (skip its SVD)
+        total = inner(u, u)  # ‖ΔW‖_F², one pass
+        if total <= 0:  # a task that left the module alone contributes no triplet (skip its SVD)
             kept.append(1.0)
             us.append(np.zeros((u.shape[0], 0)))
             ss.append(np.zeros(0))
@@ -539,8 +540,7 @@ def _merge_tsv(
             continue
         uu, s, vt = factored_svd([u], None, tsv_rank(u.shape, n, u.rank))
         keep = int(np.sum(s > GRAM_RTOL * s[0])) if s.size and s[0] > 0 else 0
-        total = u.frob_norm() ** 2
-        kept.append(float(np.sum(s[:keep] ** 2)) / total if total > 0 else 1.0)
+        kept.append(float(np.sum(s[:keep] ** 2)) / total)
         us.append(uu[:, :keep])
         ss.append(s[:keep] * w)
         vts.append(vt[:keep])
