@@ -352,3 +352,21 @@ def test_library_api_to_pandas(tiny: fx.Generated) -> None:
         np.sort(res.spectra["layers.0.attn.q_proj.weight"]), np.sort(fx.KNOWN_SPECTRA["layers.0.attn.q_proj.weight"]),
         rtol=1e-5,
     )  # fmt: skip
+
+
+def test_an_unwritable_output_is_one_error_line_naming_the_users_file(
+    tiny: fx.Generated, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that fails (permission denied, disk full) is an input problem, not a bug: one line that names
+    the file asked for (not its staging name), exit 1, nothing left behind."""
+    import spectra_cli.report.render as render_mod
+
+    def refuse(src: str, dst: str) -> None:
+        raise PermissionError(13, "Permission denied", str(src))
+
+    monkeypatch.setattr(render_mod.os, "replace", refuse)
+    out = tmp_path / "rows.json"
+    r = runner.invoke(app, ["analyze", str(tiny.path), "-f", "json", "-o", str(out)])
+    assert r.exit_code == 1, r.output
+    assert r.stderr.strip() == f"Error: {out}: Permission denied"
+    assert list(tmp_path.iterdir()) == []

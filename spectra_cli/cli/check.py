@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from spectra_cli.cli import options as o
+from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.outputs import check_outputs
 from spectra_cli.cli.progress import progress_bar, warn
 from spectra_cli.errors import SpectraError
@@ -222,19 +221,7 @@ def check_cmd(
     quiet: o.QuietOpt = False,
 ) -> None:
     """Gate a checkpoint on a policy of spectral rules: exit 0 all hold, 1 a rule fails, 2 the gate cannot run."""
-    try:
-        _check(**locals())
-    except (SpectraError, OSError) as e:
-        # 2, not the other commands' 1: CI must tell "a rule failed" (1) from "the gate could not run"
-        if os.environ.get("SPECTRA_DEBUG") == "1":
-            raise
-        if isinstance(e, OSError) and e.filename is not None:
-            # outputs are staged as .NAME.tmp-PID beside NAME: name the file the user asked for
-            name = re.sub(r"(^|/)\.([^/]+)\.tmp-\d+$", r"\1\2", str(e.filename))
-            print(f"Error: {name}: {e.strerror}", file=sys.stderr)
-        else:
-            print(f"Error: {e}", file=sys.stderr)
-        raise typer.Exit(2) from None
+    _check(**locals())
 
 
 def _check(ckpt: Path | None, policy: Path | None, base: Path | None, base_spectra: Path | None,
@@ -314,4 +301,6 @@ def _display(path: Path) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("check", epilog=EPILOG, no_args_is_help=False)(check_cmd)
+    # exit 2, not the other commands' 1, for any error: CI must tell "a rule failed" (1) from "the gate
+    # could not run" (2)
+    app.command("check", epilog=EPILOG, no_args_is_help=False)(handle_errors(check_cmd, code=2))

@@ -1,4 +1,4 @@
-"""Mapping core errors to the CLI's contract: one ``Error: …`` line on stderr and exit code 1."""
+"""Mapping core errors to the CLI's contract: one ``Error: …`` line on stderr and a non-zero exit code."""
 
 from __future__ import annotations
 
@@ -15,18 +15,20 @@ from spectra_cli.errors import SpectraError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def handle_errors(func: F) -> F:
-    """Wrap a command so a :class:`SpectraError` becomes ``Error: msg`` and exit 1 (traceback with
-    ``SPECTRA_DEBUG=1``). Other exceptions propagate with their traceback: they are bugs."""
+def handle_errors(func: F, code: int = 1) -> F:
+    """Wrap a command so a :class:`SpectraError`, or an ``OSError`` about a named file (permission denied, disk
+    full), becomes ``Error: msg`` and exit ``code`` (traceback with ``SPECTRA_DEBUG=1``). Other exceptions
+    propagate with their traceback: they are bugs."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except SpectraError as e:
-            if os.environ.get("SPECTRA_DEBUG") == "1":
+        except (SpectraError, OSError) as e:
+            if os.environ.get("SPECTRA_DEBUG") == "1" or (isinstance(e, OSError) and e.filename is None):
                 raise
-            print(f"Error: {e}", file=sys.stderr)
-            raise typer.Exit(1) from None
+            msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) else str(e)
+            print(f"Error: {msg}", file=sys.stderr)
+            raise typer.Exit(code) from None
 
     return wrapper  # type: ignore[return-value]

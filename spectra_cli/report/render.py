@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from spectra_cli import __version__
+from spectra_cli.errors import SpectraError
 
 SCHEMA_VERSION = 1
 FORMATS = ("table", "json", "csv", "markdown")
@@ -162,6 +163,8 @@ def write_text(path: Path, text: str) -> None:
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
+    except OSError as e:  # name the file the user asked for, not its staging name
+        raise SpectraError(f"{path}: {e.strerror or e}") from e
     finally:
         if tmp.exists():
             tmp.unlink()
