@@ -39,7 +39,7 @@ from spectra_cli.checkpoint.matrices import MatrixSpec, SelectionFields, select_
 from spectra_cli.checkpoint.safetensors_io import write_safetensors
 from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
 from spectra_cli.checkpoint.tensors import RawTensor, TensorInfo, to_float
-from spectra_cli.comparison import Tuned, open_tuned
+from spectra_cli.comparison import Tuned, _dense, open_tuned
 from spectra_cli.errors import CheckpointError, SelectionError, ShapeMismatch, SpectraError
 from spectra_cli.results import RunResult
 from spectra_cli.spectral.engine import blas_threads, nonfinite_counts
@@ -222,12 +222,6 @@ def open_inputs(
             "no selected base matrix is changed by any tuned input (check --kinds / --include)"
         )
     return base, work, tuned
-
-
-def _dense(loader: MatrixLoader, spec: MatrixSpec, dtype: type[np.floating]) -> np.ndarray:
-    """A matrix in its logical out×in orientation."""
-    x = to_float(loader.load(spec), dtype).reshape(spec.stored_2d)
-    return x.T if spec.transposed else x
 
 
 def task_update(
