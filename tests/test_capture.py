@@ -455,3 +455,27 @@ def test_outputs_never_land_in_the_model_folder(models: dict[str, Path], tmp_pat
         assert res.exit_code == 1 and "refusing" in res.stderr, (args, res.output)
     assert (src / "model.safetensors").read_bytes() == blob
     assert not (src / "acts.safetensors").exists() and not (tmp_path / "a.safetensors").exists()
+
+
+def test_shared_loader_pads_batches_for_a_tokenizer_without_pad_token(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """capture and rankme --model share one loader: a tokenizer with no pad token (GPT-2 style) gets its eos
+    as pad, so batches pad; padded batches then give the same embeddings as one text at a time."""
+    import shutil
+
+    import transformers
+
+    from spectra_cli.hf_embed import embed_texts
+
+    folder = tmp_path / "nopad"
+    shutil.copytree(models["llama"], folder)
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    tok.pad_token = None
+    tok.eos_token = "[SEP]"
+    tok.save_pretrained(str(folder))
+    assert transformers.AutoTokenizer.from_pretrained(str(folder)).pad_token is None
+    texts = ["a b c", "hello there world again and again"]
+    batched = embed_texts(folder, texts, batch_size=2, device="cpu")
+    single = embed_texts(folder, texts, batch_size=1, device="cpu")
+    np.testing.assert_allclose(batched, single, atol=1e-5)
