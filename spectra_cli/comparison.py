@@ -24,7 +24,7 @@ from spectra_cli.checkpoint.adapter import Adapter, LoraModule, is_adapter, matc
 from spectra_cli.checkpoint.loader import MatrixLoader
 from spectra_cli.checkpoint.matrices import MatrixSpec, SelectionFields, select_matrices
 from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
-from spectra_cli.checkpoint.tensors import TensorInfo, to_float
+from spectra_cli.checkpoint.tensors import TensorInfo
 from spectra_cli.errors import BudgetError, CheckpointError, SelectionError, ShapeMismatch
 from spectra_cli.results import RunResult
 from spectra_cli.spectral.compare import (
@@ -156,12 +156,6 @@ def open_tuned(
     return t
 
 
-def _dense(raw_loader: MatrixLoader, spec: MatrixSpec, dtype: type[np.floating]) -> np.ndarray:
-    """A matrix in its logical out×in orientation."""
-    x = to_float(raw_loader.load(spec), dtype).reshape(spec.stored_2d)
-    return x.T if spec.transposed else x
-
-
 def _tuned_matrix(t: Tuned, spec: MatrixSpec, w0: np.ndarray, loaders: dict[str, MatrixLoader],
                   dtype: type[np.floating]) -> tuple[np.ndarray, Callable[[], np.ndarray], int]:  # fmt: skip
     """(W_t in the logical orientation, a function giving σ(ΔW), NaN/Inf count of the tuned side).
@@ -175,7 +169,7 @@ def _tuned_matrix(t: Tuned, spec: MatrixSpec, w0: np.ndarray, loaders: dict[str,
             delta = delta.T
         return (w0 + delta).astype(dtype, copy=False), lambda: factored_values(b, a, mod.scale), bad
     info = t.tensors[spec.name]
-    wt = _dense(loaders[t.name], dataclasses.replace(spec, tensor=info), dtype)
+    wt = loaders[t.name].dense(dataclasses.replace(spec, tensor=info), dtype)
     return wt, lambda: gram_values_np(wt.astype(np.float64) - w0.astype(np.float64)), _nonfinite(wt)
 
 
@@ -240,7 +234,7 @@ def run_compare(
     done = 0
     for spec in work:
         with blas_threads(spec.shape):  # see engine.SMALL_WORK
-            w0 = _dense(base_loader, spec, dtype)
+            w0 = base_loader.dense(spec, dtype)
             bad0 = _nonfinite(w0)
             base_svd = svd(w0) if not bad0 else None
             for t in tuned:

@@ -39,7 +39,7 @@ from spectra_cli.checkpoint.matrices import MatrixSpec, SelectionFields, select_
 from spectra_cli.checkpoint.safetensors_io import write_safetensors
 from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
 from spectra_cli.checkpoint.tensors import RawTensor, TensorInfo, to_float
-from spectra_cli.comparison import Tuned, _dense, open_tuned
+from spectra_cli.comparison import Tuned, open_tuned
 from spectra_cli.errors import CheckpointError, SelectionError, ShapeMismatch, SpectraError
 from spectra_cli.results import RunResult
 from spectra_cli.spectral.engine import blas_threads, nonfinite_counts
@@ -242,7 +242,7 @@ def task_update(
     info = t.tensors.get(spec.name)
     if info is None:
         return Update(dense=np.zeros((out, inp), dtype))
-    wt = _dense(loader, replace(spec, tensor=info), dtype)
+    wt = loader.dense(replace(spec, tensor=info), dtype)
     return Update(dense=(wt.astype(np.float64) - w0.astype(np.float64)).astype(dtype))
 
 
@@ -442,7 +442,7 @@ def run_merge(
         module_stats: dict[str, Any] = {}
         for done, spec in enumerate(work, 1):
             with blas_threads(spec.shape):  # one BLAS thread for small modules (engine.SMALL_WORK)
-                w0 = _dense(base_loader, spec, dtype) if need_w0 else None
+                w0 = base_loader.dense(spec, dtype) if need_w0 else None
                 if w0 is not None:
                     _check_finite(w0, "base", spec.tensor.name, base.path)
                 updates = [
@@ -826,7 +826,7 @@ def run_reconstruct(
                     raise CheckpointError(f"{base.path}: no matrix {meta['tensor']} for module {name}")
                 if idx not in meta.get("zero_tasks", []):  # else: the task left it alone, the base's stays
                     delta = rmm_reconstruct(module_fit(doc, ck, name), idx).to_dense()
-                    w_new = _dense(loader, spec, np.float64) + delta
+                    w_new = loader.dense(spec, np.float64) + delta
                     copy.patch(spec.tensor, w_new.T if spec.transposed else w_new)
                 rows.append(_rec_row(name, meta, idx, task, "full", None))
                 if progress:

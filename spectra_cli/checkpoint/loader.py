@@ -13,7 +13,7 @@ import numpy as np
 
 from spectra_cli.checkpoint.matrices import MatrixSpec
 from spectra_cli.checkpoint.source import Checkpoint
-from spectra_cli.checkpoint.tensors import RawTensor
+from spectra_cli.checkpoint.tensors import RawTensor, to_float
 
 
 class MatrixLoader:
@@ -51,6 +51,12 @@ class MatrixLoader:
         else:
             raw = self.ckpt.read(spec.tensor, r0, r1)
         return RawTensor(raw.data.reshape(r1 - r0, c1 - c0), raw.dtype)
+
+    def dense(self, spec: MatrixSpec, dtype: type[np.floating] = np.float64) -> np.ndarray:
+        """The whole matrix as floats in its logical out×in orientation (a GPT-2 ``Conv1D`` weight transposed
+        back), for the commands that use the weights themselves rather than their singular values."""
+        x = to_float(self.load(spec), dtype).reshape(spec.stored_2d)
+        return x.T if spec.transposed else x
 
     def chunks(self, spec: MatrixSpec, lines: int) -> Iterator[tuple[RawTensor, str]]:
         """The matrix in pieces of at most ``lines`` rows (axis "rows": accumulate XᵀX) or columns
