@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,7 +11,7 @@ import typer
 
 from spectra_cli.cli import options as o
 from spectra_cli.cli.errors import handle_errors
-from spectra_cli.cli.outputs import check_outputs
+from spectra_cli.cli.outputs import check_outputs, figures_written
 from spectra_cli.cli.progress import progress_bar, warn
 from spectra_cli.errors import SpectraError
 from spectra_cli.spectral.allocation import STRATEGIES
@@ -277,13 +276,10 @@ def allocate_cmd(
         result.write_peft_config(peft_config)
         warn(f"wrote the PEFT config ({s['adapted']} target modules) to {peft_config}", quiet)
     if plots:
-        from spectra_cli.provenance import write_run_record
         from spectra_cli.report.allocate_plots import allocate_plots
 
-        written = allocate_plots(result.rows, plots, s["strategy"])
-        write_run_record(plots, "allocate", sys.argv, result.inputs, result.options, {"seconds": s["seconds"]},
-                         [p.name for p in written], {"peft_config": result.peft_config()})  # fmt: skip
-        warn(f"wrote {len(written)} figures to {plots}/", quiet)
+        figures_written("allocate", plots, allocate_plots(result.rows, plots, s["strategy"]), result, quiet,
+                        {"peft_config": result.peft_config()})  # fmt: skip
     from spectra_cli.report.render import envelope, render
 
     env = envelope("allocate", result.inputs, result.rows, result.summary, result.options)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,7 +9,7 @@ import typer
 
 from spectra_cli.cli import options as o
 from spectra_cli.cli.errors import handle_errors
-from spectra_cli.cli.outputs import check_outputs
+from spectra_cli.cli.outputs import check_outputs, figures_written
 from spectra_cli.cli.progress import progress_bar, warn
 
 EPILOG = """\
@@ -171,13 +170,10 @@ def analyze_cmd(
         result.save_spectra(save_spectra)
         warn(f"wrote singular values of {len(result.spectra)} matrices to {save_spectra}", quiet)
     if plots:
-        from spectra_cli.provenance import write_run_record
         from spectra_cli.report.plots import analyze_plots
 
-        written = analyze_plots(result.rows, result.spectra, plots, plot_layers)
-        write_run_record(plots, "analyze", sys.argv, result.inputs, result.options, {"seconds": s["seconds"]},
-                         [p.name for p in written])  # fmt: skip
-        warn(f"wrote {len(written)} figures to {plots}/", quiet)
+        figs = analyze_plots(result.rows, result.spectra, plots, plot_layers)
+        figures_written("analyze", plots, figs, result, quiet)
     from spectra_cli.report.render import envelope, render
 
     env = envelope("analyze", result.inputs, result.rows, result.summary, result.options)

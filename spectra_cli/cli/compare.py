@@ -10,7 +10,7 @@ import typer
 
 from spectra_cli.cli import options as o
 from spectra_cli.cli.errors import handle_errors
-from spectra_cli.cli.outputs import check_outputs
+from spectra_cli.cli.outputs import check_outputs, figures_written
 from spectra_cli.cli.progress import progress_bar, warn
 
 EPILOG = """\
@@ -209,13 +209,9 @@ def compare_cmd(
                 quiet,
             )
     if plots:
-        from spectra_cli.provenance import write_run_record
         from spectra_cli.report.compare_plots import compare_plots
 
-        figs = compare_plots(result, plots)
-        write_run_record(plots, "compare", sys.argv, result.inputs, result.options, {"seconds": result.summary["seconds"]},
-                         [p.name for p in figs])  # fmt: skip
-        warn(f"wrote {len(figs)} figures to {plots}/", quiet)
+        figures_written("compare", plots, compare_plots(result, plots), result, quiet)
     from spectra_cli.report.render import envelope, render
 
     env = envelope("compare", result.inputs, result.rows, result.summary, result.options)

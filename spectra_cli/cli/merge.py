@@ -10,7 +10,7 @@ import typer
 
 from spectra_cli.cli import options as o
 from spectra_cli.cli.errors import handle_errors
-from spectra_cli.cli.outputs import check_outputs
+from spectra_cli.cli.outputs import check_outputs, figures_written
 from spectra_cli.cli.progress import progress_bar, warn
 
 MERGE_EPILOG = """\
@@ -278,20 +278,9 @@ def merge_cmd(
     for name, skipped in result.summary.get("adapter_tensors_not_merged", {}).items():
         warn(f"{name}: {len(skipped)} non-LoRA adapter tensors (e.g. {skipped[0]}) were not merged", quiet)
     if plots:
-        from spectra_cli.provenance import write_run_record
         from spectra_cli.report.merge_plots import merge_plots
 
-        figs = merge_plots(result, plots)
-        write_run_record(
-            plots,
-            "merge",
-            sys.argv,
-            result.inputs,
-            result.options,
-            {"seconds": result.summary["seconds"]},
-            [p.name for p in figs],
-        )
-        warn(f"wrote {len(figs)} figures to {plots}/", quiet)
+        figures_written("merge", plots, merge_plots(result, plots), result, quiet)
     from spectra_cli.report.render import envelope, render
 
     env = envelope("merge", result.inputs, result.rows, result.summary, result.options)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from spectra_cli.errors import SpectraError
+from spectra_cli.results import RunResult
 
 # files that would be taken for weights if they were written into a model folder
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".json"}
@@ -33,3 +36,17 @@ def check_outputs(inputs: Iterable[Path | None], outputs: Mapping[str, Path | No
             raise SpectraError(f"{out}: is a folder; give {flag} a file name")
         if not out.parent.is_dir():
             raise SpectraError(f"{out.parent}: no such folder; create it first (for {flag})")
+
+
+def figures_written(
+    command: str, folder: Path, figures: Sequence[Path], result: RunResult, quiet: bool,
+    extra: dict[str, Any] | None = None,
+) -> None:  # fmt: skip
+    """After ``--plots DIR``: the run record beside the figures (``DIR/spectra_run.json``) and one line saying
+    how many were written."""
+    from spectra_cli.cli.progress import warn
+    from spectra_cli.provenance import write_run_record
+
+    write_run_record(folder, command, sys.argv, result.inputs, result.options,
+                     {"seconds": result.summary["seconds"]}, [p.name for p in figures], extra)  # fmt: skip
+    warn(f"wrote {len(figures)} figures to {folder}/", quiet)

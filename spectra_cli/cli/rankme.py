@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,7 +9,7 @@ import typer
 
 from spectra_cli.cli import options as o
 from spectra_cli.cli.errors import handle_errors
-from spectra_cli.cli.outputs import check_outputs
+from spectra_cli.cli.outputs import check_outputs, figures_written
 from spectra_cli.cli.progress import progress_bar, warn
 
 EPILOG = """\
@@ -189,13 +188,9 @@ def rankme_cmd(
     for w in result.summary["warnings"]:
         warn(w, quiet)
     if plots:
-        from spectra_cli.provenance import write_run_record
         from spectra_cli.report.rankme_plots import rankme_plots
 
-        figs = rankme_plots(result.rows, result.spectra, plots)
-        write_run_record(plots, "rankme", sys.argv, result.inputs, result.options,
-                         {"seconds": result.summary["seconds"]}, [p.name for p in figs])  # fmt: skip
-        warn(f"wrote {len(figs)} figures to {plots}/", quiet)
+        figures_written("rankme", plots, rankme_plots(result.rows, result.spectra, plots), result, quiet)
     from spectra_cli.report.render import envelope, render
 
     env = envelope("rankme", result.inputs, result.rows, result.summary, result.options)
