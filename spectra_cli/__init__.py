@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from spectra_cli.analysis import AnalysisResult
+    from spectra_cli.flows.analyze import AnalysisResult
 
 
 def analyze(path: str, **options: Any) -> AnalysisResult:
-    """Analyse every weight matrix of the checkpoint at ``path``; see :class:`spectra_cli.analysis.AnalyzeOptions`."""
-    from spectra_cli.analysis import AnalyzeOptions, run_analyze
+    """Analyse every weight matrix of the checkpoint at ``path``; see :class:`spectra_cli.flows.analyze.AnalyzeOptions`."""
+    from spectra_cli.flows.analyze import AnalyzeOptions, run_analyze
 
     return run_analyze(path, AnalyzeOptions(**options))
 

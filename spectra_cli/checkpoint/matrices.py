@@ -90,23 +90,6 @@ class Selection:
 _CONV1D_MODELS = {"gpt2", "openai-gpt", "gpt_bigcode", "imagegpt", "decision_transformer"}
 
 
-@dataclass(frozen=True)
-class SelectionFields:
-    """The selection options every command shares (``--include``, ``--exclude``, ``--kinds``, ``--min-dim``);
-    command option classes inherit them. Strings and lists are normalised to tuples."""
-
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    kinds: tuple[str, ...] = ()
-    min_dim: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("include", "exclude", "kinds"):
-            value = getattr(self, name)
-            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
-
-    def selection(self, split_fused: bool = False) -> Selection:
-        return Selection(self.include, self.exclude, self.kinds, self.min_dim, split_fused)
 
 
 def _is_gpt2_style(ckpt: Checkpoint) -> bool:

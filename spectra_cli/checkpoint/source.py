@@ -279,3 +279,13 @@ def _torch_load(torch: Any, f: Path) -> Any:
             f"{f}: cannot load as a PyTorch weights file ({msg[:200]}); "
             "it may be truncated, or contain objects other than tensors (only weights_only pickles are read)"
         ) from e
+
+
+def checkpoint_inputs(ckpt: Checkpoint) -> dict[str, Any]:
+    return {
+        "checkpoint": str(ckpt.path),
+        "format": ckpt.format,
+        "files": len(ckpt.files),
+        "bytes": ckpt.total_bytes,
+        "model_type": (ckpt.config or {}).get("model_type"),
+    }

@@ -35,6 +35,8 @@ SUPPORTED_FLOATS = ("F64", "F32", "F16", "BF16")
 
 #: display names used in rows and tables
 DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# float dtype name → safetensors code (the --dtype choices of the writers)
+DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
 @dataclass(frozen=True)

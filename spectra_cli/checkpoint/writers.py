@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import struct
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,10 +20,21 @@ from typing import Any
 import numpy as np
 
 from spectra_cli.checkpoint.adapter import Adapter, pattern_value
-from spectra_cli.checkpoint.safetensors_io import write_safetensors
-from spectra_cli.checkpoint.source import Checkpoint
-from spectra_cli.checkpoint.tensors import RawTensor, TensorInfo, from_float
-from spectra_cli.errors import CheckpointError, SpectraError
+from spectra_cli.checkpoint.safetensors_io import read_header, read_rows, write_safetensors
+from spectra_cli.checkpoint.source import TORCH_SUFFIXES, Checkpoint
+from spectra_cli.checkpoint.tensors import (
+    DTYPE_CODES,
+    DTYPE_NAMES,
+    DTYPES,
+    RawTensor,
+    TensorInfo,
+    from_float,
+    to_float,
+)
+from spectra_cli.errors import CheckpointError, ShapeMismatch, SpectraError
+
+# files that make a folder a model: never copied from a model folder beside the residual's own
+WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES, ".h5", ".msgpack", ".onnx", ".gguf", ".ot")
 
 
 def prepare_output(out: Path, force: bool, inputs: list[Path]) -> Path:
@@ -222,3 +234,141 @@ def write_adapter(adapter: Adapter, extra: Mapping[str, tuple[np.ndarray, np.nda
     write_lora_adapter(
         stage, modules, config=adapter.config, tensors={t.name: ck.read(t) for t in ck.tensors}
     )
+
+
+class ResidualWriter:
+    """Writes the residual checkpoint in the input's layout, streaming: tensors are written in read order;
+    :meth:`put` gives a target's new data (stored orientation, raw bytes in the output dtype) and copies
+    every tensor before it; :meth:`finish` copies the rest. Non-target tensors are copied bit for bit
+    (converted when ``dtype`` changes the floating tensors' dtype)."""
+
+    def __init__(self, ckpt: Checkpoint, stage: Path, dtype: str | None) -> None:
+        if any(t.offset is None for t in ckpt.tensors):
+            raise CheckpointError(
+                f"{ckpt.path}: writing a residual model needs safetensors input; convert the .bin/.pt "
+                "checkpoint first (e.g. save it with `save_pretrained(..., safe_serialization=True)`)"
+            )
+        self.ckpt, self.stage, self.dtype = ckpt, stage, dtype
+        src = Path(ckpt.path)
+        if src.is_file() and src.name.endswith(".index.json"):
+            src = src.parent  # the index names a sharded folder: write the folder
+        self.src = src
+        self.root = src if src.is_dir() else src.parent
+        self.skipped_files: list[str] = []
+        self._copy_side_files(src)
+        self.order = list(ckpt.tensors)
+        self.pos = 0
+        self.out_code = {t.name: self._code(t) for t in self.order}
+        self._fd: int | None = None
+        self._file: Path | None = None
+        self.sizes: dict[Path, int] = {}
+
+    def _code(self, t: TensorInfo) -> str:
+        return DTYPE_CODES[self.dtype] if self.dtype and t.is_float and t.dtype in DTYPE_NAMES else t.dtype
+
+    def code_for(self, info: TensorInfo) -> str:
+        return self.out_code[info.name]
+
+    def _copy_side_files(self, src: Path) -> None:
+        if not src.is_dir():
+            return
+        weights = {f.resolve() for f in self.ckpt.files}
+        for f in sorted(src.iterdir()):
+            if f.is_dir():
+                if any(g.name.endswith(WEIGHT_SUFFIXES) for g in f.rglob("*")):
+                    self.skipped_files.append(f.name + "/")
+                else:
+                    shutil.copytree(f, self.stage / f.name)
+            elif f.resolve() in weights:
+                continue
+            elif f.name.endswith(WEIGHT_SUFFIXES) or (f.name.endswith(".index.json") and f.name != _INDEX):
+                self.skipped_files.append(f.name)
+            elif f.name == _INDEX:
+                continue  # rewritten by finish()
+            else:
+                shutil.copy2(f, self.stage / f.name)
+        cfg = self.stage / "config.json"
+        if self.dtype and cfg.is_file():
+            data = json.loads(cfg.read_text())
+            for key in ("torch_dtype", "dtype"):
+                if key in data:
+                    data[key] = self.dtype
+            cfg.write_text(json.dumps(data, indent=2) + "\n")
+
+    def _open(self, file: Path) -> None:
+        self._close()
+        infos, meta = read_header(file)
+        header: dict[str, Any] = {"__metadata__": meta} if meta else {}
+        pos = 0
+        for t in infos:
+            code = self.out_code[t.name]
+            nbytes = t.numel * DTYPES[code][0]
+            header[t.name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [pos, pos + nbytes]}
+            pos += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        target = self.stage / file.relative_to(self.root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(self._fd, struct.pack("<Q", len(blob)) + blob)
+        self._file = file
+        self.sizes[file] = pos
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _write(self, data: np.ndarray) -> None:
+        assert self._fd is not None
+        view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data)
+        while len(view):
+            n = os.write(self._fd, view)
+            view = view[n:]
+
+    def _copy(self, t: TensorInfo) -> None:
+        rows = t.shape[0] if t.shape else 1
+        row_bytes = max(t.nbytes // max(rows, 1), 1)
+        step = max(1, (64 << 20) // row_bytes)
+        code = self.out_code[t.name]
+        for a in range(0, max(rows, 1), step):
+            raw = read_rows(t, a, a + step) if t.shape else read_rows(t)
+            self._write(raw.data if code == t.dtype else from_float(to_float(raw, np.float64), code).data)
+
+    def _advance(self, until: TensorInfo | None) -> None:
+        while self.pos < len(self.order):
+            t = self.order[self.pos]
+            if until is not None and t.name == until.name:
+                return
+            if t.file != self._file:
+                self._open(t.file)
+            self._copy(t)
+            self.pos += 1
+        if until is not None:
+            raise RuntimeError(f"{until.name} was put out of read order")
+
+    def put(self, info: TensorInfo, raw: RawTensor) -> None:
+        """Write ``raw`` (the whole tensor, dtype ``code_for(info)``) in place of ``info``."""
+        self._advance(info)
+        if info.file != self._file:
+            self._open(info.file)
+        if raw.dtype != self.out_code[info.name] or raw.data.size != info.numel:
+            raise ShapeMismatch(f"{info.name}: residual of {raw.data.size} {raw.dtype} values does not fit")
+        self._write(raw.data)
+        self.pos += 1
+
+    def finish(self) -> None:
+        self._advance(None)
+        self._close()
+        src = self.src
+        index = src / _INDEX if src.is_dir() else None
+        if index is not None and index.is_file():
+            data = json.loads(index.read_text())
+            data.setdefault("metadata", {})["total_size"] = int(sum(self.sizes.values()))
+            (self.stage / _INDEX).write_text(json.dumps(data, indent=2) + "\n")
+
+    def abort(self) -> None:
+        self._close()
+
+
+_INDEX = "model.safetensors.index.json"

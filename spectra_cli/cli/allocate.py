@@ -245,7 +245,7 @@ def allocate_cmd(
     quiet: o.QuietOpt = False,
 ) -> None:
     """LoRA rank per module under a budget (rank or parameters), and a PEFT config with rank_pattern."""
-    from spectra_cli.allocation import AllocateOptions, run_allocate
+    from spectra_cli.flows.allocate import AllocateOptions, run_allocate
 
     if (budget_rank is None) == (budget_params is None):
         raise typer.BadParameter(

@@ -138,7 +138,7 @@ def analyze_cmd(
     quiet: o.QuietOpt = False,
 ) -> None:
     """Per-matrix spectra: norms, stable and effective rank, heavy-tail α, entropy, NaN/Inf; and a summary."""
-    from spectra_cli.analysis import AnalyzeOptions, run_analyze
+    from spectra_cli.flows.analyze import AnalyzeOptions, run_analyze
 
     if demo and ckpt is not None:
         raise typer.BadParameter("give either CKPT or --demo, not both")

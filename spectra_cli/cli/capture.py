@@ -151,8 +151,8 @@ def capture_cmd(
     The statistics stream: activations are never stored. q/k/v (and gate/up) projections that share their
     input are computed once. Needs transformers (pip install 'spectra-cli[hf]').
     """  # fmt: skip
-    from spectra_cli.capture import CaptureOptions, run_capture
     from spectra_cli.cli.outputs import check_outputs
+    from spectra_cli.flows.capture import CaptureOptions, run_capture
 
     # before the --force check: an output in the model folder must never be offered --force
     check_outputs(

@@ -237,7 +237,7 @@ def _check(ckpt: Path | None, policy: Path | None, base: Path | None, base_spect
         raise typer.BadParameter(
             "missing CKPT (the checkpoint to check); or `--init` for a policy", param_hint="CKPT"
         )
-    from spectra_cli.checking import CheckOptions, run_check, write_baseline
+    from spectra_cli.flows.check import CheckOptions, run_check, write_baseline
     from spectra_cli.gate.junit import write_junit
     from spectra_cli.gate.markdown import github_annotations, markdown_summary, write_text
     from spectra_cli.gate.policy import find_policy, load_policy

@@ -29,7 +29,7 @@ Examples:
 
 
 def _parse_tuned(items: list[str]) -> list[tuple[str, Path]]:
-    from spectra_cli.comparison import default_name
+    from spectra_cli.checkpoint.tuned import default_name
 
     out: list[tuple[str, Path]] = []
     for item in items:
@@ -160,7 +160,7 @@ def compare_cmd(
     quiet: o.QuietOpt = False,
 ) -> None:
     """Intruder dimensions, drift and subspace overlap of each tuned model against the base."""
-    from spectra_cli.comparison import CompareOptions, IntruderRemover, run_compare
+    from spectra_cli.flows.compare import CompareOptions, IntruderRemover, run_compare
 
     pairs = _parse_tuned(tuned)
     eps = _epsilons(epsilon)

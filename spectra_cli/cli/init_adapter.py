@@ -273,7 +273,8 @@ def init_adapter_cmd(
     """Export a PiSSA / MiLoRA / OLoRA / CorDA / EVA initialised LoRA adapter and its residual base, or extract
     a LoRA adapter from a fine-tune. By default every linear weight but embeddings and the output head is a
     target."""
-    from spectra_cli.initialization import DTYPE_CODES, InitOptions, run_init
+    from spectra_cli.checkpoint.tensors import DTYPE_CODES
+    from spectra_cli.flows.init_adapter import InitOptions, run_init
 
     if dtype is not None and dtype not in DTYPE_CODES:
         raise typer.BadParameter(f"{dtype}: choose one of {', '.join(DTYPE_CODES)}", param_hint="--dtype")

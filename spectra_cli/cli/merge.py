@@ -37,14 +37,14 @@ Examples:
 
 
 def _method_help() -> str:
-    from spectra_cli.merging import method_names
+    from spectra_cli.flows.merge import method_names
 
     return f"Merge method: {', '.join(method_names())} (each described below, with its paper)."
 
 
 def _epilog() -> str:
     """The examples, then one paragraph per method from the registry (name, summary, parameters, reference)."""
-    from spectra_cli.merging import method_lines
+    from spectra_cli.flows.merge import method_lines
 
     return MERGE_EPILOG + "\nMethods:\n\n" + "\n\n".join(f"  {line}" for line in method_lines()) + "\n"
 
@@ -226,7 +226,7 @@ def merge_cmd(
 ) -> None:
     """Merge fine-tunes of one base (full checkpoints or LoRA adapters), or store them reversibly (rmm)."""
     from spectra_cli.cli.compare import _parse_tuned
-    from spectra_cli.merging import MergeOptions, method_names, run_merge
+    from spectra_cli.flows.merge import MergeOptions, method_names, run_merge
 
     if method not in method_names():
         raise typer.BadParameter(
@@ -321,7 +321,7 @@ def reconstruct_cmd(
     quiet: o.QuietOpt = False,
 ) -> None:
     """Rebuild one task of an rmm bundle: a full checkpoint, or a PEFT LoRA adapter when it came in as one."""
-    from spectra_cli.merging import run_reconstruct
+    from spectra_cli.flows.reconstruct import run_reconstruct
     from spectra_cli.report.render import Column, envelope, fmt_num, render
 
     check_outputs([bundle, base, out], {"--output": output})

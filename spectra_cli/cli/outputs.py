@@ -44,8 +44,8 @@ def figures_written(
 ) -> None:  # fmt: skip
     """After ``--plots DIR``: the run record beside the figures (``DIR/spectra_run.json``) and one line saying
     how many were written."""
+    from spectra_cli.checkpoint.provenance import write_run_record
     from spectra_cli.cli.progress import warn
-    from spectra_cli.provenance import write_run_record
 
     write_run_record(folder, command, sys.argv, result.inputs, result.options,
                      {"seconds": result.summary["seconds"]}, [p.name for p in figures], extra)  # fmt: skip

@@ -168,7 +168,7 @@ def rankme_cmd(
 ) -> None:
     """RankMe, effective rank, stable rank, participation ratio, α-ReQ and numerical rank of embeddings;
     with several inputs, rows sorted by RankMe and the best one named (label-free model selection)."""
-    from spectra_cli.representation import RankmeOptions, run_rankme
+    from spectra_cli.flows.rankme import RankmeOptions, run_rankme
 
     inputs = _named(embeddings or [], "EMB")
     models = _named(model or [], "--model")

@@ -35,29 +35,12 @@ import numpy as np
 from spectra_cli.checkpoint.matrices import MatrixSpec
 from spectra_cli.checkpoint.tensors import RawTensor, to_float
 from spectra_cli.errors import BudgetError, DeviceError, SpectraError
-
-METHODS = ("auto", "svd", "gram")
-PRECISIONS = ("float32", "float64")
-BACKENDS = ("auto", "numpy", "torch")
+from spectra_cli.options import METHODS, PRECISIONS, EngineOptions
 
 Loader = Callable[[MatrixSpec], RawTensor]
 ChunkLoader = Callable[[MatrixSpec, int], Iterator[tuple[RawTensor, str]]]
 
 
-@dataclass(frozen=True)
-class EngineOptions:
-    """How to compute. ``max_memory`` is in bytes (None: a default from free memory)."""
-
-    device: str = "auto"
-    precision: str = "float32"
-    method: str = "auto"
-    backend: str = "auto"
-    max_memory: int | None = None
-
-    @property
-    def engine(self) -> EngineOptions:
-        """These options alone: command option classes inherit them beside their own fields."""
-        return EngineOptions(self.device, self.precision, self.method, self.backend, self.max_memory)
 
 
 @dataclass(frozen=True)
@@ -459,3 +442,8 @@ def singular_values(
             dt = (time.perf_counter() - t0) / max(1, len(batch))
             for spec, (vals, nan, inf) in zip(batch, results, strict=True):
                 yield MatrixValues(spec, vals, nan, inf, dt)
+
+
+def engine_info(eng: ResolvedEngine) -> dict[str, Any]:
+    return {"device": eng.device, "backend": eng.backend, "method": eng.method, "precision": eng.precision,
+            "max_memory": eng.budget}  # fmt: skip
