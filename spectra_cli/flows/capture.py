@@ -37,7 +37,7 @@ from spectra_cli.checkpoint.naming import module_path
 from spectra_cli.checkpoint.source import open_checkpoint
 from spectra_cli.checkpoint.text import iter_texts
 from spectra_cli.errors import CheckpointError, SelectionError, SpectraError
-from spectra_cli.options import EngineOptions, SelectionOptions
+from spectra_cli.options import ComputeOptions, EngineOptions, SelectionOptions
 from spectra_cli.results import RunResult
 from spectra_cli.spectral.engine import resolve
 from spectra_cli.spectral.pca import DEFAULT_TAU, IncrementalPCA
@@ -111,7 +111,7 @@ class _Stats:
 
 
 @dataclass(frozen=True)
-class CaptureOptions(SelectionOptions):
+class CaptureOptions(SelectionOptions, ComputeOptions):
     """What ``spectra capture`` does. ``max_tokens`` None = the whole file."""
 
     text_field: str = "text"
@@ -121,7 +121,6 @@ class CaptureOptions(SelectionOptions):
     components: int = 32
     stats: str = "pca"
     tau: float = DEFAULT_TAU
-    device: str = "auto"
     tokenizer: str | None = None
     chunk: int = 1024  # rows per incremental-PCA update (bounds the SVD size)
 

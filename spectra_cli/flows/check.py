@@ -38,7 +38,7 @@ from spectra_cli.gate.rules import (
     evaluate_module,
     evaluate_total_intruders,
 )
-from spectra_cli.options import SelectionOptions
+from spectra_cli.options import ComputeOptions, SelectionOptions
 from spectra_cli.report.render import write_text
 from spectra_cli.results import RunResult
 
@@ -47,7 +47,7 @@ Progress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
-class CheckOptions(SelectionOptions):
+class CheckOptions(SelectionOptions, ComputeOptions):
     """Options of ``check`` (the CLI flags of the same names). ``baseline`` overrides the policy's
     ``baseline``; ``update_baseline`` is the file a new baseline will be written to (then a missing baseline is
     not an error, and ``max_drift_pct`` is skipped when it would compare against the file being rewritten);
@@ -62,11 +62,6 @@ class CheckOptions(SelectionOptions):
     @property
     def updating(self) -> bool:
         return self.update_baseline is not None
-
-    device: str = "auto"
-    precision: str = "float32"
-    backend: str = "auto"
-    max_memory: int | None = None
 
 
 @dataclass

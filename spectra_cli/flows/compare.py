@@ -25,7 +25,7 @@ from spectra_cli.checkpoint.matrices import MatrixSpec, select_matrices
 from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
 from spectra_cli.checkpoint.tuned import Tuned, open_tuned
 from spectra_cli.errors import BudgetError, SelectionError
-from spectra_cli.options import EngineOptions, SelectionOptions
+from spectra_cli.options import ComputeOptions, EngineOptions, SelectionOptions
 from spectra_cli.results import RunResult
 from spectra_cli.spectral.compare import (
     SVD,
@@ -39,16 +39,12 @@ from spectra_cli.spectral.engine import blas_threads, gram_values_np, nonfinite_
 
 
 @dataclass(frozen=True)
-class CompareOptions(SelectionOptions):
+class CompareOptions(SelectionOptions, ComputeOptions):
     """Options of ``compare`` (the CLI flags of the same names)."""
 
     top_k: int = 10
     epsilons: tuple[float, ...] = (0.5,)
-    precision: str = "float32"
     allow_missing: bool = False
-    device: str = "auto"
-    backend: str = "auto"
-    max_memory: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -153,7 +149,8 @@ def run_compare(
     if on_open:
         on_open(tuned, base)
     dtype: type[np.floating] = np.float64 if opts.precision == "float64" else np.float32
-    eng = resolve(EngineOptions(opts.device, opts.precision, "svd", opts.backend, opts.max_memory))
+    eng = resolve(EngineOptions(device=opts.device, precision=opts.precision, method="svd", backend=opts.backend,
+                               max_memory=opts.max_memory))  # fmt: skip
     svd = svd_function(eng.device, eng.backend, eng.precision)
     _check_budget(work, len(tuned), eng.budget)
     base_loader = MatrixLoader(base)

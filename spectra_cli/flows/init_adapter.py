@@ -50,7 +50,7 @@ from spectra_cli.checkpoint.tensors import (
     TensorInfo,
 )
 from spectra_cli.errors import CheckpointError, SelectionError, ShapeMismatch, SpectraError
-from spectra_cli.options import SelectionOptions
+from spectra_cli.options import ComputeOptions, SelectionOptions
 from spectra_cli.results import RunResult
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ _DEFAULT_SKIP_ROLES = ("embedding", "lm_head")
 
 
 @dataclass(frozen=True)
-class InitOptions(SelectionOptions):
+class InitOptions(SelectionOptions, ComputeOptions):
     """Options of ``init-adapter`` (the CLI flags of the same names).
 
     ``alpha`` None means s = 1 (α = r, or √r with rsLoRA). ``method_options`` are passed to the method as
@@ -85,8 +85,6 @@ class InitOptions(SelectionOptions):
     activations: Path | None = None
     method_options: Mapping[str, Any] = field(default_factory=dict)
     dtype: str | None = None
-    precision: str = "float32"
-    device: str = "auto"
     force: bool = False
 
 
@@ -416,7 +414,7 @@ def _device(opts: InitOptions) -> str:
     from spectra_cli.options import EngineOptions
     from spectra_cli.spectral.engine import resolve
 
-    return resolve(EngineOptions(opts.device, opts.precision, "svd", "torch")).device
+    return resolve(EngineOptions(device=opts.device, precision=opts.precision, method="svd", backend="torch")).device
 
 
 def get_method(name: str) -> InitMethod:

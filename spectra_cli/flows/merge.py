@@ -43,7 +43,7 @@ from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
 from spectra_cli.checkpoint.tensors import RawTensor, TensorInfo, to_float
 from spectra_cli.checkpoint.tuned import Tuned, open_tuned
 from spectra_cli.errors import CheckpointError, SelectionError, ShapeMismatch, SpectraError
-from spectra_cli.options import SelectionOptions
+from spectra_cli.options import ComputeOptions, SelectionOptions
 from spectra_cli.results import RunResult
 from spectra_cli.spectral.engine import blas_threads, nonfinite_counts
 from spectra_cli.spectral.merge import (
@@ -86,7 +86,7 @@ def method_lines() -> list[str]:
 
 
 @dataclass(frozen=True)
-class MergeOptions(SelectionOptions):
+class MergeOptions(SelectionOptions, ComputeOptions):
     """Options of ``merge`` (the CLI flags of the same names).
 
     ``weights``: one per task (default 1 each). ``params``: the method's parameters by name (see
@@ -103,7 +103,6 @@ class MergeOptions(SelectionOptions):
     center: bool = True
     sweep: bool = False
     interference_k: int = 8
-    precision: str = "float32"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -19,7 +19,7 @@ import numpy as np
 
 from spectra_cli.checkpoint.embeddings import EmbeddingSource, chunk_rows_for, open_embeddings
 from spectra_cli.errors import SpectraError
-from spectra_cli.options import EngineOptions
+from spectra_cli.options import ComputeOptions, EngineOptions
 from spectra_cli.results import RunResult
 from spectra_cli.spectral.engine import resolve
 from spectra_cli.spectral.rankme import (
@@ -42,21 +42,19 @@ Progress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
-class RankmeOptions:
+class RankmeOptions(ComputeOptions):
     """Options of ``rankme`` (the CLI flags of the same names)."""
 
     key: str | None = None
     chunk_rows: int | None = None
-    max_memory: int | None = None
     sample_factor: int = SAMPLE_FACTOR
     texts: Path | None = None
     batch_size: int = 32
     max_length: int | None = None
     normalize: bool = False
-    device: str = "auto"
-    backend: str = "auto"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.chunk_rows is not None and self.chunk_rows < 1:
             raise ValueError("chunk_rows must be at least 1")
         if self.batch_size < 1:

@@ -34,8 +34,8 @@ import numpy as np
 
 from spectra_cli.checkpoint.matrices import MatrixSpec
 from spectra_cli.checkpoint.tensors import RawTensor, to_float
-from spectra_cli.errors import BudgetError, DeviceError, SpectraError
-from spectra_cli.options import METHODS, PRECISIONS, EngineOptions
+from spectra_cli.errors import BudgetError, DeviceError
+from spectra_cli.options import EngineOptions
 
 Loader = Callable[[MatrixSpec], RawTensor]
 ChunkLoader = Callable[[MatrixSpec, int], Iterator[tuple[RawTensor, str]]]
@@ -84,11 +84,8 @@ def _available_ram() -> int:
 
 
 def resolve(opts: EngineOptions) -> ResolvedEngine:
-    """Pick device, backend, method and memory budget; raise :class:`DeviceError` for an unusable device."""
-    if opts.precision not in PRECISIONS:
-        raise SpectraError(f"precision must be one of {', '.join(PRECISIONS)} (got {opts.precision!r})")
-    if opts.method not in METHODS:
-        raise SpectraError(f"method must be one of {', '.join(METHODS)} (got {opts.method!r})")
+    """Pick device, backend, method and memory budget; raise :class:`DeviceError` for an unusable device. (The
+    option values themselves were validated when ``opts`` was made.)"""
     dev = opts.device.lower()
     if dev == "auto":
         dev = "cuda" if opts.backend != "numpy" and _cuda_present() and _torch_cuda_ok() else "cpu"

@@ -56,7 +56,7 @@ def _run(
     ckpt, specs = _specs(gen, **sel)
     if only is not None:
         specs = [s for s in specs if s.name in only]
-    eng = resolve(EngineOptions("cpu", precision, method, backend, max_memory))
+    eng = resolve(EngineOptions(device="cpu", precision=precision, method=method, backend=backend, max_memory=max_memory))
     assert (eng.backend, eng.method, eng.device) == (backend, method, "cpu")
     loader = MatrixLoader(ckpt)
     out = {mv.spec.name: mv for mv in singular_values(specs, eng, loader.load, loader.chunks)}
@@ -194,7 +194,7 @@ def test_column_chunks_of_a_part_read_only_the_part_rows(ckpts, monkeypatch):
 
 
 def _eng(method: str, budget: int, precision: str = "float32") -> ResolvedEngine:
-    return resolve(EngineOptions("cpu", precision, method, "numpy", budget))
+    return resolve(EngineOptions(device="cpu", precision=precision, method=method, backend="numpy", max_memory=budget))
 
 
 @pytest.mark.parametrize("factor", [None, 8, 4, 2])
@@ -329,7 +329,7 @@ def test_auto_method_follows_precision_and_budget_is_honoured():
 def test_cuda_backend_agrees_with_float64_svd(ckpts, method, precision):
     gen = ckpts.known
     ckpt, specs = _specs(gen)
-    eng = resolve(EngineOptions("cuda", precision, method, "auto", None))
+    eng = resolve(EngineOptions(device="cuda", precision=precision, method=method))
     assert (eng.backend, eng.device.startswith("cuda")) == ("torch", True)
     loader = MatrixLoader(ckpt)
     got = {mv.spec.name: mv for mv in singular_values(specs, eng, loader.load, loader.chunks)}
@@ -346,14 +346,14 @@ def test_cuda_backend_agrees_with_float64_svd(ckpts, method, precision):
 def test_cuda_chunked_and_nonfinite(ckpts):
     gen = ckpts.nonfinite
     ckpt, specs = _specs(gen)
-    eng = resolve(EngineOptions("cuda", "float32", "gram", "torch", None))
+    eng = resolve(EngineOptions(device="cuda", method="gram", backend="torch"))
     loader = MatrixLoader(ckpt)
     got = {mv.spec.name: mv for mv in singular_values(specs, eng, loader.load, loader.chunks)}
     assert (got["layers.0.nan.weight"].values, got["layers.0.nan.weight"].nan_count) == (None, 2)
     assert (got["layers.0.inf.weight"].values, got["layers.0.inf.weight"].inf_count) == (None, 3)
     assert_singular_values_close(got["layers.0.a.weight"].values, gen.matrices["layers.0.a.weight"])
     ckpt, specs = _specs(ckpts.known, include=("cases.0.tall.weight",))
-    eng = resolve(EngineOptions("cuda", "float32", "gram", "torch", _budget_forcing_chunks(specs[0])))
+    eng = resolve(EngineOptions(device="cuda", method="gram", backend="torch", max_memory=_budget_forcing_chunks(specs[0])))
     loader = MatrixLoader(ckpt)
     (mv,) = singular_values(specs, eng, loader.load, loader.chunks)
     assert mv.chunks >= 2
