@@ -474,7 +474,7 @@ def test_check_html_equals_report_of_its_json(tmp_path: Path) -> None:
 
 def test_generic_figure_draws_one_line_per_kind_and_task(drawn: list[Any]) -> None:
     """merge rows come per module × task: a line per kind alone would zigzag between the tasks' values."""
-    from spectra_cli.report.html import figures
+    from spectra_cli.report.views.merge import figures
 
     rows = [{"module": f"l.{d}.{k}", "kind": k, "depth": d, "task": t, "delta_norm": (1.0 if t == "a" else 60.0) + d,
              "energy_kept": 1.0 - 1e-13 * ((d + len(t)) % 2)}
