@@ -17,7 +17,7 @@ from fixtures import merge_cases as mc
 from fixtures.embeddings import known_spectrum
 from fixtures.report_pages import report_model
 from spectra_cli.cli.app import app
-from tests.report.test_html import Page, assert_self_contained
+from tests.report.page import Page, assert_self_contained
 
 runner = CliRunner()
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
