@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from spectra_cli.cli import options as o
+from spectra_cli.cli.emit import emit
 from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.outputs import check_outputs, figures_written
 from spectra_cli.cli.progress import progress_bar, warn
@@ -55,56 +56,6 @@ def parse_count(text: str) -> int:
     if value <= 0:
         raise typer.BadParameter("the parameter budget must be positive")
     return value
-
-
-def _columns(extra: list[str]) -> list[Any]:
-    from spectra_cli.report.render import Column, fmt_num
-
-    def pct(x: Any) -> str:
-        return "-" if x is None else f"{100 * x:.1f}%"
-
-    cols = [
-        Column("name", "module", str, "left"),
-        Column("kind", "kind", str, "left"),
-        Column("shape", "shape"),
-        Column("rank", "rank"),
-        Column("params", "params", lambda x: f"{x:,}"),
-        Column("alpha", "α", lambda x: "-" if x is None else fmt_num(x, 2)),
-        Column("energy", "energy", pct),
-        Column("uniform_rank", "uniform r"),
-        Column("uniform_energy", "uniform energy", pct),
-    ]
-    if "effective_rank" in extra:
-        cols.append(Column("effective_rank", "eff. rank", lambda x: fmt_num(x, 1)))
-    if "pruned_fraction" in extra:
-        cols.append(Column("pruned_fraction", "pruned (σ̃ < t)", pct))
-    if "explained_variance" in extra:
-        cols.append(Column("explained_variance", "expl. var.", pct))
-    return cols
-
-
-def _notes(result: Any) -> list[str]:
-    s = result.summary
-    unit = "ranks" if s["budget_kind"] == "rank" else "parameters"
-    lines = [
-        f"strategy {s['strategy']}: {s['adapted']} of {s['modules']} modules adapted, budget {s['budget']:,.0f} "
-        f"{unit}, used {s['used']:,} ({s['params']:,} trainable parameters; uniform rank {s['uniform_rank']} "
-        f"uses {s['uniform_params']:,})",
-        f"mean energy captured {100 * s['mean_energy']:.1f}% vs {100 * s['mean_energy_uniform']:.1f}% for uniform",
-    ]
-    if "threshold" in s:
-        lines.append(
-            f"WeLore threshold t = {s['threshold']:.4g} (reduction ratio {s['reduction_ratio']:.3f}; "
-            f"{s['low_rank_components']} low-rank components, more than half their rank below t)"
-        )
-    if s["dropped"]:
-        lines.append(
-            f"dropped (rank 0): {', '.join(s['dropped'][:5])}" + (" …" if len(s["dropped"]) > 5 else "")
-        )
-    lines.append(
-        f"PEFT: r = {s['r']}, lora_alpha = {s['lora_alpha']:g} ({s['alpha_policy']}); {s['seconds']:.2f} s"
-    )
-    return lines
 
 
 def allocate_cmd(
@@ -241,6 +192,7 @@ def allocate_cmd(
     max_memory: o.MaxMemoryOpt = None,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
+    html: o.HtmlOpt = None,
     plots: o.PlotsOpt = None,
     quiet: o.QuietOpt = False,
 ) -> None:
@@ -257,7 +209,7 @@ def allocate_cmd(
         raise typer.BadParameter(
             f"--strategy {strategy.value} needs --activations FILE", param_hint="--activations"
         )
-    check_outputs([ckpt, activations], {"--output": output, "--peft-config": peft_config})
+    check_outputs([ckpt, activations], {"--output": output, "--peft-config": peft_config, "--html": html})
     if peft_config is not None and peft_config.exists() and not force:
         raise SpectraError(f"{peft_config} already exists; choose another --peft-config or pass --force")
     opts = AllocateOptions(
@@ -276,15 +228,14 @@ def allocate_cmd(
         result.write_peft_config(peft_config)
         warn(f"wrote the PEFT config ({s['adapted']} target modules) to {peft_config}", quiet)
     if plots:
-        from spectra_cli.report.allocate_plots import allocate_plots
+        from spectra_cli.report.views.allocate import allocate_plots
 
         figures_written("allocate", plots, allocate_plots(result.rows, plots, s["strategy"]), result, quiet,
                         {"peft_config": result.peft_config()})  # fmt: skip
-    from spectra_cli.report.render import envelope, render
+    from spectra_cli.report.render import envelope
 
     env = envelope("allocate", result.inputs, result.rows, result.summary, result.options)
-    title = f"spectra allocate {result.inputs['checkpoint']} ({s['strategy']})"
-    render(env, fmt.value, _columns(list(result.rows[0])), title, _notes(result), output)
+    emit(env, fmt, output, html=html, quiet=quiet)
 
 
 def register(app: typer.Typer) -> None:

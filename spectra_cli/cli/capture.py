@@ -5,11 +5,12 @@ from __future__ import annotations
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from spectra_cli.cli import options as o
+from spectra_cli.cli.emit import emit
 from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.progress import progress_bar, warn
 from spectra_cli.errors import SpectraError
@@ -31,36 +32,6 @@ class Stats(str, Enum):
     pca = "pca"
     covariance = "covariance"
     both = "both"
-
-
-def _columns() -> list[Any]:
-    from spectra_cli.report.render import Column, fmt_num
-
-    return [
-        Column("name", "module", str, "left"),
-        Column("in_features", "in"),
-        Column("tokens", "tokens"),
-        Column("alias_of", "shares input with", lambda x: x or "-", "left"),
-        Column("components", "k"),
-        Column("explained_variance", "expl. var (k)", fmt_num),
-        Column("top_ratio", "top ratio", fmt_num),
-        Column("converged", "converged", lambda x: "-" if x is None else str(x)),
-    ]
-
-
-def _notes(result: Any) -> list[str]:
-    s = result.summary
-    lines = [
-        f"{s['modules']} modules ({s['unique_inputs']} distinct inputs) over {s['tokens']} tokens from "
-        f"{s['examples']} examples, written to {s['out']}"
-    ]
-    if s["not_converged"]:
-        lines.append(
-            f"{len(s['not_converged'])} inputs have components whose last update moved them (cosine < τ = "
-            f"{s['tau']:g}); more data (--max-tokens) makes the PCA steadier"
-        )
-    lines.append(f"{s['seconds']:.2f} s")
-    return lines
 
 
 def capture_cmd(
@@ -144,6 +115,7 @@ def capture_cmd(
     device: o.DeviceOpt = "auto",
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
+    html: o.HtmlOpt = None,
     quiet: o.QuietOpt = False,
 ) -> None:
     """Run a Hugging Face model over text and write per-module input statistics (CorDA, EVA).
@@ -156,7 +128,8 @@ def capture_cmd(
 
     # before the --force check: an output in the model folder must never be offered --force
     check_outputs(
-        [model_dir, data, Path(tokenizer) if tokenizer else None], {"--out": out, "--output": output}
+        [model_dir, data, Path(tokenizer) if tokenizer else None],
+        {"--out": out, "--output": output, "--html": html},
     )
     if output is not None and output.resolve() == out.resolve():
         raise SpectraError(f"{output}: the report and the activations file (--out) must differ")
@@ -174,10 +147,10 @@ def capture_cmd(
         result = run_capture(model_dir, data, out, opts, progress=update, argv=sys.argv)
     if max_tokens is not None and result.summary["tokens"] < max_tokens:
         warn(f"the data gave only {result.summary['tokens']} tokens (--max-tokens {max_tokens})", quiet)
-    from spectra_cli.report.render import envelope, render
+    from spectra_cli.report.render import envelope
 
     env = envelope("capture", result.inputs, result.rows, result.summary, result.options)
-    render(env, fmt.value, _columns(), f"spectra capture {model_dir}", _notes(result), output)
+    emit(env, fmt, output, html=html, quiet=quiet)
 
 
 def register(app: typer.Typer) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from spectra_cli.cli import options as o
+from spectra_cli.cli.emit import emit
 from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.outputs import check_outputs, figures_written
 from spectra_cli.cli.progress import progress_bar, warn
@@ -52,50 +53,6 @@ def _epsilons(values: list[str] | None) -> tuple[float, ...]:
     if any(not 0 < e <= 1 for e in eps):
         raise typer.BadParameter("every epsilon must be in (0, 1]")
     return eps
-
-
-def _columns(eps: tuple[float, ...]) -> list[Any]:
-    from spectra_cli.report.render import Column, fmt_num
-
-    cols = [
-        Column("tuned", "tuned", str, "left"),
-        Column("name", "name", str, "left"),
-        Column("kind", "kind", str, "left"),
-        Column("depth", "depth", lambda x: "-" if x is None else str(x)),
-        Column("shape", "shape"),
-    ]
-    cols += [Column(f"intruders@{e:g}", f"intr@{e:g}", lambda x: "-" if x is None else str(x)) for e in eps]
-    cols += [
-        Column("intruder_ranks", "ranks", lambda x: ",".join(map(str, x)) if x else "-", "left"),
-        Column("min_max_cos", "min max|cos|", fmt_num),
-        Column("relative_delta", "‖ΔW‖/‖W‖", fmt_num),
-        Column("delta_effective_rank", "erank ΔW", fmt_num),
-        Column("subspace_overlap", "overlap@k", fmt_num),
-        Column("effective_rank_change", "Δ erank", fmt_num),
-        Column("status", "status", lambda x: x or "-", "left"),
-    ]
-    return cols
-
-
-def _notes(result: Any) -> list[str]:
-    s = result.summary
-    lines = []
-    for name, t in s["tuned"].items():
-        totals = ", ".join(f"{v} at ε={k}" for k, v in t["total_intruders"].items())
-        rel = t["mean_relative_delta"]
-        lines.append(
-            f"{name} ({t['source']}): {totals} intruder dimensions; {t['matrices_with_intruders']} of "
-            f"{t['matrices']} matrices have any; mean ‖ΔW‖/‖W‖ " + ("-" if rel is None else f"{rel:.3g}")
-        )
-        worst = [w for w in t["worst_modules"] if w["intruders"] > 0][:3]
-        if worst:
-            lines.append("  most intruders: " + "; ".join(f"{w['name']} ({w['intruders']})" for w in worst))
-        if t["missing"]:
-            lines.append(f"  skipped (not in the other model): {len(t['missing'])}")
-        if t["nonfinite"]:
-            lines.append(f"  {t['nonfinite']} matrices with NaN/Inf were not compared")
-    lines.append(f"{s['seconds']:.2f} s")
-    return lines
 
 
 def compare_cmd(
@@ -209,18 +166,13 @@ def compare_cmd(
                 quiet,
             )
     if plots:
-        from spectra_cli.report.compare_plots import compare_plots
+        from spectra_cli.report.views.compare import compare_plots
 
         figures_written("compare", plots, compare_plots(result, plots), result, quiet)
-    from spectra_cli.report.render import envelope, render
+    from spectra_cli.report.render import envelope
 
     env = envelope("compare", result.inputs, result.rows, result.summary, result.options)
-    render(env, fmt.value, _columns(eps), f"spectra compare {base}", _notes(result), output)
-    if html:
-        from spectra_cli.cli.report import write_html
-
-        write_html(env, html)
-        warn(f"wrote the HTML report to {html}", quiet)
+    emit(env, fmt, output, html=html, quiet=quiet)
 
 
 def register(app: typer.Typer) -> None:

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from spectra_cli.cli import options as o
+from spectra_cli.cli.emit import emit
 from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.progress import progress_bar, warn
 from spectra_cli.spectral.init import methods as _registry  # metadata only: no PyTorch import
@@ -57,40 +58,6 @@ def _list_methods(value: bool) -> None:
         for line in _method_lines():
             typer.echo(line)
         raise typer.Exit()
-
-
-def _columns(rows: list[dict[str, Any]]) -> list[Any]:
-    from spectra_cli.report.render import Column, fmt_num
-
-    cols = [
-        Column("name", "module", str, "left"),
-        Column("shape", "shape"),
-        Column("rank", "rank"),
-        Column("alpha", "alpha", lambda x: "-" if x is None else fmt_num(x)),
-    ]
-    known = {"name", "kind", "depth", "shape", "dtype", "rank", "alpha", "scale", "seconds"}
-    extra: list[str] = []
-    for r in rows:
-        extra += [k for k in r if k not in known and k not in extra]
-    headers = {"energy": "energy", "relative_error": "rel. error", "sigma_r": "σ_r"}
-    cols += [Column(k, headers.get(k, k), lambda x: "-" if x is None else fmt_num(x)) for k in extra]
-    return cols
-
-
-def _notes(result: Any, out: Path) -> list[str]:
-    s = result.summary
-    ranks = ", ".join(f"r={k}: {v}" for k, v in s["ranks"].items())
-    lines = [
-        f"{s['method']}: {s['modules']} modules ({ranks}), {s['adapter_parameters']:,} adapter parameters",
-        f"adapter: {out}/adapter"
-        + (f"; residual: {out}/residual ({s['residual_dtype']})" if s["residual"] else ""),
-    ]
-    if s["dropped"]:
-        lines.append(f"modules without adapter (rank 0): {len(s['dropped'])}")
-    if "max_relative_error" in s:
-        lines.append(f"max relative reconstruction error ‖ΔW − sBA‖/‖ΔW‖: {s['max_relative_error']:.3g}")
-    lines.append(f"{s['seconds']:.2f} s on {s['device']}, peak RSS {s['peak_rss_mb']:.0f} MB")
-    return lines
 
 
 def init_adapter_cmd(
@@ -268,6 +235,7 @@ def init_adapter_cmd(
     precision: o.PrecisionOpt = o.Precision.float32,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
+    html: o.HtmlOpt = None,
     quiet: o.QuietOpt = False,
 ) -> None:
     """Export a PiSSA / MiLoRA / OLoRA / CorDA / EVA initialised LoRA adapter and its residual base, or extract
@@ -286,7 +254,7 @@ def init_adapter_cmd(
         raise typer.BadParameter("--allocate and --budget-rank go together", param_hint="--allocate")
     from spectra_cli.cli.outputs import check_outputs
 
-    check_outputs([ckpt, tuned, activations, ranks, out], {"--output": output})
+    check_outputs([ckpt, tuned, activations, ranks, out], {"--output": output, "--html": html})
     m_opts: dict[str, Any] = {}
     if corda_mode is not None:
         m_opts["mode"] = corda_mode.lower()
@@ -328,17 +296,12 @@ def init_adapter_cmd(
     if s["skipped_files"]:
         warn(f"not copied into residual/ (other weight formats): {', '.join(s['skipped_files'])}", quiet)
     warn(f"wrote {out}", quiet)
-    from spectra_cli.report.render import envelope, render
+    from spectra_cli.report.render import envelope
+    from spectra_cli.report.views import view_for
+    from spectra_cli.report.views.init_adapter import with_out
 
     env = envelope("init-adapter", result.inputs, result.rows, s, result.options)
-    render(
-        env,
-        fmt.value,
-        _columns(result.rows),
-        f"spectra init-adapter {ckpt} --method {method}",
-        _notes(result, out),
-        output,
-    )
+    emit(env, fmt, output, html=html, quiet=quiet, view=with_out(view_for("init-adapter"), out))
 
 
 def register(app: typer.Typer) -> None:

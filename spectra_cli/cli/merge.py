@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from spectra_cli.cli import options as o
+from spectra_cli.cli.emit import emit
 from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.outputs import check_outputs, figures_written
 from spectra_cli.cli.progress import progress_bar, warn
@@ -75,60 +76,6 @@ def _params(
     if density is not None:
         out["density"] = density
     return tuple(out.items())
-
-
-def _columns(rmm: bool) -> list[Any]:
-    from spectra_cli.report.render import Column, fmt_num
-
-    cols = [
-        Column("module", "module", str, "left"),
-        Column("task", "task", str, "left"),
-        Column("shape", "shape"),
-        Column("source", "source", str, "left"),
-    ]
-    if rmm:
-        cols += [
-            Column("p", "p", lambda x: "-" if x is None else str(x)),
-            Column("storage", "storage", fmt_num),
-        ]
-    cols += [
-        Column("delta_norm", "‖ΔW‖", fmt_num),
-        Column("rel_error", "rel. error", fmt_num),
-        Column("kept", "kept", fmt_num),
-        Column("energy_kept", "energy kept", fmt_num),
-        Column("max_cos", "max |cos|", fmt_num),
-        Column("mean_overlap", "overlap@k", fmt_num),
-    ]
-    return cols
-
-
-def _notes(result: Any) -> list[str]:
-    s = result.summary
-    lines = [f"method {s['method']} ({s['reference']}); {s['modules']} modules × {len(s['tasks'])} tasks"]
-    errs = ", ".join(f"{t} {'-' if v is None else f'{v:.3g}'}" for t, v in s["mean_rel_error"].items())
-    lines.append(f"mean relative error per task: {errs}")
-    if "storage" in s and s["storage"] is not None:
-        lines.append(
-            f"storage: {s['storage']:.3g} of the {len(s['tasks'])} inputs ({s['stored_numbers']:,} of "
-            f"{s['raw_numbers']:,} numbers; merged matrices alone {s['matrix_storage']:.3g}; "
-            f"{s['storage_vs_dense']:.3g} of n dense updates); overall relative error {s['overall_error']:.3g}"
-        )
-    cos = s["cosine"]
-    n = len(cos)
-    off = [abs(cos[i][j]) for i in range(n) for j in range(n) if i != j]
-    if off:
-        lines.append(
-            f"interference: mean |cos| between task updates {sum(off) / len(off):.3g}, max {max(off):.3g}"
-        )
-    if "sweep" in s:
-        sw = s["sweep"]
-        pts = "; ".join(
-            f"p={p}: err {e:.3g}, storage {st:.3g}"
-            for p, e, st in zip(sw["p"], sw["error"], sw["storage"], strict=True)
-        )
-        lines.append(f"sweep (merged matrices): {pts}")
-    lines.append(f"wrote {s['output_kind']} {s['output']} in {s['seconds']:.2f} s")
-    return lines
 
 
 def merge_cmd(
@@ -221,6 +168,7 @@ def merge_cmd(
     precision: o.PrecisionOpt = o.Precision.float32,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
+    html: o.HtmlOpt = None,
     plots: o.PlotsOpt = None,
     quiet: o.QuietOpt = False,
 ) -> None:
@@ -233,7 +181,7 @@ def merge_cmd(
             f"{method!r} is not one of {', '.join(method_names())}", param_hint="--method"
         )
     pairs = _parse_tuned(tuned)
-    check_outputs([base, *(Path(p) for _, p in pairs), out], {"--output": output})
+    check_outputs([base, *(Path(p) for _, p in pairs), out], {"--output": output, "--html": html})
     if method != "rmm" and (basis is not None or energy is not None):
         raise typer.BadParameter("--basis/--energy apply to --method rmm only", param_hint="--basis")
     opts = MergeOptions(
@@ -278,15 +226,13 @@ def merge_cmd(
     for name, skipped in result.summary.get("adapter_tensors_not_merged", {}).items():
         warn(f"{name}: {len(skipped)} non-LoRA adapter tensors (e.g. {skipped[0]}) were not merged", quiet)
     if plots:
-        from spectra_cli.report.merge_plots import merge_plots
+        from spectra_cli.report.views.merge import merge_plots
 
         figures_written("merge", plots, merge_plots(result, plots), result, quiet)
-    from spectra_cli.report.render import envelope, render
+    from spectra_cli.report.render import envelope
 
     env = envelope("merge", result.inputs, result.rows, result.summary, result.options)
-    render(
-        env, fmt.value, _columns(method == "rmm"), f"spectra merge {base} ({method})", _notes(result), output
-    )
+    emit(env, fmt, output, html=html, quiet=quiet)
 
 
 def reconstruct_cmd(
@@ -318,33 +264,21 @@ def reconstruct_cmd(
     force: o.ForceOutOpt = False,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
+    html: o.HtmlOpt = None,
     quiet: o.QuietOpt = False,
 ) -> None:
     """Rebuild one task of an rmm bundle: a full checkpoint, or a PEFT LoRA adapter when it came in as one."""
     from spectra_cli.flows.reconstruct import run_reconstruct
-    from spectra_cli.report.render import Column, envelope, fmt_num, render
+    from spectra_cli.report.render import envelope
 
-    check_outputs([bundle, base, out], {"--output": output})
+    check_outputs([bundle, base, out], {"--output": output, "--html": html})
     with progress_bar("reconstructing", quiet) as update:
         result = run_reconstruct(bundle, task, out, base, force=force, argv=sys.argv, progress=update)
     s = result.summary
     kind = "PEFT LoRA adapter" if s["kind"] == "adapter" else "checkpoint"
     warn(f"wrote {task} as a {kind} to {out}", quiet)
-    cols = [
-        Column("module", "module", str, "left"),
-        Column("shape", "shape"),
-        Column("p", "p"),
-        Column("rel_error", "rel. error", fmt_num),
-        Column("storage", "storage", fmt_num),
-        Column("lora_rank", "rank", lambda x: "-" if x is None else str(x)),
-    ]
-    notes = [
-        f"task {task} ({s['kind']}): {s['modules']} modules, mean relative error "
-        f"{fmt_num(s['mean_rel_error'])}, max {fmt_num(s['max_rel_error'])}; bundle storage {fmt_num(s['storage'])}",
-        f"wrote {out} in {s['seconds']:.2f} s",
-    ]
     env = envelope("reconstruct", result.inputs, result.rows, s, result.options)
-    render(env, fmt.value, cols, f"spectra reconstruct {bundle} --task {task}", notes, output)
+    emit(env, fmt, output, html=html, quiet=quiet)
 
 
 def register(app: typer.Typer) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from spectra_cli.cli import options as o
+from spectra_cli.cli.emit import emit
 from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.outputs import check_outputs, figures_written
 from spectra_cli.cli.progress import progress_bar, warn
@@ -42,45 +43,6 @@ def _named(items: list[str], what: str) -> list[tuple[str, Path]]:
         else:
             out.append((item, Path(item)))
     return out
-
-
-def _columns() -> list[Any]:
-    from spectra_cli.report.render import Column, fmt_num
-
-    return [
-        Column("input", "input", str, "left"),
-        Column("N", "N", fmt_num),
-        Column("K", "K", fmt_num),
-        Column("rankme", "RankMe", fmt_num),
-        Column("rankme_fraction", "RankMe/min(N,K)", fmt_num),
-        Column("effective_rank", "erank", fmt_num),
-        Column("stable_rank", "stable rank", fmt_num),
-        Column("participation_ratio", "PR", fmt_num),
-        Column("alpha_req", "α-ReQ", fmt_num),
-        Column("numerical_rank", "num. rank", fmt_num),
-    ]
-
-
-def _notes(result: Any) -> list[str]:
-    s = result.summary
-    lines: list[str] = []
-    if s["best"] is not None and s["inputs"] > 1:
-        lines.append(
-            f"best: {s['best']} (RankMe {s['best_rankme']:.4g}, {100 * s['best_rankme_fraction']:.1f}% of the "
-            "maximum min(N, K)); higher RankMe = richer representation (compare within one method)"
-        )
-    elif s["best"] is not None:
-        lines.append(
-            f"RankMe {s['best_rankme']:.4g} = {100 * s['best_rankme_fraction']:.1f}% of the maximum min(N, K)"
-        )
-    if not s["same_K"]:
-        lines.append("the inputs differ in K: compare RankMe/min(N,K), and only between inputs of one method")
-    if not s["same_N"]:
-        lines.append(
-            "the inputs differ in N: RankMe grows with N until N ≫ K; score every input on the same samples"
-        )
-    lines.append(f"{s['seconds']:.2f} s")
-    return lines
 
 
 def rankme_cmd(
@@ -163,6 +125,7 @@ def rankme_cmd(
     backend: o.BackendOpt = o.Backend.auto,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
+    html: o.HtmlOpt = None,
     plots: o.PlotsOpt = None,
     quiet: o.QuietOpt = False,
 ) -> None:
@@ -178,7 +141,7 @@ def rankme_cmd(
         raise typer.BadParameter("--model needs --texts FILE (one text per line)", param_hint="--texts")
     if texts is not None and not models:
         raise typer.BadParameter("--texts is only used with --model DIR", param_hint="--texts")
-    check_outputs([p for _, p in inputs], {"--output": output})
+    check_outputs([p for _, p in inputs], {"--output": output, "--html": html})
     opts = RankmeOptions(
         key=key, chunk_rows=chunk_rows, max_memory=max_memory, texts=texts, batch_size=batch_size,
         max_length=max_length, normalize=normalize, device=device, backend=backend.value,
@@ -188,14 +151,13 @@ def rankme_cmd(
     for w in result.summary["warnings"]:
         warn(w, quiet)
     if plots:
-        from spectra_cli.report.rankme_plots import rankme_plots
+        from spectra_cli.report.views.rankme import rankme_plots
 
         figures_written("rankme", plots, rankme_plots(result.rows, result.spectra, plots), result, quiet)
-    from spectra_cli.report.render import envelope, render
+    from spectra_cli.report.render import envelope
 
     env = envelope("rankme", result.inputs, result.rows, result.summary, result.options)
-    title = "spectra rankme" + (f" {inputs[0][0]}" if len(inputs) == 1 and not models else "")
-    render(env, fmt.value, _columns(), title, _notes(result), output)
+    emit(env, fmt, output, html=html, quiet=quiet)
 
 
 def register(app: typer.Typer) -> None:

@@ -48,15 +48,16 @@ def envelope(command: str, inputs: dict[str, Any], rows: list[dict[str, Any]], s
     }
 
 
-def _clean(x: Any) -> Any:
+def json_safe(x: Any) -> Any:
+    """``x`` as JSON can hold it: NaN/Inf → None, tuples → lists, NumPy scalars → Python numbers."""
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
+        return [json_safe(v) for v in x]
     if hasattr(x, "item") and callable(x.item):  # numpy scalars
-        return _clean(x.item())
+        return json_safe(x.item())
     return x
 
 
@@ -82,7 +83,7 @@ def fmt_num(x: Any, digits: int = 3) -> str:
 
 
 def _to_json(env: dict[str, Any]) -> str:
-    return json.dumps(_clean(env), indent=2, allow_nan=False) + "\n"
+    return json.dumps(json_safe(env), indent=2, allow_nan=False) + "\n"
 
 
 def _to_csv(rows: list[dict[str, Any]]) -> str:
