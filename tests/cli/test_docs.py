@@ -53,3 +53,27 @@ def test_the_check_fails_on_a_stale_page(tmp_path: Path) -> None:
                     encoding="utf-8")  # fmt: skip
     p = _gen("--check", copy)
     assert p.returncode == 1 and "stale" in p.stderr
+
+
+def test_the_docs_and_the_code_refer_only_to_documents_in_the_repository() -> None:
+    """Every relative link of docs/*.md and README.md resolves inside the repository, and nothing names the team
+    notes that live outside it (a newcomer cannot open them)."""
+    import re
+
+    outside = ("DESIGN.md", "REFERENCE.md", "../shared", "shared/")
+    wrong = []
+    for doc in [*(ROOT / "docs").glob("*.md"), ROOT / "README.md"]:
+        for target in re.findall(r"\]\(([^)#\s]+)", doc.read_text(encoding="utf-8")):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            path = (doc.parent / target).resolve()
+            if not path.exists() or ROOT not in path.parents:
+                wrong.append(f"{doc.relative_to(ROOT)} links to {target}")
+    this = Path(__file__).resolve()
+    for folder in ("spectra_cli", "docs", "tests", "fixtures", "scripts", "benchmarks"):
+        for f in (ROOT / folder).rglob("*"):
+            if f.suffix not in (".py", ".md", ".sh", ".toml") or f.resolve() == this:
+                continue
+            text = f.read_text(encoding="utf-8", errors="replace")
+            wrong += [f"{f.relative_to(ROOT)} mentions {name}" for name in outside if name in text]
+    assert not wrong, "\n".join(wrong)
