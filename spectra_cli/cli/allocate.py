@@ -48,14 +48,12 @@ _COUNT_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
 
 
 def parse_count(text: str) -> int:
-    """'2M', '1.5K', '350000', '3e6' → an integer count (decimal units). Bad text exits 2."""
+    """'2M', '1.5K', '350000', '3e6' → an integer count (decimal units). Text that is not a count exits 2; whether
+    the count is allowed is :class:`~spectra_cli.flows.allocate.AllocateOptions`' rule."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]?)\s*", str(text))
     if not m or m.group(2).upper() not in _COUNT_UNITS:
         raise typer.BadParameter(f"{text!r} is not a count; use e.g. 2M, 350K or 350000")
-    value = int(float(m.group(1)) * _COUNT_UNITS[m.group(2).upper()])
-    if value <= 0:
-        raise typer.BadParameter("the parameter budget must be positive")
-    return value
+    return int(float(m.group(1)) * _COUNT_UNITS[m.group(2).upper()])
 
 
 def allocate_cmd(
@@ -74,7 +72,6 @@ def allocate_cmd(
             "--budget-rank",
             "-r",
             metavar="R",
-            min=0.0,
             help="Average rank R over the target modules (total R × number of modules).",
             rich_help_panel="Budget",
             show_default=False,
@@ -99,14 +96,13 @@ def allocate_cmd(
     min_rank: Annotated[
         int,
         typer.Option(
-            "--min-rank", min=1, help="Smallest rank of an adapted module.", rich_help_panel="Budget"
+            "--min-rank", help="Smallest rank of an adapted module (≥ 1).", rich_help_panel="Budget"
         ),
     ] = 1,
     max_rank: Annotated[
         int | None,
         typer.Option(
             "--max-rank",
-            min=1,
             help="Largest rank of any module.",
             rich_help_panel="Budget",
             show_default=False,
@@ -116,7 +112,6 @@ def allocate_cmd(
         int,
         typer.Option(
             "--multiple-of",
-            min=1,
             metavar="Q",
             help="Ranks are multiples of Q (e.g. 8).",
             rich_help_panel="Budget",
@@ -140,8 +135,7 @@ def allocate_cmd(
         float,
         typer.Option(
             "--rho",
-            min=1.0,
-            help="EVA: look at the top round(ρ·R) components of every module (1 = no redistribution).",
+            help="EVA: look at the top round(ρ·R) components of every module (ρ ≥ 1; 1 = no redistribution).",
             rich_help_panel="Budget",
         ),
     ] = 2.0,
@@ -157,7 +151,6 @@ def allocate_cmd(
         float | None,
         typer.Option(
             "--lora-alpha",
-            min=0.0,
             metavar="A",
             help="Base α (default: the reference rank R, i.e. α/r = 1).",
             rich_help_panel="PEFT config",
@@ -199,26 +192,15 @@ def allocate_cmd(
     """LoRA rank per module under a budget (rank or parameters), and a PEFT config with rank_pattern."""
     from spectra_cli.flows.allocate import AllocateOptions, run_allocate
 
-    if (budget_rank is None) == (budget_params is None):
-        raise typer.BadParameter(
-            "give exactly one of --budget-rank R and --budget-params P", param_hint="--budget"
-        )
-    if budget_rank is not None and budget_rank <= 0:
-        raise typer.BadParameter("the average rank must be positive", param_hint="--budget-rank")
-    if STRATEGIES[strategy.value].needs_activations and activations is None:
-        raise typer.BadParameter(
-            f"--strategy {strategy.value} needs --activations FILE", param_hint="--activations"
-        )
+    opts = o.build(
+        AllocateOptions, o.selection(include, exclude, kinds, min_dim),
+        o.engine(device, precision, backend, max_memory, method), strategy=strategy.value, budget_rank=budget_rank,
+        budget_params=budget_params, min_rank=min_rank, max_rank=max_rank, multiple_of=multiple_of,
+        allow_zero=allow_zero, alpha_policy=alpha.value, lora_alpha=lora_alpha, activations=activations, rho=rho,
+    )  # fmt: skip
     check_outputs([ckpt, activations], {"--output": output, "--peft-config": peft_config, "--html": html})
     if peft_config is not None and peft_config.exists() and not force:
         raise SpectraError(f"{peft_config} already exists; choose another --peft-config or pass --force")
-    opts = AllocateOptions(
-        include=o.split_csv(include), exclude=o.split_csv(exclude), kinds=o.split_csv(kinds), min_dim=min_dim,
-        strategy=strategy.value, budget_rank=budget_rank, budget_params=budget_params, min_rank=min_rank,
-        max_rank=max_rank, multiple_of=multiple_of, allow_zero=allow_zero, alpha_policy=alpha.value,
-        lora_alpha=lora_alpha, activations=activations, rho=rho, device=device, precision=precision.value,
-        method=method.value, backend=backend.value, max_memory=max_memory,
-    )  # fmt: skip
     with progress_bar("singular values", quiet) as update:
         result = run_allocate(ckpt, opts, progress=update)
     s = result.summary

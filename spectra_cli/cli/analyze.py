@@ -90,6 +90,8 @@ def analyze_cmd(
         raise typer.BadParameter(
             "missing CKPT (a checkpoint path); try `spectra analyze --demo`", param_hint="CKPT"
         )
+    opts = o.build(AnalyzeOptions, o.selection(include, exclude, kinds, min_dim, split_fused),
+                   o.engine(device, precision, backend, max_memory, method))  # fmt: skip
     if demo:
         from spectra_cli.checkpoint.demo import demo_checkpoint
 
@@ -97,11 +99,6 @@ def analyze_cmd(
         warn(f"analysing the demo checkpoint: {ckpt}", quiet)
     assert ckpt is not None
     check_outputs([ckpt], {"--output": output, "--save-spectra": save_spectra, "--html": html})
-    opts = AnalyzeOptions(
-        include=o.split_csv(include), exclude=o.split_csv(exclude), kinds=o.split_csv(kinds), min_dim=min_dim,
-        split_fused=split_fused, device=device, precision=precision.value, method=method.value,
-        backend=backend.value, max_memory=max_memory,
-    )  # fmt: skip
     with progress_bar("analysing", quiet) as update:
         result = run_analyze(ckpt, opts, progress=update)
     s = result.summary

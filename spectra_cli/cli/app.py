@@ -51,11 +51,12 @@ def _register() -> None:
         init_adapter,
         merge,
         rankme,
+        reconstruct,
         report,
     )
 
-    # the order of `spectra --help`: look, compare, choose ranks, initialise, merge, gate, report
-    for command in (analyze, compare, rankme, allocate, init_adapter, capture, merge, check, report):
+    # the order of `spectra --help`: look, compare, choose ranks, initialise, merge (and rebuild), gate, report
+    for command in (analyze, compare, rankme, allocate, init_adapter, capture, merge, reconstruct, check, report):
         command.register(app)
 
 

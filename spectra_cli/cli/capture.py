@@ -66,14 +66,14 @@ def capture_cmd(
     max_tokens: Annotated[
         int | None,
         typer.Option(
-            "--max-tokens", min=1, metavar="N", help="Stop after N (non-padding) tokens.", show_default=False
+            "--max-tokens", metavar="N", help="Stop after N (non-padding) tokens.", show_default=False
         ),
     ] = None,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, metavar="N", help="Examples per forward.")
+        int, typer.Option("--batch-size", metavar="N", help="Examples per forward.")
     ] = 8,
     max_length: Annotated[
-        int, typer.Option("--max-length", min=1, metavar="N", help="Truncate each example to N tokens.")
+        int, typer.Option("--max-length", metavar="N", help="Truncate each example to N tokens.")
     ] = 512,
     stats: Annotated[
         Stats,
@@ -87,7 +87,6 @@ def capture_cmd(
         int,
         typer.Option(
             "--components",
-            min=1,
             metavar="K",
             help="Principal directions kept per input (EVA needs ρ·r, 2r by default).",
         ),
@@ -96,9 +95,7 @@ def capture_cmd(
         float,
         typer.Option(
             "--tau",
-            min=0.0,
-            max=1.0,
-            help="Convergence threshold on the cosine of consecutive "
+            help="Convergence threshold in [0, 1] on the cosine of consecutive "
             "PCA estimates (recorded, not used to stop).",
         ),
     ] = 0.99,
@@ -112,7 +109,14 @@ def capture_cmd(
     include: o.IncludeOpt = None,
     exclude: o.ExcludeOpt = None,
     kinds: o.KindsOpt = None,
+    min_dim: o.MinDimOpt = 1,
     device: o.DeviceOpt = "auto",
+    precision: Annotated[o.Precision, o.precision_option("No effect yet for capture: the statistics are always "
+                                                         "accumulated in float64.")] = o.Precision.float32,
+    backend: Annotated[o.Backend, o.backend_option("capture always runs the model in PyTorch (on --device).")
+                       ] = o.Backend.auto,
+    max_memory: Annotated[int | None, o.max_memory_option("Not used yet by capture: its memory follows "
+                                                          "--batch-size, --max-length and --components.")] = None,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
     html: o.HtmlOpt = None,
@@ -126,6 +130,11 @@ def capture_cmd(
     from spectra_cli.cli.outputs import check_outputs
     from spectra_cli.flows.capture import CaptureOptions, run_capture
 
+    opts = o.build(
+        CaptureOptions, o.selection(include, exclude, kinds, min_dim), o.compute(device, precision, backend, max_memory),
+        text_field=text_field, max_tokens=max_tokens, batch_size=batch_size, max_length=max_length,
+        components=components, stats=stats.value, tau=tau, tokenizer=str(tokenizer) if tokenizer else None,
+    )  # fmt: skip
     # before the --force check: an output in the model folder must never be offered --force
     check_outputs(
         [model_dir, data, Path(tokenizer) if tokenizer else None],
@@ -137,12 +146,6 @@ def capture_cmd(
         raise SpectraError(f"{out} exists; pass --force to replace it")
     if out.suffix != ".safetensors":
         raise typer.BadParameter(f"{out}: the activations file must end in .safetensors", param_hint="--out")
-    opts = CaptureOptions(
-        include=o.split_csv(include), exclude=o.split_csv(exclude), kinds=o.split_csv(kinds),
-        text_field=text_field, max_tokens=max_tokens, batch_size=batch_size, max_length=max_length,
-        components=components, stats=stats.value, tau=tau, device=device,
-        tokenizer=str(tokenizer) if tokenizer else None,
-    )  # fmt: skip
     with progress_bar("capturing", quiet) as update:
         result = run_capture(model_dir, data, out, opts, progress=update, argv=sys.argv)
     if max_tokens is not None and result.summary["tokens"] < max_tokens:

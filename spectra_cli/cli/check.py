@@ -192,14 +192,12 @@ def _check(ckpt: Path | None, policy: Path | None, base: Path | None, base_spect
     from spectra_cli.gate.markdown import github_annotations, markdown_summary, write_text
     from spectra_cli.gate.policy import find_policy, load_policy
 
+    opts = o.build(CheckOptions, o.selection(include, exclude, kinds, min_dim),
+                   o.compute(device, precision, backend, max_memory), base=base, base_spectra=base_spectra,
+                   baseline=baseline, update_baseline=update_baseline, allow_missing=allow_missing)  # fmt: skip
     pol = load_policy(policy if policy is not None else find_policy(Path.cwd()))
     check_outputs([ckpt, base, base_spectra], {"--output": output, "--junit": junit, "--markdown": markdown,
                                                "--update-baseline": update_baseline, "--html": html})  # fmt: skip
-    opts = CheckOptions(
-        include=o.split_csv(include), exclude=o.split_csv(exclude), kinds=o.split_csv(kinds), min_dim=min_dim,
-        base=base, base_spectra=base_spectra, baseline=baseline, update_baseline=update_baseline, allow_missing=allow_missing,
-        device=device, precision=precision.value, backend=backend.value, max_memory=max_memory,
-    )  # fmt: skip
     with progress_bar("checking", quiet) as update:
         result = run_check(ckpt, pol, opts, progress=update)
     policy_name = _display(pol.path)

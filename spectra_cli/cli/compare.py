@@ -29,30 +29,8 @@ Examples:
 """
 
 
-def _parse_tuned(items: list[str]) -> list[tuple[str, Path]]:
-    from spectra_cli.checkpoint.tuned import default_name
-
-    out: list[tuple[str, Path]] = []
-    for item in items:
-        if "=" in item and not Path(item).exists():
-            name, _, path = item.partition("=")
-            if not name or not path:
-                raise typer.BadParameter(f"{item!r}: use PATH or NAME=PATH", param_hint="TUNED")
-            out.append((name, Path(path)))
-        else:
-            out.append((default_name(Path(item)), Path(item)))
-    return out
 
 
-def _epsilons(values: list[str] | None) -> tuple[float, ...]:
-    raw = o.split_csv(values) or ("0.5",)
-    try:
-        eps = tuple(float(v) for v in raw)
-    except ValueError:
-        raise typer.BadParameter(f"{','.join(raw)}: expected numbers such as 0.5 or 0.3,0.5,0.7") from None
-    if any(not 0 < e <= 1 for e in eps):
-        raise typer.BadParameter("every epsilon must be in (0, 1]")
-    return eps
 
 
 def compare_cmd(
@@ -69,7 +47,7 @@ def compare_cmd(
     ],
     top_k: Annotated[
         int,
-        typer.Option("--top-k", min=1, metavar="K", help="Top tuned singular vectors checked for intruders."),
+        typer.Option("--top-k", metavar="K", help="Top tuned singular vectors checked for intruders (K ≥ 1)."),
     ] = 10,
     epsilon: Annotated[
         list[str] | None,
@@ -117,10 +95,14 @@ def compare_cmd(
     quiet: o.QuietOpt = False,
 ) -> None:
     """Intruder dimensions, drift and subspace overlap of each tuned model against the base."""
+    from spectra_cli.checkpoint.tuned import default_name
     from spectra_cli.flows.compare import CompareOptions, IntruderRemover, run_compare
 
-    pairs = _parse_tuned(tuned)
-    eps = _epsilons(epsilon)
+    pairs = o.named_paths(tuned, "TUNED", default_name)
+    opts = o.build(CompareOptions, o.selection(include, exclude, kinds, min_dim),
+                   o.compute(device, precision, backend, max_memory), top_k=top_k, allow_missing=allow_missing,
+                   epsilons=o.numbers(epsilon, "--epsilon", "0.5 or 0.3,0.5,0.7") or (0.5,))  # fmt: skip
+    eps = opts.epsilons
     check_outputs([base, *(Path(p) for _, p in pairs)], {"--output": output, "--html": html})
     if remove_intruders is not None and not (0.0 <= remove_intruders <= 1.0):
         raise typer.BadParameter(
@@ -131,11 +113,6 @@ def compare_cmd(
         raise typer.BadParameter("--remove-intruders needs --out DIR", param_hint="--out")
     if out is not None and remove_intruders is None:
         raise typer.BadParameter("--out is only used with --remove-intruders", param_hint="--out")
-    opts = CompareOptions(
-        include=o.split_csv(include), exclude=o.split_csv(exclude), kinds=o.split_csv(kinds), min_dim=min_dim,
-        top_k=top_k, epsilons=eps, precision=precision.value, allow_missing=allow_missing, device=device,
-        backend=backend.value, max_memory=max_memory,
-    )  # fmt: skip
     remover = (
         IntruderRemover(out, remove_intruders, eps[0], force)
         if out is not None and remove_intruders is not None

@@ -1,4 +1,4 @@
-"""``spectra merge BASE NAME=TUNED…`` and ``spectra reconstruct BUNDLE --task NAME``."""
+"""``spectra merge BASE NAME=TUNED…``: merge fine-tunes of one base, or store them reversibly (an rmm bundle)."""
 
 from __future__ import annotations
 
@@ -28,13 +28,7 @@ Examples:
   spectra reconstruct bundle/ --task b --out ft-b-rebuilt/
 """
 
-RECONSTRUCT_EPILOG = """\
-Examples:
-
-  spectra reconstruct bundle/ --task math --out math-rebuilt/
-
-  spectra reconstruct bundle/ --task code --base /models/base --out code-rebuilt/ --format json
-"""
+_NUMPY_ONLY = "Not used yet by merge, which computes with NumPy on the CPU."
 
 
 def _method_help() -> str:
@@ -48,18 +42,6 @@ def _epilog() -> str:
     from spectra_cli.flows.merge import method_lines
 
     return MERGE_EPILOG + "\nMethods:\n\n" + "\n\n".join(f"  {line}" for line in method_lines()) + "\n"
-
-
-def _weights(values: list[str] | None) -> tuple[float, ...] | None:
-    raw = o.split_csv(values)
-    if not raw:
-        return None
-    try:
-        return tuple(float(v) for v in raw)
-    except ValueError:
-        raise typer.BadParameter(
-            f"{','.join(raw)}: expected numbers such as 0.5,1", param_hint="--weights"
-        ) from None
 
 
 def _params(
@@ -158,14 +140,17 @@ def merge_cmd(
     ] = False,
     interference_k: Annotated[
         int,
-        typer.Option("--interference-k", min=1, metavar="K", help="Top-k subspaces compared between tasks."),
+        typer.Option("--interference-k", metavar="K", help="Top-k subspaces compared between tasks (K ≥ 1)."),
     ] = 8,
     force: o.ForceOutOpt = False,
     include: o.IncludeOpt = None,
     exclude: o.ExcludeOpt = None,
     kinds: o.KindsOpt = None,
     min_dim: o.MinDimOpt = 1,
+    device: Annotated[str, o.device_option(_NUMPY_ONLY)] = "auto",
     precision: o.PrecisionOpt = o.Precision.float32,
+    backend: Annotated[o.Backend, o.backend_option(_NUMPY_ONLY)] = o.Backend.auto,
+    max_memory: Annotated[int | None, o.max_memory_option(_NUMPY_ONLY)] = None,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
     html: o.HtmlOpt = None,
@@ -173,32 +158,16 @@ def merge_cmd(
     quiet: o.QuietOpt = False,
 ) -> None:
     """Merge fine-tunes of one base (full checkpoints or LoRA adapters), or store them reversibly (rmm)."""
-    from spectra_cli.cli.compare import _parse_tuned
-    from spectra_cli.flows.merge import MergeOptions, method_names, run_merge
+    from spectra_cli.checkpoint.tuned import default_name
+    from spectra_cli.flows.merge import MergeOptions, run_merge
 
-    if method not in method_names():
-        raise typer.BadParameter(
-            f"{method!r} is not one of {', '.join(method_names())}", param_hint="--method"
-        )
-    pairs = _parse_tuned(tuned)
+    pairs = o.named_paths(tuned, "TUNED", default_name)
+    opts = o.build(
+        MergeOptions, o.selection(include, exclude, kinds, min_dim), o.compute(device, precision, backend, max_memory),
+        method=method, weights=o.numbers(weights, "--weights", "0.5,1") or None, params=_params(param, scale, density),
+        basis=basis, energy=energy, center=center, sweep=sweep, interference_k=interference_k,
+    )  # fmt: skip
     check_outputs([base, *(Path(p) for _, p in pairs), out], {"--output": output, "--html": html})
-    if method != "rmm" and (basis is not None or energy is not None):
-        raise typer.BadParameter("--basis/--energy apply to --method rmm only", param_hint="--basis")
-    opts = MergeOptions(
-        include=o.split_csv(include),
-        exclude=o.split_csv(exclude),
-        kinds=o.split_csv(kinds),
-        min_dim=min_dim,
-        method=method,
-        weights=_weights(weights),
-        params=_params(param, scale, density),
-        basis=basis,
-        energy=energy,
-        center=center,
-        sweep=sweep,
-        interference_k=interference_k,
-        precision=precision.value,
-    )
     with progress_bar("merging", quiet) as update:
         result = run_merge(base, pairs, out, opts, force=force, argv=sys.argv, progress=update)
     if "adapter_base_names" in result.summary:
@@ -235,52 +204,5 @@ def merge_cmd(
     emit(env, fmt, output, html=html, quiet=quiet)
 
 
-def reconstruct_cmd(
-    bundle: Annotated[
-        Path, typer.Argument(metavar="BUNDLE", help="A bundle written by `spectra merge --method rmm`.")
-    ],
-    task: Annotated[
-        str, typer.Option("--task", "-t", metavar="NAME", help="The task to rebuild.", show_default=False)
-    ],
-    out: Annotated[
-        Path,
-        typer.Option(
-            "--out",
-            metavar="DIR",
-            help="Output folder (checkpoint or adapter).",
-            rich_help_panel="Output",
-            show_default=False,
-        ),
-    ],
-    base: Annotated[
-        Path | None,
-        typer.Option(
-            "--base",
-            metavar="PATH",
-            help="The base checkpoint (default: the path recorded in the bundle).",
-            show_default=False,
-        ),
-    ] = None,
-    force: o.ForceOutOpt = False,
-    fmt: o.FormatOpt = o.Format.table,
-    output: o.OutputOpt = None,
-    html: o.HtmlOpt = None,
-    quiet: o.QuietOpt = False,
-) -> None:
-    """Rebuild one task of an rmm bundle: a full checkpoint, or a PEFT LoRA adapter when it came in as one."""
-    from spectra_cli.flows.reconstruct import run_reconstruct
-    from spectra_cli.report.render import envelope
-
-    check_outputs([bundle, base, out], {"--output": output, "--html": html})
-    with progress_bar("reconstructing", quiet) as update:
-        result = run_reconstruct(bundle, task, out, base, force=force, argv=sys.argv, progress=update)
-    s = result.summary
-    kind = "PEFT LoRA adapter" if s["kind"] == "adapter" else "checkpoint"
-    warn(f"wrote {task} as a {kind} to {out}", quiet)
-    env = envelope("reconstruct", result.inputs, result.rows, s, result.options)
-    emit(env, fmt, output, html=html, quiet=quiet)
-
-
 def register(app: typer.Typer) -> None:
     app.command("merge", epilog=_epilog())(handle_errors(merge_cmd))
-    app.command("reconstruct", epilog=RECONSTRUCT_EPILOG)(handle_errors(reconstruct_cmd))

@@ -32,17 +32,8 @@ Inputs, one row per sample: .npy (memory-mapped), .npz, .pt/.pth/.bin (a tensor 
 """
 
 
-def _named(items: list[str], what: str) -> list[tuple[str, Path]]:
-    out: list[tuple[str, Path]] = []
-    for item in items:
-        if "=" in item and not Path(item).exists():
-            name, _, path = item.partition("=")
-            if not name or not path:
-                raise typer.BadParameter(f"{item!r}: use PATH or NAME=PATH", param_hint=what)
-            out.append((name, Path(path)))
-        else:
-            out.append((item, Path(item)))
-    return out
+
+
 
 
 def rankme_cmd(
@@ -86,7 +77,6 @@ def rankme_cmd(
         int,
         typer.Option(
             "--batch-size",
-            min=1,
             metavar="N",
             rich_help_panel="Embed texts (hf extra)",
             help="Texts per forward pass.",
@@ -96,7 +86,6 @@ def rankme_cmd(
         int | None,
         typer.Option(
             "--max-length",
-            min=1,
             metavar="TOKENS",
             rich_help_panel="Embed texts (hf extra)",
             help="Truncate texts to this many tokens (default: the model's limit, at most 512).",
@@ -114,15 +103,16 @@ def rankme_cmd(
         int | None,
         typer.Option(
             "--chunk-rows",
-            min=1,
             metavar="ROWS",
             rich_help_panel="Compute",
             help="Rows read per chunk (default: as many as fit --max-memory, or 256MB).",
         ),
     ] = None,
-    max_memory: o.MaxMemoryOpt = None,
     device: o.DeviceOpt = "auto",
+    precision: Annotated[o.Precision, o.precision_option("No effect yet for rankme: it always accumulates in float64.")
+                         ] = o.Precision.float32,
     backend: o.BackendOpt = o.Backend.auto,
+    max_memory: o.MaxMemoryOpt = None,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
     html: o.HtmlOpt = None,
@@ -133,8 +123,10 @@ def rankme_cmd(
     with several inputs, rows sorted by RankMe and the best one named (label-free model selection)."""
     from spectra_cli.flows.rankme import RankmeOptions, run_rankme
 
-    inputs = _named(embeddings or [], "EMB")
-    models = _named(model or [], "--model")
+    inputs = o.named_paths(embeddings or [], "EMB")
+    models = o.named_paths(model or [], "--model")
+    opts = o.build(RankmeOptions, o.compute(device, precision, backend, max_memory), key=key, chunk_rows=chunk_rows,
+                   texts=texts, batch_size=batch_size, max_length=max_length, normalize=normalize)  # fmt: skip
     if not inputs and not models:
         raise typer.BadParameter("give embedding files, or --model DIR with --texts FILE", param_hint="EMB")
     if models and texts is None:
@@ -142,10 +134,6 @@ def rankme_cmd(
     if texts is not None and not models:
         raise typer.BadParameter("--texts is only used with --model DIR", param_hint="--texts")
     check_outputs([p for _, p in inputs], {"--output": output, "--html": html})
-    opts = RankmeOptions(
-        key=key, chunk_rows=chunk_rows, max_memory=max_memory, texts=texts, batch_size=batch_size,
-        max_length=max_length, normalize=normalize, device=device, backend=backend.value,
-    )  # fmt: skip
     with progress_bar("rankme", quiet) as update:
         result = run_rankme(inputs, opts, models, progress=update)
     for w in result.summary["warnings"]:

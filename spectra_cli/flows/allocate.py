@@ -68,6 +68,26 @@ class AllocateOptions(SelectionOptions, EngineOptions):
     activations: str | Path | None = None
     rho: float = 2.0
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.strategy not in STRATEGIES:
+            raise AllocationError(f"--strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if self.alpha_policy not in ALPHA_POLICIES:
+            raise AllocationError(f"--alpha {self.alpha_policy!r} is not one of {', '.join(ALPHA_POLICIES)}")
+        if (self.budget_rank is None) == (self.budget_params is None):
+            raise AllocationError("give exactly one budget: --budget-rank R (average rank) or --budget-params P")
+        if self.budget_rank is not None and not (self.budget_rank > 0 and math.isfinite(self.budget_rank)):
+            raise AllocationError(f"--budget-rank {self.budget_rank}: the average rank must be a positive number")
+        if self.budget_params is not None and self.budget_params <= 0:
+            raise AllocationError(f"--budget-params {self.budget_params}: the parameter budget must be positive")
+        if STRATEGIES[self.strategy].needs_activations and self.activations is None:
+            raise AllocationError(f"--strategy {self.strategy} needs --activations FILE (see `spectra capture`)")
+        if not self.rho >= 1:
+            raise AllocationError(f"--rho {self.rho}: must be at least 1")
+        if self.lora_alpha is not None and not self.lora_alpha >= 0:
+            raise AllocationError(f"--lora-alpha {self.lora_alpha}: must not be negative")
+        Constraints(self.min_rank, self.max_rank, self.multiple_of, self.allow_zero)  # checks --min-rank, --max-rank, --multiple-of
+
     @property
     def constraints(self) -> Constraints:
         return Constraints(self.min_rank, self.max_rank, self.multiple_of, self.allow_zero)

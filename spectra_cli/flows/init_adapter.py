@@ -87,6 +87,29 @@ class InitOptions(SelectionOptions, ComputeOptions):
     dtype: str | None = None
     force: bool = False
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from spectra_cli.spectral.init import methods  # the registry's metadata: no PyTorch import
+
+        names = sorted(methods())
+        if self.method not in names:
+            raise SpectraError(f"--method {self.method!r} is not one of {', '.join(names)}")
+        if self.dtype is not None and self.dtype not in DTYPE_CODES:
+            raise SpectraError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPE_CODES)}")
+        if self.rank is not None and self.rank < 1:
+            raise SpectraError(f"--rank {self.rank}: must be at least 1")
+        if self.alpha is not None and not self.alpha >= 0:
+            raise SpectraError(f"--alpha {self.alpha}: must not be negative")
+        if self.energy is not None and not 0 <= self.energy <= 1:
+            raise SpectraError(f"--energy {self.energy}: the share of ‖ΔW‖² must be in [0, 1]")
+        given = [flag for flag, v in (("--rank", self.rank), ("--ranks", self.ranks_file),
+                                      ("--allocate", self.allocate if self.allocate is not None else self.ranks))
+                 if v is not None]  # fmt: skip
+        if len(given) > 1:
+            raise SpectraError(f"give only one of --rank, --ranks and --allocate (got {' and '.join(given)})")
+        if (self.budget_rank is None) != (self.allocate is None):
+            raise SpectraError("--allocate STRATEGY and --budget-rank R go together")
+
 
 @dataclass
 class InitResult(RunResult):

@@ -107,9 +107,9 @@ class MergeOptions(SelectionOptions, ComputeOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.method not in method_names():
-            raise SpectraError(
-                f"unknown merge method {self.method!r}; choose one of {', '.join(method_names())}"
-            )
+            raise SpectraError(f"--method {self.method!r} is not one of {', '.join(method_names())}")
+        if self.method != RMM and (self.basis is not None or self.energy is not None):
+            raise SpectraError(f"--basis/--energy apply to --method {RMM} only, not {self.method}")
         if self.basis is not None and self.energy is not None:
             raise SpectraError("give either --basis or --energy, not both")
         if self.basis is not None and self.basis < 1:
@@ -117,13 +117,13 @@ class MergeOptions(SelectionOptions, ComputeOptions):
         if self.energy is not None and not 0 < self.energy <= 1:
             raise SpectraError(f"--energy {self.energy}: the energy fraction must be in (0, 1]")
         if self.interference_k < 1:
-            raise SpectraError("--interference-k must be at least 1")
+            raise SpectraError(f"--interference-k {self.interference_k}: must be at least 1")
         if self.method != RMM:
             known = METHODS[self.method].params
             bad = [k for k, _ in self.params if k not in known]
             if bad:
                 raise SpectraError(
-                    f"{self.method} has no parameter {', '.join(bad)}; its parameters: {', '.join(known) or 'none'}"
+                    f"--method {self.method} has no parameter {', '.join(bad)}; its parameters: {', '.join(known) or 'none'}"
                 )
 
     def method_params(self) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The one renderer: an envelope of rows + summary → rich table, JSON, CSV or Markdown.
 
 Data goes to stdout or ``--output FILE`` (written to a temporary name, then renamed); nothing here writes
-to stderr. JSON has the envelope of DESIGN.md; non-finite floats become ``null`` so that ``jq`` can read it.
+to stderr. JSON has the envelope described in docs/architecture.md; non-finite floats become ``null`` so that ``jq`` can read it.
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ def thin_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 # the Gram route is used for the top r when the r-th singular value is at least this fraction of σ₁ (below,
-# a float64 Gram matrix no longer resolves it well: its noise floor is ~1e-8·σ₁, see REFERENCE.md)
+# a float64 Gram matrix no longer resolves it well: its noise floor is ~1e-8·σ₁, √ε₆₄ of σ₁)
 _GRAM_MIN_RATIO = 1e-4
 
 

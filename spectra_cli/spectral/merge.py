@@ -5,7 +5,7 @@ factored, ΔW = B·A with B out×r and A r×in (a PEFT LoRA update with its scal
 Factored updates stay factored: every quantity here (norms, inner products, SVDs, the RMM basis) is computed
 from the factors by QR of the stacked B's and A's and small r×r problems, never by forming out×in.
 
-Methods (the registry :data:`METHODS`, see shared/REFERENCE.md "Merging by basis"):
+Methods (the registry :data:`METHODS`; ``spectra merge --help`` and docs/cli.md list them with their papers):
 
 - ``task-arithmetic`` (Ilharco et al. 2023): ΔW = λ·Σ wᵢΔWᵢ.
 - ``ties`` (Yadav et al. 2023, as mergekit): per task keep the top ``density`` fraction of entries by magnitude,
