@@ -5,7 +5,8 @@
 OLD_TREE / NEW_TREE are source trees of spectra (e.g. a `git worktree add /tmp/old <commit>`); NEW_TREE defaults
 to this repository. Every command runs as its own process (`python -m spectra_cli …` with PYTHONPATH set to the
 tree), alternating old and new so that a change in the machine's load hits both; wall time is the whole
-process, peak RSS from `os.wait4`. Run it on an idle machine. Needs the demo checkpoint (setup.sh installs it)
+process, peak RSS from `os.wait4`. Outputs go to a temporary folder, never to /dev/null: an old revision may
+replace a device it is given as an output (the bug fixed with issue #12). Run it on an idle machine. Needs the demo checkpoint (setup.sh installs it)
 and the LLaMA-like checkpoint in benchmarks/data/llama_like (generated when missing, ~1 GB).
 """
 
@@ -28,12 +29,12 @@ LLAMA = ROOT / "benchmarks" / "data" / "llama_like"
 def cases(minilm: Path, work: Path) -> dict[str, tuple[str, list[str]]]:
     """name → (checkpoint group, spectra arguments)."""
     return {
-        "analyze minilm": ("minilm", ["analyze", str(minilm), "-f", "json", "-o", os.devnull]),
+        "analyze minilm": ("minilm", ["analyze", str(minilm), "-f", "json", "-o", str(work / "out.json")]),
         "compare minilm vs itself": ("minilm", ["compare", str(minilm), str(minilm), "-f", "json"]),
         "init-adapter pissa r16 minilm": ("minilm", ["init-adapter", str(minilm), "--method", "pissa", "--rank",
                                                      "16", "--out", str(work / "pissa"), "--force"]),
         "allocate energy minilm": ("minilm", ["allocate", str(minilm), "--budget-rank", "8", "-f", "json"]),
-        "analyze llama-like": ("llama", ["analyze", str(LLAMA), "-f", "json", "-o", os.devnull]),
+        "analyze llama-like": ("llama", ["analyze", str(LLAMA), "-f", "json", "-o", str(work / "out.json")]),
         "init-adapter pissa r16 llama-like": ("llama", ["init-adapter", str(LLAMA), "--method", "pissa", "--rank",
                                                         "16", "--out", str(work / "pissa-llama"), "--force"]),
     }  # fmt: skip
