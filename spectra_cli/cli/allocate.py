@@ -257,7 +257,7 @@ def allocate_cmd(
         raise typer.BadParameter(
             f"--strategy {strategy.value} needs --activations FILE", param_hint="--activations"
         )
-    check_outputs([ckpt, activations], {"--output": output, "--peft-config": peft_config})
+    check_outputs([ckpt, activations], {"--output": output, "--peft-config": peft_config}, folders={"--plots": plots})
     if peft_config is not None and peft_config.exists() and not force:
         raise SpectraError(f"{peft_config} already exists; choose another --peft-config or pass --force")
     opts = AllocateOptions(

@@ -152,7 +152,8 @@ def analyze_cmd(
         ckpt = demo_checkpoint()
         warn(f"analysing the demo checkpoint: {ckpt}", quiet)
     assert ckpt is not None
-    check_outputs([ckpt], {"--output": output, "--save-spectra": save_spectra, "--html": html})
+    check_outputs([ckpt], {"--output": output, "--html": html}, binary={"--save-spectra": save_spectra},
+                  folders={"--plots": plots})
     opts = AnalyzeOptions(
         include=o.split_csv(include), exclude=o.split_csv(exclude), kinds=o.split_csv(kinds), min_dim=min_dim,
         split_fused=split_fused, device=device, precision=precision.value, method=method.value,

@@ -164,7 +164,8 @@ def compare_cmd(
 
     pairs = _parse_tuned(tuned)
     eps = _epsilons(epsilon)
-    check_outputs([base, *(Path(p) for _, p in pairs)], {"--output": output, "--html": html})
+    check_outputs([base, *(Path(p) for _, p in pairs)], {"--output": output, "--html": html},
+                  folders={"--out": out, "--plots": plots})
     if remove_intruders is not None and not (0.0 <= remove_intruders <= 1.0):
         raise typer.BadParameter(
             f"{remove_intruders}: λ must be in [0, 1] (0 removes the intruders, 1 keeps them)",

@@ -286,7 +286,7 @@ def init_adapter_cmd(
         raise typer.BadParameter("--allocate and --budget-rank go together", param_hint="--allocate")
     from spectra_cli.cli.outputs import check_outputs
 
-    check_outputs([ckpt, tuned, activations, ranks, out], {"--output": output})
+    check_outputs([ckpt, tuned, activations, ranks], {"--output": output}, folders={"--out": out})
     m_opts: dict[str, Any] = {}
     if corda_mode is not None:
         m_opts["mode"] = corda_mode.lower()

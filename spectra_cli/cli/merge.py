@@ -233,7 +233,7 @@ def merge_cmd(
             f"{method!r} is not one of {', '.join(method_names())}", param_hint="--method"
         )
     pairs = _parse_tuned(tuned)
-    check_outputs([base, *(Path(p) for _, p in pairs), out], {"--output": output})
+    check_outputs([base, *(Path(p) for _, p in pairs)], {"--output": output}, folders={"--out": out, "--plots": plots})
     if method != "rmm" and (basis is not None or energy is not None):
         raise typer.BadParameter("--basis/--energy apply to --method rmm only", param_hint="--basis")
     opts = MergeOptions(
@@ -324,7 +324,7 @@ def reconstruct_cmd(
     from spectra_cli.flows.reconstruct import run_reconstruct
     from spectra_cli.report.render import Column, envelope, fmt_num, render
 
-    check_outputs([bundle, base, out], {"--output": output})
+    check_outputs([bundle, base], {"--output": output}, folders={"--out": out})
     with progress_bar("reconstructing", quiet) as update:
         result = run_reconstruct(bundle, task, out, base, force=force, argv=sys.argv, progress=update)
     s = result.summary

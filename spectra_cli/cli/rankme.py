@@ -178,7 +178,7 @@ def rankme_cmd(
         raise typer.BadParameter("--model needs --texts FILE (one text per line)", param_hint="--texts")
     if texts is not None and not models:
         raise typer.BadParameter("--texts is only used with --model DIR", param_hint="--texts")
-    check_outputs([p for _, p in inputs], {"--output": output})
+    check_outputs([p for _, p in inputs], {"--output": output}, folders={"--plots": plots})
     opts = RankmeOptions(
         key=key, chunk_rows=chunk_rows, max_memory=max_memory, texts=texts, batch_size=batch_size,
         max_length=max_length, normalize=normalize, device=device, backend=backend.value,
