@@ -49,6 +49,8 @@ def _hint(e: OSError) -> str:
         return "free some space or choose another path"
     if e.errno == errno.EROFS:
         return "the file system is read-only; choose another path"
+    if e.errno == errno.ENOENT:
+        return "its folder does not exist; create it first"
     if e.errno in (errno.EACCES, errno.EPERM):
         return "choose a path you may write to"
     return "choose another path"
@@ -92,7 +94,8 @@ def resolve_target(path: str | os.PathLike[str]) -> Target:
             raise SpectraError(f"{name}: is a socket; give a file name")
         if not stat.S_ISREG(st.st_mode):  # a character/block device or a FIFO: written through
             return Target(name, "in_place", name, st)
-    if _through_proc(name):  # /dev/stdout, /dev/fd/N onto a regular file: the shell's open file, written through
+    if _through_proc(name):
+        # /dev/stdout, /dev/fd/N onto a regular file: the shell's open file, written through
         return Target(name, "in_place", name, st, append=True)
     return Target(name, "replace", os.path.realpath(name), st)
 
@@ -325,6 +328,10 @@ def lock_output(path: str | os.PathLike[str], flag: str = "--out") -> OutputLock
         raise SpectraError(
             f"{user}: another run in this process is writing it ({flag}); wait for it or choose another path"
         )
+    try:
+        real.parent.mkdir(parents=True, exist_ok=True)  # the run would create it anyway; the lock lives there
+    except OSError as e:
+        raise write_error(user, e) from e
     lock_file = _lock_file(real)
     for _ in range(100):
         try:

@@ -36,6 +36,8 @@ def progress_bar(label: str, quiet: bool = False) -> Iterator[Callable[[int, int
 
         def update(done: int, total: int, name: str) -> None:
             # the name is formatted into the "[dim]…" markup template: escape its markup, and its controls
-            bar.update(task, completed=done, total=total, name=escape(terminal_safe(name[-60:], newlines=False)))
+            bar.update(
+                task, completed=done, total=total, name=escape(terminal_safe(name[-60:], newlines=False))
+            )
 
         yield update

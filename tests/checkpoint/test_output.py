@@ -91,7 +91,9 @@ def test_disk_full_becomes_one_error_naming_the_path(tmp_path: Path, monkeypatch
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(output.os, "fsync", full)
-    with pytest.raises(SpectraError, match=r"a\.txt: cannot write \(No space left on device\); free some space"):
+    with pytest.raises(
+        SpectraError, match=r"a\.txt: cannot write \(No space left on device\); free some space"
+    ):
         write_text(p, "new")
     assert p.read_text() == "old"
     assert _others(tmp_path, "a.txt") == []
@@ -116,7 +118,9 @@ def test_an_unwritable_folder_becomes_one_error(tmp_path: Path, monkeypatch: pyt
     assert ".tmp-" not in str(e.value)  # the user's name, not the staging name
 
 
-def test_a_read_only_file_is_not_replaced_by_a_user_who_could_not_write_it(tmp_path: Path, monkeypatch) -> None:
+def test_a_read_only_file_is_not_replaced_by_a_user_who_could_not_write_it(
+    tmp_path: Path, monkeypatch
+) -> None:
     p = tmp_path / "locked.txt"
     p.write_text("keep")
     monkeypatch.setattr(output.os, "access", lambda path, mode: False)  # as a non-root user on a 0444 file
@@ -263,7 +267,9 @@ def test_output_identity_sees_through_symlinks_and_dots(tmp_path: Path) -> None:
     (tmp_path / "x.json").write_text("")
     (tmp_path / "l.json").symlink_to("x.json")
     ident = output.output_identity
-    assert ident(tmp_path / "x.json") == ident(tmp_path / "l.json") == ident(tmp_path / "sub" / ".." / "x.json")
+    assert (
+        ident(tmp_path / "x.json") == ident(tmp_path / "l.json") == ident(tmp_path / "sub" / ".." / "x.json")
+    )
     assert ident(tmp_path / "new.json") == ident(tmp_path / "sub" / ".." / "new.json")
     assert ident(tmp_path / "new.json") != ident(tmp_path / "x.json")
 

@@ -75,7 +75,9 @@ def test_only_a_folder_is_replaced_even_with_force(tmp_path: Path, kind: str) ->
         prepare_output(out, True, [])
     after = os.lstat(out)
     assert (after.st_mode, after.st_ino, after.st_rdev) == (before.st_mode, before.st_ino, before.st_rdev)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out"] + (["precious.txt"] if "symlink" in kind else []))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["out"] + (["precious.txt"] if "symlink" in kind else [])
+    )
 
 
 def test_dash_is_refused_for_an_output_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -177,7 +177,11 @@ def test_ctrl_c_prints_interrupted_and_exits_130(tiny, policy, command: str) -> 
     """typer turned a KeyboardInterrupt into exit 130 silently; the README promises "Interrupted."."""
     code = _SLOW.replace("flows.analyze", "flows.check").replace("run_analyze", "run_check") \
         if command == "check" else _SLOW  # fmt: skip
-    args = ["check", str(tiny.path), "--policy", str(policy)] if command == "check" else ["analyze", str(tiny.path)]
+    args = (
+        ["check", str(tiny.path), "--policy", str(policy)]
+        if command == "check"
+        else ["analyze", str(tiny.path)]
+    )
     p = subprocess.Popen([sys.executable, "-c", code, *args], env=_env(), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)  # fmt: skip
     assert p.stderr is not None and p.stderr.readline().strip() == "READY"
