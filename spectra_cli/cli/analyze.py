@@ -98,7 +98,8 @@ def analyze_cmd(
         ckpt = demo_checkpoint()
         warn(f"analysing the demo checkpoint: {ckpt}", quiet)
     assert ckpt is not None
-    check_outputs([ckpt], {"--output": output, "--save-spectra": save_spectra, "--html": html})
+    check_outputs([ckpt], {"--output": output, "--html": html}, binary={"--save-spectra": save_spectra},
+                  folders={"--plots": plots})
     with progress_bar("analysing", quiet) as update:
         result = run_analyze(ckpt, opts, progress=update)
     s = result.summary

@@ -138,7 +138,7 @@ def capture_cmd(
     # before the --force check: an output in the model folder must never be offered --force
     check_outputs(
         [model_dir, data, Path(tokenizer) if tokenizer else None],
-        {"--out": out, "--output": output, "--html": html},
+        {"--output": output, "--html": html}, binary={"--out": out},
     )
     if output is not None and output.resolve() == out.resolve():
         raise SpectraError(f"{output}: the report and the activations file (--out) must differ")

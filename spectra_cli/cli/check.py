@@ -235,6 +235,7 @@ def _display(path: Path) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    # exit 2, not the other commands' 1, for any error: CI must tell "a rule failed" (1) from "the gate
-    # could not run" (2)
-    app.command("check", epilog=EPILOG, no_args_is_help=False)(handle_errors(check_cmd, code=2))
+    # exit 2, not the other commands' 1, for any error, an unexpected exception included: CI must tell "a rule
+    # failed" (1) from "the gate could not run" (2)
+    gate = handle_errors(check_cmd, code=2, catch_all=True)
+    app.command("check", epilog=EPILOG, no_args_is_help=False)(gate)

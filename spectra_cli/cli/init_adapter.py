@@ -255,7 +255,7 @@ def init_adapter_cmd(
         budget_rank=budget_rank, tuned=tuned, energy=energy, fast=fast, activations=activations,
         method_options=m_opts, dtype=dtype, force=force,
     )  # fmt: skip
-    check_outputs([ckpt, tuned, activations, ranks, out], {"--output": output, "--html": html})
+    check_outputs([ckpt, tuned, activations, ranks], {"--output": output, "--html": html}, folders={"--out": out})
     with progress_bar(f"init-adapter {method}", quiet) as update:
         result = run_init(ckpt, out, opts, progress=update, argv=sys.argv)
     s = result.summary

@@ -167,7 +167,8 @@ def merge_cmd(
         method=method, weights=o.numbers(weights, "--weights", "0.5,1") or None, params=_params(param, scale, density),
         basis=basis, energy=energy, center=center, sweep=sweep, interference_k=interference_k,
     )  # fmt: skip
-    check_outputs([base, *(Path(p) for _, p in pairs), out], {"--output": output, "--html": html})
+    check_outputs([base, *(Path(p) for _, p in pairs)], {"--output": output, "--html": html},
+                  folders={"--out": out, "--plots": plots})
     with progress_bar("merging", quiet) as update:
         result = run_merge(base, pairs, out, opts, force=force, argv=sys.argv, progress=update)
     if "adapter_base_names" in result.summary:

@@ -133,7 +133,7 @@ def rankme_cmd(
         raise typer.BadParameter("--model needs --texts FILE (one text per line)", param_hint="--texts")
     if texts is not None and not models:
         raise typer.BadParameter("--texts is only used with --model DIR", param_hint="--texts")
-    check_outputs([p for _, p in inputs], {"--output": output, "--html": html})
+    check_outputs([p for _, p in inputs], {"--output": output, "--html": html}, folders={"--plots": plots})
     with progress_bar("rankme", quiet) as update:
         result = run_rankme(inputs, opts, models, progress=update)
     for w in result.summary["warnings"]:

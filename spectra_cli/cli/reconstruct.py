@@ -59,7 +59,7 @@ def reconstruct_cmd(
     from spectra_cli.flows.reconstruct import run_reconstruct
     from spectra_cli.report.render import envelope
 
-    check_outputs([bundle, base, out], {"--output": output, "--html": html})
+    check_outputs([bundle, base], {"--output": output, "--html": html}, folders={"--out": out})
     with progress_bar("reconstructing", quiet) as update:
         result = run_reconstruct(bundle, task, out, base, force=force, argv=sys.argv, progress=update)
     s = result.summary

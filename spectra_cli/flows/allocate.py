@@ -26,7 +26,7 @@ from spectra_cli.checkpoint.matrices import select_matrices
 from spectra_cli.checkpoint.naming import module_path
 from spectra_cli.checkpoint.source import Checkpoint, checkpoint_inputs, open_checkpoint
 from spectra_cli.checkpoint.spectra_file import SPECTRA_FORMAT, saved_matrices, saved_values
-from spectra_cli.errors import CheckpointError, SelectionError
+from spectra_cli.errors import SelectionError
 from spectra_cli.options import EngineOptions, SelectionOptions
 from spectra_cli.results import RunResult
 from spectra_cli.spectral.allocation import (
@@ -122,15 +122,10 @@ class AllocationResult(RunResult):
         }
 
     def write_peft_config(self, path: str | Path) -> None:
-        """Write :meth:`peft_config` as JSON (to a temporary name, then renamed)."""
-        path = Path(path)
-        tmp = path.parent / f".{path.name}.tmp"
-        try:
-            tmp.write_text(json.dumps(self.peft_config(), indent=2) + "\n")
-            tmp.replace(path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise CheckpointError(f"{path}: cannot write the PEFT config ({e.strerror or e})") from e
+        """Write :meth:`peft_config` as JSON through the one output writer (``checkpoint.output``)."""
+        from spectra_cli.checkpoint.output import write_text
+
+        write_text(path, json.dumps(self.peft_config(), indent=2) + "\n")
 
 
 def _pattern_order(paths: list[str]) -> list[str]:

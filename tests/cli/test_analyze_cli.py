@@ -342,14 +342,14 @@ def test_an_unwritable_output_is_one_error_line_naming_the_users_file(
 ) -> None:
     """A write that fails (permission denied, disk full) is an input problem, not a bug: one line that names
     the file asked for (not its staging name), exit 1, nothing left behind."""
-    import spectra_cli.report.render as render_mod
+    import spectra_cli.checkpoint.output as output_mod
 
     def refuse(src: str, dst: str) -> None:
         raise PermissionError(13, "Permission denied", str(src))
 
-    monkeypatch.setattr(render_mod.os, "replace", refuse)
+    monkeypatch.setattr(output_mod.os, "replace", refuse)
     out = tmp_path / "rows.json"
     r = runner.invoke(app, ["analyze", str(tiny.path), "-f", "json", "-o", str(out)])
     assert r.exit_code == 1, r.output
-    assert r.stderr.strip() == f"Error: {out}: Permission denied"
+    assert r.stderr.strip() == f"Error: {out}: cannot write (Permission denied); choose a path you may write to"
     assert list(tmp_path.iterdir()) == []
