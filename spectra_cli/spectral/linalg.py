@@ -348,8 +348,8 @@ def gram_svd(x: Array, top: int | None = None, backend: Backend | None = None) -
     y, c = _scaled(_f64(_route(x, backend)))
     m, n = y.shape
     tt = is_torch(y)
-    if m <= n:
-        lam, u = eigh(gram(y), top)
+    if m <= n:  # (a square matrix takes this side: XXᵀ)
+        lam, u = eigh(y @ y.T, top)
         s = _sqrt0(lam)
         safe: Any = s
         if s.shape[0]:
@@ -362,7 +362,7 @@ def gram_svd(x: Array, top: int | None = None, backend: Backend | None = None) -
                 safe = np.where(big, s, np.inf)
         vt = (u.T @ y) / safe[:, None]
     else:
-        lam, v = eigh(gram(y), top)
+        lam, v = eigh(y.T @ y, top)
         s = _sqrt0(lam)
         q, r = _linalg(y).qr(y @ v)
         signs: Any
