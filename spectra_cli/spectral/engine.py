@@ -42,8 +42,6 @@ Loader = Callable[[MatrixSpec], RawTensor]
 ChunkLoader = Callable[[MatrixSpec, int], Iterator[tuple[RawTensor, str]]]
 
 
-
-
 @dataclass(frozen=True)
 class ResolvedEngine:
     device: str  # "cpu" or "cuda:N"

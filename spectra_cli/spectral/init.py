@@ -22,9 +22,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the registry's metadata (names, summaries, references) must import without PyTorch
     import torch
 
-    from spectra_cli.spectral.linalg import Backend
-
     from spectra_cli.checkpoint.activations import ModuleActivations
+    from spectra_cli.spectral.linalg import Backend
 
 
 @dataclass(frozen=True)

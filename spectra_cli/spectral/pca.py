@@ -25,7 +25,9 @@ def _flip_signs(vt: torch.Tensor) -> torch.Tensor:
 _GRAM_RTOL = 1e-12  # λ (= σ²) below this fraction of λ₁ is at the float64 Gram route's noise floor
 
 
-def _top_right_singular(a: torch.Tensor, k: int, backend: Backend | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _top_right_singular(
+    a: torch.Tensor, k: int, backend: Backend | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k singular values (descending) and right singular vectors (k×d rows) of a float64 m×d matrix, by
     the Gram route of the smaller side (:func:`spectra_cli.spectral.linalg.gram_right`: one GEMM and a
     symmetric eigensolve, 2-5× faster than an SVD on CPU and more on CUDA), on ``backend`` (None: where ``a``
