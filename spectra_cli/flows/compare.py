@@ -35,7 +35,8 @@ from spectra_cli.spectral.compare import (
     intruder_dimensions,
     svd_function,
 )
-from spectra_cli.spectral.engine import blas_threads, gram_values_np, nonfinite_counts, resolve
+from spectra_cli.spectral.engine import blas_threads, nonfinite_counts, resolve
+from spectra_cli.spectral.linalg import NUMPY, Backend, singular_values
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class CompareResult(RunResult):
 
 
 def _tuned_matrix(t: Tuned, spec: MatrixSpec, w0: np.ndarray, loaders: dict[str, MatrixLoader],
-                  dtype: type[np.floating]) -> tuple[np.ndarray, Callable[[], np.ndarray], int]:  # fmt: skip
+                  dtype: type[np.floating], be: Backend = NUMPY) -> tuple[np.ndarray, Callable[[], np.ndarray], int]:  # fmt: skip
     """(W_t in the logical orientation, a function giving σ(ΔW), NaN/Inf count of the tuned side).
     ΔW's values come from the factors for adapters; nothing is decomposed before the finiteness check."""
     if t.adapter is not None:
@@ -96,10 +97,10 @@ def _tuned_matrix(t: Tuned, spec: MatrixSpec, w0: np.ndarray, loaders: dict[str,
         delta = mod.scale * (b @ a)
         if mod.transposed != spec.transposed:
             delta = delta.T
-        return (w0 + delta).astype(dtype, copy=False), lambda: factored_values(b, a, mod.scale), bad
+        return (w0 + delta).astype(dtype, copy=False), lambda: factored_values(b, a, mod.scale, be), bad
     info = t.tensors[spec.name]
     wt = loaders[t.name].dense(dataclasses.replace(spec, tensor=info), dtype)
-    return wt, lambda: gram_values_np(wt.astype(np.float64) - w0.astype(np.float64)), _nonfinite(wt)
+    return wt, lambda: singular_values(wt.astype(np.float64) - w0.astype(np.float64), backend=be), _nonfinite(wt)
 
 
 def _check_budget(work: Sequence[MatrixSpec], n_tuned: int, budget: int) -> None:
@@ -154,7 +155,7 @@ def run_compare(
     dtype: type[np.floating] = np.float64 if opts.precision == "float64" else np.float32
     eng = resolve(EngineOptions(device=opts.device, precision=opts.precision, method="svd", backend=opts.backend,
                                max_memory=opts.max_memory))  # fmt: skip
-    svd = svd_function(eng.device, eng.backend, eng.precision)
+    svd = svd_function(eng.compute, eng.precision)
     _check_budget(work, len(tuned), eng.budget)
     base_loader = MatrixLoader(base)
     loaders = {t.name: MatrixLoader(t.checkpoint) for t in tuned if t.checkpoint is not None}
@@ -171,7 +172,7 @@ def run_compare(
                 if not t.covers(spec.name):
                     continue
                 row = _meta(t, spec)
-                wt, delta_values, bad_t = _tuned_matrix(t, spec, w0, loaders, dtype)
+                wt, delta_values, bad_t = _tuned_matrix(t, spec, w0, loaders, dtype, eng.compute)
                 if base_svd is None or bad_t:
                     row.update(status="nonfinite", nonfinite_base=bad0, nonfinite_tuned=bad_t)
                 else:

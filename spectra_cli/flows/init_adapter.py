@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     import torch
 
     from spectra_cli.spectral.init import InitMethod
+    from spectra_cli.spectral.linalg import Backend
 
 #: --dtype names → safetensors codes
 _DEFAULT_SKIP_ROLES = ("embedding", "lm_head")
@@ -433,11 +434,13 @@ def _threads(shape: tuple[int, int], device: str) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _device(opts: InitOptions) -> str:
+def _device(opts: InitOptions) -> tuple[str, Backend]:
+    """The torch device the weights go to, and where linalg's Gram route runs (``--backend``)."""
     from spectra_cli.options import EngineOptions
     from spectra_cli.spectral.engine import resolve
 
-    return resolve(EngineOptions(device=opts.device, precision=opts.precision, method="svd", backend="torch")).device
+    eng = resolve(EngineOptions(device=opts.device, precision=opts.precision, method="svd", backend=opts.backend))
+    return eng.device, eng.compute
 
 
 def get_method(name: str) -> InitMethod:
@@ -536,7 +539,7 @@ def run_init(
     if opts.allocate is not None:
         opts = _allocate(path, opts)
     targets, dropped = plan_targets(specs, opts, method, acts)
-    device = _device(opts)
+    device, backend = _device(opts)
     cdtype = _torch_dtype(opts.precision)
     fifo = bool(targets[0].spec.transposed)
     inputs_list = [Path(ckpt.path)] + ([Path(opts.tuned)] if opts.tuned else [])
@@ -577,6 +580,7 @@ def run_init(
             inp = InitInput(
                 name=tg.path, weight=w, rank=tg.rank, scale=tg.scale,
                 activations=acts[tg.path] if acts is not None else None, tuned=tuned_w, options=m_opts,
+                backend=backend,
             )  # fmt: skip
             with _threads(spec.shape, device):
                 res = method.factorize(inp)

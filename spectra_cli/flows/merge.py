@@ -45,7 +45,8 @@ from spectra_cli.checkpoint.tuned import Tuned, open_tuned
 from spectra_cli.errors import CheckpointError, SelectionError, ShapeMismatch, SpectraError
 from spectra_cli.options import ComputeOptions, SelectionOptions
 from spectra_cli.results import RunResult
-from spectra_cli.spectral.engine import blas_threads, nonfinite_counts
+from spectra_cli.spectral.engine import blas_threads, nonfinite_counts, resolve
+from spectra_cli.spectral.linalg import NUMPY, Backend
 from spectra_cli.spectral.merge import (
     GRAM_RTOL,
     METHODS,
@@ -309,13 +310,13 @@ def _merge_errors(
     return errs, kept
 
 
-def _interference(updates: list[Update], k: int) -> dict[str, np.ndarray]:
+def _interference(updates: list[Update], k: int, be: Backend = NUMPY) -> dict[str, np.ndarray]:
     m, n = updates[0].shape
-    return {key: np.asarray(v, dtype=np.float64) for key, v in interference(updates, min(k, m, n)).items()}
+    return {key: np.asarray(v, dtype=np.float64) for key, v in interference(updates, min(k, m, n), be).items()}
 
 
 def _rmm_live(updates: list[Update], live: np.ndarray, raw: int, basis: int | None, energy: float | None,
-              center: bool, g: np.ndarray) -> RMMModule:  # fmt: skip
+              center: bool, g: np.ndarray, be: Backend = NUMPY) -> RMMModule:  # fmt: skip
     """rmm of one module fitted on the tasks that changed it (``live``: ‖ΔWᵢ‖ > 0), so the basis is not spent
     on tasks that left the module alone; those get zero coefficients and error 0 and are rebuilt exactly as
     an unchanged module (``zero_tasks`` in the bundle). ``raw`` is the numbers of all n inputs; ``g`` the n×n
@@ -330,10 +331,10 @@ def _rmm_live(updates: list[Update], live: np.ndarray, raw: int, basis: int | No
         return RMMModule(mean=None, basis=[zero], coefficients=np.zeros((n, 1)), errors=np.zeros(n),
                          singular_values=np.zeros(n), storage=zero.size + n, raw=raw)  # fmt: skip
     if idx.size == n:
-        fit = rmm_fit(updates, basis=basis, energy=energy, center=center, gram_matrix=g)
+        fit = rmm_fit(updates, basis=basis, energy=energy, center=center, gram_matrix=g, backend=be)
         return replace(fit, raw=raw)
     fit = rmm_fit([updates[i] for i in idx], basis=None if basis is None else min(basis, int(idx.size)),
-                  energy=energy, center=center, gram_matrix=g[np.ix_(idx, idx)])  # fmt: skip
+                  energy=energy, center=center, gram_matrix=g[np.ix_(idx, idx)], backend=be)  # fmt: skip
     coeff = np.zeros((n, fit.coefficients.shape[1]))
     coeff[idx] = fit.coefficients
     errors = np.zeros(n)
@@ -413,6 +414,7 @@ def run_merge(
     dtype: type[np.floating] = np.float64 if opts.precision == "float64" else np.float32
     is_rmm = opts.method == RMM
     method: MergeMethod | None = None if is_rmm else METHODS[opts.method]
+    be = resolve(opts.engine).compute  # where the decompositions run
     out = Path(out)
     stage = prepare_output(out, force, [Path(base.path), *(Path(t.path) for t in tuned)])
     try:
@@ -455,7 +457,7 @@ def run_merge(
                 )
                 raw_total += raw
                 dense_total += n * spec.shape[0] * spec.shape[1]
-                inter = _interference(updates, opts.interference_k)
+                inter = _interference(updates, opts.interference_k, be)
                 live = inter["norms"] > 0
                 both = np.outer(live, live)
                 pairs += both
@@ -463,9 +465,9 @@ def run_merge(
                 ov_sum += np.where(both, inter["overlap"], 0.0)
                 fit: RMMModule | None = None
                 if is_rmm:
-                    fit = _rmm_live(updates, live, raw, opts.basis, opts.energy, opts.center, inter["gram"])
+                    fit = _rmm_live(updates, live, raw, opts.basis, opts.energy, opts.center, inter["gram"], be)
                 elif opts.sweep:  # only the singular values of the stack are needed
-                    fit = _rmm_live(updates, live, raw, 1, None, opts.center, inter["gram"])
+                    fit = _rmm_live(updates, live, raw, 1, None, opts.center, inter["gram"], be)
                 if opts.sweep:
                     assert fit is not None
                     energy = float(np.sum(inter["norms"] ** 2))
@@ -506,7 +508,7 @@ def run_merge(
                             Update(B=np.zeros((spec.shape[0], 1)), A=np.zeros((1, spec.shape[1])))
                         )
                     else:
-                        outcome = method(updates, weights, params)
+                        outcome = method(updates, weights, params, be)
                         w_new = w0.astype(np.float64) + outcome.update.to_dense()
                         copy.patch(spec.tensor, w_new.T if spec.transposed else w_new)
                     errs, kept = _merge_errors(outcome.update, updates, inter["norms"])
