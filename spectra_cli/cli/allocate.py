@@ -14,6 +14,7 @@ from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.outputs import check_outputs, figures_written
 from spectra_cli.cli.progress import progress_bar, warn
 from spectra_cli.errors import SpectraError
+from spectra_cli.results import summary_dict
 from spectra_cli.spectral.allocation import STRATEGIES
 
 EPILOG = """\
@@ -84,7 +85,7 @@ def _columns(extra: list[str]) -> list[Any]:
 
 
 def _notes(result: Any) -> list[str]:
-    s = result.summary
+    s = summary_dict(result.summary)
     unit = "ranks" if s["budget_kind"] == "rank" else "parameters"
     lines = [
         f"strategy {s['strategy']}: {s['adapted']} of {s['modules']} modules adapted, budget {s['budget']:,.0f} "
@@ -270,20 +271,20 @@ def allocate_cmd(
     with progress_bar("singular values", quiet) as update:
         result = run_allocate(ckpt, opts, progress=update)
     s = result.summary
-    if s["dropped"]:
-        warn(f"{len(s['dropped'])} modules get rank 0 and no adapter", quiet)
+    if s.dropped:
+        warn(f"{len(s.dropped)} modules get rank 0 and no adapter", quiet)
     if peft_config:
         result.write_peft_config(peft_config)
-        warn(f"wrote the PEFT config ({s['adapted']} target modules) to {peft_config}", quiet)
+        warn(f"wrote the PEFT config ({s.adapted} target modules) to {peft_config}", quiet)
     if plots:
         from spectra_cli.report.allocate_plots import allocate_plots
 
-        figures_written("allocate", plots, allocate_plots(result.rows, plots, s["strategy"]), result, quiet,
+        figures_written("allocate", plots, allocate_plots(result.rows, plots, s.strategy), result, quiet,
                         {"peft_config": result.peft_config()})  # fmt: skip
     from spectra_cli.report.render import envelope, render
 
     env = envelope("allocate", result.inputs, result.rows, result.summary, result.options)
-    title = f"spectra allocate {result.inputs['checkpoint']} ({s['strategy']})"
+    title = f"spectra allocate {result.inputs['checkpoint']} ({s.strategy})"
     render(env, fmt.value, _columns(list(result.rows[0])), title, _notes(result), output)
 
 

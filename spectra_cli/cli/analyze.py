@@ -11,6 +11,7 @@ from spectra_cli.cli import options as o
 from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.outputs import check_outputs, figures_written
 from spectra_cli.cli.progress import progress_bar, warn
+from spectra_cli.results import summary_dict
 
 EPILOG = """\
 Examples:
@@ -55,7 +56,7 @@ def _columns() -> list[Any]:
 
 
 def _notes(result: Any) -> list[str]:
-    s = result.summary
+    s = summary_dict(result.summary)
     eng = s.get("engine", {})
     lines = [
         f"{s['analysed']} of {s['matrices']} matrices analysed, {s['params']:,} parameters"
@@ -160,10 +161,9 @@ def analyze_cmd(
     )  # fmt: skip
     with progress_bar("analysing", quiet) as update:
         result = run_analyze(ckpt, opts, progress=update)
-    s = result.summary
-    if s["nonfinite"]:
+    if result.summary.nonfinite:
         warn(
-            f"{len(s['nonfinite'])} matrices contain NaN/Inf and were not decomposed (see status column)",
+            f"{len(result.summary.nonfinite)} matrices contain NaN/Inf and were not decomposed (see status column)",
             quiet,
         )
     if save_spectra:

@@ -12,6 +12,7 @@ from spectra_cli.cli import options as o
 from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.outputs import check_outputs, figures_written
 from spectra_cli.cli.progress import progress_bar, warn
+from spectra_cli.results import summary_dict
 
 EPILOG = """\
 Examples:
@@ -78,7 +79,7 @@ def _columns(eps: tuple[float, ...]) -> list[Any]:
 
 
 def _notes(result: Any) -> list[str]:
-    s = result.summary
+    s = summary_dict(result.summary)
     lines = []
     for name, t in s["tuned"].items():
         totals = ", ".join(f"{v} at ε={k}" for k, v in t["total_intruders"].items())
@@ -202,7 +203,7 @@ def compare_cmd(
         if remover is not None:
             remover.abort()
         raise
-    for name, t in result.summary["tuned"].items():
+    for name, t in result.summary.tuned.items():
         if t["missing"]:
             warn(
                 f"{name}: {len(t['missing'])} tensors/modules missing on one side were skipped (--allow-missing)",

@@ -11,6 +11,7 @@ from spectra_cli.cli import options as o
 from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.outputs import check_outputs, figures_written
 from spectra_cli.cli.progress import progress_bar, warn
+from spectra_cli.results import summary_dict
 
 EPILOG = """\
 Examples:
@@ -62,7 +63,7 @@ def _columns() -> list[Any]:
 
 
 def _notes(result: Any) -> list[str]:
-    s = result.summary
+    s = summary_dict(result.summary)
     lines: list[str] = []
     if s["best"] is not None and s["inputs"] > 1:
         lines.append(
@@ -185,7 +186,7 @@ def rankme_cmd(
     )  # fmt: skip
     with progress_bar("rankme", quiet) as update:
         result = run_rankme(inputs, opts, models, progress=update)
-    for w in result.summary["warnings"]:
+    for w in result.summary.warnings:
         warn(w, quiet)
     if plots:
         from spectra_cli.report.rankme_plots import rankme_plots

@@ -12,13 +12,17 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from spectra_cli import __version__
 from spectra_cli.errors import SpectraError
+from spectra_cli.results import summary_dict
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 SCHEMA_VERSION = 1
 FORMATS = ("table", "json", "csv", "markdown")
@@ -34,9 +38,10 @@ class Column:
     justify: str = "right"
 
 
-def envelope(command: str, inputs: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str, Any],
+def envelope(command: str, inputs: dict[str, Any], rows: list[dict[str, Any]],
+             summary: DataclassInstance | Mapping[str, Any],
              options: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-    """The JSON envelope shared by every command."""
+    """The JSON envelope shared by every command (a typed summary is written as :func:`summary_dict` gives it)."""
     return {
         "schema_version": SCHEMA_VERSION,
         "command": command,
@@ -44,7 +49,7 @@ def envelope(command: str, inputs: dict[str, Any], rows: list[dict[str, Any]], s
         "inputs": inputs,
         "options": options or {},
         "rows": rows,
-        "summary": summary,
+        "summary": summary_dict(summary),
     }
 
 
