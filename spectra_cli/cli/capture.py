@@ -13,6 +13,7 @@ from spectra_cli.cli import options as o
 from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.progress import progress_bar, warn
 from spectra_cli.errors import SpectraError
+from spectra_cli.results import summary_dict
 
 EPILOG = """\
 Examples:
@@ -49,7 +50,7 @@ def _columns() -> list[Any]:
 
 
 def _notes(result: Any) -> list[str]:
-    s = result.summary
+    s = summary_dict(result.summary)
     lines = [
         f"{s['modules']} modules ({s['unique_inputs']} distinct inputs) over {s['tokens']} tokens from "
         f"{s['examples']} examples, written to {s['out']}"
@@ -172,8 +173,8 @@ def capture_cmd(
     )  # fmt: skip
     with progress_bar("capturing", quiet) as update:
         result = run_capture(model_dir, data, out, opts, progress=update, argv=sys.argv)
-    if max_tokens is not None and result.summary["tokens"] < max_tokens:
-        warn(f"the data gave only {result.summary['tokens']} tokens (--max-tokens {max_tokens})", quiet)
+    if max_tokens is not None and result.summary.tokens < max_tokens:
+        warn(f"the data gave only {result.summary.tokens} tokens (--max-tokens {max_tokens})", quiet)
     from spectra_cli.report.render import envelope, render
 
     env = envelope("capture", result.inputs, result.rows, result.summary, result.options)

@@ -14,6 +14,7 @@ from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.outputs import check_outputs
 from spectra_cli.cli.progress import progress_bar, warn
 from spectra_cli.errors import SpectraError
+from spectra_cli.results import summary_dict
 
 EPILOG = """\
 Examples:
@@ -72,7 +73,7 @@ def _verdict_columns() -> list[Any]:
 
 
 def _notes(result: Any, policy: str) -> list[str]:
-    s = result.summary
+    s = summary_dict(result.summary)
     lines = []
     failed = result.failed
     for v in failed[:MAX_NOTE_FAILURES]:
@@ -258,7 +259,7 @@ def _check(ckpt: Path | None, policy: Path | None, base: Path | None, base_spect
         n = write_baseline(update_baseline, result)
         warn(f"wrote the baseline of {n} modules to {update_baseline}", quiet)
     if junit is not None:
-        write_junit(junit, result.verdicts, title, result.summary["seconds"], policy_name)
+        write_junit(junit, result.verdicts, title, result.summary.seconds, policy_name)
     md = markdown_summary(result.verdicts, result.summary, str(ckpt), policy_name)
     if markdown is not None:
         write_text(markdown, md)
@@ -278,7 +279,7 @@ def _check(ckpt: Path | None, policy: Path | None, base: Path | None, base_spect
     elif fmt.value in ("table", "markdown") and not show_all:
         rows = [
             {"rule": k, **r, "status": "FAIL" if r["failed"] else "ok"}
-            for k, r in result.summary["by_rule"].items()
+            for k, r in result.summary.by_rule.items()
         ]
         render({**env, "rows": rows}, fmt.value, _rule_columns(), title, _notes(result, policy_name), output)
     else:
