@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
@@ -76,6 +77,20 @@ def summary_keys(cls: type[DataclassInstance]) -> list[str]:
         else:
             keys.append(f.name)
     return keys
+
+
+def options_record(opts: DataclassInstance) -> dict[str, Any]:
+    """A command's options as the envelope (and ``spectra_run.json``) records them: every field, paths as strings,
+    tuples as lists, mappings as dicts."""
+    d = dataclasses.asdict(opts)
+    for k, v in d.items():
+        if isinstance(v, PurePath):
+            d[k] = str(v)
+        elif isinstance(v, tuple):
+            d[k] = list(v)
+        elif isinstance(v, Mapping):
+            d[k] = dict(v)
+    return d
 
 
 @dataclass

@@ -11,6 +11,7 @@ import typer
 from spectra_cli.cli import options as o
 from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.progress import progress_bar, warn
+from spectra_cli.results import summary_dict
 from spectra_cli.spectral.init import methods as _registry  # metadata only: no PyTorch import
 
 EPILOG = """\
@@ -78,7 +79,7 @@ def _columns(rows: list[dict[str, Any]]) -> list[Any]:
 
 
 def _notes(result: Any, out: Path) -> list[str]:
-    s = result.summary
+    s = summary_dict(result.summary)
     ranks = ", ".join(f"r={k}: {v}" for k, v in s["ranks"].items())
     lines = [
         f"{s['method']}: {s['modules']} modules ({ranks}), {s['adapter_parameters']:,} adapter parameters",
@@ -321,12 +322,12 @@ def init_adapter_cmd(
     with progress_bar(f"init-adapter {method}", quiet) as update:
         result = run_init(ckpt, out, opts, progress=update, argv=sys.argv)
     s = result.summary
-    if s["untracked_changes"]:
-        n = len(s["untracked_changes"])
-        shown = ", ".join(s["untracked_changes"][:3]) + (f" and {n - 3} more" if n > 3 else "")
+    if s.untracked_changes:
+        n = len(s.untracked_changes)
+        shown = ", ".join(s.untracked_changes[:3]) + (f" and {n - 3} more" if n > 3 else "")
         warn(f"{n} other tensors differ between base and tuned and are not in the adapter: {shown}", quiet)
-    if s["skipped_files"]:
-        warn(f"not copied into residual/ (other weight formats): {', '.join(s['skipped_files'])}", quiet)
+    if s.skipped_files:
+        warn(f"not copied into residual/ (other weight formats): {', '.join(s.skipped_files)}", quiet)
     warn(f"wrote {out}", quiet)
     from spectra_cli.report.render import envelope, render
 

@@ -14,7 +14,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -28,7 +28,7 @@ from spectra_cli.checkpoint.source import Checkpoint, checkpoint_inputs, open_ch
 from spectra_cli.checkpoint.spectra_file import SPECTRA_FORMAT, saved_matrices, saved_values
 from spectra_cli.errors import CheckpointError, SelectionError
 from spectra_cli.options import EngineOptions, SelectionOptions
-from spectra_cli.results import OMIT_NONE, RunResult
+from spectra_cli.results import OMIT_NONE, RunResult, options_record
 from spectra_cli.spectral.allocation import (
     STRATEGIES,
     AllocationError,
@@ -247,11 +247,7 @@ def run_allocate(
         inputs["spectra_of"] = p.ckpt.metadata.get("source")
     if opts.activations is not None:
         inputs["activations"] = str(opts.activations)
-    options = asdict(opts)
-    for k in ("include", "exclude", "kinds"):
-        options[k] = list(options[k])
-    if options["activations"] is not None:
-        options["activations"] = str(options["activations"])
+    options = options_record(opts)
     return AllocationResult(rows, summary, inputs, options, rank_map, alphas, r_common, alpha_of(r_common))
 
 
@@ -322,13 +318,13 @@ def measure(p: AllocatePlan, progress: Callable[[int, int, str], None] | None = 
     if p.engine is None:
         spectra = []
         for i, t in enumerate(p.targets):
-            values = saved_values(p.ckpt, t.tensor)
-            if values is None:
+            saved = saved_values(p.ckpt, t.tensor)
+            if saved is None:
                 raise AllocationError(
                     f"{p.ckpt.path}: no saved singular values for {t.tensor} (NaN/Inf weights); leave it out with "
                     "--exclude"
                 )
-            spectra.append(values)
+            spectra.append(saved)
             if progress:
                 progress(i + 1, len(p.targets), t.tensor)
         return spectra

@@ -6,7 +6,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -23,7 +23,7 @@ from spectra_cli.checkpoint.spectra_file import (
 )
 from spectra_cli.errors import SelectionError
 from spectra_cli.options import EngineOptions, SelectionOptions
-from spectra_cli.results import OMIT_NONE, RunResult
+from spectra_cli.results import OMIT_NONE, RunResult, options_record
 from spectra_cli.spectral.engine import ResolvedEngine, engine_info, resolve, singular_values
 from spectra_cli.spectral.metrics import compute_metrics
 
@@ -188,9 +188,7 @@ def measure(p: AnalyzePlan, progress: Callable[[int, int, str], None] | None = N
 
 
 def _options_dict(opts: AnalyzeOptions, eng: ResolvedEngine | None) -> dict[str, Any]:
-    d = asdict(opts)
-    for k in ("include", "exclude", "kinds"):
-        d[k] = list(d[k])
+    d = options_record(opts)
     if eng is not None:
         d["resolved"] = engine_info(eng)
     return d

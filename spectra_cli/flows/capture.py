@@ -22,7 +22,7 @@ import json
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from spectra_cli.checkpoint.source import open_checkpoint
 from spectra_cli.checkpoint.text import iter_texts
 from spectra_cli.errors import CheckpointError, SelectionError, SpectraError
 from spectra_cli.options import ComputeOptions, EngineOptions, SelectionOptions
-from spectra_cli.results import RunResult
+from spectra_cli.results import RunResult, options_record
 from spectra_cli.spectral.engine import resolve
 from spectra_cli.spectral.pca import DEFAULT_TAU, IncrementalPCA
 
@@ -302,7 +302,7 @@ def run_capture(
         "examples": got.examples,
         "tokens": got.tokens,
     }
-    options_rec = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()}
+    options_rec = options_record(opts)
     meta = {
         "spectra_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

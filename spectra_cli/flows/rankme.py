@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import numpy as np
 from spectra_cli.checkpoint.embeddings import EmbeddingSource, chunk_rows_for, open_embeddings
 from spectra_cli.errors import SpectraError
 from spectra_cli.options import ComputeOptions, EngineOptions
-from spectra_cli.results import RunResult
+from spectra_cli.results import RunResult, options_record
 from spectra_cli.spectral.engine import ResolvedEngine, resolve
 from spectra_cli.spectral.rankme import (
     RANKME_EPS,
@@ -202,7 +202,7 @@ def run_rankme(
     }
     if p.models:
         inputs_out["texts"] = {"path": str(opts.texts), "count": len(p.texts)}
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
+    options = options_record(opts)
     options["rankme_eps"] = RANKME_EPS
     options["resolved_device"] = p.engine.device
     options["resolved_backend"] = p.engine.backend
