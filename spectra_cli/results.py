@@ -79,6 +79,22 @@ def summary_keys(cls: type[DataclassInstance]) -> list[str]:
     return keys
 
 
+def jsonable(x: Any) -> Any:
+    """NumPy arrays and scalars → lists and Python numbers, recursively through dicts (keys as strings), lists
+    and tuples (as lists)."""
+    import numpy as np
+
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
 def options_record(opts: DataclassInstance) -> dict[str, Any]:
     """A command's options as the envelope (and ``spectra_run.json``) records them: every field, paths as strings,
     tuples as lists, mappings as dicts."""

@@ -12,6 +12,7 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,17 @@ from spectra_cli.errors import SelectionError, SpectraError
 
 #: roles left out when no --kinds / --include names the targets (PEFT's ``all-linear``)
 DEFAULT_SKIP_ROLES = ("embedding", "lm_head")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One module that gets an adapter: its matrix, rank, α and scale s."""
+
+    spec: MatrixSpec
+    path: str  # module path (tensor name without .weight)
+    rank: int
+    alpha: float
+    scale: float
 
 
 def select_targets(ckpt: Checkpoint, selection: Selection) -> list[MatrixSpec]:

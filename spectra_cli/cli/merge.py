@@ -12,6 +12,7 @@ from spectra_cli.cli import options as o
 from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.outputs import check_outputs, figures_written
 from spectra_cli.cli.progress import progress_bar, warn
+from spectra_cli.results import summary_dict
 
 MERGE_EPILOG = """\
 Examples:
@@ -103,7 +104,7 @@ def _columns(rmm: bool) -> list[Any]:
 
 
 def _notes(result: Any) -> list[str]:
-    s = result.summary
+    s = summary_dict(result.summary)
     lines = [f"method {s['method']} ({s['reference']}); {s['modules']} modules × {len(s['tasks'])} tasks"]
     errs = ", ".join(f"{t} {'-' if v is None else f'{v:.3g}'}" for t, v in s["mean_rel_error"].items())
     lines.append(f"mean relative error per task: {errs}")
@@ -253,19 +254,19 @@ def merge_cmd(
     )
     with progress_bar("merging", quiet) as update:
         result = run_merge(base, pairs, out, opts, force=force, argv=sys.argv, progress=update)
-    if "adapter_base_names" in result.summary:
-        names = ", ".join(result.summary["adapter_base_names"])
+    if result.summary.adapter_base_names is not None:
+        names = ", ".join(result.summary.adapter_base_names)
         warn(
             f"the adapters name different base models ({names}); they fit BASE's shapes, check they belong together",
             quiet,
         )
-    s = result.summary
+    s = result.summary.rmm
     if method == "rmm" and opts.weights is not None:
         warn(
             "--weights do not change an rmm bundle (every task is rebuilt as it came in); they are only recorded",
             quiet,
         )
-    if method == "rmm" and s.get("storage") is not None and s["stored_numbers"] > s["raw_numbers"]:
+    if s is not None and s.storage is not None and s.stored_numbers > s.raw_numbers:
         why = (
             "every basis element of adapters has about their summed rank, so rmm on adapters gives a shared basis, "
             "not a saving; the adapters themselves are the smaller store"
@@ -273,9 +274,9 @@ def merge_cmd(
             else "choose --basis P below the number of tasks, or --energy τ < 1, to trade error for space"
         )
         warn(
-            f"the bundle is {s['storage']:.2f}× the size of the inputs, larger than the inputs: {why}", quiet
+            f"the bundle is {s.storage:.2f}× the size of the inputs, larger than the inputs: {why}", quiet
         )
-    for name, skipped in result.summary.get("adapter_tensors_not_merged", {}).items():
+    for name, skipped in (result.summary.adapter_tensors_not_merged or {}).items():
         warn(f"{name}: {len(skipped)} non-LoRA adapter tensors (e.g. {skipped[0]}) were not merged", quiet)
     if plots:
         from spectra_cli.report.merge_plots import merge_plots
@@ -327,7 +328,7 @@ def reconstruct_cmd(
     check_outputs([bundle, base, out], {"--output": output})
     with progress_bar("reconstructing", quiet) as update:
         result = run_reconstruct(bundle, task, out, base, force=force, argv=sys.argv, progress=update)
-    s = result.summary
+    s = summary_dict(result.summary)
     kind = "PEFT LoRA adapter" if s["kind"] == "adapter" else "checkpoint"
     warn(f"wrote {task} as a {kind} to {out}", quiet)
     cols = [

@@ -39,6 +39,7 @@ from spectra_cli.checkpoint.adapter import is_adapter
 from spectra_cli.checkpoint.finetune import open_finetune, untracked_changes
 from spectra_cli.checkpoint.loader import MatrixLoader
 from spectra_cli.checkpoint.lora_targets import (
+    Target,
     file_ranks,
     lora_scale,
     ranks_file_targets,
@@ -115,17 +116,6 @@ class InitResult(RunResult[InitSummary]):
     """Rows (one per target module), summary, inputs, options; ``out`` is the written folder."""
 
     out: Path | None = None
-
-
-@dataclass(frozen=True)
-class Target:
-    """One module to initialise: its matrix, rank, α and scale s."""
-
-    spec: MatrixSpec
-    path: str  # module path (tensor name without .weight)
-    rank: int
-    alpha: float
-    scale: float
 
 
 @dataclass(frozen=True)
