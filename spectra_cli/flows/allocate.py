@@ -84,7 +84,7 @@ class PeftConfig(TypedDict):
     alpha_pattern: dict[str, float]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AllocateSummary:
     """The summary of ``allocate``. ``budget`` is in ``budget_kind`` units (ranks or parameters); ``used`` and
     ``uniform_used`` likewise; the ``uniform_*`` fields describe the uniform allocation of the same budget;
@@ -115,9 +115,9 @@ class AllocateSummary:
     reduction_ratio: float | None = field(default=None, metadata=OMIT_NONE)
     components: int | None = field(default=None, metadata=OMIT_NONE)
     low_rank_components: int | None = field(default=None, metadata=OMIT_NONE)
-    engine: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-    peft_config: PeftConfig | None = None
+    engine: dict[str, Any]
+    seconds: float
+    peft_config: PeftConfig
 
 
 def peft_config(ranks: Mapping[str, int], alphas: Mapping[str, float], r: int, lora_alpha: float) -> PeftConfig:
