@@ -40,6 +40,7 @@ from spectra_cli.errors import CheckpointError, SelectionError, SpectraError
 from spectra_cli.options import ComputeOptions, EngineOptions, SelectionOptions
 from spectra_cli.results import RunResult, options_record
 from spectra_cli.spectral.engine import resolve
+from spectra_cli.spectral.linalg import Backend
 from spectra_cli.spectral.pca import DEFAULT_TAU, IncrementalPCA
 
 STATS = ("pca", "covariance", "both")
@@ -49,13 +50,14 @@ _NEEDS_HF = "spectra capture runs the model with transformers"
 class _Stats:
     """Streaming statistics of one module's inputs (float64 on the compute device)."""
 
-    def __init__(self, dim: int, components: int, covariance: bool, device: torch.device, chunk: int) -> None:
+    def __init__(self, dim: int, components: int, covariance: bool, device: torch.device, chunk: int,
+                 backend: Backend | None = None) -> None:  # fmt: skip
         self.dim = dim
         self.n = 0
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
         self.m2 = torch.zeros(dim, dtype=torch.float64, device=device)  # Σ (x − mean)² per feature
         self.cov = torch.zeros(dim, dim, dtype=torch.float64, device=device) if covariance else None
-        self.pca = IncrementalPCA(components, dim, device) if components > 0 else None
+        self.pca = IncrementalPCA(components, dim, device, backend) if components > 0 else None
         self.chunk = chunk
 
     def update(self, x: torch.Tensor) -> None:
@@ -257,12 +259,14 @@ class _Hooks:
 
 @dataclass(frozen=True)
 class CapturePlan:
-    """The loaded model and tokenizer on the compute device, the selected modules (model module name →
-    checkpoint module path), and the data: its examples and how many there are."""
+    """The loaded model and tokenizer on the compute device, where the PCA's decompositions run
+    (``--backend``), the selected modules (model module name → checkpoint module path), and the data: its
+    examples and how many there are."""
 
     model: Any
     tokenizer: Any
     device: str
+    backend: Backend
     names: dict[str, str]
     texts: Iterator[str]
     examples: int
@@ -336,11 +340,12 @@ def plan_capture(model_dir: Path, data: Path, out: Path, opts: CaptureOptions) -
     if total == 0:
         raise SpectraError(f"{data}: no examples (the file is empty)")
     device = resolve(EngineOptions(device=opts.device, backend="torch")).device
+    backend = resolve(EngineOptions(device=opts.device, backend=opts.backend)).compute  # where the PCA runs
     model = load_hf_model(model_dir, device, _NEEDS_HF, architecture=True)
     tokenizer = load_hf_tokenizer(
         Path(opts.tokenizer) if opts.tokenizer else model_dir, _NEEDS_HF, "pass --tokenizer DIR"
     )
-    return CapturePlan(model, tokenizer, device, target_modules(model, model_dir, opts), texts, total)
+    return CapturePlan(model, tokenizer, device, backend, target_modules(model, model_dir, opts), texts, total)
 
 
 @torch.no_grad()
@@ -352,7 +357,7 @@ def capture(p: CapturePlan, opts: CaptureOptions, progress: Callable[[int, int, 
     want_cov = opts.stats in ("covariance", "both")
     dev = torch.device(p.device)
     hooks = _Hooks(
-        p.names, lambda dim: _Stats(dim, opts.components if want_pca else 0, want_cov, dev, opts.chunk)
+        p.names, lambda dim: _Stats(dim, opts.components if want_pca else 0, want_cov, dev, opts.chunk, p.backend)
     )
     handles = [p.model.get_submodule(n).register_forward_hook(hooks(n)) for n in p.names]
     accepted = set(inspect.signature(p.model.forward).parameters)

@@ -38,10 +38,10 @@ from spectra_cli.spectral.compare import (
 from spectra_cli.spectral.engine import (
     ResolvedEngine,
     blas_threads,
-    gram_values_np,
     nonfinite_counts,
     resolve,
 )
+from spectra_cli.spectral.linalg import NUMPY, Backend, singular_values
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ class ComparePlan:
 
 
 def _tuned_matrix(t: Tuned, spec: MatrixSpec, w0: np.ndarray, loaders: dict[str, MatrixLoader],
-                  dtype: type[np.floating]) -> tuple[np.ndarray, Callable[[], np.ndarray], int]:  # fmt: skip
+                  dtype: type[np.floating], be: Backend = NUMPY) -> tuple[np.ndarray, Callable[[], np.ndarray], int]:  # fmt: skip
     """(W_t in the logical orientation, a function giving σ(ΔW), NaN/Inf count of the tuned side).
     ΔW's values come from the factors for adapters; nothing is decomposed before the finiteness check."""
     if t.adapter is not None:
@@ -154,10 +154,10 @@ def _tuned_matrix(t: Tuned, spec: MatrixSpec, w0: np.ndarray, loaders: dict[str,
         delta = mod.scale * (b @ a)
         if mod.transposed != spec.transposed:
             delta = delta.T
-        return (w0 + delta).astype(dtype, copy=False), lambda: factored_values(b, a, mod.scale), bad
+        return (w0 + delta).astype(dtype, copy=False), lambda: factored_values(b, a, mod.scale, be), bad
     info = t.tensors[spec.name]
     wt = loaders[t.name].dense(dataclasses.replace(spec, tensor=info), dtype)
-    return wt, lambda: gram_values_np(wt.astype(np.float64) - w0.astype(np.float64)), _nonfinite(wt)
+    return wt, lambda: singular_values(wt.astype(np.float64) - w0.astype(np.float64), backend=be), _nonfinite(wt)
 
 
 def _check_budget(work: Sequence[MatrixSpec], n_tuned: int, budget: int) -> None:
@@ -255,7 +255,7 @@ def measure(
 ) -> tuple[list[dict[str, Any]], list[ModuleResult]]:
     """Stream the planned matrices: each base matrix read and decomposed once, then every tuned input's version
     of it; returns the rows (one per tuned × matrix) and the per-module results."""
-    svd = svd_function(p.engine.device, p.engine.backend, p.engine.precision)
+    svd = svd_function(p.engine.compute, p.engine.precision)
     base_loader = MatrixLoader(p.base)
     loaders = {t.name: MatrixLoader(t.checkpoint) for t in p.tuned if t.checkpoint is not None}
     rows: list[dict[str, Any]] = []
@@ -271,7 +271,7 @@ def measure(
                 if not t.covers(spec.name):
                     continue
                 row = _meta(t, spec)
-                wt, delta_values, bad_t = _tuned_matrix(t, spec, w0, loaders, p.dtype)
+                wt, delta_values, bad_t = _tuned_matrix(t, spec, w0, loaders, p.dtype, p.engine.compute)
                 if base_svd is None or bad_t:
                     row.update(status="nonfinite", nonfinite_base=bad0, nonfinite_tuned=bad_t)
                 else:

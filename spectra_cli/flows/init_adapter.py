@@ -58,6 +58,7 @@ from spectra_cli.results import OMIT_NONE, RunResult, options_record, summary_di
 if TYPE_CHECKING:
     from spectra_cli.checkpoint.writers import ResidualWriter
     from spectra_cli.spectral.init import InitMethod
+    from spectra_cli.spectral.linalg import Backend
 
 @dataclass(frozen=True)
 class InitOptions(SelectionOptions, ComputeOptions):
@@ -123,7 +124,7 @@ class InitPlan:
     """Everything decided before a weight is read: the options as resolved (ranks and α of ``--allocate``
     filled in), the opened checkpoint, the method, the targets with their ranks and scales (read order), the
     modules planned at rank 0, the activation statistics by module, the tuned checkpoint and its matching
-    tensors (extract), the compute device."""
+    tensors (extract), the torch device the weights go to and where linalg's routes run (``--backend``)."""
 
     opts: InitOptions
     ckpt: Checkpoint
@@ -134,6 +135,7 @@ class InitPlan:
     tuned: Checkpoint | None
     tuned_infos: dict[str, TensorInfo]
     device: str
+    backend: Backend
 
     @property
     def inputs(self) -> list[Path]:
@@ -290,17 +292,19 @@ def plan_init(path: str | Path, opts: InitOptions) -> InitPlan:
     if opts.allocate is not None:
         opts = _allocate(path, opts)
     targets, dropped = plan_targets(specs, opts, method, acts)
-    return InitPlan(opts, ckpt, method, targets, dropped, acts, tuned_ckpt, tuned_infos, _device(opts))
+    return InitPlan(opts, ckpt, method, targets, dropped, acts, tuned_ckpt, tuned_infos, *_device(opts))
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
 
 
-def _device(opts: InitOptions) -> str:
+def _device(opts: InitOptions) -> tuple[str, Backend]:
+    """The torch device the weights go to, and where linalg's Gram route runs (``--backend``)."""
     from spectra_cli.options import EngineOptions
     from spectra_cli.spectral.engine import resolve
 
-    return resolve(EngineOptions(device=opts.device, precision=opts.precision, method="svd", backend="torch")).device
+    eng = resolve(EngineOptions(device=opts.device, precision=opts.precision, method="svd", backend=opts.backend))
+    return eng.device, eng.compute
 
 
 def get_method(name: str) -> InitMethod:
@@ -411,6 +415,7 @@ def factorise(p: InitPlan, writer: ResidualWriter | None,
         inp = InitInput(
             name=tg.path, weight=w, rank=tg.rank, scale=tg.scale,
             activations=acts[tg.path] if acts is not None else None, tuned=tuned_w, options=m_opts,
+            backend=p.backend,
         )  # fmt: skip
         with torch_threads(spec.shape, device):
             res = method.factorize(inp)

@@ -38,7 +38,8 @@ from spectra_cli.checkpoint.tuned import Tuned, open_tuned
 from spectra_cli.errors import SelectionError, SpectraError
 from spectra_cli.options import ComputeOptions, SelectionOptions
 from spectra_cli.results import OMIT_NONE, RunResult, flatten, jsonable, options_record, summary_dict
-from spectra_cli.spectral.engine import blas_threads
+from spectra_cli.spectral.engine import blas_threads, resolve
+from spectra_cli.spectral.linalg import Backend
 from spectra_cli.spectral.merge import METHODS, MergeMethod, MergeOutcome, RMMModule, Update
 from spectra_cli.spectral.merge_stats import Sweep, SweepCurve, merge_errors, module_interference, rmm_live
 
@@ -177,7 +178,7 @@ class MergeResult(RunResult[MergeSummary]):
 class MergePlan:
     """The opened inputs and what the run does, decided before a weight is read: the base, the selected base
     matrices some input changes (read order), the tuned inputs, one weight per task, the method (None: rmm)
-    and its parameters, the compute dtype."""
+    and its parameters, the compute dtype and where the decompositions run (``--backend``)."""
 
     base: Checkpoint
     work: list[MatrixSpec]
@@ -186,6 +187,7 @@ class MergePlan:
     method: MergeMethod | None
     params: dict[str, Any]
     dtype: type[np.floating]
+    backend: Backend
 
     @property
     def n(self) -> int:
@@ -271,7 +273,7 @@ def plan_merge(
     weights = list(opts.weights) if opts.weights is not None else [1.0] * n
     dtype: type[np.floating] = np.float64 if opts.precision == "float64" else np.float32
     method = None if opts.method == RMM else METHODS[opts.method]
-    return MergePlan(base, work, tuned, weights, method, opts.method_params(), dtype)
+    return MergePlan(base, work, tuned, weights, method, opts.method_params(), dtype, resolve(opts.engine).compute)
 
 
 # ---- the run --------------------------------------------------------------------------------------------
@@ -352,7 +354,7 @@ def merge_modules(p: MergePlan, opts: MergeOptions, copy: PatchedCopy | None, bu
             )
             got.raw += raw
             got.dense += n * spec.shape[0] * spec.shape[1]
-            inter = module_interference(updates, opts.interference_k)
+            inter = module_interference(updates, opts.interference_k, p.backend)
             live = inter["norms"] > 0
             both = np.outer(live, live)
             got.pairs += both
@@ -360,9 +362,9 @@ def merge_modules(p: MergePlan, opts: MergeOptions, copy: PatchedCopy | None, bu
             got.ov_sum += np.where(both, inter["overlap"], 0.0)
             fit: RMMModule | None = None
             if bundle is not None:
-                fit = rmm_live(updates, live, raw, opts.basis, opts.energy, opts.center, inter["gram"])
+                fit = rmm_live(updates, live, raw, opts.basis, opts.energy, opts.center, inter["gram"], p.backend)
             elif got.sweep is not None:  # only the singular values of the stack are needed
-                fit = rmm_live(updates, live, raw, 1, None, opts.center, inter["gram"])
+                fit = rmm_live(updates, live, raw, 1, None, opts.center, inter["gram"], p.backend)
             if got.sweep is not None:
                 assert fit is not None
                 got.sweep.add(spec.name, fit, updates, inter["norms"])
@@ -380,7 +382,7 @@ def merge_modules(p: MergePlan, opts: MergeOptions, copy: PatchedCopy | None, bu
                 if not live.any():  # no task changed it (e.g. frozen embeddings): the base's stays
                     outcome = MergeOutcome(Update(B=np.zeros((spec.shape[0], 1)), A=np.zeros((1, spec.shape[1]))))
                 else:
-                    outcome = p.method(updates, p.weights, p.params)
+                    outcome = p.method(updates, p.weights, p.params, p.backend)
                     w_new = w0.astype(np.float64) + outcome.update.to_dense()
                     copy.patch(spec.tensor, w_new.T if spec.transposed else w_new)
                 errs, kept = merge_errors(outcome.update, updates, inter["norms"])

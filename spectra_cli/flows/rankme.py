@@ -138,7 +138,7 @@ def score_source(
     its N×N Gram matrices instead (:func:`~spectra_cli.spectral.rankme.scores_wide`, same answers, O(N²K))."""
     if src.n < src.k and src.n <= rows:
         z = np.concatenate(list(src.chunks(rows, progress)))
-        return scores_wide(z, dtype_eps(src.dtype))
+        return scores_wide(z, dtype_eps(src.dtype), device)
     acc = GramAccumulator(src.k, device)
     for chunk in src.chunks(rows, progress):
         acc.update(chunk)

@@ -14,59 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spectra_cli.spectral import linalg
+from spectra_cli.spectral.linalg import SVD, Backend, factored_values
 from spectra_cli.spectral.metrics import effective_rank, stable_rank
 
-
-@dataclass(frozen=True)
-class SVD:
-    """Thin SVD, singular values descending: u (m×r), s (r), vt (r×n). ``vt`` may hold only the top rows."""
-
-    u: np.ndarray
-    s: np.ndarray
-    vt: np.ndarray
-
-
-def thin_svd(w: np.ndarray) -> SVD:
-    """Thin SVD in the dtype of ``w`` (float32 or float64), returned as float64."""
-    u, s, vt = np.linalg.svd(w, full_matrices=False)
-    return SVD(
-        u.astype(np.float64, copy=False), s.astype(np.float64, copy=False), vt.astype(np.float64, copy=False)
-    )
-
-
-def _top_eigh(g: np.ndarray, top: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenpairs of the symmetric ``g`` in descending order: all of them, or only the ``top`` largest
-    (LAPACK ``syevr`` on a subset: the tridiagonal reduction, then only those vectors)."""
-    k = g.shape[0]
-    if top is None or top >= k:
-        lam, vec = np.linalg.eigh(g)
-    else:
-        import scipy.linalg
-
-        lam, vec = scipy.linalg.eigh(g, subset_by_index=[k - top, k - 1], driver="evr")
-    return lam[::-1].copy(), vec[:, ::-1].copy()
-
-
-def gram_svd(w: np.ndarray, top: int | None = None) -> SVD:
-    """Thin SVD through the float64 Gram matrix of the smaller side (``eigh``), faster than LAPACK's
-    ``gesdd`` on CPU here (2048²: 1.5 s vs 3.9 s in float64, 10 s in float32) and, being float64, at least as
-    accurate as a float32 SVD for every σ ≳ 1e-7·σ₁. For a tall W the left vectors are made exactly
-    orthonormal by a QR of W·V (columns in descending σ, so the leading ones are U's). With ``top`` only the
-    ``top`` largest triplets are computed (2048×5632: 0.8 s instead of 2.5 s for a float32 thin SVD)."""
-    x = np.asarray(w, dtype=np.float64)
-    m, n = x.shape
-    if m <= n:
-        lam, u = _top_eigh(x @ x.T, top)
-        s = np.sqrt(np.clip(lam, 0.0, None))
-        safe = np.where(s > s[0] * 1e-12, s, np.inf) if s.size else s
-        vt = (u.T @ x) / safe[:, None]
-        return SVD(u, s, vt)
-    lam, v = _top_eigh(x.T @ x, top)
-    s = np.sqrt(np.clip(lam, 0.0, None))
-    q, r = np.linalg.qr(x @ v)
-    signs = np.sign(np.diag(r))
-    signs[signs == 0] = 1.0
-    return SVD(q * signs, s, v.T)
+__all__ = ["SVD", "Drift", "Intruders", "drift", "factored_values", "intruder_dimensions", "intruder_update",
+           "subspace_overlap", "svd_function"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -105,16 +58,9 @@ def subspace_overlap(u_base_top: np.ndarray, u_tuned_top: np.ndarray) -> tuple[f
     proj = float(np.sum(m * m) / k)
     # sin of the largest angle = ‖(I − U₀U₀ᵀ)U_t‖₂: accurate for small angles, where arccos is not
     resid = u_tuned_top - u_base_top @ m
-    sin_max = float(np.linalg.svd(resid, compute_uv=False).max()) if resid.size else 0.0
+    sin_max = float(linalg.singular_values(resid, "svd").max()) if resid.size else 0.0
     angle = float(np.degrees(np.arcsin(min(1.0, sin_max))))
     return min(proj, 1.0), angle
-
-
-def factored_values(b: np.ndarray, a: np.ndarray, scale: float) -> np.ndarray:
-    """Singular values of s·B·A (B m×r, A r×n) without forming it: QR of B and Aᵀ, then an r×r SVD."""
-    _, rb = np.linalg.qr(b)
-    _, ra = np.linalg.qr(a.T)
-    return np.abs(scale) * np.linalg.svd(rb @ ra.T, compute_uv=False)
 
 
 @dataclass(frozen=True)
@@ -161,17 +107,9 @@ def intruder_update(svd_t: SVD, ranks: Sequence[int], lam: float) -> tuple[np.nd
     return b, a
 
 
-def svd_function(device: str, backend: str, precision: str = "float32") -> Callable[[np.ndarray], SVD]:
-    """A thin-SVD function for the resolved device: on CPU the float64 Gram route for float32 precision and
-    LAPACK's exact SVD for float64; PyTorch's SVD on CUDA / on request. NumPy in and out."""
-    if backend != "torch":
-        return gram_svd if precision == "float32" else thin_svd
-    import torch
-
-    dev = torch.device(device)
-
-    def torch_svd(w: np.ndarray) -> SVD:
-        u, s, vh = torch.linalg.svd(torch.from_numpy(np.ascontiguousarray(w)).to(dev), full_matrices=False)
-        return SVD(u.double().cpu().numpy(), s.double().cpu().numpy(), vh.double().cpu().numpy())
-
-    return torch_svd
+def svd_function(backend: Backend, precision: str = "float32") -> Callable[[np.ndarray], SVD]:
+    """compare's thin SVD, NumPy in and float64 NumPy out, run where ``backend`` says: the float64 Gram route
+    (:func:`~spectra_cli.spectral.linalg.gram_svd`) for float32 precision, the exact SVD for float64."""
+    if precision == "float32":
+        return lambda w: linalg.gram_svd(w, backend=backend)
+    return lambda w: linalg.thin_svd(np.asarray(w, dtype=np.float64), backend=backend)

@@ -36,11 +36,10 @@ from spectra_cli.checkpoint.matrices import MatrixSpec
 from spectra_cli.checkpoint.tensors import RawTensor, to_float
 from spectra_cli.errors import BudgetError, DeviceError
 from spectra_cli.options import EngineOptions
+from spectra_cli.spectral import linalg
 
 Loader = Callable[[MatrixSpec], RawTensor]
 ChunkLoader = Callable[[MatrixSpec, int], Iterator[tuple[RawTensor, str]]]
-
-
 
 
 @dataclass(frozen=True)
@@ -50,6 +49,11 @@ class ResolvedEngine:
     method: str  # "svd" or "gram"
     precision: str
     budget: int  # bytes
+
+    @property
+    def compute(self) -> linalg.Backend:
+        """Where :mod:`spectra_cli.spectral.linalg` runs the decompositions of this run."""
+        return linalg.Backend(self.backend, self.device)
 
 
 @dataclass(frozen=True)
@@ -252,35 +256,25 @@ def blas_threads(shape: tuple[int, int], openmp: bool = False) -> contextlib.Abs
     return _controller.limit(limits=1) if openmp else _controller.limit(limits=1, user_api="blas")
 
 
-def gram_values_np(x64: np.ndarray) -> np.ndarray:
-    """σ of a float64 matrix by the Gram route (descending)."""
-    m, n = x64.shape
-    g = x64.T @ x64 if m >= n else x64 @ x64.T
-    ev = np.linalg.eigvalsh(g)
-    return np.sqrt(np.clip(ev[::-1], 0.0, None))
-
-
-def svd_values_np(x: np.ndarray) -> np.ndarray:
-    return np.asarray(np.linalg.svd(x, compute_uv=False), dtype=np.float64)
-
-
 class _NumpyKernel:
-    """LAPACK through NumPy. A batch of small matrices is spread over one Python thread per core, each with
-    one BLAS thread (NumPy releases the GIL in LAPACK): the parallelism of BLAS threads without their
-    spinning on a busy machine."""
+    """LAPACK through NumPy (:func:`spectra_cli.spectral.linalg.singular_values`). A batch of small matrices is
+    spread over one Python thread per core, each with one BLAS thread (NumPy releases the GIL in LAPACK): the
+    parallelism of BLAS threads without their spinning on a busy machine."""
 
     def __init__(self, eng: ResolvedEngine) -> None:
         self.eng = eng
         self.workers = max(1, min(4, os.cpu_count() or 1))
         self._pool: ThreadPoolExecutor | None = None
+        self.cdtype = np.float64 if (eng.method == "gram" or eng.precision == "float64") else np.float32
 
     def _one(self, raw: RawTensor) -> tuple[np.ndarray | None, int, int]:
-        x = to_float(raw, np.float64 if self._gram_or_64 else np.float32)
+        # float64 weights stay float64 until linalg has scaled them into float32's range
+        x = to_float(raw, np.float64 if raw.dtype == "F64" else self.cdtype)
         x = x.reshape(x.shape[0], -1)
         nan, inf = nonfinite_counts(x)
         if nan or inf:
             return None, nan, inf
-        return (gram_values_np(x) if self.eng.method == "gram" else svd_values_np(x)), 0, 0
+        return linalg.singular_values(x, self.eng.method, dtype=self.cdtype), 0, 0
 
     def values(
         self, raws: list[RawTensor], specs: list[MatrixSpec]
@@ -297,12 +291,8 @@ class _NumpyKernel:
         if self._pool is not None:
             self._pool.shutdown()
 
-    @property
-    def _gram_or_64(self) -> bool:
-        return self.eng.method == "gram" or self.eng.precision == "float64"
-
     def chunked(self, chunks: Iterator[tuple[RawTensor, str]]) -> tuple[np.ndarray | None, int, int, int]:
-        g: np.ndarray | None = None
+        acc = linalg.GramSum()
         nan = inf = count = 0
         for raw, axis in chunks:
             x = to_float(raw, np.float64)
@@ -312,13 +302,11 @@ class _NumpyKernel:
             nan, inf = nan + a, inf + b
             if nan or inf:
                 continue
-            part = x.T @ x if axis == "rows" else x @ x.T
-            g = part if g is None else g + part
-        if nan or inf or g is None:
+            acc.add(x, axis)
+        if nan or inf or acc.g is None:
             return None, nan, inf, count
-        with blas_threads(g.shape):
-            ev = np.linalg.eigvalsh(g)
-        return np.sqrt(np.clip(ev[::-1], 0.0, None)), 0, 0, count
+        with blas_threads(acc.g.shape):
+            return acc.values(), 0, 0, count
 
 
 class _TorchKernel:
@@ -336,15 +324,12 @@ class _TorchKernel:
         """Nothing to release (the CUDA caching allocator keeps its blocks for the next batch)."""
 
     def _to_device(self, raw: RawTensor) -> Any:
+        """On the device in the compute dtype (float64 weights stay float64 until linalg has scaled them)."""
         torch = self.torch
         t = torch.from_numpy(np.ascontiguousarray(raw.data))
         if raw.dtype == "BF16":
             t = t.view(torch.int16).view(torch.bfloat16)
-        return t.to(self.device, non_blocking=True).to(self.cdtype)
-
-    def _gram(self, x: Any) -> Any:
-        m, n = x.shape[-2:]
-        return x.mT @ x if m >= n else x @ x.mT
+        return t.to(self.device, non_blocking=True).to(torch.float64 if raw.dtype == "F64" else self.cdtype)
 
     def values(
         self, raws: list[RawTensor], specs: list[MatrixSpec]
@@ -360,11 +345,7 @@ class _TorchKernel:
         ok = np.flatnonzero(finite)
         if ok.size:
             sub = x[torch.as_tensor(ok, device=self.device)] if ok.size < len(xs) else x
-            if self.eng.method == "gram":
-                ev = torch.linalg.eigvalsh(self._gram(sub))
-                vals = ev.flip(-1).clamp_min(0).sqrt()
-            else:
-                vals = torch.linalg.svdvals(sub)
+            vals = linalg.singular_values(sub, self.eng.method, dtype=self.cdtype)
             host = vals.to("cpu", torch.float64).numpy()
             for j, i in enumerate(ok):
                 results[i] = (host[j], 0, 0)
@@ -375,22 +356,20 @@ class _TorchKernel:
 
     def chunked(self, chunks: Iterator[tuple[RawTensor, str]]) -> tuple[np.ndarray | None, int, int, int]:
         torch = self.torch
-        g = None
+        acc = linalg.GramSum()
         nan = inf = count = 0
         for raw, axis in chunks:
-            x = self._to_device(raw)
+            x = self._to_device(raw).to(torch.float64)
             x = x.reshape(x.shape[0], -1)
             count += 1
             if not bool(torch.isfinite(x).all()):
                 nan += int(torch.isnan(x).sum())
                 inf += int(torch.isinf(x).sum())
                 continue
-            part = x.mT @ x if axis == "rows" else x @ x.mT
-            g = part if g is None else g + part
-        if nan or inf or g is None:
+            acc.add(x, axis)
+        if nan or inf or acc.g is None:
             return None, nan, inf, count
-        ev = torch.linalg.eigvalsh(g)
-        return ev.flip(-1).clamp_min(0).sqrt().cpu().numpy().astype(np.float64), 0, 0, count
+        return acc.values().cpu().numpy().astype(np.float64), 0, 0, count
 
 
 # ---- the streaming loop -------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # the registry's metadata (names, summaries, references) must
     import torch
 
     from spectra_cli.checkpoint.activations import ModuleActivations
+    from spectra_cli.spectral.linalg import Backend
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class InitInput:
     activations: ModuleActivations | None = None
     tuned: torch.Tensor | None = None  # out×in, for methods that start from a fine-tune
     options: Mapping[str, Any] = field(default_factory=dict)  # method parameters (niter, mode, …)
+    # where the top-k Gram route runs (None: where ``weight`` is); exact SVDs and QRs run where the weight is
+    backend: Backend | None = None
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from spectra_cli.errors import CheckpointError, ShapeMismatch, SpectraError
+from spectra_cli.spectral import linalg
 from spectra_cli.spectral.allocation import eva_components, eva_ranks
 from spectra_cli.spectral.init import InitFactors, InitInput, InitMethod, register
 
@@ -96,7 +97,8 @@ def corda_factorize(inp: InitInput) -> InitFactors:
         fixed, inv, damp = corda_damped_inverse(c)
     except SpectraError as e:
         raise SpectraError(f"{inp.name}: {e}") from None
-    u, s, vh = torch.linalg.svd(w @ fixed, full_matrices=False)
+    svd = linalg.thin_svd(w @ fixed)
+    u, s, vh = svd.u, svd.s, svd.vt
     v = (vh @ inv).T  # in×min(out, in), not orthonormal
     sl = slice(0, r) if mode == "ipm" else slice(s.shape[0] - r, s.shape[0])
     u, s, v = u[:, sl], s[sl], v[:, sl]

@@ -6,8 +6,9 @@ computed in the input's precision, so that W_res + s·B·A reproduces W. The con
 (``peft/tuners/lora/layer.py``, ``pissa_init`` / ``olora_init``), so an adapter written from these factors is
 the one PEFT would build with ``init_lora_weights="pissa"`` / ``"pissa_niter_N"`` / ``"olora"``:
 
-- PiSSA: the top r triplets of W = U·S·Vᵀ (on CPU from the float64 Gram matrix, :func:`gram_top`; else
-  ``torch.linalg.svd``, ``full_matrices=False``, of Wᵀ when W is wide); A = diag(√(S_r/s))·V_rᵀ,
+- PiSSA: the top r triplets of W = U·S·Vᵀ (from the float64 Gram matrix where ``InitInput.backend`` computes,
+  :func:`spectra_cli.spectral.linalg.top_k`; the exact ``torch.linalg.svd``, ``full_matrices=False``, of Wᵀ
+  when W is wide, where σ_r is below the Gram route's resolution); A = diag(√(S_r/s))·V_rᵀ,
   B = U_r·diag(√(S_r/s)) with the top r triplets. ``options["niter"] = N`` uses ``torch.svd_lowrank(W, q=r,
   niter=N)`` as PEFT's ``pissa_niter_N`` does (random, so not reproducible bit for bit across runs unless the
   torch seed is fixed).
@@ -29,6 +30,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from spectra_cli.errors import ShapeMismatch, SpectraError
+from spectra_cli.spectral import linalg
 from spectra_cli.spectral.init import InitFactors, InitInput, InitMethod, register
 
 if TYPE_CHECKING:  # PyTorch is imported by the functions that run, so the registry imports without it
@@ -80,65 +82,19 @@ def _energy(part: torch.Tensor, total: torch.Tensor) -> float:
     return float(part) / t if t > 0 else 0.0
 
 
-def thin_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``torch.linalg.svd(w, full_matrices=False)``, taken of wᵀ when w is wide: PyTorch's CPU SVD is about
-    2× slower on a wide 384×1536 matrix than on its tall transpose (median 0.28 s vs 0.12 s, 2 threads). The
-    factors are the same up to the sign of each singular pair."""
-    import torch
-
-    if w.shape[0] >= w.shape[1]:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        return u, s, vh
-    u2, s, vh2 = torch.linalg.svd(w.T, full_matrices=False)
-    return vh2.T, s, u2.T
-
-
-# the Gram route is used for the top r when the r-th singular value is at least this fraction of σ₁ (below,
-# a float64 Gram matrix no longer resolves it well: its noise floor is ~1e-8·σ₁, see REFERENCE.md)
-_GRAM_MIN_RATIO = 1e-4
-
-
-def gram_top(w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The top-r singular triplets of w (out×in) on the CPU from the float64 Gram matrix of its smaller side
-    (:func:`spectra_cli.spectral.compare.gram_svd` with ``top=r``: one GEMM, then only the r largest
-    eigenpairs). About 3× faster than a full thin SVD on CPU (2048×5632: 0.8 s vs 2.5 s) and, for the top of
-    the spectrum, more accurate than a float32 SVD. Returns None (use a full SVD) when σ_r < 1e-4·σ₁, where
-    the Gram route would lose the r-th direction, or when r is not below the smaller side."""
-    import numpy as np
-    import torch
-
-    from spectra_cli.spectral.compare import gram_svd
-
-    if w.device.type != "cpu" or not 0 < r < min(w.shape):
-        return None
-    svd = gram_svd(w.detach().to(torch.float64).numpy(), top=r)
-    s = svd.s
-    if not s[0] > 0 or s[-1] < _GRAM_MIN_RATIO * s[0]:
-        return None
-    u, s_, vt = (torch.from_numpy(np.ascontiguousarray(a)).to(w.dtype) for a in (svd.u, s, svd.vt))
-    return u, s_, vt
-
-
-def _svd_top(w: torch.Tensor, r: int, niter: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-r (U out×r, S r, Vh r×in): on CPU the float64 Gram route (:func:`gram_top`), else an exact thin
-    SVD; or ``torch.svd_lowrank(w, q=r, niter)`` as PEFT calls it when ``niter`` is given."""
-    import torch
-
-    if niter is None:
-        top = gram_top(w, r)
-        if top is not None:
-            return top
-        u, s, vh = thin_svd(w)
-        return u[:, :r], s[:r], vh[:r]
-    u, s, v = torch.svd_lowrank(w, q=r, niter=niter)
-    return u, s, v.T
+def _top(inp: InitInput, w: torch.Tensor, r: int, niter: int | None) -> tuple[torch.Tensor, ...]:
+    """Top-r (U out×r, S r, Vh r×in) of w: the float64 Gram route where ``inp.backend`` computes
+    (:func:`~spectra_cli.spectral.linalg.top_k`, exact SVD when σ_r is too small for it), or PEFT's
+    ``torch.svd_lowrank(w, q=r, niter)`` when ``niter`` is given."""
+    svd = linalg.top_k(w, r, inp.backend) if niter is None else linalg.lowrank_svd(w, r, niter)
+    return svd.u, svd.s, svd.vt
 
 
 def pissa(inp: InitInput) -> InitFactors:
     """PiSSA (Meng et al. 2024): the adapter holds the principal r singular triplets, the residual the rest."""
     _check_rank(inp)
     w, r = inp.weight, inp.rank
-    u, s, vh = _svd_top(w, r, _niter(inp, "pissa"))
+    u, s, vh = _top(inp, w, r, _niter(inp, "pissa"))
     a, b = _split_sqrt(u, s, vh, inp.scale)
     residual = w - inp.scale * (b @ a)
     info: dict[str, Any] = {"energy": _energy((s**2).sum(), (w * w).sum())}
@@ -152,10 +108,9 @@ def milora(inp: InitInput) -> InitFactors:
     _check_rank(inp)
     _niter(inp, "milora")
     w, r = inp.weight, inp.rank
-    u, s, vh = thin_svd(w)
-    k = s.numel()
-    u, s_r, vh = u[:, k - r :], s[k - r :], vh[k - r :]
-    a, b = _split_sqrt(u, s_r, vh, inp.scale)
+    bottom, s = linalg.bottom_k(w, r)
+    s_r = bottom.s
+    a, b = _split_sqrt(bottom.u, s_r, bottom.vt, inp.scale)
     residual = w - inp.scale * (b @ a)
     return InitFactors(
         A=a,
@@ -167,12 +122,10 @@ def milora(inp: InitInput) -> InitFactors:
 
 def olora(inp: InitInput) -> InitFactors:
     """OLoRA (Büyükakyüz 2024): B = Q[:, :r], A = R[:r] of the reduced QR of W (PEFT's ``olora_init``)."""
-    import torch
-
     _check_rank(inp)
     _niter(inp, "olora")
     w, r = inp.weight, inp.rank
-    q, rr = torch.linalg.qr(w)
+    q, rr = linalg.qr(w)
     b, a = q[:, :r].contiguous(), rr[:r].contiguous()
     update = inp.scale * (b @ a)
     residual = w - update
@@ -200,7 +153,8 @@ def extract(inp: InitInput) -> InitFactors:
         tau = float(energy)
         if not 0.0 < tau <= 1.0:
             raise SpectraError(f"--energy {tau}: the energy threshold must be in (0, 1]")
-        u, s, vh = thin_svd(delta)
+        full = linalg.thin_svd(delta)
+        u, s, vh = full.u, full.s, full.vt
         cap = inp.rank if inp.rank > 0 else s.numel()
         if float(total) == 0.0:
             r = 0
@@ -218,7 +172,7 @@ def extract(inp: InitInput) -> InitFactors:
         r = min(r, cap, s.numel())
         u, s, vh = u[:, :r], s[:r], vh[:r]
     else:
-        u, s, vh = _svd_top(delta, inp.rank, niter)
+        u, s, vh = _top(inp, delta, inp.rank, niter)
     a, b = _split_sqrt(u, s, vh, inp.scale)
     err = delta - inp.scale * (b @ a)
     rel = float(torch.sqrt((err * err).sum() / total)) if float(total) > 0 else 0.0

@@ -326,13 +326,15 @@ def eigh(g: Array, top: int | None = None, backend: Backend | None = None) -> tu
         if top is not None and top < k:
             lam, vec = lam[k - top :], vec[:, k - top :]
         lam, vec = lam.flip(0), vec.flip(1)
+    elif top is None or top >= k or not np.isfinite(y).all():  # NaN/Inf: NumPy propagates them, SciPy raises
+        lam, vec = np.linalg.eigh(y)
+        if top is not None and top < k:
+            lam, vec = lam[k - top :], vec[:, k - top :]
+        lam, vec = lam[::-1].copy(), vec[:, ::-1].copy()
     else:
-        if top is None or top >= k:
-            lam, vec = np.linalg.eigh(y)
-        else:
-            import scipy.linalg
+        import scipy.linalg
 
-            lam, vec = scipy.linalg.eigh(y, subset_by_index=[k - top, k - 1], driver="evr")
+        lam, vec = scipy.linalg.eigh(y, subset_by_index=[k - top, k - 1], driver="evr", check_finite=False)
         lam, vec = lam[::-1].copy(), vec[:, ::-1].copy()
     if backend is not None:
         return like(lam, g), like(vec, g)
@@ -348,8 +350,8 @@ def gram_svd(x: Array, top: int | None = None, backend: Backend | None = None) -
     y, c = _scaled(_f64(_route(x, backend)))
     m, n = y.shape
     tt = is_torch(y)
-    if m <= n:
-        lam, u = eigh(gram(y), top)
+    if m <= n:  # (a square matrix takes this side: XXᵀ)
+        lam, u = eigh(y @ y.T, top)
         s = _sqrt0(lam)
         safe: Any = s
         if s.shape[0]:
@@ -362,7 +364,7 @@ def gram_svd(x: Array, top: int | None = None, backend: Backend | None = None) -
                 safe = np.where(big, s, np.inf)
         vt = (u.T @ y) / safe[:, None]
     else:
-        lam, v = eigh(gram(y), top)
+        lam, v = eigh(y.T @ y, top)
         s = _sqrt0(lam)
         q, r = _linalg(y).qr(y @ v)
         signs: Any
@@ -490,7 +492,7 @@ def gram_right(x: Array, k: int, rtol: float = 1e-12, backend: Backend | None = 
         s, vt = _sqrt0(lam[:keep]), vecs[:, :keep].T
         vt = vt.contiguous() if is_torch(vt) else np.ascontiguousarray(vt)
     else:
-        s = lam[:keep] ** 0.5
+        s = _sqrt0(lam[:keep])
         vt = (vecs[:, :keep].T @ y) / s[:, None]
     s = s * c if c != 1.0 else s
     return (like(s, x), like(vt, x)) if backend is not None else (s, vt)

@@ -11,6 +11,7 @@ from typing import TypedDict
 
 import numpy as np
 
+from spectra_cli.spectral.linalg import NUMPY, Backend
 from spectra_cli.spectral.merge import GRAM_RTOL, RMMModule, Update, inner, interference, rmm_fit
 
 
@@ -44,15 +45,15 @@ def merge_errors(
     return errs, kept
 
 
-def module_interference(updates: list[Update], k: int) -> dict[str, np.ndarray]:
+def module_interference(updates: list[Update], k: int, be: Backend = NUMPY) -> dict[str, np.ndarray]:
     """:func:`~spectra_cli.spectral.merge.interference` of the updates (top-k subspaces, k capped by the shape),
     as float64 arrays."""
     m, n = updates[0].shape
-    return {key: np.asarray(v, dtype=np.float64) for key, v in interference(updates, min(k, m, n)).items()}
+    return {key: np.asarray(v, dtype=np.float64) for key, v in interference(updates, min(k, m, n), be).items()}
 
 
 def rmm_live(updates: list[Update], live: np.ndarray, raw: int, basis: int | None, energy: float | None,
-              center: bool, g: np.ndarray) -> RMMModule:  # fmt: skip
+              center: bool, g: np.ndarray, be: Backend = NUMPY) -> RMMModule:  # fmt: skip
     """rmm of one module fitted on the tasks that changed it (``live``: ‖ΔWᵢ‖ > 0), so the basis is not spent
     on tasks that left the module alone; those get zero coefficients and error 0 and are rebuilt exactly as
     an unchanged module (``zero_tasks`` in the bundle). ``raw`` is the numbers of all n inputs; ``g`` the n×n
@@ -67,10 +68,10 @@ def rmm_live(updates: list[Update], live: np.ndarray, raw: int, basis: int | Non
         return RMMModule(mean=None, basis=[zero], coefficients=np.zeros((n, 1)), errors=np.zeros(n),
                          singular_values=np.zeros(n), storage=zero.size + n, raw=raw)  # fmt: skip
     if idx.size == n:
-        fit = rmm_fit(updates, basis=basis, energy=energy, center=center, gram_matrix=g)
+        fit = rmm_fit(updates, basis=basis, energy=energy, center=center, gram_matrix=g, backend=be)
         return replace(fit, raw=raw)
     fit = rmm_fit([updates[i] for i in idx], basis=None if basis is None else min(basis, int(idx.size)),
-                  energy=energy, center=center, gram_matrix=g[np.ix_(idx, idx)])  # fmt: skip
+                  energy=energy, center=center, gram_matrix=g[np.ix_(idx, idx)], backend=be)  # fmt: skip
     coeff = np.zeros((n, fit.coefficients.shape[1]))
     coeff[idx] = fit.coefficients
     errors = np.zeros(n)

@@ -7,7 +7,9 @@ import contextlib
 
 import torch
 
+from spectra_cli.spectral import linalg
 from spectra_cli.spectral.engine import blas_threads
+from spectra_cli.spectral.linalg import Backend
 
 DEFAULT_TAU = 0.99  # EVA's convergence threshold on the cosine of consecutive estimates
 
@@ -23,34 +25,20 @@ def _flip_signs(vt: torch.Tensor) -> torch.Tensor:
 _GRAM_RTOL = 1e-12  # λ (= σ²) below this fraction of λ₁ is at the float64 Gram route's noise floor
 
 
-def _top_right_singular(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k singular values (descending) and right singular vectors (k×d rows) of a float64 m×d matrix.
-
-    By the Gram route on the smaller side (one GEMM + a symmetric eigensolve, 2-5× faster than an SVD on CPU
-    and more on CUDA): eigh(AᵀA) gives V directly; eigh(AAᵀ) gives U, and Vᵀ = diag(1/σ)·UᵀA. Directions whose
-    σ² is below 1e-12·σ₁² (nothing left of the data there) are dropped, so fewer than k may come back.
-    Small problems run on one BLAS thread (as the engine does: several threads only add contention there).
+def _top_right_singular(
+    a: torch.Tensor, k: int, backend: Backend | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k singular values (descending) and right singular vectors (k×d rows) of a float64 m×d matrix, by
+    the Gram route of the smaller side (:func:`spectra_cli.spectral.linalg.gram_right`: one GEMM and a
+    symmetric eigensolve, 2-5× faster than an SVD on CPU and more on CUDA), on ``backend`` (None: where ``a``
+    is). Directions whose σ² is below 1e-12·σ₁² (nothing left of the data there) are dropped, so fewer than k
+    may come back. Small problems run on one BLAS thread (as the engine does: several threads only add
+    contention there).
     """
     m, d = a.shape
     with blas_threads((m, d), openmp=True) if a.device.type == "cpu" else contextlib.nullcontext():
-        return _top_right_singular_gram(a, k)
-
-
-def _top_right_singular_gram(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    m, d = a.shape
-    if m >= d:
-        lam, vecs = torch.linalg.eigh(a.T @ a)
-        lam, vecs = lam.flip(0), vecs.flip(1)
-        keep = int((lam > _GRAM_RTOL * lam[0].clamp(min=0)).sum()) if float(lam[0]) > 0 else 0
-        keep = min(k, keep)
-        return lam[:keep].clamp(min=0).sqrt(), vecs[:, :keep].T.contiguous()
-    lam, u = torch.linalg.eigh(a @ a.T)
-    lam, u = lam.flip(0), u.flip(1)
-    keep = int((lam > _GRAM_RTOL * lam[0].clamp(min=0)).sum()) if float(lam[0]) > 0 else 0
-    keep = min(k, keep)
-    s = lam[:keep].sqrt()
-    vt = (u[:, :keep].T @ a) / s[:, None]
-    return s, vt
+        s, vt = linalg.gram_right(a, k, _GRAM_RTOL, backend)
+        return s, vt
 
 
 class IncrementalPCA:
@@ -58,13 +46,16 @@ class IncrementalPCA:
 
     Each :meth:`update` takes the SVD of [diag(σ)·V_kᵀ; X − x̄_batch; √(n₀n/(n₀+n))·(μ₀ − x̄_batch)] and keeps
     the top k right singular vectors (Ross et al. 2008, as in scikit-learn and PEFT's ``IncrementalPCA``, but
-    with an exact decomposition, :func:`_top_right_singular`, instead of PEFT's ``svd_lowrank``). ``explained_variance_ratio`` is σₖ² / Σ‖x − μ‖²
+    with an exact decomposition, the Gram route of :func:`~spectra_cli.spectral.linalg.gram_right`, instead of PEFT's ``svd_lowrank``). ``explained_variance_ratio`` is σₖ² / Σ‖x − μ‖²
     over all rows seen, i.e. λₖ over the total (population) variance. ``cosines`` holds, per component, the
     cosine between the last two estimates (NaN before the second update).
     """
 
-    def __init__(self, k: int, dim: int, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, k: int, dim: int, device: torch.device | str = "cpu", backend: Backend | None = None
+    ) -> None:
         self.k = min(k, dim)
+        self.backend = backend  # where the decompositions run (None: on ``device``, in PyTorch)
         self.dim = dim
         self.device = torch.device(device)
         self.n = 0
@@ -92,7 +83,7 @@ class IncrementalPCA:
             correction = factor * (self.mean - batch_mean)
             stacked = torch.cat([self.singular_values[:, None] * self.components, xc, correction[None, :]])
             total_ss = self.ss + batch_ss + float(correction @ correction)
-        s, vt = _top_right_singular(stacked, self.k)
+        s, vt = _top_right_singular(stacked, self.k, self.backend)
         keep = int(s.shape[0])
         vt = _flip_signs(vt)
         previous = self.components

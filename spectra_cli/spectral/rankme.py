@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from spectra_cli.spectral import metrics
+from spectra_cli.spectral.linalg import Backend, sym_eigenvalues
 
 #: RankMe's ε (Garrido et al. 2022, and their reference code)
 RANKME_EPS = 1e-7
@@ -155,13 +156,6 @@ class GramAccumulator:
         return self.gram_shifted - np.outer(s, s) / self.n
 
 
-def sym_eigenvalues(a: np.ndarray) -> np.ndarray:
-    """Eigenvalues of a symmetric matrix, descending, negatives (rounding) clamped to 0."""
-    sym = (a + a.T) / 2.0
-    ev = np.linalg.eigvalsh(sym)[::-1]
-    return np.maximum(ev, 0.0)
-
-
 def rankme(s: np.ndarray, eps: float = RANKME_EPS) -> float:
     """RankMe of singular values ``s`` (all of them: min(N, K) values): exp(−Σ p log p), p = s/‖s‖₁ + ε."""
     s = np.asarray(s, dtype=np.float64)
@@ -244,30 +238,38 @@ class RankScores:
         return self.rankme / self.max_rank if self.max_rank else float("nan")
 
 
+def _backend(device: str | None) -> Backend | None:
+    """None (NumPy) or PyTorch on ``device``: where the eigensolves run, as the accumulation does."""
+    return None if device is None else Backend("torch", device)
+
+
 def scores_from_accumulator(acc: GramAccumulator, stored_eps: float = _EPS64) -> RankScores:
-    """Every score of the accumulated Z; ``stored_eps``: machine epsilon of the stored input dtype."""
+    """Every score of the accumulated Z; ``stored_eps``: machine epsilon of the stored input dtype. The
+    eigensolves run where the accumulator did (NumPy, or PyTorch on ``acc.device``)."""
     n, k = acc.n, acc.k
     if n == 0:
         raise ValueError("no rows accumulated")
+    be = _backend(acc.device)
     return _scores_from_eigenvalues(
-        sym_eigenvalues(acc.gram()), sym_eigenvalues(acc.scatter()), n, k, stored_eps
+        sym_eigenvalues(acc.gram(), be), sym_eigenvalues(acc.scatter(), be), n, k, stored_eps
     )
 
 
-def scores_wide(z: np.ndarray, stored_eps: float = _EPS64) -> RankScores:
+def scores_wide(z: np.ndarray, stored_eps: float = _EPS64, device: str | None = None) -> RankScores:
     """Every score of an in-memory N×K matrix through the N×N Gram matrices Z Zᵀ and (Z − μ)(Z − μ)ᵀ, which have
     the non-zero eigenvalues of ZᵀZ and of the K×K scatter: O(N²K) instead of the K×K route's O(K³), for N < K
     (few samples of wide embeddings). Same thresholds as :func:`scores_from_accumulator` (ρ from K), so the two
-    routes agree to rounding."""
+    routes agree to rounding. ``device``: None for NumPy, else the torch device of the eigensolves."""
     x = np.asarray(z, dtype=np.float64)
     if x.ndim != 2 or 0 in x.shape:
         raise ValueError(f"expected a non-empty N×K matrix, got shape {x.shape}")
     n, k = x.shape
     xc = x - x.mean(axis=0)
     ev_scatter = np.zeros(k)
-    ev = sym_eigenvalues(xc @ xc.T)[:k]
+    be = _backend(device)
+    ev = sym_eigenvalues(xc @ xc.T, be)[:k]
     ev_scatter[: ev.size] = ev
-    return _scores_from_eigenvalues(sym_eigenvalues(x @ x.T), ev_scatter, n, k, stored_eps)
+    return _scores_from_eigenvalues(sym_eigenvalues(x @ x.T, be), ev_scatter, n, k, stored_eps)
 
 
 def _scores_from_eigenvalues(

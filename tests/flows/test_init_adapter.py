@@ -816,29 +816,3 @@ def test_index_file_as_input_writes_the_sharded_folder(models, tmp_path):
     res = out / "residual"
     assert (res / "model.safetensors.index.json").is_file() and (res / "config.json").is_file()
     assert round_trip_error(src, out, "llama") <= TOL
-
-
-@pytest.mark.parametrize("shape", [(60, 24), (24, 60)])
-def test_gram_top_equals_the_exact_top_triplets(shape: tuple[int, int]) -> None:
-    """The CPU Gram route for PiSSA's top r: singular values and vectors (up to sign) of a matrix built with
-    known, distinct singular values; None where σ_r is below its resolution (rank-deficient W)."""
-    import numpy as np
-    import torch
-
-    from spectra_cli.spectral.init_svd import gram_top
-
-    rng = np.random.default_rng(3)
-    m, n = shape
-    k = min(m, n)
-    sigma = np.geomspace(10.0, 0.1, k)
-    qu, _ = np.linalg.qr(rng.standard_normal((m, k)))
-    qv, _ = np.linalg.qr(rng.standard_normal((n, k)))
-    w = (qu * sigma) @ qv.T
-    top = gram_top(torch.from_numpy(w), 5)
-    assert top is not None
-    u, s, vh = (t.numpy() for t in top)
-    np.testing.assert_allclose(s, sigma[:5], rtol=1e-10)
-    np.testing.assert_allclose(np.abs(np.sum(u * qu[:, :5], axis=0)), 1.0, atol=1e-10)
-    np.testing.assert_allclose(np.abs(np.sum(vh.T * qv[:, :5], axis=0)), 1.0, atol=1e-10)
-    low = (qu[:, :3] * sigma[:3]) @ qv[:, :3].T  # rank 3: the 5th direction does not exist
-    assert gram_top(torch.from_numpy(low), 5) is None

@@ -508,18 +508,18 @@ def test_rmm_all_zero_module_reconstructs_zero(factored: bool, center: bool) -> 
 def test_ties_zero_sign_takes_the_majority_and_chunks_do_not_matter(monkeypatch: pytest.MonkeyPatch) -> None:
     """Entry 0 cancels exactly (2 − 2): its sign is the majority of the elected signs (+), so task 1's 2 is
     kept. Processing the module one row at a time (a tiny chunk) gives the same result."""
-    import spectra_cli.spectral.merge as merge
+    import spectra_cli.spectral.merge.elementwise as merge
 
     rows = np.array([[2.0, 1.0, 1.0, 3.0], [-2.0, 1.0, 1.0, -1.0]])
     want = np.array([2.0, 1.0, 1.0, 3.0])
     ups = [Update(dense=r.reshape(2, 2)) for r in rows]
     np.testing.assert_allclose(METHODS["ties"](ups, None, {"density": 1.0}).update.to_dense().ravel(), want)
-    monkeypatch.setattr(merge, "_CHUNK", 1)
+    monkeypatch.setattr(merge, "CHUNK", 1)
     np.testing.assert_allclose(METHODS["ties"](ups, None, {"density": 1.0}).update.to_dense().ravel(), want)
     rng = np.random.default_rng(30)
     big = [Update(B=rng.standard_normal((9, 2)), A=rng.standard_normal((2, 7))) for _ in range(3)]
     chunked = METHODS["ties"](big, [1.0, 2.0, 0.5], {"density": 0.3}).update.to_dense()
-    monkeypatch.setattr(merge, "_CHUNK", 1 << 20)
+    monkeypatch.setattr(merge, "CHUNK", 1 << 20)
     whole = METHODS["ties"](big, [1.0, 2.0, 0.5], {"density": 0.3}).update.to_dense()
     np.testing.assert_allclose(chunked, whole, atol=1e-12)
 
