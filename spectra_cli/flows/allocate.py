@@ -240,8 +240,9 @@ def run_allocate(
     rows = _rows(p.targets, spectra, d, alpha_of)
     rank_map = {t.name: r for t, r in zip(p.targets, d.ranks, strict=True)}
     alphas = {t.name: alpha_of(r) for t, r in zip(p.targets, d.ranks, strict=True) if r > 0}
+    config = peft_config(rank_map, alphas, r_common, alpha_of(r_common))
     summary = summarize(p, d, rows, opts.alpha_policy, r_common, alpha_of(r_common), p.engine_info,
-                        round(time.perf_counter() - t0, 3), peft_config(rank_map, alphas, r_common, alpha_of(r_common)))  # fmt: skip
+                        round(time.perf_counter() - t0, 3), config)  # fmt: skip
     inputs = checkpoint_inputs(p.ckpt)
     if p.saved:
         inputs["spectra_of"] = p.ckpt.metadata.get("source")

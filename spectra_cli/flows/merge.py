@@ -314,8 +314,10 @@ def run_merge(
         summary = summarize(p, got, bundle, rest_changed, out, round(time.perf_counter() - t0, 3))
         artifacts: list[str]
         if bundle is not None:
-            settings = {"center": opts.center, "basis": opts.basis, "energy": opts.energy, "precision": opts.precision}
-            bundle.write(p.base, p.tuned, p.weights, RMM_REFERENCE, settings, summary.rmm.storage if summary.rmm else None)
+            settings = {"center": opts.center, "basis": opts.basis, "energy": opts.energy,
+                        "precision": opts.precision}  # fmt: skip
+            storage = summary.rmm.storage if summary.rmm is not None else None
+            bundle.write(p.base, p.tuned, p.weights, RMM_REFERENCE, settings, storage)
             artifacts = ["basis.safetensors", "coefficients.json"]
         else:
             artifacts = sorted(x.name for x in stage.iterdir())
@@ -372,9 +374,9 @@ def merge_modules(p: MergePlan, opts: MergeOptions, copy: PatchedCopy | None, bu
                 assert fit is not None
                 errs = [float(e) for e in fit.errors]
                 kept = [1.0 - e * e for e in errs]
+                covered = [t.name for t in p.tuned if t.covers(spec.name)]
                 bundle.add_module(spec.name, spec.tensor.name, spec.shape, spec.transposed, fit,
-                                  all(u.is_factored for u in updates), [t.name for t in p.tuned if t.covers(spec.name)],
-                                  [i for i in range(n) if not live[i]])  # fmt: skip
+                                  all(u.is_factored for u in updates), covered, [i for i in range(n) if not live[i]])  # fmt: skip
                 got.stored += fit.storage
                 extra: dict[str, Any] = {"p": fit.p, "storage": fit.storage_ratio, "energy_kept": fit.energy_kept}
             else:

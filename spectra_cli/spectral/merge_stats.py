@@ -25,9 +25,7 @@ class SweepCurve(TypedDict):
     modules: dict[str, list[float]]
 
 
-def merge_errors(
-    merged: Update, updates: list[Update], norms: np.ndarray
-) -> tuple[list[float], list[float]]:
+def merge_errors(merged: Update, updates: list[Update], norms: np.ndarray) -> tuple[list[float], list[float]]:
     """Per task: ‖M − ΔWᵢ‖_F/‖ΔWᵢ‖_F, and the share of ΔWᵢ the merged update keeps along it,
     ⟨M, ΔWᵢ⟩/‖ΔWᵢ‖² (1 when the merged update contains the task's own update unchanged). ``norms``: the
     ‖ΔWᵢ‖_F already known from :func:`interference` (not another pass over each update)."""
@@ -49,7 +47,9 @@ def module_interference(updates: list[Update], k: int, be: Backend = NUMPY) -> d
     """:func:`~spectra_cli.spectral.merge.interference` of the updates (top-k subspaces, k capped by the shape),
     as float64 arrays."""
     m, n = updates[0].shape
-    return {key: np.asarray(v, dtype=np.float64) for key, v in interference(updates, min(k, m, n), be).items()}
+    return {
+        key: np.asarray(v, dtype=np.float64) for key, v in interference(updates, min(k, m, n), be).items()
+    }
 
 
 def rmm_live(updates: list[Update], live: np.ndarray, raw: int, basis: int | None, energy: float | None,

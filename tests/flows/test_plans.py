@@ -56,7 +56,9 @@ def test_init_plan_keeps_alpha_over_rank_with_an_allocation_and_drops_rank_zero(
 
     ranks = {LLAMA_Q[0]: 4, LLAMA_Q[1]: 0}
     with no_reads(monkeypatch):
-        p = plan_init(ckpts.sharded.path, InitOptions(kinds=("q_proj",), ranks=ranks, alphas={LLAMA_Q[0]: 8.0}))
+        p = plan_init(
+            ckpts.sharded.path, InitOptions(kinds=("q_proj",), ranks=ranks, alphas={LLAMA_Q[0]: 8.0})
+        )
     assert [(t.path, t.rank, t.alpha, t.scale) for t in p.targets] == [(LLAMA_Q[0], 4, 8.0, 2.0)]
     assert p.dropped == [LLAMA_Q[1]]
 
@@ -64,10 +66,22 @@ def test_init_plan_keeps_alpha_over_rank_with_an_allocation_and_drops_rank_zero(
 @pytest.mark.parametrize(
     ("options", "error", "match"),
     [
-        ({"kinds": ("v_proj",), "rank": 5}, ShapeMismatch, r"rank larger than min\(out, in\).*v_proj \(4×8, rank 5\)"),
-        ({"kinds": ("nope",), "rank": 2}, SelectionError, r"no weight matrices selected after filters \(--kinds nope\)"),
+        (
+            {"kinds": ("v_proj",), "rank": 5},
+            ShapeMismatch,
+            r"rank larger than min\(out, in\).*v_proj \(4×8, rank 5\)",
+        ),
+        (
+            {"kinds": ("nope",), "rank": 2},
+            SelectionError,
+            r"no weight matrices selected after filters \(--kinds nope\)",
+        ),
         ({"kinds": ("q_proj",)}, SpectraError, "give --rank R"),
-        ({"kinds": ("q_proj",), "rank": 2, "method": "corda"}, SpectraError, "capture them with `spectra capture`"),
+        (
+            {"kinds": ("q_proj",), "rank": 2, "method": "corda"},
+            SpectraError,
+            "capture them with `spectra capture`",
+        ),
     ],
 )
 def test_init_plan_refuses_before_reading(ckpts, monkeypatch, options, error, match) -> None:
@@ -105,7 +119,9 @@ def test_merge_plan_opens_and_matches_without_reading(full, monkeypatch) -> None
 
     pairs = list(full.paths.items())
     with no_reads(monkeypatch):
-        p = plan_merge(full.base_path, pairs, MergeOptions(method="ties", weights=(1.0, 2.0, 3.0), kinds=("q_proj",)))
+        p = plan_merge(
+            full.base_path, pairs, MergeOptions(method="ties", weights=(1.0, 2.0, 3.0), kinds=("q_proj",))
+        )
     assert [t.name for t in p.tuned] == list(full.paths) and p.n == 3
     assert [s.name for s in p.work] == sorted(
         (n for n in full.base if n.endswith("q_proj.weight")), key=[s for s in full.base].index
@@ -168,7 +184,9 @@ def test_compare_plan_matches_inputs_and_checks_the_budget_without_reading(ckpts
 
     path = ckpts.sharded.path
     with no_reads(monkeypatch):
-        p = plan_compare(path, [("a", path), ("b", path)], CompareOptions(kinds=("q_proj",), precision="float64"))
+        p = plan_compare(
+            path, [("a", path), ("b", path)], CompareOptions(kinds=("q_proj",), precision="float64")
+        )
     assert [s.name for s in p.work] == [f"{m}.weight" for m in LLAMA_Q]
     assert p.pairs == 4 and p.dtype is np.float64 and [t.name for t in p.tuned] == ["a", "b"]
     with no_reads(monkeypatch), pytest.raises(BudgetError, match="over the memory budget"):
@@ -204,7 +222,9 @@ def test_check_plan_decides_what_to_measure(ckpts, tmp_path: Path) -> None:
     from spectra_cli.flows.check import CheckOptions, plan_check
 
     path = ckpts.sharded.path
-    analyze_only = plan_check(path, _policy(tmp_path, "no_nonfinite = true\nmax_spectral_norm = 10.0"), CheckOptions())
+    analyze_only = plan_check(
+        path, _policy(tmp_path, "no_nonfinite = true\nmax_spectral_norm = 10.0"), CheckOptions()
+    )
     assert not analyze_only.compare and not analyze_only.adapter and analyze_only.baseline is None
     assert analyze_only.needs == {"tuned"}
     against = plan_check(path, _policy(tmp_path, "max_intruders = 0"), CheckOptions(base=path))

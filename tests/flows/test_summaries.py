@@ -38,12 +38,19 @@ SUMMARIES: dict[str, type] = {
 NOT_RECORDED = {
     "allocate": {"components"},  # only --strategy eva
     "init-adapter": {"peak_gpu_mb"},  # only on CUDA
-    "merge": {"adapter_base_names", "adapter_tensors_not_merged"},  # adapters naming different bases / extra tensors
+    "merge": {
+        "adapter_base_names",
+        "adapter_tensors_not_merged",
+    },  # adapters naming different bases / extra tensors
 }
 
 
 def _recorded(command: str) -> list[dict[str, Any]]:
-    docs = [json.loads((GOLDEN / f"{case}.json").read_text()) for case, argv in CASES.items() if argv[0] == command]
+    docs = [
+        json.loads((GOLDEN / f"{case}.json").read_text())
+        for case, argv in CASES.items()
+        if argv[0] == command
+    ]
     assert docs, f"no recorded case of {command}"
     return [d["summary"] for d in docs]
 
