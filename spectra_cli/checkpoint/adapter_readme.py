@@ -1,5 +1,17 @@
 """The ``README.md`` that ``init-adapter`` writes beside its adapter (and residual): what the folders hold and
-how to load them with PEFT."""
+how to load them with PEFT.
+
+Output layout (``out/``):
+
+- ``adapter/``: ``adapter_config.json`` + ``adapter_model.safetensors`` (keys
+  ``base_model.model.<module>.lora_A.weight`` r×in and ``….lora_B.weight`` out×r, float32 unless the compute
+  precision is float64), ``init_lora_weights: true`` so that PEFT loads the factors as they are.
+- ``residual/`` (methods that change the base): the input's own layout — same tensor names and order, the same
+  shards and index, config/tokenizer files copied — with every target weight replaced by its residual, in the
+  stored dtype (or ``dtype``: then every floating tensor is converted and ``config.json``'s ``torch_dtype``
+  updated). Safetensors input only (.bin input: convert it first).
+- ``README.md`` (how to load it) and ``spectra_run.json`` (provenance).
+"""
 
 from __future__ import annotations
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from pathlib import Path
 from typing import Any
 
 from spectra_cli import __version__
+from spectra_cli.checkpoint.output import write_text
 
 
 def write_run_record(folder: Path, command: str, argv: list[str], inputs: dict[str, Any],
@@ -29,7 +29,5 @@ def write_run_record(folder: Path, command: str, argv: list[str], inputs: dict[s
         **(extra or {}),
     }
     path = folder / "spectra_run.json"
-    tmp = folder / f".spectra_run.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(record, indent=2, default=str) + "\n")
     return path

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spectra_cli.checkpoint.output import open_output
 from spectra_cli.checkpoint.tensors import DTYPES, RawTensor, TensorInfo
 from spectra_cli.errors import CheckpointError
 
@@ -150,7 +151,8 @@ _NP_TO_CODE = {"float64": "F64", "float32": "F32", "float16": "F16"}
 def write_safetensors(
     path: Path, tensors: Mapping[str, RawTensor | np.ndarray], metadata: Mapping[str, str]
 ) -> None:
-    """Write a safetensors file atomically (temporary name, then rename)."""
+    """Write a safetensors file through the one output writer (:func:`~spectra_cli.checkpoint.output.open_output`:
+    a regular file atomically, a symlink's target, a device or FIFO in place; never stdout)."""
     header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     arrays: list[np.ndarray] = []
     pos = 0
@@ -167,14 +169,8 @@ def write_safetensors(
         arrays.append(arr)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for arr in arrays:
-                f.write(arr.reshape(-1).view(np.uint8).data if arr.nbytes else b"")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with open_output(path) as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for arr in arrays:
+            f.write(arr.reshape(-1).view(np.uint8).data if arr.nbytes else b"")

@@ -38,30 +38,87 @@ WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES, ".h5", ".msgpack", ".onnx", 
 
 
 def prepare_output(out: Path, force: bool, inputs: list[Path]) -> Path:
-    """Check the destination and return a fresh staging folder beside it."""
+    """Check the destination folder, take its lock (:func:`~spectra_cli.checkpoint.output.lock_output`: a second
+    run into the same folder fails here, before any work) and return a fresh staging folder beside it.
+
+    A symlink is followed: its target folder is what gets replaced, the link stays. Anything there that is not
+    a folder (a file, a device, a FIFO) is refused, even with ``force``: only a folder is ever replaced.
+    :func:`commit_output` moves the staging folder into place and releases the lock; :func:`discard_output`
+    removes it and releases the lock."""
+    from spectra_cli.checkpoint.output import held_lock, is_stdout, lock_output
+
+    if is_stdout(out):
+        raise SpectraError("-: an output folder cannot go to stdout; give --out a folder path")
     out = Path(out)
+    real = Path(os.path.realpath(out))
     for src in inputs:
-        s, d = Path(src).resolve(), out.resolve()
+        s, d = Path(src).resolve(), real
         if d == s or s in d.parents or d in s.parents:
             raise SpectraError(f"{out}: the output must not be inside (or contain) an input ({src})")
-    if out.exists() and not force:
-        raise SpectraError(f"{out} already exists; choose another --out or pass --force to replace it")
-    stage = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir(parents=True)
+    _check_destination(out, real, force)
+    if real == Path(real.anchor):
+        raise SpectraError(f"{out}: cannot replace the root folder; choose another --out")
+    try:
+        real.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SpectraError(f"{real.parent}: cannot create the folder ({e.strerror or e})") from e
+    stale = held_lock(real)
+    if stale is not None and stale.stage is not None and not stale.stage.exists():
+        stale.release()  # a run of this process that failed and removed its stage without discard_output
+    lock = lock_output(out, "--out")
+    try:
+        _check_destination(out, real, force)  # again, now that no other run can change it
+        stage = real.parent / f".{real.name}.tmp-{os.getpid()}"
+        if stage.exists():
+            shutil.rmtree(stage)
+        stage.mkdir()
+    except BaseException:
+        lock.release()
+        raise
+    lock.stage = stage
     return stage
 
 
+def _check_destination(out: Path, real: Path, force: bool) -> None:
+    if not os.path.lexists(real):
+        return
+    if not real.is_dir():
+        what = "a symlink to a file" if out.is_symlink() else "not a folder"
+        raise SpectraError(f"{out} is {what}; --out writes a folder: choose another path (--force only replaces a folder)")
+    if not force:
+        raise SpectraError(f"{out} already exists; choose another --out or pass --force to replace it")
+
+
 def commit_output(stage: Path, out: Path) -> None:
-    """Move a complete staging folder to its destination (replacing an old one when --force was given)."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        stage.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        stage.rename(out)
+    """Move a complete staging folder to its destination (replacing an old folder when --force was given; a
+    symlink's target folder, the link stays) and release the destination's lock."""
+    from spectra_cli.checkpoint.output import held_lock
+
+    real = Path(os.path.realpath(out))
+    try:
+        if os.path.lexists(real):
+            if not real.is_dir():
+                raise SpectraError(f"{out} is no longer a folder; nothing was written there")
+            old = real.parent / f".{real.name}.old-{os.getpid()}"
+            real.rename(old)
+            stage.rename(real)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            stage.rename(real)
+    finally:
+        lock = held_lock(real)
+        if lock is not None and lock.stage == stage:
+            lock.release()
+
+
+def discard_output(stage: Path, out: Path) -> None:
+    """Remove a staging folder (the run failed or was interrupted) and release the destination's lock."""
+    from spectra_cli.checkpoint.output import held_lock
+
+    shutil.rmtree(stage, ignore_errors=True)
+    lock = held_lock(out)
+    if lock is not None and lock.stage == stage:
+        lock.release()
 
 
 class PatchedCopy:

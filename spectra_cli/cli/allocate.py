@@ -5,16 +5,16 @@ from __future__ import annotations
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from spectra_cli.cli import options as o
+from spectra_cli.cli.emit import emit
 from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.outputs import check_outputs, figures_written
 from spectra_cli.cli.progress import progress_bar, warn
 from spectra_cli.errors import SpectraError
-from spectra_cli.results import summary_dict
 from spectra_cli.spectral.allocation import STRATEGIES
 
 EPILOG = """\
@@ -48,64 +48,12 @@ _COUNT_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
 
 
 def parse_count(text: str) -> int:
-    """'2M', '1.5K', '350000', '3e6' → an integer count (decimal units). Bad text exits 2."""
+    """'2M', '1.5K', '350000', '3e6' → an integer count (decimal units). Text that is not a count exits 2; whether
+    the count is allowed is :class:`~spectra_cli.flows.allocate.AllocateOptions`' rule."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]?)\s*", str(text))
     if not m or m.group(2).upper() not in _COUNT_UNITS:
         raise typer.BadParameter(f"{text!r} is not a count; use e.g. 2M, 350K or 350000")
-    value = int(float(m.group(1)) * _COUNT_UNITS[m.group(2).upper()])
-    if value <= 0:
-        raise typer.BadParameter("the parameter budget must be positive")
-    return value
-
-
-def _columns(extra: list[str]) -> list[Any]:
-    from spectra_cli.report.render import Column, fmt_num
-
-    def pct(x: Any) -> str:
-        return "-" if x is None else f"{100 * x:.1f}%"
-
-    cols = [
-        Column("name", "module", str, "left"),
-        Column("kind", "kind", str, "left"),
-        Column("shape", "shape"),
-        Column("rank", "rank"),
-        Column("params", "params", lambda x: f"{x:,}"),
-        Column("alpha", "α", lambda x: "-" if x is None else fmt_num(x, 2)),
-        Column("energy", "energy", pct),
-        Column("uniform_rank", "uniform r"),
-        Column("uniform_energy", "uniform energy", pct),
-    ]
-    if "effective_rank" in extra:
-        cols.append(Column("effective_rank", "eff. rank", lambda x: fmt_num(x, 1)))
-    if "pruned_fraction" in extra:
-        cols.append(Column("pruned_fraction", "pruned (σ̃ < t)", pct))
-    if "explained_variance" in extra:
-        cols.append(Column("explained_variance", "expl. var.", pct))
-    return cols
-
-
-def _notes(result: Any) -> list[str]:
-    s = summary_dict(result.summary)
-    unit = "ranks" if s["budget_kind"] == "rank" else "parameters"
-    lines = [
-        f"strategy {s['strategy']}: {s['adapted']} of {s['modules']} modules adapted, budget {s['budget']:,.0f} "
-        f"{unit}, used {s['used']:,} ({s['params']:,} trainable parameters; uniform rank {s['uniform_rank']} "
-        f"uses {s['uniform_params']:,})",
-        f"mean energy captured {100 * s['mean_energy']:.1f}% vs {100 * s['mean_energy_uniform']:.1f}% for uniform",
-    ]
-    if "threshold" in s:
-        lines.append(
-            f"WeLore threshold t = {s['threshold']:.4g} (reduction ratio {s['reduction_ratio']:.3f}; "
-            f"{s['low_rank_components']} low-rank components, more than half their rank below t)"
-        )
-    if s["dropped"]:
-        lines.append(
-            f"dropped (rank 0): {', '.join(s['dropped'][:5])}" + (" …" if len(s["dropped"]) > 5 else "")
-        )
-    lines.append(
-        f"PEFT: r = {s['r']}, lora_alpha = {s['lora_alpha']:g} ({s['alpha_policy']}); {s['seconds']:.2f} s"
-    )
-    return lines
+    return int(float(m.group(1)) * _COUNT_UNITS[m.group(2).upper()])
 
 
 def allocate_cmd(
@@ -124,7 +72,6 @@ def allocate_cmd(
             "--budget-rank",
             "-r",
             metavar="R",
-            min=0.0,
             help="Average rank R over the target modules (total R × number of modules).",
             rich_help_panel="Budget",
             show_default=False,
@@ -149,14 +96,13 @@ def allocate_cmd(
     min_rank: Annotated[
         int,
         typer.Option(
-            "--min-rank", min=1, help="Smallest rank of an adapted module.", rich_help_panel="Budget"
+            "--min-rank", help="Smallest rank of an adapted module (≥ 1).", rich_help_panel="Budget"
         ),
     ] = 1,
     max_rank: Annotated[
         int | None,
         typer.Option(
             "--max-rank",
-            min=1,
             help="Largest rank of any module.",
             rich_help_panel="Budget",
             show_default=False,
@@ -166,7 +112,6 @@ def allocate_cmd(
         int,
         typer.Option(
             "--multiple-of",
-            min=1,
             metavar="Q",
             help="Ranks are multiples of Q (e.g. 8).",
             rich_help_panel="Budget",
@@ -190,8 +135,7 @@ def allocate_cmd(
         float,
         typer.Option(
             "--rho",
-            min=1.0,
-            help="EVA: look at the top round(ρ·R) components of every module (1 = no redistribution).",
+            help="EVA: look at the top round(ρ·R) components of every module (ρ ≥ 1; 1 = no redistribution).",
             rich_help_panel="Budget",
         ),
     ] = 2.0,
@@ -207,7 +151,6 @@ def allocate_cmd(
         float | None,
         typer.Option(
             "--lora-alpha",
-            min=0.0,
             metavar="A",
             help="Base α (default: the reference rank R, i.e. α/r = 1).",
             rich_help_panel="PEFT config",
@@ -242,32 +185,23 @@ def allocate_cmd(
     max_memory: o.MaxMemoryOpt = None,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
+    html: o.HtmlOpt = None,
     plots: o.PlotsOpt = None,
     quiet: o.QuietOpt = False,
 ) -> None:
     """LoRA rank per module under a budget (rank or parameters), and a PEFT config with rank_pattern."""
     from spectra_cli.flows.allocate import AllocateOptions, run_allocate
 
-    if (budget_rank is None) == (budget_params is None):
-        raise typer.BadParameter(
-            "give exactly one of --budget-rank R and --budget-params P", param_hint="--budget"
-        )
-    if budget_rank is not None and budget_rank <= 0:
-        raise typer.BadParameter("the average rank must be positive", param_hint="--budget-rank")
-    if STRATEGIES[strategy.value].needs_activations and activations is None:
-        raise typer.BadParameter(
-            f"--strategy {strategy.value} needs --activations FILE", param_hint="--activations"
-        )
-    check_outputs([ckpt, activations], {"--output": output, "--peft-config": peft_config})
+    opts = o.build(
+        AllocateOptions, o.selection(include, exclude, kinds, min_dim),
+        o.engine(device, precision, backend, max_memory, method), strategy=strategy.value, budget_rank=budget_rank,
+        budget_params=budget_params, min_rank=min_rank, max_rank=max_rank, multiple_of=multiple_of,
+        allow_zero=allow_zero, alpha_policy=alpha.value, lora_alpha=lora_alpha, activations=activations, rho=rho,
+    )  # fmt: skip
+    check_outputs([ckpt, activations], {"--output": output, "--peft-config": peft_config, "--html": html},
+                  folders={"--plots": plots})
     if peft_config is not None and peft_config.exists() and not force:
         raise SpectraError(f"{peft_config} already exists; choose another --peft-config or pass --force")
-    opts = AllocateOptions(
-        include=o.split_csv(include), exclude=o.split_csv(exclude), kinds=o.split_csv(kinds), min_dim=min_dim,
-        strategy=strategy.value, budget_rank=budget_rank, budget_params=budget_params, min_rank=min_rank,
-        max_rank=max_rank, multiple_of=multiple_of, allow_zero=allow_zero, alpha_policy=alpha.value,
-        lora_alpha=lora_alpha, activations=activations, rho=rho, device=device, precision=precision.value,
-        method=method.value, backend=backend.value, max_memory=max_memory,
-    )  # fmt: skip
     with progress_bar("singular values", quiet) as update:
         result = run_allocate(ckpt, opts, progress=update)
     s = result.summary
@@ -277,15 +211,14 @@ def allocate_cmd(
         result.write_peft_config(peft_config)
         warn(f"wrote the PEFT config ({s.adapted} target modules) to {peft_config}", quiet)
     if plots:
-        from spectra_cli.report.allocate_plots import allocate_plots
+        from spectra_cli.report.views.allocate import allocate_plots
 
         figures_written("allocate", plots, allocate_plots(result.rows, plots, s.strategy), result, quiet,
                         {"peft_config": result.peft_config()})  # fmt: skip
-    from spectra_cli.report.render import envelope, render
+    from spectra_cli.report.render import envelope
 
     env = envelope("allocate", result.inputs, result.rows, result.summary, result.options)
-    title = f"spectra allocate {result.inputs['checkpoint']} ({s.strategy})"
-    render(env, fmt.value, _columns(list(result.rows[0])), title, _notes(result), output)
+    emit(env, fmt, output, html=html, quiet=quiet)
 
 
 def register(app: typer.Typer) -> None:

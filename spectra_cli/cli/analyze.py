@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from spectra_cli.cli import options as o
+from spectra_cli.cli.emit import emit
 from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.outputs import check_outputs, figures_written
 from spectra_cli.cli.progress import progress_bar, warn
-from spectra_cli.results import summary_dict
 
 EPILOG = """\
 Examples:
@@ -30,63 +30,6 @@ Examples:
 
   spectra analyze model.safetensors --html report.html   # one self-contained page (see spectra report)
 """
-
-
-def _columns() -> list[Any]:
-    from spectra_cli.report.render import Column, fmt_num
-
-    def f(d: int = 3) -> Any:
-        return lambda x: fmt_num(x, d)
-
-    return [
-        Column("name", "name", str, "left"),
-        Column("kind", "kind", str, "left"),
-        Column("depth", "depth", lambda x: "-" if x is None else str(x)),
-        Column("shape", "shape"),
-        Column("dtype", "dtype", str, "left"),
-        Column("spectral_norm", "σ₁", f()),
-        Column("stable_rank", "stable rank", f()),
-        Column("effective_rank", "eff. rank", f(1)),
-        Column("energy_rank_90", "r90", lambda x: "-" if x is None else str(x)),
-        Column("alpha", "α", f()),
-        Column("alpha_flag", "α reading", lambda x: x or "-", "left"),
-        Column("entropy", "entropy", f()),
-        Column("status", "status", lambda x: x or "-", "left"),
-    ]
-
-
-def _notes(result: Any) -> list[str]:
-    s = summary_dict(result.summary)
-    eng = s.get("engine", {})
-    lines = [
-        f"{s['analysed']} of {s['matrices']} matrices analysed, {s['params']:,} parameters"
-        + (f"; {s['skipped_tensors']} non-matrix tensors skipped" if s.get("skipped_tensors") else ""),
-    ]
-    if s.get("mean_alpha") is not None:
-        lines.append(
-            f"α: mean {s['mean_alpha']:.2f}, {s['over_trained']} below 2 (over-trained), "
-            f"{s['under_trained']} above 6 (under-trained)"
-        )
-    if s.get("lowest_alpha"):
-        lo = s["lowest_alpha"][0]
-        hi = s["highest_alpha"][0]
-        lines.append(
-            f"lowest α {lo['alpha']:.2f} in {lo['name']}; highest α {hi['alpha']:.2f} in {hi['name']}"
-        )
-    if s["nonfinite"]:
-        names = ", ".join(
-            f"{b['name']} ({b['nan_count']} NaN, {b['inf_count']} Inf)" for b in s["nonfinite"][:5]
-        )
-        lines.append(f"NaN/Inf found in {len(s['nonfinite'])} matrices (not decomposed): {names}")
-    else:
-        lines.append("no NaN/Inf weights")
-    if "device" in eng:
-        lines.append(
-            f"{s['seconds']:.2f} s on {eng['device']} ({eng['backend']}, {eng['method']}, {eng['precision']})"
-        )
-    else:
-        lines.append(f"{s['seconds']:.2f} s from saved spectra")
-    return lines
 
 
 def analyze_cmd(
@@ -147,18 +90,16 @@ def analyze_cmd(
         raise typer.BadParameter(
             "missing CKPT (a checkpoint path); try `spectra analyze --demo`", param_hint="CKPT"
         )
+    opts = o.build(AnalyzeOptions, o.selection(include, exclude, kinds, min_dim, split_fused),
+                   o.engine(device, precision, backend, max_memory, method))  # fmt: skip
     if demo:
         from spectra_cli.checkpoint.demo import demo_checkpoint
 
         ckpt = demo_checkpoint()
         warn(f"analysing the demo checkpoint: {ckpt}", quiet)
     assert ckpt is not None
-    check_outputs([ckpt], {"--output": output, "--save-spectra": save_spectra, "--html": html})
-    opts = AnalyzeOptions(
-        include=o.split_csv(include), exclude=o.split_csv(exclude), kinds=o.split_csv(kinds), min_dim=min_dim,
-        split_fused=split_fused, device=device, precision=precision.value, method=method.value,
-        backend=backend.value, max_memory=max_memory,
-    )  # fmt: skip
+    check_outputs([ckpt], {"--output": output, "--html": html}, binary={"--save-spectra": save_spectra},
+                  folders={"--plots": plots})
     with progress_bar("analysing", quiet) as update:
         result = run_analyze(ckpt, opts, progress=update)
     if result.summary.nonfinite:
@@ -170,20 +111,14 @@ def analyze_cmd(
         result.save_spectra(save_spectra)
         warn(f"wrote singular values of {len(result.spectra)} matrices to {save_spectra}", quiet)
     if plots:
-        from spectra_cli.report.plots import analyze_plots
+        from spectra_cli.report.views.analyze import analyze_plots
 
         figs = analyze_plots(result.rows, result.spectra, plots, plot_layers)
         figures_written("analyze", plots, figs, result, quiet)
-    from spectra_cli.report.render import envelope, render
+    from spectra_cli.report.render import envelope
 
     env = envelope("analyze", result.inputs, result.rows, result.summary, result.options)
-    title = f"spectra analyze {result.inputs['checkpoint']}"
-    render(env, fmt.value, _columns(), title, _notes(result), output)
-    if html:
-        from spectra_cli.cli.report import write_html
-
-        write_html(env, html)
-        warn(f"wrote the HTML report to {html}", quiet)
+    emit(env, fmt, output, html=html, quiet=quiet)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,19 +1,17 @@
-"""The ``spectra`` entry point: the typer app, and ``main()`` which maps errors to exit codes.
+"""The ``spectra`` entry point: the typer app, and ``main()``.
 
-Exit codes: 0 success; 1 a :class:`SpectraError` (printed as one ``Error: …`` line on stderr); 2 bad flags
-(typer/click usage errors); 130 interrupted. ``SPECTRA_DEBUG=1`` shows the traceback of any error.
-Unknown exceptions keep their traceback: they are bugs.
+Exit codes and messages follow the one error table in :mod:`spectra_cli.cli.errors` (every command is
+wrapped in its ``handle_errors``): 0 success; 1 a :class:`SpectraError` or ``OSError`` (one ``Error: …`` line
+on stderr; ``check``: 2 for any error); 2 bad flags; 130 interrupted (``Interrupted.``).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 import typer
 
 from spectra_cli import __version__
-from spectra_cli.errors import SpectraError
 
 app = typer.Typer(
     name="spectra",
@@ -51,11 +49,12 @@ def _register() -> None:
         init_adapter,
         merge,
         rankme,
+        reconstruct,
         report,
     )
 
-    # the order of `spectra --help`: look, compare, choose ranks, initialise, merge, gate, report
-    for command in (analyze, compare, rankme, allocate, init_adapter, capture, merge, check, report):
+    # the order of `spectra --help`: look, compare, choose ranks, initialise, merge (and rebuild), gate, report
+    for command in (analyze, compare, rankme, allocate, init_adapter, capture, merge, reconstruct, check, report):
         command.register(app)
 
 
@@ -63,19 +62,16 @@ _register()
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. The commands map their own errors (:mod:`spectra_cli.cli.errors`); this
+    catches what ends the run outside a command: a Ctrl-C while typer parses (typer exits 130 silently: say
+    ``Interrupted.``), an error from an option callback."""
+    from spectra_cli.cli import errors
+
     try:
         app()
-    except SpectraError as e:
-        if os.environ.get("SPECTRA_DEBUG") == "1":
-            raise
-        print(f"Error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("Interrupted.", file=sys.stderr)
-        sys.exit(130)
-    except BrokenPipeError:
-        # stdout closed early (e.g. `| head`): not an error; silence the flush at exit
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        sys.exit(0)
+    except SystemExit as e:
+        if e.code == errors.INTERRUPTED and not errors.interrupt_reported():
+            print("Interrupted.", file=sys.stderr)
+        raise
+    except BaseException as e:  # the table decides (it re-raises bugs)
+        sys.exit(errors.exit_code(e))

@@ -5,15 +5,15 @@ from __future__ import annotations
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from spectra_cli.cli import options as o
+from spectra_cli.cli.emit import emit
 from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.progress import progress_bar, warn
 from spectra_cli.errors import SpectraError
-from spectra_cli.results import summary_dict
 
 EPILOG = """\
 Examples:
@@ -32,36 +32,6 @@ class Stats(str, Enum):
     pca = "pca"
     covariance = "covariance"
     both = "both"
-
-
-def _columns() -> list[Any]:
-    from spectra_cli.report.render import Column, fmt_num
-
-    return [
-        Column("name", "module", str, "left"),
-        Column("in_features", "in"),
-        Column("tokens", "tokens"),
-        Column("alias_of", "shares input with", lambda x: x or "-", "left"),
-        Column("components", "k"),
-        Column("explained_variance", "expl. var (k)", fmt_num),
-        Column("top_ratio", "top ratio", fmt_num),
-        Column("converged", "converged", lambda x: "-" if x is None else str(x)),
-    ]
-
-
-def _notes(result: Any) -> list[str]:
-    s = summary_dict(result.summary)
-    lines = [
-        f"{s['modules']} modules ({s['unique_inputs']} distinct inputs) over {s['tokens']} tokens from "
-        f"{s['examples']} examples, written to {s['out']}"
-    ]
-    if s["not_converged"]:
-        lines.append(
-            f"{len(s['not_converged'])} inputs have components whose last update moved them (cosine < τ = "
-            f"{s['tau']:g}); more data (--max-tokens) makes the PCA steadier"
-        )
-    lines.append(f"{s['seconds']:.2f} s")
-    return lines
 
 
 def capture_cmd(
@@ -96,14 +66,14 @@ def capture_cmd(
     max_tokens: Annotated[
         int | None,
         typer.Option(
-            "--max-tokens", min=1, metavar="N", help="Stop after N (non-padding) tokens.", show_default=False
+            "--max-tokens", metavar="N", help="Stop after N (non-padding) tokens.", show_default=False
         ),
     ] = None,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, metavar="N", help="Examples per forward.")
+        int, typer.Option("--batch-size", metavar="N", help="Examples per forward.")
     ] = 8,
     max_length: Annotated[
-        int, typer.Option("--max-length", min=1, metavar="N", help="Truncate each example to N tokens.")
+        int, typer.Option("--max-length", metavar="N", help="Truncate each example to N tokens.")
     ] = 512,
     stats: Annotated[
         Stats,
@@ -117,7 +87,6 @@ def capture_cmd(
         int,
         typer.Option(
             "--components",
-            min=1,
             metavar="K",
             help="Principal directions kept per input (EVA needs ρ·r, 2r by default).",
         ),
@@ -126,9 +95,7 @@ def capture_cmd(
         float,
         typer.Option(
             "--tau",
-            min=0.0,
-            max=1.0,
-            help="Convergence threshold on the cosine of consecutive "
+            help="Convergence threshold in [0, 1] on the cosine of consecutive "
             "PCA estimates (recorded, not used to stop).",
         ),
     ] = 0.99,
@@ -142,9 +109,17 @@ def capture_cmd(
     include: o.IncludeOpt = None,
     exclude: o.ExcludeOpt = None,
     kinds: o.KindsOpt = None,
+    min_dim: o.MinDimOpt = 1,
     device: o.DeviceOpt = "auto",
+    precision: Annotated[o.Precision, o.precision_option("No effect yet for capture: the statistics are always "
+                                                         "accumulated in float64.")] = o.Precision.float32,
+    backend: Annotated[o.Backend, o.backend_option("capture always runs the model in PyTorch (on --device).")
+                       ] = o.Backend.auto,
+    max_memory: Annotated[int | None, o.max_memory_option("Not used yet by capture: its memory follows "
+                                                          "--batch-size, --max-length and --components.")] = None,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
+    html: o.HtmlOpt = None,
     quiet: o.QuietOpt = False,
 ) -> None:
     """Run a Hugging Face model over text and write per-module input statistics (CorDA, EVA).
@@ -155,9 +130,15 @@ def capture_cmd(
     from spectra_cli.cli.outputs import check_outputs
     from spectra_cli.flows.capture import CaptureOptions, run_capture
 
+    opts = o.build(
+        CaptureOptions, o.selection(include, exclude, kinds, min_dim), o.compute(device, precision, backend, max_memory),
+        text_field=text_field, max_tokens=max_tokens, batch_size=batch_size, max_length=max_length,
+        components=components, stats=stats.value, tau=tau, tokenizer=str(tokenizer) if tokenizer else None,
+    )  # fmt: skip
     # before the --force check: an output in the model folder must never be offered --force
     check_outputs(
-        [model_dir, data, Path(tokenizer) if tokenizer else None], {"--out": out, "--output": output}
+        [model_dir, data, Path(tokenizer) if tokenizer else None],
+        {"--output": output, "--html": html}, binary={"--out": out},
     )
     if output is not None and output.resolve() == out.resolve():
         raise SpectraError(f"{output}: the report and the activations file (--out) must differ")
@@ -165,20 +146,14 @@ def capture_cmd(
         raise SpectraError(f"{out} exists; pass --force to replace it")
     if out.suffix != ".safetensors":
         raise typer.BadParameter(f"{out}: the activations file must end in .safetensors", param_hint="--out")
-    opts = CaptureOptions(
-        include=o.split_csv(include), exclude=o.split_csv(exclude), kinds=o.split_csv(kinds),
-        text_field=text_field, max_tokens=max_tokens, batch_size=batch_size, max_length=max_length,
-        components=components, stats=stats.value, tau=tau, device=device,
-        tokenizer=str(tokenizer) if tokenizer else None,
-    )  # fmt: skip
     with progress_bar("capturing", quiet) as update:
         result = run_capture(model_dir, data, out, opts, progress=update, argv=sys.argv)
     if max_tokens is not None and result.summary.tokens < max_tokens:
         warn(f"the data gave only {result.summary.tokens} tokens (--max-tokens {max_tokens})", quiet)
-    from spectra_cli.report.render import envelope, render
+    from spectra_cli.report.render import envelope
 
     env = envelope("capture", result.inputs, result.rows, result.summary, result.options)
-    render(env, fmt.value, _columns(), f"spectra capture {model_dir}", _notes(result), output)
+    emit(env, fmt, output, html=html, quiet=quiet)
 
 
 def register(app: typer.Typer) -> None:

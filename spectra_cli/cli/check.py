@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from spectra_cli.cli import options as o
+from spectra_cli.cli.emit import emit
 from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.outputs import check_outputs
 from spectra_cli.cli.progress import progress_bar, warn
 from spectra_cli.errors import SpectraError
-from spectra_cli.results import summary_dict
 
 EPILOG = """\
 Examples:
@@ -36,57 +36,6 @@ Examples:
 Exit codes: 0 every rule holds; 1 a rule fails; 2 the gate could not run (bad flag, policy error, missing or
 unreadable checkpoint, base or baseline, a rule whose input was not given).
 """
-
-MAX_NOTE_FAILURES = 20
-
-
-def _rule_columns() -> list[Any]:
-    from spectra_cli.report.render import Column, fmt_num
-
-    def limit(x: Any) -> str:
-        if isinstance(x, list | tuple):
-            return "[" + ", ".join(fmt_num(v) for v in x) + "]"
-        return "per module" if x is None else fmt_num(x)
-
-    return [
-        Column("rule", "rule", str, "left"),
-        Column("limit", "limit", limit),
-        Column("checks", "checks"),
-        Column("passed", "passed"),
-        Column("failed", "failed"),
-        Column("skipped", "skipped"),
-        Column("status", "status", str, "left"),
-    ]
-
-
-def _verdict_columns() -> list[Any]:
-    from spectra_cli.report.render import Column, fmt_num
-
-    return [
-        Column("rule", "rule", str, "left"),
-        Column("module", "module", str, "left"),
-        Column("value", "value", lambda x: fmt_num(x, 4)),
-        Column("limit", "limit", lambda x: str(x) if isinstance(x, list) else fmt_num(x)),
-        Column("status", "status", str, "left"),
-        Column("message", "why", str, "left"),
-    ]
-
-
-def _notes(result: Any, policy: str) -> list[str]:
-    s = summary_dict(result.summary)
-    lines = []
-    failed = result.failed
-    for v in failed[:MAX_NOTE_FAILURES]:
-        lines.append(f"✗ {v.rule} · {v.module}: {v.message}")
-    if len(failed) > MAX_NOTE_FAILURES:
-        lines.append(
-            f"… and {len(failed) - MAX_NOTE_FAILURES} more failures (--junit / --format json list all)"
-        )
-    lines.extend(s.get("notes", []))
-    counts = f"{s['failed']} failed, {s['passed']} passed, {s['skipped']} skipped"
-    tail = f"{s['checks']} checks on {s['modules']} modules, policy {policy}, {s['seconds']:.2f} s"
-    lines.append(f"{'FAILED' if s['failed'] else 'PASSED'}: {counts} ({tail})")
-    return lines
 
 
 def _init(target: Path | None, force: bool, quiet: bool) -> None:
@@ -243,14 +192,12 @@ def _check(ckpt: Path | None, policy: Path | None, base: Path | None, base_spect
     from spectra_cli.gate.markdown import github_annotations, markdown_summary, write_text
     from spectra_cli.gate.policy import find_policy, load_policy
 
+    opts = o.build(CheckOptions, o.selection(include, exclude, kinds, min_dim),
+                   o.compute(device, precision, backend, max_memory), base=base, base_spectra=base_spectra,
+                   baseline=baseline, update_baseline=update_baseline, allow_missing=allow_missing)  # fmt: skip
     pol = load_policy(policy if policy is not None else find_policy(Path.cwd()))
     check_outputs([ckpt, base, base_spectra], {"--output": output, "--junit": junit, "--markdown": markdown,
                                                "--update-baseline": update_baseline, "--html": html})  # fmt: skip
-    opts = CheckOptions(
-        include=o.split_csv(include), exclude=o.split_csv(exclude), kinds=o.split_csv(kinds), min_dim=min_dim,
-        base=base, base_spectra=base_spectra, baseline=baseline, update_baseline=update_baseline, allow_missing=allow_missing,
-        device=device, precision=precision.value, backend=backend.value, max_memory=max_memory,
-    )  # fmt: skip
     with progress_bar("checking", quiet) as update:
         result = run_check(ckpt, pol, opts, progress=update)
     policy_name = _display(pol.path)
@@ -268,27 +215,13 @@ def _check(ckpt: Path | None, policy: Path | None, base: Path | None, base_spect
         for line in github_annotations(result.verdicts, policy_name):
             print(line, file=sys.stderr if data_on_stdout else sys.stdout)
         sys.stdout.flush()
-    from spectra_cli.report.render import envelope, render
+    from spectra_cli.report.render import envelope
+    from spectra_cli.report.views import view_for
+    from spectra_cli.report.views.check import by_rule
 
     env = envelope("check", result.inputs, result.rows, result.summary, result.options)
-    if fmt.value == "markdown" and not show_all:
-        if output is None:
-            sys.stdout.write(md)
-        else:
-            write_text(output, md)
-    elif fmt.value in ("table", "markdown") and not show_all:
-        rows = [
-            {"rule": k, **r, "status": "FAIL" if r["failed"] else "ok"}
-            for k, r in result.summary.by_rule.items()
-        ]
-        render({**env, "rows": rows}, fmt.value, _rule_columns(), title, _notes(result, policy_name), output)
-    else:
-        render(env, fmt.value, _verdict_columns(), title, _notes(result, policy_name), output)
-    if html is not None:
-        from spectra_cli.cli.report import write_html
-
-        write_html(env, html)
-        warn(f"wrote the HTML report to {html}", quiet)
+    view = None if show_all else by_rule(view_for("check"), md)  # --all: every verdict, as the page has them
+    emit(env, fmt, output, html=html, quiet=quiet, view=view)
     if not result.ok:
         raise typer.Exit(1)
 
@@ -302,6 +235,7 @@ def _display(path: Path) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    # exit 2, not the other commands' 1, for any error: CI must tell "a rule failed" (1) from "the gate
-    # could not run" (2)
-    app.command("check", epilog=EPILOG, no_args_is_help=False)(handle_errors(check_cmd, code=2))
+    # exit 2, not the other commands' 1, for any error, an unexpected exception included: CI must tell "a rule
+    # failed" (1) from "the gate could not run" (2)
+    gate = handle_errors(check_cmd, code=2, catch_all=True)
+    app.command("check", epilog=EPILOG, no_args_is_help=False)(gate)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from spectra_cli.cli import options as o
+from spectra_cli.cli.emit import emit
 from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.progress import progress_bar, warn
-from spectra_cli.results import summary_dict
 from spectra_cli.spectral.init import methods as _registry  # metadata only: no PyTorch import
 
 EPILOG = """\
@@ -47,10 +48,9 @@ def _method_lines() -> list[str]:
     return lines
 
 
-def _check_method(value: str) -> str:
-    if value not in _METHOD_NAMES:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(_METHOD_NAMES)}")
-    return value
+class CordaMode(str, Enum):
+    ipm = "ipm"
+    kpm = "kpm"
 
 
 def _list_methods(value: bool) -> None:
@@ -58,40 +58,6 @@ def _list_methods(value: bool) -> None:
         for line in _method_lines():
             typer.echo(line)
         raise typer.Exit()
-
-
-def _columns(rows: list[dict[str, Any]]) -> list[Any]:
-    from spectra_cli.report.render import Column, fmt_num
-
-    cols = [
-        Column("name", "module", str, "left"),
-        Column("shape", "shape"),
-        Column("rank", "rank"),
-        Column("alpha", "alpha", lambda x: "-" if x is None else fmt_num(x)),
-    ]
-    known = {"name", "kind", "depth", "shape", "dtype", "rank", "alpha", "scale", "seconds"}
-    extra: list[str] = []
-    for r in rows:
-        extra += [k for k in r if k not in known and k not in extra]
-    headers = {"energy": "energy", "relative_error": "rel. error", "sigma_r": "σ_r"}
-    cols += [Column(k, headers.get(k, k), lambda x: "-" if x is None else fmt_num(x)) for k in extra]
-    return cols
-
-
-def _notes(result: Any, out: Path) -> list[str]:
-    s = summary_dict(result.summary)
-    ranks = ", ".join(f"r={k}: {v}" for k, v in s["ranks"].items())
-    lines = [
-        f"{s['method']}: {s['modules']} modules ({ranks}), {s['adapter_parameters']:,} adapter parameters",
-        f"adapter: {out}/adapter"
-        + (f"; residual: {out}/residual ({s['residual_dtype']})" if s["residual"] else ""),
-    ]
-    if s["dropped"]:
-        lines.append(f"modules without adapter (rank 0): {len(s['dropped'])}")
-    if "max_relative_error" in s:
-        lines.append(f"max relative reconstruction error ‖ΔW − sBA‖/‖ΔW‖: {s['max_relative_error']:.3g}")
-    lines.append(f"{s['seconds']:.2f} s on {s['device']}, peak RSS {s['peak_rss_mb']:.0f} MB")
-    return lines
 
 
 def init_adapter_cmd(
@@ -113,7 +79,6 @@ def init_adapter_cmd(
             "--method",
             "-m",
             metavar="[" + "|".join(_METHOD_NAMES) + "]",
-            callback=_check_method,
             help=_METHOD_HELP,
         ),
     ] = "pissa",
@@ -122,9 +87,8 @@ def init_adapter_cmd(
         typer.Option(
             "--rank",
             "-r",
-            min=1,
             metavar="R",
-            help="The same rank for every module.",
+            help="The same rank for every module (R ≥ 1).",
             rich_help_panel="Ranks",
         ),
     ] = None,
@@ -153,7 +117,6 @@ def init_adapter_cmd(
         float | None,
         typer.Option(
             "--budget-rank",
-            min=0,
             metavar="R",
             help="Average rank over the modules for --allocate.",
             rich_help_panel="Ranks",
@@ -163,7 +126,6 @@ def init_adapter_cmd(
         float | None,
         typer.Option(
             "--alpha",
-            min=0,
             metavar="ALPHA",
             help="LoRA α (default: the rank, i.e. scale s = α/r = 1; √r with --rslora). PEFT's own "
             "default is 8.",
@@ -184,8 +146,6 @@ def init_adapter_cmd(
         float | None,
         typer.Option(
             "--energy",
-            min=0.0,
-            max=1.0,
             metavar="TAU",
             help="extract: per module, the smallest rank keeping this share of ‖ΔW‖² (capped by --rank).",
             rich_help_panel="Method",
@@ -195,7 +155,6 @@ def init_adapter_cmd(
         int | None,
         typer.Option(
             "--fast",
-            min=0,
             metavar="N",
             help="Randomized SVD with N power iterations (PEFT's pissa_niter_N; pissa, extract).",
             rich_help_panel="Method",
@@ -213,10 +172,10 @@ def init_adapter_cmd(
         ),
     ] = None,
     corda_mode: Annotated[
-        str | None,
+        CordaMode | None,
         typer.Option(
             "--corda-mode",
-            metavar="ipm|kpm",
+            case_sensitive=False,
             help="corda: keep the top (ipm, default) or bottom (kpm) components.",
             rich_help_panel="Method",
         ),
@@ -231,7 +190,6 @@ def init_adapter_cmd(
         float | None,
         typer.Option(
             "--rho",
-            min=1.0,
             metavar="RHO",
             help="eva: components considered per module = ρ·r when redistributing (default 2).",
             rich_help_panel="Method",
@@ -267,58 +225,37 @@ def init_adapter_cmd(
     min_dim: o.MinDimOpt = 1,
     device: o.DeviceOpt = "auto",
     precision: o.PrecisionOpt = o.Precision.float32,
+    backend: Annotated[o.Backend, o.backend_option("init-adapter always decomposes with PyTorch (on --device).")
+                       ] = o.Backend.auto,
+    max_memory: Annotated[int | None, o.max_memory_option("Not used yet by init-adapter: each target matrix "
+                                                          "is decomposed whole.")] = None,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
+    html: o.HtmlOpt = None,
     quiet: o.QuietOpt = False,
 ) -> None:
     """Export a PiSSA / MiLoRA / OLoRA / CorDA / EVA initialised LoRA adapter and its residual base, or extract
     a LoRA adapter from a fine-tune. By default every linear weight but embeddings and the output head is a
     target."""
-    from spectra_cli.checkpoint.tensors import DTYPE_CODES
+    from spectra_cli.cli.outputs import check_outputs
     from spectra_cli.flows.init_adapter import InitOptions, run_init
 
-    if dtype is not None and dtype not in DTYPE_CODES:
-        raise typer.BadParameter(f"{dtype}: choose one of {', '.join(DTYPE_CODES)}", param_hint="--dtype")
-    if corda_mode is not None and corda_mode.lower() not in ("ipm", "kpm"):
-        raise typer.BadParameter(f"{corda_mode}: choose ipm or kpm", param_hint="--corda-mode")
-    if sum(x is not None for x in (rank, ranks, allocate)) > 1:
-        raise typer.BadParameter("give only one of --rank, --ranks and --allocate", param_hint="--rank")
-    if (budget_rank is None) != (allocate is None):
-        raise typer.BadParameter("--allocate and --budget-rank go together", param_hint="--allocate")
-    from spectra_cli.cli.outputs import check_outputs
-
-    check_outputs([ckpt, tuned, activations, ranks, out], {"--output": output})
     m_opts: dict[str, Any] = {}
     if corda_mode is not None:
-        m_opts["mode"] = corda_mode.lower()
+        m_opts["mode"] = corda_mode.value
     if no_redistribute:
         m_opts["redistribute"] = False
     if rho is not None:
         m_opts["rho"] = rho
     if whiten:
         m_opts["whiten"] = True
-    opts = InitOptions(
-        include=o.split_csv(include),
-        exclude=o.split_csv(exclude),
-        kinds=o.split_csv(kinds),
-        min_dim=min_dim,
-        method=method,
-        rank=rank,
-        alpha=alpha,
-        rslora=rslora,
-        ranks_file=ranks,
-        allocate=allocate,
-        budget_rank=budget_rank,
-        tuned=tuned,
-        energy=energy,
-        fast=fast,
-        activations=activations,
-        method_options=m_opts,
-        dtype=dtype,
-        precision=precision.value,
-        device=device,
-        force=force,
-    )
+    opts = o.build(
+        InitOptions, o.selection(include, exclude, kinds, min_dim), o.compute(device, precision, backend, max_memory),
+        method=method, rank=rank, alpha=alpha, rslora=rslora, ranks_file=ranks, allocate=allocate,
+        budget_rank=budget_rank, tuned=tuned, energy=energy, fast=fast, activations=activations,
+        method_options=m_opts, dtype=dtype, force=force,
+    )  # fmt: skip
+    check_outputs([ckpt, tuned, activations, ranks], {"--output": output, "--html": html}, folders={"--out": out})
     with progress_bar(f"init-adapter {method}", quiet) as update:
         result = run_init(ckpt, out, opts, progress=update, argv=sys.argv)
     s = result.summary
@@ -329,17 +266,12 @@ def init_adapter_cmd(
     if s.skipped_files:
         warn(f"not copied into residual/ (other weight formats): {', '.join(s.skipped_files)}", quiet)
     warn(f"wrote {out}", quiet)
-    from spectra_cli.report.render import envelope, render
+    from spectra_cli.report.render import envelope
+    from spectra_cli.report.views import view_for
+    from spectra_cli.report.views.init_adapter import with_out
 
     env = envelope("init-adapter", result.inputs, result.rows, s, result.options)
-    render(
-        env,
-        fmt.value,
-        _columns(result.rows),
-        f"spectra init-adapter {ckpt} --method {method}",
-        _notes(result, out),
-        output,
-    )
+    emit(env, fmt, output, html=html, quiet=quiet, view=with_out(view_for("init-adapter"), out))
 
 
 def register(app: typer.Typer) -> None:

@@ -1,13 +1,33 @@
-"""Options shared by every command, defined once (Annotated aliases) and reused."""
+"""The command-line parameters every command shares, defined once, and the helpers that turn their parsed values
+into the options classes of :mod:`spectra_cli.options` and ``flows/``.
+
+A command declares a shared flag with an ``Annotated`` alias (``include: o.IncludeOpt = None``); where a flag
+does not act yet for one command, the command says so in its help with the factory and a note
+(``Annotated[o.Backend, o.backend_option("…")]``): the flag is accepted everywhere, its help is honest.
+
+A command builds its options in one call::
+
+    opts = o.build(AnalyzeOptions, o.selection(include, exclude, kinds, min_dim),
+                   o.engine(device, precision, backend, max_memory, method), save=…)
+
+:func:`build` is the one place where the options' validation (``XOptions.__post_init__``, which raises a
+:class:`~spectra_cli.errors.SpectraError` naming the flag) becomes a usage error: exit 2 and that same line.
+The CLI does not check those rules again; it only parses (sizes, lists, ``NAME=PATH``).
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
+
+from spectra_cli.errors import SpectraError
+
+T = TypeVar("T")
 
 
 class Format(str, Enum):
@@ -17,6 +37,7 @@ class Format(str, Enum):
     markdown = "markdown"
 
 
+# the choices of spectra_cli.options.PRECISIONS / BACKENDS / METHODS (a test keeps them equal)
 class Precision(str, Enum):
     float32 = "float32"
     float64 = "float64"
@@ -34,19 +55,19 @@ class Backend(str, Enum):
     torch = "torch"
 
 
+# ---- parsing (text → value); the rules on the values live in the options classes ------------------------
+
 _UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2, "MIB": 1024**2,
           "G": 1024**3, "GB": 1024**3, "GIB": 1024**3, "T": 1024**4, "TB": 1024**4}  # fmt: skip
 
 
 def parse_size(text: str) -> int:
-    """'200MB', '1.5G', '4096' → bytes (binary units). Raises typer.BadParameter (exit 2) otherwise."""
+    """'200MB', '1.5G', '4096' → bytes (binary units). Raises typer.BadParameter (exit 2) for text that is not a
+    size; whether the size is allowed (positive) is :class:`~spectra_cli.options.ComputeOptions`' rule."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
     if not m or m.group(2).upper() not in _UNITS:
         raise typer.BadParameter(f"{text!r} is not a size; use e.g. 200MB, 2GB or a number of bytes")
-    value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    if value <= 0:
-        raise typer.BadParameter("the memory budget must be positive")
-    return value
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
 def split_csv(values: list[str] | None) -> tuple[str, ...]:
@@ -55,6 +76,80 @@ def split_csv(values: list[str] | None) -> tuple[str, ...]:
     for v in values or []:
         out.extend(p.strip() for p in v.split(",") if p.strip())
     return tuple(out)
+
+
+def numbers(values: list[str] | None, flag: str, example: str) -> tuple[float, ...]:
+    """Repeatable, comma-separated numbers (``--epsilon 0.3,0.5``) → floats; text that is not a number exits 2."""
+    raw = split_csv(values)
+    try:
+        return tuple(float(v) for v in raw)
+    except ValueError:
+        raise typer.BadParameter(f"{','.join(raw)}: expected numbers such as {example}", param_hint=flag) from None
+
+
+def named_paths(items: list[str], param_hint: str, default_name: Callable[[Path], str] | None = None
+                ) -> list[tuple[str, Path]]:  # fmt: skip
+    """``PATH`` or ``NAME=PATH`` arguments → (name, path) pairs. A path that exists is never split at ``=``;
+    an unnamed input is named ``default_name(path)`` (default: the argument as given)."""
+    out: list[tuple[str, Path]] = []
+    for item in items:
+        if "=" in item and not Path(item).exists():
+            name, _, path = item.partition("=")
+            if not name or not path:
+                raise typer.BadParameter(f"{item!r}: use PATH or NAME=PATH", param_hint=param_hint)
+            out.append((name, Path(path)))
+        else:
+            out.append((default_name(Path(item)) if default_name else item, Path(item)))
+    return out
+
+
+# ---- options classes from parsed values ------------------------------------------------------------------
+
+
+def _value(x: Any) -> Any:
+    return x.value if isinstance(x, Enum) else x
+
+
+def selection(include: list[str] | None, exclude: list[str] | None, kinds: list[str] | None, min_dim: int = 1,
+              split_fused: bool | None = None) -> dict[str, Any]:  # fmt: skip
+    """The keyword arguments of :class:`~spectra_cli.options.SelectionOptions` (+ ``split_fused`` for analyze)."""
+    kw: dict[str, Any] = {"include": split_csv(include), "exclude": split_csv(exclude), "kinds": split_csv(kinds),
+                          "min_dim": min_dim}  # fmt: skip
+    if split_fused is not None:
+        kw["split_fused"] = split_fused
+    return kw
+
+
+def compute(device: str, precision: Precision | str, backend: Backend | str, max_memory: int | None
+            ) -> dict[str, Any]:  # fmt: skip
+    """The keyword arguments of :class:`~spectra_cli.options.ComputeOptions`."""
+    return {"device": device, "precision": _value(precision), "backend": _value(backend), "max_memory": max_memory}
+
+
+def engine(device: str, precision: Precision | str, backend: Backend | str, max_memory: int | None,
+           method: Method | str) -> dict[str, Any]:  # fmt: skip
+    """The keyword arguments of :class:`~spectra_cli.options.EngineOptions` (the compute ones and ``--method``)."""
+    return {**compute(device, precision, backend, max_memory), "method": _value(method)}
+
+
+def build(cls: Callable[..., T], *parts: Mapping[str, Any], **kwargs: Any) -> T:
+    """``cls(**parts…, **kwargs)``; a :class:`SpectraError` from the options' validation is a usage error: exit 2
+    with the same one-line message (which names the flag)."""
+    merged: dict[str, Any] = {}
+    for part in parts:
+        merged.update(part)
+    merged.update(kwargs)
+    try:
+        return cls(**merged)
+    except SpectraError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+# ---- the shared parameters ----------------------------------------------------------------------------------
+
+
+def _help(text: str, note: str) -> str:
+    return f"{text} {note}".strip()
 
 
 IncludeOpt = Annotated[
@@ -73,7 +168,7 @@ KindsOpt = Annotated[
                  rich_help_panel="Selection"),
 ]  # fmt: skip
 MinDimOpt = Annotated[
-    int, typer.Option("--min-dim", min=1, metavar="N", help="Skip matrices whose smaller side is below this.",
+    int, typer.Option("--min-dim", metavar="N", help="Skip matrices whose smaller side is below N (N ≥ 1).",
                       rich_help_panel="Selection"),
 ]  # fmt: skip
 SplitFusedOpt = Annotated[
@@ -82,29 +177,39 @@ SplitFusedOpt = Annotated[
                  help="Split fused projections (c_attn, qkv_proj, query_key_value, W_pack, gate_up_proj) into parts.",
                  rich_help_panel="Selection"),
 ]  # fmt: skip
-DeviceOpt = Annotated[
-    str, typer.Option("--device", "-d", metavar="DEVICE", help="auto (CUDA when present), cpu, cuda or cuda:N.",
-                      rich_help_panel="Compute"),
-]  # fmt: skip
-PrecisionOpt = Annotated[
-    Precision, typer.Option("--precision", help="Compute precision (bf16/fp16 weights are upcast on the device).",
-                            rich_help_panel="Compute"),
-]  # fmt: skip
+
+
+def device_option(note: str = "") -> Any:
+    """``--device``; ``note`` says how this command uses it when that differs."""
+    return typer.Option("--device", "-d", metavar="DEVICE", rich_help_panel="Compute",
+                        help=_help("auto (CUDA when present), cpu, cuda or cuda:N.", note))  # fmt: skip
+
+
+def precision_option(note: str = "") -> Any:
+    return typer.Option("--precision", rich_help_panel="Compute",
+                        help=_help("Compute precision (bf16/fp16 weights are upcast on the device).", note))  # fmt: skip
+
+
+def backend_option(note: str = "") -> Any:
+    return typer.Option("--backend", rich_help_panel="Compute",
+                        help=_help("auto: NumPy on CPU (lean start-up), PyTorch on CUDA. torch forces PyTorch.", note))  # fmt: skip
+
+
+def max_memory_option(note: str = "") -> Any:
+    return typer.Option("--max-memory", "-M", parser=parse_size, metavar="SIZE", rich_help_panel="Compute",
+                        show_default=False,
+                        help=_help("Memory budget for weights in flight, e.g. 200MB or 2GB (default: 25% of free "
+                                   "RAM, max 4GB; half the free GPU memory on CUDA).", note))  # fmt: skip
+
+
+DeviceOpt = Annotated[str, device_option()]
+PrecisionOpt = Annotated[Precision, precision_option()]
+BackendOpt = Annotated[Backend, backend_option()]
+MaxMemoryOpt = Annotated[int | None, max_memory_option()]
 MethodOpt = Annotated[
     Method,
     typer.Option("--method", help="Singular values by exact svd, or by the float64 Gram route (faster on CPU); "
                  "auto: gram for float32, svd for float64.", rich_help_panel="Compute"),
-]  # fmt: skip
-BackendOpt = Annotated[
-    Backend,
-    typer.Option("--backend", help="auto: NumPy on CPU (lean start-up), PyTorch on CUDA. torch forces PyTorch.",
-                 rich_help_panel="Compute"),
-]  # fmt: skip
-MaxMemoryOpt = Annotated[
-    int | None,
-    typer.Option("--max-memory", "-M", parser=parse_size, metavar="SIZE",
-                 help="Memory budget for weights in flight, e.g. 200MB or 2GB (default: 25% of free RAM, "
-                 "max 4GB; half the free GPU memory on CUDA).", rich_help_panel="Compute", show_default=False),
 ]  # fmt: skip
 FormatOpt = Annotated[
     Format, typer.Option("--format", "-f", help="Output format (data goes to stdout or --output).",

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from spectra_cli.cli import options as o
+from spectra_cli.cli.emit import emit
 from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.outputs import check_outputs, figures_written
 from spectra_cli.cli.progress import progress_bar, warn
-from spectra_cli.results import summary_dict
 
 EPILOG = """\
 Examples:
@@ -32,56 +32,8 @@ Inputs, one row per sample: .npy (memory-mapped), .npz, .pt/.pth/.bin (a tensor 
 """
 
 
-def _named(items: list[str], what: str) -> list[tuple[str, Path]]:
-    out: list[tuple[str, Path]] = []
-    for item in items:
-        if "=" in item and not Path(item).exists():
-            name, _, path = item.partition("=")
-            if not name or not path:
-                raise typer.BadParameter(f"{item!r}: use PATH or NAME=PATH", param_hint=what)
-            out.append((name, Path(path)))
-        else:
-            out.append((item, Path(item)))
-    return out
 
 
-def _columns() -> list[Any]:
-    from spectra_cli.report.render import Column, fmt_num
-
-    return [
-        Column("input", "input", str, "left"),
-        Column("N", "N", fmt_num),
-        Column("K", "K", fmt_num),
-        Column("rankme", "RankMe", fmt_num),
-        Column("rankme_fraction", "RankMe/min(N,K)", fmt_num),
-        Column("effective_rank", "erank", fmt_num),
-        Column("stable_rank", "stable rank", fmt_num),
-        Column("participation_ratio", "PR", fmt_num),
-        Column("alpha_req", "α-ReQ", fmt_num),
-        Column("numerical_rank", "num. rank", fmt_num),
-    ]
-
-
-def _notes(result: Any) -> list[str]:
-    s = summary_dict(result.summary)
-    lines: list[str] = []
-    if s["best"] is not None and s["inputs"] > 1:
-        lines.append(
-            f"best: {s['best']} (RankMe {s['best_rankme']:.4g}, {100 * s['best_rankme_fraction']:.1f}% of the "
-            "maximum min(N, K)); higher RankMe = richer representation (compare within one method)"
-        )
-    elif s["best"] is not None:
-        lines.append(
-            f"RankMe {s['best_rankme']:.4g} = {100 * s['best_rankme_fraction']:.1f}% of the maximum min(N, K)"
-        )
-    if not s["same_K"]:
-        lines.append("the inputs differ in K: compare RankMe/min(N,K), and only between inputs of one method")
-    if not s["same_N"]:
-        lines.append(
-            "the inputs differ in N: RankMe grows with N until N ≫ K; score every input on the same samples"
-        )
-    lines.append(f"{s['seconds']:.2f} s")
-    return lines
 
 
 def rankme_cmd(
@@ -125,7 +77,6 @@ def rankme_cmd(
         int,
         typer.Option(
             "--batch-size",
-            min=1,
             metavar="N",
             rich_help_panel="Embed texts (hf extra)",
             help="Texts per forward pass.",
@@ -135,7 +86,6 @@ def rankme_cmd(
         int | None,
         typer.Option(
             "--max-length",
-            min=1,
             metavar="TOKENS",
             rich_help_panel="Embed texts (hf extra)",
             help="Truncate texts to this many tokens (default: the model's limit, at most 512).",
@@ -153,17 +103,19 @@ def rankme_cmd(
         int | None,
         typer.Option(
             "--chunk-rows",
-            min=1,
             metavar="ROWS",
             rich_help_panel="Compute",
             help="Rows read per chunk (default: as many as fit --max-memory, or 256MB).",
         ),
     ] = None,
-    max_memory: o.MaxMemoryOpt = None,
     device: o.DeviceOpt = "auto",
+    precision: Annotated[o.Precision, o.precision_option("No effect yet for rankme: it always accumulates in float64.")
+                         ] = o.Precision.float32,
     backend: o.BackendOpt = o.Backend.auto,
+    max_memory: o.MaxMemoryOpt = None,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
+    html: o.HtmlOpt = None,
     plots: o.PlotsOpt = None,
     quiet: o.QuietOpt = False,
 ) -> None:
@@ -171,32 +123,29 @@ def rankme_cmd(
     with several inputs, rows sorted by RankMe and the best one named (label-free model selection)."""
     from spectra_cli.flows.rankme import RankmeOptions, run_rankme
 
-    inputs = _named(embeddings or [], "EMB")
-    models = _named(model or [], "--model")
+    inputs = o.named_paths(embeddings or [], "EMB")
+    models = o.named_paths(model or [], "--model")
+    opts = o.build(RankmeOptions, o.compute(device, precision, backend, max_memory), key=key, chunk_rows=chunk_rows,
+                   texts=texts, batch_size=batch_size, max_length=max_length, normalize=normalize)  # fmt: skip
     if not inputs and not models:
         raise typer.BadParameter("give embedding files, or --model DIR with --texts FILE", param_hint="EMB")
     if models and texts is None:
         raise typer.BadParameter("--model needs --texts FILE (one text per line)", param_hint="--texts")
     if texts is not None and not models:
         raise typer.BadParameter("--texts is only used with --model DIR", param_hint="--texts")
-    check_outputs([p for _, p in inputs], {"--output": output})
-    opts = RankmeOptions(
-        key=key, chunk_rows=chunk_rows, max_memory=max_memory, texts=texts, batch_size=batch_size,
-        max_length=max_length, normalize=normalize, device=device, backend=backend.value,
-    )  # fmt: skip
+    check_outputs([p for _, p in inputs], {"--output": output, "--html": html}, folders={"--plots": plots})
     with progress_bar("rankme", quiet) as update:
         result = run_rankme(inputs, opts, models, progress=update)
     for w in result.summary.warnings:
         warn(w, quiet)
     if plots:
-        from spectra_cli.report.rankme_plots import rankme_plots
+        from spectra_cli.report.views.rankme import rankme_plots
 
         figures_written("rankme", plots, rankme_plots(result.rows, result.spectra, plots), result, quiet)
-    from spectra_cli.report.render import envelope, render
+    from spectra_cli.report.render import envelope
 
     env = envelope("rankme", result.inputs, result.rows, result.summary, result.options)
-    title = "spectra rankme" + (f" {inputs[0][0]}" if len(inputs) == 1 and not models else "")
-    render(env, fmt.value, _columns(), title, _notes(result), output)
+    emit(env, fmt, output, html=html, quiet=quiet)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,16 +1,15 @@
 """``spectra report RESULTS.json``: one self-contained HTML page from any command's ``--format json`` output.
 
-Also the ``--html FILE`` of ``analyze`` and ``compare``: both build the page the same way from the same
-envelope, so ``spectra report`` on a run's JSON gives the page that run would have written.
+Every command that writes rows also takes ``--html FILE``: both build the page with
+:func:`spectra_cli.report.html.html_page` from the same envelope and the command's view, so ``spectra report``
+on a run's JSON gives the page that run would have written.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Annotated, Any
 
 import typer
@@ -32,72 +31,17 @@ Examples:
 
   spectra check tuned/ --base base/ --html gate.html     # the gate's verdicts (also: --format json, then report)
 
+  spectra allocate model/ --budget-rank 8 --html ranks.html   # any command that writes rows takes --html
+
 The page is one file with everything inline (figures as PNG, no network): open it in any browser or keep it as a CI artifact.
 
 Columns sort on click; 'all fields' shows every field of the rows.
 """
 
 
-def _analyze_view(env: dict[str, Any]) -> tuple[list[Any], list[str]]:
-    from spectra_cli.cli import analyze
-
-    return analyze._columns(), analyze._notes(SimpleNamespace(summary=env["summary"]))
-
-
-def _compare_view(env: dict[str, Any]) -> tuple[list[Any], list[str]]:
-    from spectra_cli.cli import compare
-
-    eps = env["summary"].get("epsilons") or env["options"].get("epsilons") or [0.5]
-    return compare._columns(tuple(float(e) for e in eps)), compare._notes(
-        SimpleNamespace(summary=env["summary"])
-    )
-
-
-def _check_view(env: dict[str, Any]) -> tuple[list[Any], list[str]]:
-    from spectra_cli.cli import check
-
-    failed = [SimpleNamespace(**r) for r in env["rows"] if r.get("status") == "fail"]
-    policy = env["inputs"].get("policy") or env["options"].get("policy") or "?"
-    result = SimpleNamespace(summary=env["summary"], failed=failed)
-    return check._verdict_columns(), check._notes(result, str(policy))
-
-
-#: command → (the CLI table's columns, its note lines) from an envelope; other commands get every field
-VIEWS: dict[str, Callable[[dict[str, Any]], tuple[list[Any], list[str]]]] = {
-    "analyze": _analyze_view,
-    "compare": _compare_view,
-    "check": _check_view,
-}
-
-
-def html_page(env: dict[str, Any], title: str | None = None) -> str:
-    """The page for an envelope (in memory or read back from JSON: both give the same page)."""
-    from spectra_cli.report.html import check_envelope, normalise, render_html
-
-    env = check_envelope(normalise(env))
-    columns: list[Any] | None = None
-    notes: list[str] = []
-    view = VIEWS.get(env["command"])
-    if view is not None:
-        try:
-            columns, notes = view(env)
-        except (KeyError, TypeError, ValueError, AttributeError):
-            # an envelope from another spectra version whose summary lacks a field: every field, no notes
-            columns, notes = None, []
-    return render_html(env, title=title, columns=columns, notes=notes)
-
-
 def check_target(path: Path) -> None:
-    """Fail early (before a long run) when the page could not be written to ``path``."""
+    """Fail early (before reading the results) when the page could not be written to ``path``."""
     check_outputs([], {"--html": path})
-
-
-def write_html(env: dict[str, Any], path: Path, title: str | None = None) -> None:
-    """Write the page to ``path`` atomically (a temporary name in the same folder, then a rename)."""
-    from spectra_cli.report.render import write_text
-
-    check_target(path)
-    write_text(path, html_page(env, title))
 
 
 def load_envelope(source: Path) -> dict[str, Any]:
@@ -173,6 +117,8 @@ def report_cmd(
         raise SpectraError(f"{out}: already exists; pass --force to replace it or choose another -o")
     check_target(out)
     env = load_envelope(results)
+    from spectra_cli.report.html import write_html
+
     write_html(env, out, title)
     warn(f"wrote {env['command']} report ({len(env['rows'])} rows) to {out}", quiet)
 

@@ -26,7 +26,7 @@ from spectra_cli.checkpoint.matrices import MatrixSpec, select_matrices
 from spectra_cli.checkpoint.naming import module_path
 from spectra_cli.checkpoint.source import Checkpoint, checkpoint_inputs, open_checkpoint
 from spectra_cli.checkpoint.spectra_file import SPECTRA_FORMAT, saved_matrices, saved_values
-from spectra_cli.errors import CheckpointError, SelectionError
+from spectra_cli.errors import SelectionError
 from spectra_cli.options import EngineOptions, SelectionOptions
 from spectra_cli.results import OMIT_NONE, RunResult, options_record
 from spectra_cli.spectral.allocation import (
@@ -68,6 +68,26 @@ class AllocateOptions(SelectionOptions, EngineOptions):
     lora_alpha: float | None = None
     activations: str | Path | None = None
     rho: float = 2.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.strategy not in STRATEGIES:
+            raise AllocationError(f"--strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if self.alpha_policy not in ALPHA_POLICIES:
+            raise AllocationError(f"--alpha {self.alpha_policy!r} is not one of {', '.join(ALPHA_POLICIES)}")
+        if (self.budget_rank is None) == (self.budget_params is None):
+            raise AllocationError("give exactly one budget: --budget-rank R (average rank) or --budget-params P")
+        if self.budget_rank is not None and not (self.budget_rank > 0 and math.isfinite(self.budget_rank)):
+            raise AllocationError(f"--budget-rank {self.budget_rank}: the average rank must be a positive number")
+        if self.budget_params is not None and self.budget_params <= 0:
+            raise AllocationError(f"--budget-params {self.budget_params}: the parameter budget must be positive")
+        if STRATEGIES[self.strategy].needs_activations and self.activations is None:
+            raise AllocationError(f"--strategy {self.strategy} needs --activations FILE (see `spectra capture`)")
+        if not self.rho >= 1:
+            raise AllocationError(f"--rho {self.rho}: must be at least 1")
+        if self.lora_alpha is not None and not self.lora_alpha >= 0:
+            raise AllocationError(f"--lora-alpha {self.lora_alpha}: must not be negative")
+        Constraints(self.min_rank, self.max_rank, self.multiple_of, self.allow_zero)  # checks --min-rank, --max-rank, --multiple-of
 
     @property
     def constraints(self) -> Constraints:
@@ -154,15 +174,10 @@ class AllocationResult(RunResult[AllocateSummary]):
         return peft_config(self.ranks, self.alphas, self.r, self.lora_alpha)
 
     def write_peft_config(self, path: str | Path) -> None:
-        """Write :meth:`peft_config` as JSON (to a temporary name, then renamed)."""
-        path = Path(path)
-        tmp = path.parent / f".{path.name}.tmp"
-        try:
-            tmp.write_text(json.dumps(self.peft_config(), indent=2) + "\n")
-            tmp.replace(path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise CheckpointError(f"{path}: cannot write the PEFT config ({e.strerror or e})") from e
+        """Write :meth:`peft_config` as JSON through the one output writer (``checkpoint.output``)."""
+        from spectra_cli.checkpoint.output import write_text
+
+        write_text(path, json.dumps(self.peft_config(), indent=2) + "\n")
 
 
 def _pattern_order(paths: list[str]) -> list[str]:
@@ -254,18 +269,8 @@ def run_allocate(
 
 def plan_allocate(path: str | Path, opts: AllocateOptions) -> AllocatePlan:
     """Open the checkpoint (or spectra file) and the activations, choose the targets and size the budget;
-    nothing is decomposed."""
-    if opts.strategy not in STRATEGIES:
-        raise AllocationError(f"unknown strategy {opts.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if opts.alpha_policy not in ALPHA_POLICIES:
-        raise AllocationError(
-            f"unknown --alpha policy {opts.alpha_policy!r}; choose one of {', '.join(ALPHA_POLICIES)}"
-        )
+    nothing is decomposed (the options themselves were checked by :class:`AllocateOptions`)."""
     strategy = STRATEGIES[opts.strategy]
-    if strategy.needs_activations and opts.activations is None:
-        raise AllocationError(f"--strategy {strategy.name} needs --activations FILE (see `spectra capture`)")
-    if opts.rho < 1:
-        raise AllocationError(f"--rho must be at least 1, not {opts.rho}")
     ckpt = open_checkpoint(path)
     saved = ckpt.metadata.get("format") == SPECTRA_FORMAT
     # check the cheap inputs before any SVD
@@ -357,15 +362,10 @@ def _explained(acts: Activations, ckpt: Checkpoint, targets: list[Target], k: in
 
 
 def _budget(opts: AllocateOptions, targets: list[Target]) -> tuple[str, float, tuple[int, ...]]:
-    if (opts.budget_rank is None) == (opts.budget_params is None):
-        raise AllocationError("give exactly one budget: --budget-rank R (average rank) or --budget-params P")
+    """The budget's kind, total and cost per unit rank of each target (exactly one budget: the options')."""
     if opts.budget_rank is not None:
-        if not (opts.budget_rank > 0 and math.isfinite(opts.budget_rank)):
-            raise AllocationError(f"--budget-rank must be a positive number, not {opts.budget_rank}")
         return "rank", float(math.floor(opts.budget_rank * len(targets) + 1e-9)), tuple(1 for _ in targets)
     assert opts.budget_params is not None
-    if opts.budget_params <= 0:
-        raise AllocationError(f"--budget-params must be positive, not {opts.budget_params}")
     return "params", float(opts.budget_params), tuple(t.shape[0] + t.shape[1] for t in targets)
 
 

@@ -113,6 +113,21 @@ class CaptureOptions(SelectionOptions, ComputeOptions):
     tokenizer: str | None = None
     chunk: int = 1024  # rows per incremental-PCA update (bounds the SVD size)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.stats not in STATS:
+            raise SpectraError(f"--stats {self.stats!r} is not one of {', '.join(STATS)}")
+        if self.stats != "covariance" and self.components < 1:
+            raise SpectraError(f"--components {self.components}: must be at least 1 when the PCA is captured")
+        for flag, value in (("--max-tokens", self.max_tokens), ("--batch-size", self.batch_size),
+                            ("--max-length", self.max_length)):  # fmt: skip
+            if value is not None and value < 1:
+                raise SpectraError(f"{flag} {value}: must be at least 1")
+        if not 0 <= self.tau <= 1:
+            raise SpectraError(f"--tau {self.tau}: the cosine threshold must be in [0, 1]")
+        if self.chunk < 1:
+            raise SpectraError(f"chunk {self.chunk}: the rows per PCA update must be at least 1")
+
 
 @dataclass(frozen=True)
 class CaptureSummary:

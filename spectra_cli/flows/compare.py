@@ -24,7 +24,7 @@ from spectra_cli.checkpoint.loader import MatrixLoader
 from spectra_cli.checkpoint.matrices import MatrixSpec, select_matrices
 from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
 from spectra_cli.checkpoint.tuned import Tuned, open_tuned
-from spectra_cli.errors import BudgetError, SelectionError
+from spectra_cli.errors import BudgetError, SelectionError, SpectraError
 from spectra_cli.options import ComputeOptions, EngineOptions, SelectionOptions
 from spectra_cli.results import RunResult
 from spectra_cli.spectral.compare import (
@@ -57,9 +57,12 @@ class CompareOptions(SelectionOptions, ComputeOptions):
         eps = self.epsilons
         object.__setattr__(self, "epsilons", (eps,) if isinstance(eps, float | int) else tuple(eps))
         if self.top_k < 1:
-            raise ValueError("top_k must be at least 1")
-        if not self.epsilons or any(not 0 < e <= 1 for e in self.epsilons):
-            raise ValueError("every epsilon must be in (0, 1]")
+            raise SpectraError(f"--top-k {self.top_k}: must be at least 1")
+        if not self.epsilons:
+            raise SpectraError("--epsilon: give at least one threshold in (0, 1]")
+        for e in self.epsilons:
+            if not 0 < e <= 1:
+                raise SpectraError(f"--epsilon {e:g}: every epsilon must be in (0, 1]")
 
 
 

@@ -1,24 +1,13 @@
 """``init-adapter``: export an initialised PEFT LoRA adapter (PiSSA, MiLoRA, OLoRA, CorDA, EVA, extract) and,
 for methods that change the base, the residual model W_res = W − s·B·A.
 
-Flow: open the checkpoint → select the target modules (2-D ``…weight`` tensors; by default every linear
-weight but embeddings and the output head) → decide each module's rank and α (uniform ``rank``, a PEFT-style
-``ranks_file``, an allocation, or the method's own ``plan_ranks``) and check them all before any work →
-stage the output folder → stream the checkpoint in read order, one module's weights in memory at a time
-(each byte read once): target modules are factorised on the compute device by the registered method, their
-residual is written in place of the weight; every other tensor is copied bit for bit → write the adapter,
-a README and ``spectra_run.json`` → rename the staging folder into place. No printing.
-
-Output layout (``out/``):
-
-- ``adapter/``: ``adapter_config.json`` + ``adapter_model.safetensors`` (keys
-  ``base_model.model.<module>.lora_A.weight`` r×in and ``….lora_B.weight`` out×r, float32 unless the compute
-  precision is float64), ``init_lora_weights: true`` so that PEFT loads the factors as they are.
-- ``residual/`` (methods that change the base): the input's own layout — same tensor names and order, the same
-  shards and index, config/tokenizer files copied — with every target weight replaced by its residual, in the
-  stored dtype (or ``dtype``: then every floating tensor is converted and ``config.json``'s ``torch_dtype``
-  updated). Safetensors input only (.bin input: convert it first).
-- ``README.md`` (how to load it) and ``spectra_run.json`` (provenance).
+Flow: plan (open the checkpoint, select the target modules — by default every linear weight but embeddings and
+the output head — and decide each one's rank and α: uniform ``rank``, a PEFT-style ``ranks_file``, an
+allocation, or the method's own ``plan_ranks``; all checked before any work) → stage the output folder →
+factorise (stream the targets in read order, one module's weights in memory at a time, on the compute device;
+each residual replaces its weight in ``residual/``, every other tensor copied bit for bit) → write the adapter,
+the README (:mod:`spectra_cli.checkpoint.adapter_readme`, with the output layout) and ``spectra_run.json`` →
+summarize → rename the staging folder into place. No printing.
 """
 
 from __future__ import annotations
@@ -52,8 +41,9 @@ from spectra_cli.checkpoint.naming import module_path
 from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
 from spectra_cli.checkpoint.tensors import DTYPE_CODES, TensorInfo
 from spectra_cli.errors import CheckpointError, SelectionError, ShapeMismatch, SpectraError
-from spectra_cli.options import ComputeOptions, SelectionOptions
+from spectra_cli.options import ComputeOptions, EngineOptions, SelectionOptions
 from spectra_cli.results import OMIT_NONE, RunResult, options_record, summary_dict
+from spectra_cli.spectral.engine import resolve
 
 if TYPE_CHECKING:
     from spectra_cli.checkpoint.writers import ResidualWriter
@@ -84,6 +74,29 @@ class InitOptions(SelectionOptions, ComputeOptions):
     method_options: Mapping[str, Any] = field(default_factory=dict)
     dtype: str | None = None
     force: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from spectra_cli.spectral.init import methods  # the registry's metadata: no PyTorch import
+
+        names = sorted(methods())
+        if self.method not in names:
+            raise SpectraError(f"--method {self.method!r} is not one of {', '.join(names)}")
+        if self.dtype is not None and self.dtype not in DTYPE_CODES:
+            raise SpectraError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPE_CODES)}")
+        if self.rank is not None and self.rank < 1:
+            raise SpectraError(f"--rank {self.rank}: must be at least 1")
+        if self.alpha is not None and not self.alpha >= 0:
+            raise SpectraError(f"--alpha {self.alpha}: must not be negative")
+        if self.energy is not None and not 0 <= self.energy <= 1:
+            raise SpectraError(f"--energy {self.energy}: the share of ‖ΔW‖² must be in [0, 1]")
+        given = [flag for flag, v in (("--rank", self.rank), ("--ranks", self.ranks_file),
+                                      ("--allocate", self.allocate if self.allocate is not None else self.ranks))
+                 if v is not None]  # fmt: skip
+        if len(given) > 1:
+            raise SpectraError(f"give only one of --rank, --ranks and --allocate (got {' and '.join(given)})")
+        if (self.budget_rank is None) != (self.allocate is None):
+            raise SpectraError("--allocate STRATEGY and --budget-rank R go together")
 
 
 @dataclass(frozen=True)
@@ -173,9 +186,7 @@ def plan_targets(
     rslora = opts.rslora
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
-    if opts.ranks_file is not None or opts.ranks is not None:
-        if opts.rank is not None:
-            raise SpectraError("give either --rank or a rank allocation (--ranks / --allocate), not both")
+    if opts.ranks_file is not None or opts.ranks is not None:  # one source of ranks: InitOptions checks it
         if opts.ranks_file is not None:
             cfg = read_ranks_file(opts.ranks_file)
             specs = ranks_file_targets(cfg, specs, paths, opts.ranks_file, _explicit(opts))
@@ -247,9 +258,9 @@ def _method_options(opts: InitOptions) -> dict[str, Any]:
 def plan_init(path: str | Path, opts: InitOptions) -> InitPlan:
     """Check the options against the method, open the checkpoint (and the tuned one, and the activations), choose
     the targets and each one's rank and α; nothing is factorised (``--allocate`` runs the allocation's SVDs)."""
-    method = get_method(opts.method)
-    if opts.dtype is not None and opts.dtype not in DTYPE_CODES:
-        raise SpectraError(f"--dtype {opts.dtype}: choose one of {', '.join(DTYPE_CODES)}")
+    from spectra_cli.spectral.init import methods
+
+    method = methods()[opts.method]  # a registered name: InitOptions checks it
     if is_adapter(path):
         raise CheckpointError(f"{path}: a PEFT adapter folder; init-adapter needs a full model checkpoint")
     if opts.tuned is not None and not method.needs_tuned:
@@ -292,28 +303,11 @@ def plan_init(path: str | Path, opts: InitOptions) -> InitPlan:
     if opts.allocate is not None:
         opts = _allocate(path, opts)
     targets, dropped = plan_targets(specs, opts, method, acts)
-    return InitPlan(opts, ckpt, method, targets, dropped, acts, tuned_ckpt, tuned_infos, *_device(opts))
+    eng = resolve(EngineOptions(device=opts.device, precision=opts.precision, method="svd", backend=opts.backend))
+    return InitPlan(opts, ckpt, method, targets, dropped, acts, tuned_ckpt, tuned_infos, eng.device, eng.compute)
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
-
-
-def _device(opts: InitOptions) -> tuple[str, Backend]:
-    """The torch device the weights go to, and where linalg's Gram route runs (``--backend``)."""
-    from spectra_cli.options import EngineOptions
-    from spectra_cli.spectral.engine import resolve
-
-    eng = resolve(EngineOptions(device=opts.device, precision=opts.precision, method="svd", backend=opts.backend))
-    return eng.device, eng.compute
-
-
-def get_method(name: str) -> InitMethod:
-    from spectra_cli.spectral.init import methods
-
-    reg = methods()
-    if name not in reg:
-        raise SelectionError(f"unknown init method {name!r}; choose one of {', '.join(sorted(reg))}")
-    return reg[name]
 
 
 def run_init(
@@ -495,10 +489,6 @@ def _allocate(path: str | Path, opts: InitOptions) -> InitOptions:
 
     from spectra_cli.flows.allocate import AllocateOptions, run_allocate
 
-    if opts.budget_rank is None:
-        raise SpectraError("--allocate needs --budget-rank R (the average rank over the target modules)")
-    if opts.rank is not None or opts.ranks_file is not None:
-        raise SpectraError("give one of --rank, --ranks FILE and --allocate STRATEGY")
     a_opts = AllocateOptions(
         include=opts.include, exclude=opts.exclude, kinds=opts.kinds, min_dim=opts.min_dim,
         strategy=opts.allocate or "energy", budget_rank=opts.budget_rank, lora_alpha=opts.alpha,

@@ -94,9 +94,9 @@ class MergeOptions(SelectionOptions, ComputeOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.method not in method_names():
-            raise SpectraError(
-                f"unknown merge method {self.method!r}; choose one of {', '.join(method_names())}"
-            )
+            raise SpectraError(f"--method {self.method!r} is not one of {', '.join(method_names())}")
+        if self.method != RMM and (self.basis is not None or self.energy is not None):
+            raise SpectraError(f"--basis/--energy apply to --method {RMM} only, not {self.method}")
         if self.basis is not None and self.energy is not None:
             raise SpectraError("give either --basis or --energy, not both")
         if self.basis is not None and self.basis < 1:
@@ -104,13 +104,13 @@ class MergeOptions(SelectionOptions, ComputeOptions):
         if self.energy is not None and not 0 < self.energy <= 1:
             raise SpectraError(f"--energy {self.energy}: the energy fraction must be in (0, 1]")
         if self.interference_k < 1:
-            raise SpectraError("--interference-k must be at least 1")
+            raise SpectraError(f"--interference-k {self.interference_k}: must be at least 1")
         if self.method != RMM:
             known = METHODS[self.method].params
             bad = [k for k, _ in self.params if k not in known]
             if bad:
                 raise SpectraError(
-                    f"{self.method} has no parameter {', '.join(bad)}; its parameters: {', '.join(known) or 'none'}"
+                    f"--method {self.method} has no parameter {', '.join(bad)}; its parameters: {', '.join(known) or 'none'}"
                 )
 
     def method_params(self) -> dict[str, Any]:
@@ -137,12 +137,11 @@ class RmmStorage:
 
 @dataclass(frozen=True, kw_only=True)
 class MergeSummary:
-    """The summary of ``merge``: method and paper, tasks, modules merged, the output and its kind (checkpoint
-    or bundle); per task the mean relative error and the share of its update kept; the n×n mean cosine and
-    top-k overlap between task updates; how many other tensors changed. rmm adds :class:`RmmStorage` (its
-    keys at this place); a method that reports per-module facts adds ``method_stats``; adapters trained on
-    differently named bases add ``adapter_base_names``, adapters' tensors a merged checkpoint cannot hold
-    ``adapter_tensors_not_merged``; ``--sweep`` adds ``sweep``."""
+    """The summary of ``merge``: method, paper, tasks, modules, the output and its kind (checkpoint or bundle);
+    per task the mean relative error and share of its update kept; the n×n mean cosine and top-k overlap of the
+    updates; other tensors changed. rmm adds :class:`RmmStorage` (its keys in place); optional: ``method_stats``
+    (per-module facts of a method), ``adapter_base_names`` (adapters naming different bases),
+    ``adapter_tensors_not_merged``, ``sweep``."""
 
     method: str
     reference: str
@@ -188,10 +187,6 @@ class MergePlan:
     params: dict[str, Any]
     dtype: type[np.floating]
     backend: Backend
-
-    @property
-    def n(self) -> int:
-        return len(self.tuned)
 
     @property
     def inputs(self) -> list[Path]:
@@ -336,7 +331,7 @@ def merge_modules(p: MergePlan, opts: MergeOptions, copy: PatchedCopy | None, bu
                   progress: Callable[[int, int, str], None] | None = None) -> Merged:  # fmt: skip
     """Stream the planned matrices, one module of all n inputs in memory at a time: every task's update, their
     interference, then the merge (patched into ``copy``) or the rmm fit (into ``bundle``)."""
-    n = p.n
+    n = len(p.tuned)
     base_loader = MatrixLoader(p.base)
     loaders = {t.name: MatrixLoader(t.checkpoint) for t in p.tuned if t.checkpoint is not None}
     need_w0 = p.method is not None or bool(loaders)
@@ -472,22 +467,19 @@ def summarize(p: MergePlan, got: Merged, bundle: BundleWriter | None, rest_chang
     )  # fmt: skip
 
 
-def _depth_kind(spec: MatrixSpec) -> dict[str, Any]:
-    m, n = spec.shape
-    return {"module": spec.name, "kind": spec.kind, "depth": spec.depth, "shape": f"{m}x{n}"}
-
-
 def _rows_for_module(spec: MatrixSpec, tuned: list[Tuned], updates: list[Update], weights: list[float],
                      inter: dict[str, np.ndarray], errors: Sequence[float], kept: Sequence[float],
                      extra: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
-    n = len(tuned)
+    """One row per task: its update's norm, its error and kept share, its interference with the tasks that
+    changed the module too."""
+    n, (out, inp) = len(tuned), spec.shape
     cos, ov = inter["cosine"], inter["overlap"]
     rows = []
     for i, t in enumerate(tuned):
         others = [j for j in range(n) if j != i and inter["norms"][j] > 0]  # tasks that changed this module
         mod = t.modules.get(spec.name) if t.adapter is not None else None
         rows.append({
-            **_depth_kind(spec), "task": t.name, "source": t.kind, "weight": weights[i],
+            "module": spec.name, "kind": spec.kind, "depth": spec.depth, "shape": f"{out}x{inp}", "task": t.name, "source": t.kind, "weight": weights[i],
             "lora_rank": mod.rank if mod is not None else None,
             "delta_norm": float(inter["norms"][i]),
             "rel_error": float(errors[i]), "kept": float(kept[i]),
@@ -499,6 +491,7 @@ def _rows_for_module(spec: MatrixSpec, tuned: list[Tuned], updates: list[Update]
 
 
 def _task_means(rows: list[dict[str, Any]], tasks: list[str], key: str) -> dict[str, float | None]:
+    """Per task, the mean of ``key`` over its finite rows (None when there are none)."""
     out: dict[str, float | None] = {}
     for t in tasks:
         v = [r[key] for r in rows if r["task"] == t and r[key] is not None and math.isfinite(r[key])]

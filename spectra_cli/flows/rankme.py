@@ -56,9 +56,11 @@ class RankmeOptions(ComputeOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.chunk_rows is not None and self.chunk_rows < 1:
-            raise ValueError("chunk_rows must be at least 1")
+            raise SpectraError(f"--chunk-rows {self.chunk_rows}: must be at least 1")
         if self.batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
+            raise SpectraError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.max_length is not None and self.max_length < 1:
+            raise SpectraError(f"--max-length {self.max_length}: must be at least 1")
 
     def rows_per_chunk(self, k: int, budget: int | None = None) -> int:
         """``chunk_rows``, else as many rows as fit ``budget`` bytes (default: ``max_memory``, else 256 MB)."""

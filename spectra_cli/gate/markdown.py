@@ -10,6 +10,7 @@ from typing import Any
 from spectra_cli.gate.rules import Verdict
 from spectra_cli.gate.summary import CheckSummary
 from spectra_cli.report.render import Column, fmt_num, markdown_table, write_text
+from spectra_cli.report.terminal import terminal_safe
 
 MAX_FAILURE_ROWS = 50
 
@@ -21,11 +22,11 @@ def _cell(x: Any) -> str:
 
 
 def _esc(s: str) -> str:
-    return s.replace("|", "\\|").replace("\n", " ")
+    return terminal_safe(s.replace("|", "\\|").replace("\n", " "), newlines=False)
 
 
 def _line(s: Any) -> str:
-    return str(s).replace("\n", " ")
+    return terminal_safe(str(s).replace("\n", " "), newlines=False)
 
 
 def _code(s: Any) -> str:
@@ -72,7 +73,8 @@ def markdown_summary(verdicts: Sequence[Verdict], summary: CheckSummary, title: 
 
 
 def _data(s: str) -> str:
-    return s.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    # GitHub's escapes for % CR LF, then every other control character shown as an escape (not sent raw)
+    return terminal_safe(s.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A"), newlines=False)
 
 
 def _prop(s: str) -> str:

@@ -1,38 +1,39 @@
 """One self-contained HTML page from a results envelope (the ``--format json`` output of any command).
 
-Pure rendering: ``render_html(envelope) -> str``. The page needs no network: CSS and a small table sorter are
-inline, figures are PNGs drawn with matplotlib from the envelope's rows (the functions of
-:mod:`spectra_cli.report.plots` and :mod:`spectra_cli.report.compare_plots`, into memory) and embedded as
-``data:`` URIs, and a Content-Security-Policy forbids every other source. Every value taken from the envelope
-is escaped with :func:`html.escape`.
+Pure rendering: ``render_html(envelope) -> str``; :func:`html_page` is what ``--html FILE`` and ``spectra
+report`` write. What the page shows of a command (title, table columns, notes, cards, figures) is the
+command's view (:mod:`spectra_cli.report.views`). The page needs no network: CSS and a small table sorter are
+inline, figures are PNGs drawn with matplotlib into memory and embedded as ``data:`` URIs, and a
+Content-Security-Policy forbids every other source. Every value taken from the envelope is escaped with
+:func:`html.escape`.
 
-Figures come from the rows alone, so a page made later from a CI artifact equals the one the run wrote:
-figures that need more than the rows hold (``analyze``'s eigenvalue histograms need the singular values,
+Figures come from the envelope alone, so a page made later from a CI artifact equals the one the run wrote:
+figures that need more than the envelope holds (``analyze``'s eigenvalue histograms need the singular values,
 ``compare``'s base-vs-tuned spectra the decompositions) are not on the page; ``--plots DIR`` draws them.
 """
 
 from __future__ import annotations
 
 import base64
-import io
 import json
 import math
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Sequence
 from html import escape
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from spectra_cli import __version__
 from spectra_cli.errors import SpectraError
-from spectra_cli.report.render import SCHEMA_VERSION, Column, _clean, fmt_num
+from spectra_cli.report.render import SCHEMA_VERSION, Column, json_safe
+from spectra_cli.report.views import GENERIC, UNREADABLE, Card, View, readable_view
+from spectra_cli.report.views.common import fmt_value, is_good
+from spectra_cli.report.views.generic import PROVENANCE_KEYS, generic_columns
 
-Figure = tuple[str, bytes]  # (caption, PNG bytes)
+if TYPE_CHECKING:
+    from spectra_cli.report.plots import Figure
 
 #: envelope keys that are shown in their own sections (anything else goes under "other fields")
 _ENVELOPE_KEYS = ("schema_version", "command", "spectra_version", "inputs", "options", "rows", "summary")
-#: summary keys that are timings or the compute engine: shown with the provenance, not with the results
-_PROVENANCE_KEYS = ("seconds", "decompose_seconds", "engine", "timings")
 
 
 # ---- envelope ------------------------------------------------------------------------------------------
@@ -41,7 +42,7 @@ _PROVENANCE_KEYS = ("seconds", "decompose_seconds", "engine", "timings")
 def normalise(env: dict[str, Any]) -> dict[str, Any]:
     """The envelope exactly as ``--format json`` writes it and ``json.load`` reads it back (NaN/Inf → None,
     NumPy scalars → Python, tuples → lists), so a page made from a run equals one made from its JSON."""
-    return cast(dict[str, Any], json.loads(json.dumps(_clean(env), allow_nan=False)))
+    return cast(dict[str, Any], json.loads(json.dumps(json_safe(env), allow_nan=False)))
 
 
 def check_envelope(obj: Any, source: str = "results") -> dict[str, Any]:
@@ -75,25 +76,7 @@ def check_envelope(obj: Any, source: str = "results") -> dict[str, Any]:
     return env
 
 
-def default_title(env: dict[str, Any]) -> str:
-    """``spectra <command> <main input>``, as the command's table title reads."""
-    inputs = env.get("inputs") or {}
-    main = next((inputs[k] for k in ("checkpoint", "base", "path") if isinstance(inputs.get(k), str)), None)
-    return f"spectra {env['command']}" + (f" {main}" if main else "")
-
-
 # ---- cells ---------------------------------------------------------------------------------------------
-
-
-def fmt_value(x: Any) -> str:
-    """Any JSON value as table text: numbers by :func:`fmt_num`, lists comma-joined, objects as JSON."""
-    if isinstance(x, list):
-        return ", ".join(fmt_value(v) for v in x) if x else "-"
-    if isinstance(x, dict):
-        return json.dumps(x, separators=(", ", ": "))
-    if x == "":
-        return ""
-    return fmt_num(x)
 
 
 def _sort_key(x: Any) -> str:
@@ -109,257 +92,6 @@ def _sort_key(x: Any) -> str:
     if isinstance(x, dict):
         return json.dumps(x)
     return str(x)
-
-
-def generic_columns(rows: list[dict[str, Any]]) -> list[Column]:
-    """One column per key, in first-seen order: the view of a command that brings no columns of its own."""
-    keys: list[str] = []
-    for r in rows:
-        keys.extend(k for k in r if k not in keys)
-    out = []
-    for k in keys:
-        numeric = all(isinstance(r.get(k), int | float) or r.get(k) is None for r in rows)
-        out.append(Column(k, k, fmt_value, "right" if numeric else "left"))
-    return out
-
-
-# ---- figures -------------------------------------------------------------------------------------------
-
-
-def _png(draw: Callable[[Any], object]) -> bytes | None:
-    """Run a plot function of report/plots.py on an in-memory file; None when it drew nothing."""
-    buf = io.BytesIO()
-    # the plot functions take a path for fig.savefig, which takes a binary file object just as well
-    drawn = draw(cast(Path, buf))
-    data = buf.getvalue()
-    return data if data and drawn is not False else None
-
-
-def _alpha_histogram(rows: list[dict[str, Any]], path: Any) -> bool:
-    """Histogram of the fitted α over all matrices, with the 2 and 6 reading thresholds."""
-    from spectra_cli.report.plots import _plt
-
-    alphas = [
-        r["alpha"] for r in rows if isinstance(r.get("alpha"), int | float) and math.isfinite(r["alpha"])
-    ]
-    if not alphas:
-        return False
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=100)
-    ax.hist(alphas, bins=min(40, max(8, len(alphas) // 3)), color="#4C72B0", alpha=0.85)
-    ax.axvline(2.0, color="#C44E52", ls="--", lw=1, label="α = 2 (below: over-trained)")
-    ax.axvline(6.0, color="#DD8452", ls="--", lw=1, label="α = 6 (above: under-trained)")
-    ax.legend(fontsize=8)
-    ax.set_xlabel("power-law α of the ESD tail")
-    ax.set_ylabel("matrices")
-    ax.set_title(f"α over {len(alphas)} matrices")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
-
-
-def _analyze_figures(env: dict[str, Any]) -> list[Figure]:
-    from spectra_cli.report import plots
-
-    rows = env["rows"]
-    todo: list[tuple[str, Callable[[Any], object]]] = [
-        ("Spectral metrics by depth, one line per module kind", lambda p: plots.plot_by_depth(rows, p)),
-        ("Distribution of the heavy-tail exponent α", lambda p: _alpha_histogram(rows, p)),
-    ]
-    for key, label in (("effective_rank_ratio", "effective rank / min(m, n)"), ("alpha", "power-law α")):
-        if not any(isinstance(r.get(key), int | float) and math.isfinite(r[key]) for r in rows):
-            continue  # an empty heatmap says nothing
-        todo.append((f"{label} by depth and kind", partial(plots.plot_heatmap, rows, key, label)))
-    return _draw(todo)
-
-
-def _compare_figures(env: dict[str, Any]) -> list[Figure]:
-    from spectra_cli.report import compare_plots as cp
-    from spectra_cli.report import plots
-
-    summary = env["summary"]
-    eps = [float(e) for e in summary.get("epsilons") or env["options"].get("epsilons") or [0.5]]
-    names = list(dict.fromkeys(r.get("tuned") for r in env["rows"] if r.get("tuned") is not None))
-    todo: list[tuple[str, Callable[[Any], object]]] = []
-    for name in names:
-        rows = [r for r in env["rows"] if r.get("tuned") == name]
-        label = f"intruders (ε = {eps[0]:g}) — {name}"
-        todo.append((f"{name}: intruder dimensions (ε = {eps[0]:g}) by depth and kind",
-                     partial(plots.plot_heatmap, rows, "intruders", label, fmt=".0f")))  # fmt: skip
-        if any(isinstance(r.get("max_cos"), list) and r["max_cos"] for r in rows):
-            title = f"{name}: best match of each top tuned singular vector in the base"
-            todo.append((title, partial(cp.plot_cosine_profile, rows, eps, title)))
-        title = f"{name}: drift by depth, one line per module kind"
-        todo.append((title, partial(plots.plot_by_depth, rows, metrics=cp.DRIFT_METRICS, title=title)))
-    tuned = summary.get("tuned") or {}
-    if len(names) > 1 and all(isinstance(tuned.get(n), dict) for n in names):
-        key = f"{eps[0]:g}"
-        totals = {str(n): int(tuned[n].get("total_intruders", {}).get(key) or 0) for n in names}
-        todo.append(("Intruder dimensions per tuned model", lambda p: cp.plot_totals(totals, eps[0], p)))
-    return _draw(todo)
-
-
-def _generic_figures(env: dict[str, Any]) -> list[Figure]:
-    """Rows with a depth and a kind: up to six of their numeric fields that vary, against depth."""
-    from spectra_cli.report import plots
-
-    rows = [r for r in env["rows"] if is_good(r.get("status"))]
-    if not rows or not all(isinstance(r.get("depth"), int) and "kind" in r for r in rows):
-        return []
-    keys: list[str] = []
-    for r in rows:
-        keys.extend(k for k, v in r.items() if _is_number(v) and k not in keys and k not in _NOT_METRICS)
-    varying = [k for k in keys if _varies([r[k] for r in rows if _is_number(r.get(k))])]
-    metrics = tuple((k, k.replace("_", " ")) for k in varying[:6])
-    if not metrics:
-        return []
-    split = _series_field(rows)
-
-    def series(r: dict[str, Any]) -> str:
-        return f"{r['kind']} · {r[split]}" if split else str(r["kind"])
-
-    flat = [{"depth": r["depth"], "kind": series(r), "status": "ok", **{k: r.get(k) for k in varying}}
-            for r in rows]  # fmt: skip
-    title = f"spectra {env['command']}: by depth, one line per module kind" + (
-        f" and {split}" if split else ""
-    )
-    return _draw([(title, partial(plots.plot_by_depth, flat, metrics=metrics, title=title))])
-
-
-_NOT_METRICS = {"depth", "rows", "cols", "line", "index", "seconds"}  # timings are not spectra
-
-
-def _varies(values: list[float]) -> bool:
-    """More than one value, beyond rounding (1e-9 relative): a constant drawn with an offset axis says nothing."""
-    if len(values) < 2:
-        return False
-    lo, hi = min(values), max(values)
-    return hi - lo > 1e-9 * max(abs(lo), abs(hi))
-
-
-def _series_field(rows: list[dict[str, Any]]) -> str | None:
-    """When several rows share a depth and kind (merge: one row per module × task; rows per tuned model or
-    input), the field that tells them apart with the fewest values, so each gets its own line; else None."""
-    if len({(r["depth"], r["kind"]) for r in rows}) == len(rows):
-        return None
-    best: tuple[int, str] | None = None
-    for k in rows[0]:
-        if k in ("depth", "kind") or not all(isinstance(r.get(k), str) for r in rows):
-            continue
-        if len({(r["depth"], r["kind"], r[k]) for r in rows}) != len(rows):
-            continue
-        n = len({r[k] for r in rows})
-        if n <= 12 and (best is None or n < best[0]):
-            best = (n, k)
-    return best[1] if best else None
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def is_good(status: Any) -> bool:
-    """Whether a row's status reads as fine (``ok``, ``pass``) or neutral (``skip``): not highlighted."""
-    return status is None or str(status).lower() in _GOOD_STATUS
-
-
-_GOOD_STATUS = {"", "ok", "pass", "passed", "skip", "skipped", "n/a"}
-
-
-def _draw(todo: list[tuple[str, Callable[[Any], object]]]) -> list[Figure]:
-    out: list[Figure] = []
-    for caption, draw in todo:
-        png = _png(draw)
-        if png is not None:
-            out.append((caption, png))
-    return out
-
-
-FIGURES: dict[str, Callable[[dict[str, Any]], list[Figure]]] = {
-    "analyze": _analyze_figures,
-    "compare": _compare_figures,
-}
-
-
-def figures(env: dict[str, Any]) -> list[Figure]:
-    """The figures of the page: the command's own, or metrics by depth for rows that have a depth."""
-    return FIGURES.get(env["command"], _generic_figures)(env)
-
-
-# ---- key figures ---------------------------------------------------------------------------------------
-
-Card = tuple[str, str, str]  # (label, value, detail)
-
-
-def _num(x: Any, digits: int = 3) -> str:
-    return fmt_num(x, digits) if x is not None else "-"
-
-
-def _analyze_cards(env: dict[str, Any]) -> list[Card]:
-    s = env["summary"]
-    cards: list[Card] = [
-        ("matrices analysed", f"{_num(s.get('analysed'))} / {_num(s.get('matrices'))}",
-         f"{s['skipped_tensors']} non-matrix tensors skipped" if s.get("skipped_tensors") else ""),
-        ("parameters", f"{s['params']:,}" if isinstance(s.get("params"), int) else "-", "in the analysed matrices"),
-        ("mean α", _num(s.get("mean_alpha"), 2), "heavy-tail exponent; WeightWatcher reads 2–6 as well trained"),
-        ("α < 2", _num(s.get("over_trained")), "over-trained matrices"),
-        ("α > 6", _num(s.get("under_trained")), "under-trained matrices"),
-        ("mean eff. rank ratio", _num(s.get("mean_effective_rank_ratio")), "effective rank / min(m, n)"),
-        ("NaN/Inf matrices", str(len(s.get("nonfinite") or [])), "not decomposed"),
-    ]  # fmt: skip
-    return cards
-
-
-def _compare_cards(env: dict[str, Any]) -> list[Card]:
-    s = env["summary"]
-    eps = s.get("epsilons") or [0.5]
-    key = f"{float(eps[0]):g}"
-    cards: list[Card] = []
-    for name, t in (s.get("tuned") or {}).items():
-        if not isinstance(t, dict):
-            continue
-        cards.append((f"{name}: intruders (ε = {key})", _num((t.get("total_intruders") or {}).get(key)),
-                      f"{_num(t.get('matrices_with_intruders'))} of {_num(t.get('matrices'))} matrices have any"))  # fmt: skip
-        cards.append((f"{name}: mean ‖ΔW‖/‖W‖", _num(t.get("mean_relative_delta")),
-                      f"mean top-k subspace overlap {_num(t.get('mean_subspace_overlap'))}"))  # fmt: skip
-    return cards
-
-
-def _check_cards(env: dict[str, Any]) -> list[Card]:
-    s = env["summary"]
-    by_rule = s.get("by_rule") if isinstance(s.get("by_rule"), dict) else {}
-    broken = [k for k, r in by_rule.items() if isinstance(r, dict) and r.get("failed")]
-    ok = s.get("ok")
-    verdict = "PASSED" if ok is True else "FAILED" if ok is False else "-"
-    code = {"PASSED": "exit code 0: every rule holds", "FAILED": "exit code 1: a rule failed"}.get(
-        verdict, ""
-    )
-    return [
-        ("gate", verdict, code),
-        ("failed", _num(s.get("failed")), ("rules: " + ", ".join(broken)) if broken else "no rule broken"),
-        ("passed", _num(s.get("passed")), ""),
-        ("skipped", _num(s.get("skipped")), "a rule could not apply (e.g. α not fitted)"),
-        ("checks", _num(s.get("checks")), f"{len(by_rule)} rules, each on the modules it applies to"),
-        ("modules", _num(s.get("modules")), "matrices checked"),
-    ]
-
-
-def _generic_cards(env: dict[str, Any]) -> list[Card]:
-    s = env["summary"]
-    return [
-        (k.replace("_", " "), fmt_value(v), "")
-        for k, v in s.items()
-        if k not in _PROVENANCE_KEYS
-        and (v is None or isinstance(v, int | float | bool) or (isinstance(v, str) and len(v) <= 24))
-    ][:12]
-
-
-CARDS: dict[str, Callable[[dict[str, Any]], list[Card]]] = {
-    "analyze": _analyze_cards,
-    "compare": _compare_cards,
-    "check": _check_cards,
-}
 
 
 # ---- HTML pieces ---------------------------------------------------------------------------------------
@@ -449,6 +181,15 @@ def _cards(cards: list[Card]) -> str:
     return f'<div class="cards">{items}</div>'
 
 
+def _figures(view: View, env: dict[str, Any]) -> list[Figure]:
+    """The view's figures; the generic ones when the view cannot draw this envelope (one it can read only
+    in part, e.g. from another spectra version)."""
+    try:
+        return view.figures(env)
+    except UNREADABLE:
+        return GENERIC.figures(env)
+
+
 def _png_width(png: bytes) -> int:
     """Pixel width from the PNG header (IHDR); multi-panel figures get a whole row of the grid."""
     return int.from_bytes(png[16:20], "big") if png[:8] == b"\x89PNG\r\n\x1a\n" else 0
@@ -474,26 +215,28 @@ def render_html(
     *,
     title: str | None = None,
     columns: Sequence[Column] | None = None,
-    notes: Sequence[str] = (),
+    notes: Sequence[str] | None = None,
     plots: bool = True,
 ) -> str:
     """The whole page for ``env`` (an envelope as :func:`check_envelope` accepts; run :func:`normalise` on
-    one built in memory first).
+    one built in memory first), as the command's view shows it (:func:`readable_view`).
 
-    ``columns``: the table's leading columns, as the command's CLI table has them (every other row field
-    follows, hidden until 'all fields' is ticked); default: every field. ``notes``: the CLI's note lines.
-    ``plots=False`` leaves out the figures (no matplotlib import)."""
+    ``title``, ``columns`` (the table's leading columns: every other row field follows, hidden until 'all
+    fields' is ticked) and ``notes`` replace the view's. ``plots=False`` leaves out the figures (no
+    matplotlib import)."""
     env = check_envelope(env)
     rows: list[dict[str, Any]] = env["rows"]
     command = env["command"]
-    title = title or default_title(env)
+    view = readable_view(env)
+    title = title or view.title(env)
     summary = env["summary"]
-    cols = list(columns) if columns is not None else generic_columns(rows)
-    cards = CARDS.get(command, _generic_cards)(env)
-    details = {k: v for k, v in summary.items() if k not in _PROVENANCE_KEYS}
-    timings = {k: summary[k] for k in _PROVENANCE_KEYS if k in summary}
+    cols = list(columns) if columns is not None else view.columns(env)
+    notes = list(notes) if notes is not None else view.notes(env)
+    cards = view.cards(env)
+    details = {k: v for k, v in summary.items() if k not in PROVENANCE_KEYS}
+    timings = {k: summary[k] for k in PROVENANCE_KEYS if k in summary}
     other = {k: v for k, v in env.items() if k not in _ENVELOPE_KEYS}
-    figs = figures(env) if plots and rows else []
+    figs = _figures(view, env) if plots and rows else []
     bad = sum(1 for r in rows if not is_good(r.get("status")))
 
     provenance: dict[str, Any] = {
@@ -549,6 +292,19 @@ def render_html(
         f"<script>{_JS}</script></body></html>",
     ]
     return "\n".join(parts) + "\n"
+
+
+def html_page(env: dict[str, Any], title: str | None = None) -> str:
+    """The page of an envelope, in memory or read back from its JSON: both give the same page (what
+    ``--html FILE`` writes and ``spectra report`` makes later)."""
+    return render_html(check_envelope(normalise(env)), title=title)
+
+
+def write_html(env: dict[str, Any], path: Path, title: str | None = None) -> None:
+    """Write :func:`html_page` to ``path`` atomically (a temporary name beside it, then a rename)."""
+    from spectra_cli.report.render import write_text
+
+    write_text(path, html_page(env, title))
 
 
 _CSS = """

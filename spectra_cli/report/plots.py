@@ -1,11 +1,14 @@
-"""Figures for ``analyze`` (matplotlib, Agg backend, PNG). Imported only when ``--plots`` is given."""
+"""Drawing primitives shared by every command's figures (matplotlib, Agg backend, PNG): metrics by depth, a
+depth × kind heatmap, and the in-memory rendering the HTML page embeds. A command's own figures live in its
+view (:mod:`spectra_cli.report.views`). matplotlib is imported only when something is drawn."""
 
 from __future__ import annotations
 
-import fnmatch
+import io
 import math
 import re
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,8 @@ DEPTH_METRICS = (
 )
 
 
-def _plt() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display needed), imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,54 +35,8 @@ def _plt() -> Any:
 
 
 def safe_name(name: str) -> str:
+    """A matrix or model name as a file-name part: anything but letters, digits, ``_.-`` becomes ``_``."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[:120]
-
-
-def choose_layers(rows: list[dict[str, Any]], pattern: str | None, n: int = 3) -> list[str]:
-    """Layers whose ESD to draw: those matching ``pattern`` (glob), else the most extreme few
-    (lowest α, highest α, lowest effective-rank ratio)."""
-    ok = [r for r in rows if r.get("status") == "ok"]
-    if pattern:
-        return [r["name"] for r in ok if fnmatch.fnmatchcase(r["name"], pattern)]
-    chosen: list[str] = []
-    fitted = [r for r in ok if r["alpha"] is not None and math.isfinite(r["alpha"])]
-    for key, reverse, pool in (("alpha", False, fitted), ("alpha", True, fitted),
-                               ("effective_rank_ratio", False, ok)):  # fmt: skip
-        for r in sorted(pool, key=lambda r: r[key], reverse=reverse):
-            if r["name"] not in chosen:
-                chosen.append(r["name"])
-                break
-        if len(chosen) >= n:
-            break
-    return chosen
-
-
-def plot_esd(row: dict[str, Any], values: np.ndarray, path: Path) -> None:
-    """Log–log histogram of the eigenvalues λ = σ² with the fitted power-law tail."""
-    plt = _plt()
-    lam = np.asarray(values, dtype=np.float64) ** 2
-    lam = lam[lam > 0]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    if lam.size:
-        bins = np.logspace(np.log10(lam.min()), np.log10(lam.max()), num=max(10, min(80, lam.size // 4)))
-        ax.hist(lam, bins=bins, density=True, color="#4C72B0", alpha=0.75, label="ESD (λ = σ²)")
-        alpha, xmin = row.get("alpha"), row.get("alpha_xmin")
-        if alpha is not None and xmin and math.isfinite(alpha):
-            tail = lam[lam >= xmin]
-            xs = np.logspace(np.log10(xmin), np.log10(lam.max()), 50)
-            frac = tail.size / lam.size
-            ax.plot(xs, frac * (alpha - 1) / xmin * (xs / xmin) ** (-alpha), color="#C44E52", lw=2,
-                    label=f"power-law fit α = {alpha:.2f}")  # fmt: skip
-            ax.axvline(xmin, color="#C44E52", ls="--", lw=1, label=f"xmin = {xmin:.3g}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("eigenvalue λ (squared singular value)")
-    ax.set_ylabel("density")
-    ax.set_title(f"{row['name']}\n{row['shape']}, {row.get('alpha_flag', '')}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def plot_by_depth(
@@ -88,7 +46,7 @@ def plot_by_depth(
     title: str = "Spectral metrics by depth, one line per module kind",
 ) -> bool:
     """Each metric against depth, one line per module kind. False when no row has a depth."""
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     ok = [r for r in rows if r.get("status") == "ok" and r.get("depth") is not None]
@@ -129,7 +87,7 @@ def plot_heatmap(
     """A depth × kind heatmap of one metric (the mean over rows sharing a cell), each cell labelled with
     ``format(value, fmt)``; without ``fmt``, whole numbers print without decimals and others with two.
     False when no row has a depth."""
-    plt = _plt()
+    plt = pyplot()
     ok = [r for r in rows if r.get("status") == "ok" and r.get("depth") is not None]
     if not ok:
         return False
@@ -173,22 +131,24 @@ def plot_heatmap(
     return True
 
 
-def analyze_plots(rows: list[dict[str, Any]], spectra: dict[str, np.ndarray], out: Path,
-                  layers_pattern: str | None = None) -> list[Path]:  # fmt: skip
-    """Write every ``analyze`` figure into ``out``; return the paths written."""
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    by_name = {r["name"]: r for r in rows}
-    for name in choose_layers(rows, layers_pattern):
-        if name in spectra:
-            p = out / f"esd_{safe_name(name)}.png"
-            plot_esd(by_name[name], spectra[name], p)
-            written.append(p)
-    p = out / "metrics_by_depth.png"
-    if plot_by_depth(rows, p):
-        written.append(p)
-    for key, label in (("effective_rank_ratio", "effective rank / min(m, n)"), ("alpha", "power-law α")):
-        p = out / f"heatmap_{key}.png"
-        if plot_heatmap(rows, key, label, p):
-            written.append(p)
-    return written
+Figure = tuple[str, bytes]  # (caption, PNG bytes)
+
+
+def png_of(draw: Callable[[Any], object]) -> bytes | None:
+    """Run a plot function (which takes a path for ``fig.savefig``) on an in-memory file; its PNG bytes, or
+    None when it drew nothing (returned False or wrote no bytes)."""
+    buf = io.BytesIO()
+    # fig.savefig takes a binary file object just as well as a path
+    drawn = draw(buf)
+    data = buf.getvalue()
+    return data if data and drawn is not False else None
+
+
+def draw_figures(todo: Sequence[tuple[str, Callable[[Any], object]]]) -> list[Figure]:
+    """(caption, PNG) of each plot function in ``todo`` that drew something, in order."""
+    out: list[Figure] = []
+    for caption, draw in todo:
+        png = png_of(draw)
+        if png is not None:
+            out.append((caption, png))
+    return out

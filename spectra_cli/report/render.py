@@ -1,7 +1,9 @@
 """The one renderer: an envelope of rows + summary → rich table, JSON, CSV or Markdown.
 
-Data goes to stdout or ``--output FILE`` (written to a temporary name, then renamed); nothing here writes
-to stderr. JSON has the envelope of DESIGN.md; non-finite floats become ``null`` so that ``jq`` can read it.
+Data goes to stdout (``--output -`` too) or ``--output FILE`` (through the one output writer,
+``checkpoint.output``); nothing here writes to stderr. Text from files is escaped for the terminal
+(``report.terminal``) in tables, notes and Markdown. JSON has the envelope described in docs/architecture.md;
+non-finite floats become ``null`` so that ``jq`` can read it.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import csv
 import io
 import json
 import math
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from spectra_cli import __version__
-from spectra_cli.errors import SpectraError
+from spectra_cli.report.terminal import terminal_safe
 from spectra_cli.results import summary_dict
 
 if TYPE_CHECKING:
@@ -53,15 +54,16 @@ def envelope(command: str, inputs: dict[str, Any], rows: list[dict[str, Any]],
     }
 
 
-def _clean(x: Any) -> Any:
+def json_safe(x: Any) -> Any:
+    """``x`` as JSON can hold it: NaN/Inf → None, tuples → lists, NumPy scalars → Python numbers."""
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
+        return [json_safe(v) for v in x]
     if hasattr(x, "item") and callable(x.item):  # numpy scalars
-        return _clean(x.item())
+        return json_safe(x.item())
     return x
 
 
@@ -87,7 +89,7 @@ def fmt_num(x: Any, digits: int = 3) -> str:
 
 
 def _to_json(env: dict[str, Any]) -> str:
-    return json.dumps(_clean(env), indent=2, allow_nan=False) + "\n"
+    return json.dumps(json_safe(env), indent=2, allow_nan=False) + "\n"
 
 
 def _to_csv(rows: list[dict[str, Any]]) -> str:
@@ -105,7 +107,7 @@ def _to_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def _md_escape(s: str) -> str:
-    return s.replace("|", "\\|")
+    return terminal_safe(s, newlines=False).replace("|", "\\|")
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> list[str]:
@@ -119,7 +121,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) ->
 
 
 def _to_markdown(rows: list[dict[str, Any]], columns: Sequence[Column], title: str, notes: list[str]) -> str:
-    out = [f"## {title}", "", *markdown_table(rows, columns)]
+    out = [f"## {terminal_safe(title, newlines=False)}", "", *markdown_table(rows, columns)]
     if notes:
         out.append("")
         out.extend(f"- {_md_escape(n)}" for n in notes)
@@ -130,19 +132,24 @@ def _to_table(rows: list[dict[str, Any]], columns: Sequence[Column], title: str,
               width: int | None) -> None:  # fmt: skip
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    # cells, title and notes come from files (tensor names, paths): Text, so Rich never parses them as markup,
+    # and control characters escaped, so none reaches the terminal
     is_tty = hasattr(file, "isatty") and file.isatty()
     console = Console(file=file, width=width or (None if is_tty else 200), no_color=not is_tty,
                       highlight=False, soft_wrap=False)  # fmt: skip
-    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False, header_style="bold")
+    table = Table(title=Text(terminal_safe(title, newlines=False)), title_justify="left", show_edge=False,
+                  pad_edge=False, header_style="bold")  # fmt: skip
     for c in columns:
-        table.add_column(c.header, justify=c.justify, overflow="fold")  # type: ignore[arg-type]
+        table.add_column(Text(terminal_safe(c.header, newlines=False)), justify=c.justify,  # type: ignore[arg-type]
+                         overflow="fold")  # fmt: skip
     for r in rows:
         style = "red" if r.get("status") not in (None, "ok") else None
-        table.add_row(*(c.fmt(r.get(c.key)) for c in columns), style=style)
+        table.add_row(*(Text(terminal_safe(c.fmt(r.get(c.key)), newlines=False)) for c in columns), style=style)
     console.print(table)
     for n in notes:
-        console.print(n, markup=False)
+        console.print(Text(terminal_safe(n)))
 
 
 def render(env: dict[str, Any], fmt: str, columns: Sequence[Column], title: str, notes: list[str],
@@ -151,7 +158,7 @@ def render(env: dict[str, Any], fmt: str, columns: Sequence[Column], title: str,
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}")
     rows = env["rows"]
-    if output is None:
+    if output is None or str(output) == "-":
         _emit(sys.stdout, env, rows, fmt, columns, title, notes, width)
         sys.stdout.flush()
         return
@@ -161,26 +168,23 @@ def render(env: dict[str, Any], fmt: str, columns: Sequence[Column], title: str,
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically: to ``.NAME.tmp-PID`` beside it, then renamed, so an
-    interrupted run leaves no half-written file (the one writer of every text output: tables, pages, reports)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:  # name the file the user asked for, not its staging name
-        raise SpectraError(f"{path}: {e.strerror or e}") from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write ``text`` (UTF-8) to the output ``path`` through the one output writer
+    (:func:`spectra_cli.checkpoint.output.write_text`): a regular file atomically (temporary name beside it,
+    then renamed), a symlink's target, a device or FIFO in place, ``-`` to stdout."""
+    from spectra_cli.checkpoint.output import write_text as write_output
+
+    write_output(path, text)
 
 
 def _emit(f: IO[str], env: dict[str, Any], rows: list[dict[str, Any]], fmt: str, columns: Sequence[Column],
           title: str, notes: list[str], width: int | None) -> None:  # fmt: skip
     if fmt == "json":
-        f.write(_to_json(env))
+        f.write(_to_json(env))  # json.dumps escapes every control and non-ASCII character
     elif fmt == "csv":
-        f.write(_to_csv(rows))
+        text = _to_csv(rows)
+        if hasattr(f, "isatty") and f.isatty():  # data for programs, but not raw escapes on a terminal
+            text = terminal_safe(text)
+        f.write(text)
     elif fmt == "markdown":
         f.write(_to_markdown(rows, columns, title, notes))
     else:

@@ -327,7 +327,7 @@ def _eva(problem: Problem) -> Allocation:
     """EVA's rank redistribution, the one implementation (``allocate --strategy eva`` and ``init-adapter
     --method eva`` both come here).
 
-    The published rule (Paischer et al. 2024; PEFT ``_get_rank_distribution``; REFERENCE.md): with B = r × #modules,
+    The published rule (Paischer et al. 2024; PEFT ``_get_rank_distribution``): with B = r × #modules,
     take the explained-variance ratios of the top k = round(ρ·r) components of every module's inputs, sort them
     all globally, keep the top B and count per module. Here it is run as a greedy over the ratios (each module's
     ratios sorted descending), which picks exactly those top B; ties go to the earlier module, as a stable global

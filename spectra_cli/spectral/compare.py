@@ -1,8 +1,7 @@
 """What fine-tuning did to one weight matrix: intruder dimensions, drift, subspace overlap.
 
-Definitions (Shuttleworth et al. 2024, "LoRA vs Full Fine-tuning: An Illusion of Equivalence"; see
-shared/REFERENCE.md): with W₀ = U₀Σ₀V₀ᵀ and W_t = U_tΣ_tV_tᵀ, the tuned left singular vector U_t[:, j]
-(j ≤ k) is an *intruder* at threshold ε when max_i |⟨U₀[:, i], U_t[:, j]⟩| < ε, i over all min(m, n) base
+Definitions (Shuttleworth et al. 2024, "LoRA vs Full Fine-tuning: An Illusion of Equivalence"): with
+W₀ = U₀Σ₀V₀ᵀ and W_t = U_tΣ_tV_tᵀ, the tuned left singular vector U_t[:, j] (j ≤ k) is an *intruder* at threshold ε when max_i |⟨U₀[:, i], U_t[:, j]⟩| < ε, i over all min(m, n) base
 vectors. Pure functions on NumPy arrays; W is out×in.
 """
 

@@ -1,4 +1,5 @@
-"""Spectral metrics of one matrix, computed from its singular values (definitions in shared/REFERENCE.md)."""
+"""Spectral metrics of one matrix, computed from its singular values (each definition, with its source, in the
+function's docstring)."""
 
 from __future__ import annotations
 

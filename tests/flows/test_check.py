@@ -787,4 +787,7 @@ def test_baseline_under_rules_says_where_it_goes(models: dict[str, Generated], t
 def test_init_into_a_missing_folder_names_the_file(tmp_path: Path) -> None:
     r = run("--init", tmp_path / "nodir" / "spectra.toml")
     assert r.exit_code == 2
-    assert r.stderr.strip() == f"Error: {tmp_path / 'nodir' / 'spectra.toml'}: No such file or directory"
+    assert r.stderr.strip() == (
+        f"Error: {tmp_path / 'nodir' / 'spectra.toml'}: cannot write (No such file or directory); "
+        "its folder does not exist; create it first"
+    )

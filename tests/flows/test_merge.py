@@ -333,8 +333,8 @@ def test_basis_larger_than_n_is_an_error(full, tmp_path):
         (["--method", "tsv", "--basis", "2"], 2, "rmm only"),
         (["--weights", "1,2"], 1, "--weights has 2 values for 3"),
         (["--weights", "1,x,2"], 2, "expected numbers"),
-        (["--method", "tsv", "--param", "density=0.3"], 1, "no parameter"),
-        (["--method", "rmm", "--energy", "1.5"], 1, "(0, 1]"),
+        (["--method", "tsv", "--param", "density=0.3"], 2, "no parameter"),
+        (["--method", "rmm", "--energy", "1.5"], 2, "(0, 1]"),
     ],
 )
 def test_bad_options(full, tmp_path, extra, code, fragment):

@@ -24,7 +24,7 @@ def _data(n: int, d: int, seed: int, spread: float = 1.0) -> np.ndarray:
 
 
 def _numpy_corda(w: np.ndarray, c: np.ndarray, r: int, s: float, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """REFERENCE.md's CorDA written out directly in float64 NumPy."""
+    """CorDA (Yang et al. 2024, as spectral/init_data.py documents it) written out directly in float64 NumPy."""
     lam = 0.01
     eye = np.eye(c.shape[0])
     while True:

@@ -1,0 +1,209 @@
+"""``analyze``: the per-matrix spectrum table, its notes, the page's key figures and figures, and the
+``--plots`` figures (which also draw the eigenvalue histograms from the singular values of a live run)."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from spectra_cli.report.render import Column
+from spectra_cli.report.views.common import Card, Env, Row, dash, num, number
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from spectra_cli.report.plots import Figure
+
+
+def title(env: Env) -> str:
+    return f"spectra analyze {env['inputs']['checkpoint']}"
+
+
+def columns(env: Env) -> list[Column]:
+    return [
+        Column("name", "name", str, "left"),
+        Column("kind", "kind", str, "left"),
+        Column("depth", "depth", dash),
+        Column("shape", "shape"),
+        Column("dtype", "dtype", str, "left"),
+        Column("spectral_norm", "σ₁", number()),
+        Column("stable_rank", "stable rank", number()),
+        Column("effective_rank", "eff. rank", number(1)),
+        Column("energy_rank_90", "r90", dash),
+        Column("alpha", "α", number()),
+        Column("alpha_flag", "α reading", lambda x: x or "-", "left"),
+        Column("entropy", "entropy", number()),
+        Column("status", "status", lambda x: x or "-", "left"),
+    ]
+
+
+def notes(env: Env) -> list[str]:
+    s = env["summary"]
+    eng = s.get("engine", {})
+    lines = [
+        f"{s['analysed']} of {s['matrices']} matrices analysed, {s['params']:,} parameters"
+        + (f"; {s['skipped_tensors']} non-matrix tensors skipped" if s.get("skipped_tensors") else ""),
+    ]
+    if s.get("mean_alpha") is not None:
+        lines.append(
+            f"α: mean {s['mean_alpha']:.2f}, {s['over_trained']} below 2 (over-trained), "
+            f"{s['under_trained']} above 6 (under-trained)"
+        )
+    if s.get("lowest_alpha"):
+        lo = s["lowest_alpha"][0]
+        hi = s["highest_alpha"][0]
+        lines.append(
+            f"lowest α {lo['alpha']:.2f} in {lo['name']}; highest α {hi['alpha']:.2f} in {hi['name']}"
+        )
+    if s["nonfinite"]:
+        names = ", ".join(
+            f"{b['name']} ({b['nan_count']} NaN, {b['inf_count']} Inf)" for b in s["nonfinite"][:5]
+        )
+        lines.append(f"NaN/Inf found in {len(s['nonfinite'])} matrices (not decomposed): {names}")
+    else:
+        lines.append("no NaN/Inf weights")
+    if "device" in eng:
+        lines.append(
+            f"{s['seconds']:.2f} s on {eng['device']} ({eng['backend']}, {eng['method']}, {eng['precision']})"
+        )
+    else:
+        lines.append(f"{s['seconds']:.2f} s from saved spectra")
+    return lines
+
+
+def cards(env: Env) -> list[Card]:
+    s = env["summary"]
+    return [
+        ("matrices analysed", f"{num(s.get('analysed'))} / {num(s.get('matrices'))}",
+         f"{s['skipped_tensors']} non-matrix tensors skipped" if s.get("skipped_tensors") else ""),
+        ("parameters", f"{s['params']:,}" if isinstance(s.get("params"), int) else "-", "in the analysed matrices"),
+        ("mean α", num(s.get("mean_alpha"), 2), "heavy-tail exponent; WeightWatcher reads 2–6 as well trained"),
+        ("α < 2", num(s.get("over_trained")), "over-trained matrices"),
+        ("α > 6", num(s.get("under_trained")), "under-trained matrices"),
+        ("mean eff. rank ratio", num(s.get("mean_effective_rank_ratio")), "effective rank / min(m, n)"),
+        ("NaN/Inf matrices", str(len(s.get("nonfinite") or [])), "not decomposed"),
+    ]  # fmt: skip
+
+
+def figures(env: Env) -> list[Figure]:
+    """Metrics by depth, the α histogram and two depth × kind heatmaps, from the rows (the eigenvalue
+    histograms need the singular values: ``--plots`` draws them)."""
+    from spectra_cli.report import plots
+
+    rows = env["rows"]
+    todo: list[tuple[str, Callable[[Any], object]]] = [
+        ("Spectral metrics by depth, one line per module kind", lambda p: plots.plot_by_depth(rows, p)),
+        ("Distribution of the heavy-tail exponent α", lambda p: alpha_histogram(rows, p)),
+    ]
+    for key, label in (("effective_rank_ratio", "effective rank / min(m, n)"), ("alpha", "power-law α")):
+        if not any(isinstance(r.get(key), int | float) and math.isfinite(r[key]) for r in rows):
+            continue  # an empty heatmap says nothing
+        todo.append((f"{label} by depth and kind", partial(plots.plot_heatmap, rows, key, label)))
+    return plots.draw_figures(todo)
+
+
+def alpha_histogram(rows: list[Row], path: Any) -> bool:
+    """Histogram of the fitted α over all matrices, with the 2 and 6 reading thresholds."""
+    from spectra_cli.report.plots import pyplot
+
+    alphas = [
+        r["alpha"] for r in rows if isinstance(r.get("alpha"), int | float) and math.isfinite(r["alpha"])
+    ]
+    if not alphas:
+        return False
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=100)
+    ax.hist(alphas, bins=min(40, max(8, len(alphas) // 3)), color="#4C72B0", alpha=0.85)
+    ax.axvline(2.0, color="#C44E52", ls="--", lw=1, label="α = 2 (below: over-trained)")
+    ax.axvline(6.0, color="#DD8452", ls="--", lw=1, label="α = 6 (above: under-trained)")
+    ax.legend(fontsize=8)
+    ax.set_xlabel("power-law α of the ESD tail")
+    ax.set_ylabel("matrices")
+    ax.set_title(f"α over {len(alphas)} matrices")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+# ---- --plots DIR -------------------------------------------------------------------------------------------
+
+
+def choose_layers(rows: list[dict[str, Any]], pattern: str | None, n: int = 3) -> list[str]:
+    """Layers whose ESD to draw: those matching ``pattern`` (glob), else the most extreme few
+    (lowest α, highest α, lowest effective-rank ratio)."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if pattern:
+        return [r["name"] for r in ok if fnmatch.fnmatchcase(r["name"], pattern)]
+    chosen: list[str] = []
+    fitted = [r for r in ok if r["alpha"] is not None and math.isfinite(r["alpha"])]
+    for key, reverse, pool in (("alpha", False, fitted), ("alpha", True, fitted),
+                               ("effective_rank_ratio", False, ok)):  # fmt: skip
+        for r in sorted(pool, key=lambda r: r[key], reverse=reverse):
+            if r["name"] not in chosen:
+                chosen.append(r["name"])
+                break
+        if len(chosen) >= n:
+            break
+    return chosen
+
+
+def plot_esd(row: dict[str, Any], values: np.ndarray, path: Path) -> None:
+    """Log–log histogram of the eigenvalues λ = σ² with the fitted power-law tail."""
+    import numpy as np
+
+    from spectra_cli.report.plots import pyplot
+
+    plt = pyplot()
+    lam = np.asarray(values, dtype=np.float64) ** 2
+    lam = lam[lam > 0]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    if lam.size:
+        bins = np.logspace(np.log10(lam.min()), np.log10(lam.max()), num=max(10, min(80, lam.size // 4)))
+        ax.hist(lam, bins=bins, density=True, color="#4C72B0", alpha=0.75, label="ESD (λ = σ²)")
+        alpha, xmin = row.get("alpha"), row.get("alpha_xmin")
+        if alpha is not None and xmin and math.isfinite(alpha):
+            tail = lam[lam >= xmin]
+            xs = np.logspace(np.log10(xmin), np.log10(lam.max()), 50)
+            frac = tail.size / lam.size
+            ax.plot(xs, frac * (alpha - 1) / xmin * (xs / xmin) ** (-alpha), color="#C44E52", lw=2,
+                    label=f"power-law fit α = {alpha:.2f}")  # fmt: skip
+            ax.axvline(xmin, color="#C44E52", ls="--", lw=1, label=f"xmin = {xmin:.3g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue λ (squared singular value)")
+    ax.set_ylabel("density")
+    ax.set_title(f"{row['name']}\n{row['shape']}, {row.get('alpha_flag', '')}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def analyze_plots(rows: list[dict[str, Any]], spectra: dict[str, np.ndarray], out: Path,
+                  layers_pattern: str | None = None) -> list[Path]:  # fmt: skip
+    """Write every ``analyze`` figure into ``out``: the ESD of the chosen layers (``layers_pattern``, else
+    the most extreme few; they need the singular values ``spectra``), metrics by depth and two heatmaps.
+    Return the paths written."""
+    from spectra_cli.report.plots import plot_by_depth, plot_heatmap, safe_name
+
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    by_name = {r["name"]: r for r in rows}
+    for name in choose_layers(rows, layers_pattern):
+        if name in spectra:
+            p = out / f"esd_{safe_name(name)}.png"
+            plot_esd(by_name[name], spectra[name], p)
+            written.append(p)
+    p = out / "metrics_by_depth.png"
+    if plot_by_depth(rows, p):
+        written.append(p)
+    for key, label in (("effective_rank_ratio", "effective rank / min(m, n)"), ("alpha", "power-law α")):
+        p = out / f"heatmap_{key}.png"
+        if plot_heatmap(rows, key, label, p):
+            written.append(p)
+    return written
