@@ -337,11 +337,8 @@ def run_capture(
 
 
 def plan_capture(model_dir: Path, data: Path, out: Path, opts: CaptureOptions) -> CapturePlan:
-    """Check the inputs, load the model and tokenizer, choose the modules to hook; nothing is run."""
-    if opts.stats not in STATS:
-        raise SpectraError(f"stats must be one of {', '.join(STATS)} (got {opts.stats!r})")
-    if opts.stats != "covariance" and opts.components < 1:
-        raise SpectraError("--components must be at least 1 when the PCA is captured")
+    """Check the inputs (the options were checked by :class:`CaptureOptions`), load the model and tokenizer,
+    choose the modules to hook; nothing is run."""
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
     if not Path(data).is_file():
