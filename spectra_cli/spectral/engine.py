@@ -17,6 +17,11 @@ Backends: ``numpy`` (CPU; LAPACK through NumPy, no PyTorch import, so start-up s
   absolute for every σ. The whole matrix must fit in the budget.
 - ``auto``: ``gram`` for ``--precision float32`` (its error is below float32 SVD's over the range that
   matters) and ``svd`` for ``--precision float64`` (the Gram route cannot give float64 accuracy for small σ).
+
+The decompositions themselves are :func:`spectra_cli.spectral.linalg.singular_values` (a stack of same-shape
+matrices at once with PyTorch) and :class:`~spectra_cli.spectral.linalg.GramSum` (chunks); both scale a float64
+matrix whose entries are far outside float32's range by a power of two first, so its values stay finite and
+right. Float64 weights are kept in float64 until then, also with ``--precision float32``.
 """
 
 from __future__ import annotations

@@ -153,8 +153,20 @@ def scale_exponent(x: Array, window: int = SAFE_EXPONENT) -> int:
     or not finite)."""
     if (x.numel() if is_torch(x) else x.size) == 0:
         return 0
-    amax = float(x.abs().max()) if is_torch(x) else float(np.max(np.abs(x)))
-    return _exponent(amax, window)
+    return _exponent(_amax(x), window)
+
+
+def _amax(x: Array, axis: tuple[int, int] | None = None) -> Any:
+    """max |entry| (over ``axis``) without an |x| copy: max(max x, −min x)."""
+    if is_torch(x):
+        if axis is None:
+            lo, hi = x.aminmax()
+        else:
+            lo, hi = x.amin(dim=axis), x.amax(dim=axis)
+        out = (-lo).maximum(hi)
+        return float(out) if axis is None else out
+    out = np.maximum(np.max(x, axis=axis), -np.min(x, axis=axis))
+    return float(out) if axis is None else out
 
 
 def _exponent(amax: float, window: int) -> int:
@@ -174,7 +186,7 @@ def _scaled(x: Array, window: int = SAFE_EXPONENT) -> tuple[Array, Any]:
         return x * math.ldexp(1.0, -e), math.ldexp(1.0, e)
     if (x.numel() if is_torch(x) else x.size) == 0:
         return x, 1.0
-    amax = to_numpy(x.abs().amax(dim=(-2, -1)) if is_torch(x) else np.max(np.abs(x), axis=(-2, -1)))
+    amax = to_numpy(_amax(x, (-2, -1)))
     exps = np.vectorize(lambda v: _exponent(float(v), window), otypes=[np.int64])(amax)
     if not exps.any():
         return x, 1.0
