@@ -122,7 +122,7 @@ def test_merge_plan_opens_and_matches_without_reading(full, monkeypatch) -> None
         p = plan_merge(
             full.base_path, pairs, MergeOptions(method="ties", weights=(1.0, 2.0, 3.0), kinds=("q_proj",))
         )
-    assert [t.name for t in p.tuned] == list(full.paths) and p.n == 3
+    assert [t.name for t in p.tuned] == list(full.paths)
     assert [s.name for s in p.work] == sorted(
         (n for n in full.base if n.endswith("q_proj.weight")), key=[s for s in full.base].index
     )
