@@ -1,17 +1,33 @@
 """The reversible-merge bundle (``merge --method rmm --out DIR``): ``basis.safetensors`` (per module the mean,
-the p basis updates, dense or as B/A factors) and ``coefficients.json`` (format, version, tasks, per-module
-coefficients, errors and storage). ``reconstruct`` reads it back."""
+the p basis updates, dense or as B/A factors; per task the tensors stored exactly) and ``coefficients.json``
+(format, version, tasks, per-module coefficients, errors and storage). :class:`BundleWriter` writes it,
+``reconstruct`` reads it back (:func:`read_bundle`, :func:`module_fit`).
+
+Bundle (a folder):
+- ``basis.safetensors``: per module ``<tensor>.mean`` / ``<tensor>.basis.<k>`` (dense out×in, logical
+  orientation) or, for factored updates, ``<tensor>.mean.B`` / ``.mean.A`` and ``<tensor>.basis.<k>.B`` /
+  ``.A`` (B out×r, A r×in); per task the tensors that are not reconstructed from the basis, stored exactly:
+  ``task.<name>.<tensor>`` (full inputs: every float tensor outside the merged matrices that differs from
+  the base, e.g. biases and norms; adapters: their non-LoRA tensors such as ``modules_to_save``).
+- ``coefficients.json``: tasks (name, kind, weight, source path, adapter config and per-module factor keys
+  for adapters), per module p, the n×p coefficients, each task's relative reconstruction error, the
+  singular values of the (centred) stack and the storage; the base's path and tensor shapes.
+- ``spectra_run.json``: provenance (written by the flow)."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from spectra_cli.checkpoint.safetensors_io import write_safetensors
 from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
-from spectra_cli.checkpoint.tensors import to_float
+from spectra_cli.checkpoint.tensors import RawTensor, to_float
+from spectra_cli.checkpoint.tuned import Tuned
 from spectra_cli.errors import CheckpointError
 from spectra_cli.spectral.merge import RMMModule, Update
 
@@ -54,3 +70,100 @@ def module_fit(doc: dict[str, Any], ck: Checkpoint, name: str) -> Any:
     return RMMModule(mean=mean, basis=basis, coefficients=np.asarray(meta["coefficients"], dtype=np.float64),
                      errors=np.asarray(meta["errors"]), singular_values=np.asarray(meta["singular_values"]),
                      storage=int(meta["storage"]), raw=int(meta["raw"]))  # fmt: skip
+
+
+class BundleWriter:
+    """Collects a bundle in a staging folder, module by module: each module's mean and basis go to a ``.npy``
+    spill file kept as a read-only memory map (only one module's arrays are in memory), its coefficients and
+    errors to the ``coefficients.json`` record; :meth:`write` writes both files."""
+
+    def __init__(self, stage: Path, dtype: type[np.floating]) -> None:
+        self.stage = stage
+        self.dtype = dtype
+        self.tensors: dict[str, RawTensor | np.ndarray] = {}
+        self.modules: dict[str, dict[str, Any]] = {}
+        self.spill = stage / ".bundle-parts"
+        self.spill.mkdir()
+
+    def add_module(self, name: str, tensor: str, shape: tuple[int, int], transposed: bool, fit: RMMModule,
+                   factored: bool, covered: list[str], zero_tasks: list[int]) -> None:  # fmt: skip
+        """One module's fit: ``tensor`` its base tensor, ``shape`` logical out×in, ``covered`` the tasks whose
+        input holds it, ``zero_tasks`` the task indices that left it unchanged (rebuilt as the base's)."""
+        errs = [float(e) for e in fit.errors]
+        self.modules[name] = {
+            "tensor": tensor, "shape": list(shape), "transposed": transposed,
+            "factored": factored, "p": fit.p,
+            "coefficients": np.asarray(fit.coefficients, dtype=np.float64).tolist(),
+            "errors": errs, "singular_values": [float(x) for x in fit.singular_values],
+            "centered": fit.mean is not None, "storage": fit.storage, "raw": fit.raw,
+            "energy_kept": fit.energy_kept, "covered": covered, "zero_tasks": zero_tasks,
+        }  # fmt: skip
+        if fit.mean is not None:
+            self._put(f"{name}.mean", fit.mean)
+        for k, b in enumerate(fit.basis):
+            self._put(f"{name}.basis.{k}", b)
+
+    def _keep(self, key: str, arr: np.ndarray | None) -> None:
+        x: np.ndarray = np.ascontiguousarray(arr, self.dtype)
+        if x.size:
+            f = self.spill / f"{len(self.tensors)}.npy"
+            np.save(f, x)
+            x = np.load(f, mmap_mode="r")
+        self.tensors[key] = x
+
+    def _put(self, key: str, u: Update) -> None:
+        if u.is_factored:
+            self._keep(f"{key}.B", u.B)
+            self._keep(f"{key}.A", u.A)
+        else:
+            self._keep(key, u.dense)
+
+    def add_task_tensor(self, task: str, tensor: str, value: RawTensor) -> None:
+        """A tensor of one task stored exactly, as read (``task.<task>.<tensor>``)."""
+        self.tensors[f"task.{task}.{tensor}"] = value
+
+    def task_numbers(self) -> int:
+        """How many numbers the exactly stored task tensors hold."""
+        return sum(int(np.asarray(v.data if isinstance(v, RawTensor) else v).size)
+                   for k, v in self.tensors.items() if k.startswith("task."))  # fmt: skip
+
+    def write(self, base: Checkpoint, tuned: Sequence[Tuned], weights: Sequence[float], reference: str,
+              settings: dict[str, Any], storage: float | None) -> None:  # fmt: skip
+        """Write ``basis.safetensors`` and ``coefficients.json``, then drop the spill files. ``settings``: the
+        fit's ``center``, ``basis``, ``energy`` and ``precision``; ``storage``: the bundle's size over the
+        inputs'."""
+        tasks = []
+        for t, w in zip(tuned, weights, strict=True):
+            entry: dict[str, Any] = {"name": t.name, "kind": "adapter" if t.adapter else "full", "weight": w,
+                                     "path": str(Path(t.path).resolve())}  # fmt: skip
+            if t.adapter is not None:
+                entry["adapter_config"] = t.adapter.config
+                entry["modules"] = {
+                    base_name: {"path": m.path, "a": m.a.name, "b": m.b.name, "rank": m.rank,
+                                "embedding": m.embedding, "transposed": m.transposed}
+                    for base_name, m in t.modules.items()
+                }  # fmt: skip
+                entry["extra_tensors"] = list(t.adapter.ignored)
+            else:
+                entry["extra_tensors"] = sorted(
+                    k.removeprefix(f"task.{t.name}.") for k in self.tensors if k.startswith(f"task.{t.name}.")
+                )
+            tasks.append(entry)
+        doc = {
+            "format": BUNDLE_FORMAT,
+            "version": BUNDLE_VERSION,
+            "reference": reference,
+            "base": {"path": str(Path(base.path).resolve()),
+                     "tensors": {x.name: list(x.shape) for x in base.tensors}},
+            "tasks": tasks,
+            "center": settings["center"],
+            "basis": settings["basis"],
+            "energy": settings["energy"],
+            "precision": settings["precision"],
+            "storage": storage,
+            "modules": self.modules,
+        }  # fmt: skip
+        write_safetensors(self.stage / "basis.safetensors", self.tensors, {"format": "pt"})
+        (self.stage / "coefficients.json").write_text(json.dumps(doc, indent=1) + "\n")
+        self.tensors.clear()  # drop the memory maps before their files
+        shutil.rmtree(self.spill)

@@ -205,15 +205,15 @@ def allocate_cmd(
     with progress_bar("singular values", quiet) as update:
         result = run_allocate(ckpt, opts, progress=update)
     s = result.summary
-    if s["dropped"]:
-        warn(f"{len(s['dropped'])} modules get rank 0 and no adapter", quiet)
+    if s.dropped:
+        warn(f"{len(s.dropped)} modules get rank 0 and no adapter", quiet)
     if peft_config:
         result.write_peft_config(peft_config)
-        warn(f"wrote the PEFT config ({s['adapted']} target modules) to {peft_config}", quiet)
+        warn(f"wrote the PEFT config ({s.adapted} target modules) to {peft_config}", quiet)
     if plots:
         from spectra_cli.report.views.allocate import allocate_plots
 
-        figures_written("allocate", plots, allocate_plots(result.rows, plots, s["strategy"]), result, quiet,
+        figures_written("allocate", plots, allocate_plots(result.rows, plots, s.strategy), result, quiet,
                         {"peft_config": result.peft_config()})  # fmt: skip
     from spectra_cli.report.render import envelope
 

@@ -102,10 +102,9 @@ def analyze_cmd(
                   folders={"--plots": plots})
     with progress_bar("analysing", quiet) as update:
         result = run_analyze(ckpt, opts, progress=update)
-    s = result.summary
-    if s["nonfinite"]:
+    if result.summary.nonfinite:
         warn(
-            f"{len(s['nonfinite'])} matrices contain NaN/Inf and were not decomposed (see status column)",
+            f"{len(result.summary.nonfinite)} matrices contain NaN/Inf and were not decomposed (see status column)",
             quiet,
         )
     if save_spectra:

@@ -148,8 +148,8 @@ def capture_cmd(
         raise typer.BadParameter(f"{out}: the activations file must end in .safetensors", param_hint="--out")
     with progress_bar("capturing", quiet) as update:
         result = run_capture(model_dir, data, out, opts, progress=update, argv=sys.argv)
-    if max_tokens is not None and result.summary["tokens"] < max_tokens:
-        warn(f"the data gave only {result.summary['tokens']} tokens (--max-tokens {max_tokens})", quiet)
+    if max_tokens is not None and result.summary.tokens < max_tokens:
+        warn(f"the data gave only {result.summary.tokens} tokens (--max-tokens {max_tokens})", quiet)
     from spectra_cli.report.render import envelope
 
     env = envelope("capture", result.inputs, result.rows, result.summary, result.options)

@@ -206,7 +206,7 @@ def _check(ckpt: Path | None, policy: Path | None, base: Path | None, base_spect
         n = write_baseline(update_baseline, result)
         warn(f"wrote the baseline of {n} modules to {update_baseline}", quiet)
     if junit is not None:
-        write_junit(junit, result.verdicts, title, result.summary["seconds"], policy_name)
+        write_junit(junit, result.verdicts, title, result.summary.seconds, policy_name)
     md = markdown_summary(result.verdicts, result.summary, str(ckpt), policy_name)
     if markdown is not None:
         write_text(markdown, md)

@@ -137,7 +137,7 @@ def compare_cmd(
         if remover is not None:
             remover.abort()
         raise
-    for name, t in result.summary["tuned"].items():
+    for name, t in result.summary.tuned.items():
         if t["missing"]:
             warn(
                 f"{name}: {len(t['missing'])} tensors/modules missing on one side were skipped (--allow-missing)",

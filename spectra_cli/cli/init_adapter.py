@@ -259,12 +259,12 @@ def init_adapter_cmd(
     with progress_bar(f"init-adapter {method}", quiet) as update:
         result = run_init(ckpt, out, opts, progress=update, argv=sys.argv)
     s = result.summary
-    if s["untracked_changes"]:
-        n = len(s["untracked_changes"])
-        shown = ", ".join(s["untracked_changes"][:3]) + (f" and {n - 3} more" if n > 3 else "")
+    if s.untracked_changes:
+        n = len(s.untracked_changes)
+        shown = ", ".join(s.untracked_changes[:3]) + (f" and {n - 3} more" if n > 3 else "")
         warn(f"{n} other tensors differ between base and tuned and are not in the adapter: {shown}", quiet)
-    if s["skipped_files"]:
-        warn(f"not copied into residual/ (other weight formats): {', '.join(s['skipped_files'])}", quiet)
+    if s.skipped_files:
+        warn(f"not copied into residual/ (other weight formats): {', '.join(s.skipped_files)}", quiet)
     warn(f"wrote {out}", quiet)
     from spectra_cli.report.render import envelope
     from spectra_cli.report.views import view_for

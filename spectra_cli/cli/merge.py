@@ -171,19 +171,19 @@ def merge_cmd(
                   folders={"--out": out, "--plots": plots})
     with progress_bar("merging", quiet) as update:
         result = run_merge(base, pairs, out, opts, force=force, argv=sys.argv, progress=update)
-    if "adapter_base_names" in result.summary:
-        names = ", ".join(result.summary["adapter_base_names"])
+    if result.summary.adapter_base_names is not None:
+        names = ", ".join(result.summary.adapter_base_names)
         warn(
             f"the adapters name different base models ({names}); they fit BASE's shapes, check they belong together",
             quiet,
         )
-    s = result.summary
+    s = result.summary.rmm
     if method == "rmm" and opts.weights is not None:
         warn(
             "--weights do not change an rmm bundle (every task is rebuilt as it came in); they are only recorded",
             quiet,
         )
-    if method == "rmm" and s.get("storage") is not None and s["stored_numbers"] > s["raw_numbers"]:
+    if s is not None and s.storage is not None and s.stored_numbers > s.raw_numbers:
         why = (
             "every basis element of adapters has about their summed rank, so rmm on adapters gives a shared basis, "
             "not a saving; the adapters themselves are the smaller store"
@@ -191,9 +191,9 @@ def merge_cmd(
             else "choose --basis P below the number of tasks, or --energy τ < 1, to trade error for space"
         )
         warn(
-            f"the bundle is {s['storage']:.2f}× the size of the inputs, larger than the inputs: {why}", quiet
+            f"the bundle is {s.storage:.2f}× the size of the inputs, larger than the inputs: {why}", quiet
         )
-    for name, skipped in result.summary.get("adapter_tensors_not_merged", {}).items():
+    for name, skipped in (result.summary.adapter_tensors_not_merged or {}).items():
         warn(f"{name}: {len(skipped)} non-LoRA adapter tensors (e.g. {skipped[0]}) were not merged", quiet)
     if plots:
         from spectra_cli.report.views.merge import merge_plots

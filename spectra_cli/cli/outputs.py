@@ -96,5 +96,5 @@ def figures_written(
     from spectra_cli.cli.progress import warn
 
     write_run_record(folder, command, sys.argv, result.inputs, result.options,
-                     {"seconds": result.summary["seconds"]}, [p.name for p in figures], extra)  # fmt: skip
+                     {"seconds": result.summary.seconds}, [p.name for p in figures], extra)  # fmt: skip
     warn(f"wrote {len(figures)} figures to {folder}/", quiet)

@@ -136,7 +136,7 @@ def rankme_cmd(
     check_outputs([p for _, p in inputs], {"--output": output, "--html": html}, folders={"--plots": plots})
     with progress_bar("rankme", quiet) as update:
         result = run_rankme(inputs, opts, models, progress=update)
-    for w in result.summary["warnings"]:
+    for w in result.summary.warnings:
         warn(w, quiet)
     if plots:
         from spectra_cli.report.views.rankme import rankme_plots

@@ -63,7 +63,7 @@ def reconstruct_cmd(
     with progress_bar("reconstructing", quiet) as update:
         result = run_reconstruct(bundle, task, out, base, force=force, argv=sys.argv, progress=update)
     s = result.summary
-    kind = "PEFT LoRA adapter" if s["kind"] == "adapter" else "checkpoint"
+    kind = "PEFT LoRA adapter" if s.kind == "adapter" else "checkpoint"
     warn(f"wrote {task} as a {kind} to {out}", quiet)
     env = envelope("reconstruct", result.inputs, result.rows, s, result.options)
     emit(env, fmt, output, html=html, quiet=quiet)

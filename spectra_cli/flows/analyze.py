@@ -6,9 +6,9 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from spectra_cli.checkpoint.spectra_file import (
 )
 from spectra_cli.errors import SelectionError
 from spectra_cli.options import EngineOptions, SelectionOptions
-from spectra_cli.results import RunResult
+from spectra_cli.results import OMIT_NONE, RunResult, options_record
 from spectra_cli.spectral.engine import ResolvedEngine, engine_info, resolve, singular_values
 from spectra_cli.spectral.metrics import compute_metrics
 
@@ -35,8 +35,51 @@ class AnalyzeOptions(SelectionOptions, EngineOptions):
     split_fused: bool = False
 
 
+class KindStats(TypedDict):
+    """Means over the analysed matrices of one kind (``by_kind``)."""
+
+    count: int
+    effective_rank: float | None
+    effective_rank_ratio: float | None
+    stable_rank: float | None
+    alpha: float | None
+    spectral_norm: float | None
+
+
+class NonfiniteMatrix(TypedDict):
+    name: str
+    nan_count: int
+    inf_count: int
+
+
+@dataclass(frozen=True)
+class AnalyzeSummary:
+    """The model-level summary of ``analyze``. ``lowest_alpha`` / ``highest_alpha`` /
+    ``lowest_effective_rank_ratio``: up to five ``{"name", <metric>}`` records; ``engine``: the resolved engine
+    (or ``{"source": "saved spectra", …}``); ``decompose_seconds`` is absent when the spectra were read back."""
+
+    matrices: int
+    analysed: int
+    params: int
+    skipped_tensors: int
+    nonfinite: list[NonfiniteMatrix]
+    over_trained: int
+    under_trained: int
+    mean_alpha: float | None
+    mean_alpha_weighted: float | None
+    mean_log_norm: float | None
+    mean_effective_rank_ratio: float | None
+    lowest_alpha: list[dict[str, Any]]
+    highest_alpha: list[dict[str, Any]]
+    lowest_effective_rank_ratio: list[dict[str, Any]]
+    by_kind: dict[str, KindStats]
+    engine: dict[str, Any]
+    seconds: float
+    decompose_seconds: float | None = field(default=None, metadata=OMIT_NONE)
+
+
 @dataclass
-class AnalysisResult(RunResult):
+class AnalysisResult(RunResult[AnalyzeSummary]):
     """Rows (one dict per matrix), a model-level summary, and the singular values of every matrix."""
 
     skipped: list[Skipped] = field(default_factory=list)
@@ -46,7 +89,28 @@ class AnalysisResult(RunResult):
     def save_spectra(self, path: str | Path) -> None:
         """Write every matrix's singular values (float64) to a safetensors file that ``analyze`` can read back."""
         write_spectra_file(path, self.spectra, self.matrices, str(self.inputs.get("checkpoint", "")),
-                           self.options, int(self.summary.get("skipped_tensors", 0)))  # fmt: skip
+                           self.options, self.summary.skipped_tensors)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AnalyzePlan:
+    """What one run will decompose: the opened checkpoint, the selected matrices (read order), the tensors
+    left out, and the resolved engine."""
+
+    ckpt: Checkpoint
+    specs: list[MatrixSpec]
+    skipped: list[Skipped]
+    engine: ResolvedEngine
+
+
+@dataclass
+class Measured:
+    """What streaming the matrices gave: rows and metas in plan order, the spectra, the decomposition time."""
+
+    rows: list[dict[str, Any]]
+    metas: list[dict[str, Any]]
+    spectra: dict[str, np.ndarray]
+    decompose_seconds: float
 
 
 def _spec_meta(spec: MatrixSpec) -> dict[str, Any]:
@@ -89,50 +153,45 @@ def run_analyze(
     ckpt = open_checkpoint(path)
     if ckpt.metadata.get("format") == SPECTRA_FORMAT:
         return _from_saved(ckpt, opts, t0, progress)
+    p = plan_analyze(ckpt, opts)
+    got = measure(p, progress)
+    summary = summarize(got.rows, len(p.skipped), engine_info(p.engine), round(time.perf_counter() - t0, 3),
+                        round(got.decompose_seconds, 3))  # fmt: skip
+    return AnalysisResult(got.rows, summary, checkpoint_inputs(ckpt), _options_dict(opts, p.engine), p.skipped,
+                          got.spectra, got.metas)  # fmt: skip
+
+
+def plan_analyze(ckpt: Checkpoint, opts: AnalyzeOptions) -> AnalyzePlan:
+    """Select the matrices and resolve the engine; nothing is read or decomposed."""
     specs, skipped = select_matrices(ckpt, opts.selection(opts.split_fused))
-    eng = resolve(opts.engine)
-    loader = MatrixLoader(ckpt)
-    rows: list[dict[str, Any]] = []
-    spectra: dict[str, np.ndarray] = {}
-    metas: list[dict[str, Any]] = []
-    total = len(specs)
-    compute_s = 0.0
-    for i, mv in enumerate(singular_values(specs, eng, loader.load, loader.chunks)):
+    return AnalyzePlan(ckpt, specs, skipped, resolve(opts.engine))
+
+
+def measure(p: AnalyzePlan, progress: Callable[[int, int, str], None] | None = None) -> Measured:
+    """Stream the planned matrices through the engine (each read once) and measure each spectrum."""
+    loader = MatrixLoader(p.ckpt)
+    got = Measured([], [], {}, 0.0)
+    for i, mv in enumerate(singular_values(p.specs, p.engine, loader.load, loader.chunks)):
         meta = _spec_meta(mv.spec)
         meta.update(nan_count=mv.nan_count, inf_count=mv.inf_count)
-        metas.append(meta)
-        rows.append(_row(meta, mv.values, mv.nan_count, mv.inf_count, eng.precision))
-        compute_s += mv.seconds
+        got.metas.append(meta)
+        got.rows.append(_row(meta, mv.values, mv.nan_count, mv.inf_count, p.engine.precision))
+        got.decompose_seconds += mv.seconds
         if mv.values is not None:
-            spectra[mv.spec.name] = mv.values
+            got.spectra[mv.spec.name] = mv.values
         if progress:
-            progress(i + 1, total, mv.spec.name)
-    order = {s.name: k for k, s in enumerate(specs)}
-    rows.sort(key=lambda r: order[r["name"]])
-    metas.sort(key=lambda r: order[r["name"]])
-    inputs = checkpoint_inputs(ckpt)
-    summary = summarize(rows, skipped)
-    summary["engine"] = engine_info(eng)
-    summary["seconds"] = round(time.perf_counter() - t0, 3)
-    summary["decompose_seconds"] = round(compute_s, 3)
-    return AnalysisResult(rows, summary, inputs, _options_dict(opts, eng), skipped, spectra, metas)
-
-
-
-
+            progress(i + 1, len(p.specs), mv.spec.name)
+    order = {s.name: k for k, s in enumerate(p.specs)}
+    got.rows.sort(key=lambda r: order[r["name"]])
+    got.metas.sort(key=lambda r: order[r["name"]])
+    return got
 
 
 def _options_dict(opts: AnalyzeOptions, eng: ResolvedEngine | None) -> dict[str, Any]:
-    d = asdict(opts)
-    for k in ("include", "exclude", "kinds"):
-        d[k] = list(d[k])
+    d = options_record(opts)
     if eng is not None:
         d["resolved"] = engine_info(eng)
     return d
-
-
-
-
 
 
 def _from_saved(
@@ -150,10 +209,10 @@ def _from_saved(
         loader_rows.append(_row(m, values, int(m.get("nan_count", 0)), int(m.get("inf_count", 0)), precision))
         if progress:
             progress(i + 1, len(chosen), m["name"])
-    summary = summarize(loader_rows, [])
-    summary["skipped_tensors"] = int(ckpt.metadata.get("skipped_tensors", "0") or 0)
-    summary["engine"] = {"source": "saved spectra", **saved_opts.get("resolved", {})}
-    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    summary = summarize(
+        loader_rows, int(ckpt.metadata.get("skipped_tensors", "0") or 0),
+        {"source": "saved spectra", **saved_opts.get("resolved", {})}, round(time.perf_counter() - t0, 3),
+    )  # fmt: skip
     inputs = checkpoint_inputs(ckpt)
     inputs["spectra_of"] = ckpt.metadata.get("source")
     # the options the spectra were computed with, and this call's selection
@@ -176,7 +235,8 @@ def _mean(xs: list[float]) -> float | None:
     return float(np.mean(xs)) if xs else None
 
 
-def summarize(rows: list[dict[str, Any]], skipped: list[Skipped]) -> dict[str, Any]:
+def summarize(rows: list[dict[str, Any]], skipped_tensors: int, engine: dict[str, Any], seconds: float,
+              decompose_seconds: float | None = None) -> AnalyzeSummary:  # fmt: skip
     """Totals, means by kind, the most extreme layers, and the NaN/Inf report."""
     ok = [r for r in rows if r["status"] == "ok"]
     bad = [r for r in rows if r["status"] != "ok"]
@@ -184,14 +244,14 @@ def summarize(rows: list[dict[str, Any]], skipped: list[Skipped]) -> dict[str, A
     for r in ok:
         by_kind[r["kind"]].append(r)
     kinds = {
-        k: {
-            "count": len(rs),
-            "effective_rank": _mean([r["effective_rank"] for r in rs]),
-            "effective_rank_ratio": _mean([r["effective_rank_ratio"] for r in rs]),
-            "stable_rank": _mean([r["stable_rank"] for r in rs]),
-            "alpha": _mean([r["alpha"] for r in rs]),
-            "spectral_norm": _mean([r["spectral_norm"] for r in rs]),
-        }
+        k: KindStats(
+            count=len(rs),
+            effective_rank=_mean([r["effective_rank"] for r in rs]),
+            effective_rank_ratio=_mean([r["effective_rank_ratio"] for r in rs]),
+            stable_rank=_mean([r["stable_rank"] for r in rs]),
+            alpha=_mean([r["alpha"] for r in rs]),
+            spectral_norm=_mean([r["spectral_norm"] for r in rs]),
+        )
         for k, rs in sorted(by_kind.items())
     }
     fitted = [r for r in ok if math.isfinite(r["alpha"])]
@@ -201,25 +261,29 @@ def summarize(rows: list[dict[str, Any]], skipped: list[Skipped]) -> dict[str, A
             {"name": r["name"], key: r[key]} for r in sorted(rs, key=lambda r: r[key], reverse=reverse)[:n]
         ]
 
-    return {
-        "matrices": len(rows),
-        "analysed": len(ok),
-        "params": int(sum(r["params"] for r in rows)),
-        "skipped_tensors": len(skipped),
-        "nonfinite": [
-            {"name": r["name"], "nan_count": r["nan_count"], "inf_count": r["inf_count"]} for r in bad
+    return AnalyzeSummary(
+        matrices=len(rows),
+        analysed=len(ok),
+        params=int(sum(r["params"] for r in rows)),
+        skipped_tensors=skipped_tensors,
+        nonfinite=[
+            NonfiniteMatrix(name=r["name"], nan_count=r["nan_count"], inf_count=r["inf_count"]) for r in bad
         ],
-        "over_trained": sum(1 for r in ok if r["alpha_flag"] == "over-trained"),
-        "under_trained": sum(1 for r in ok if r["alpha_flag"] == "under-trained"),
-        "mean_alpha": _mean([r["alpha"] for r in fitted]),
-        "mean_alpha_weighted": _mean([r["alpha_weighted"] for r in fitted]),
-        "mean_log_norm": _mean([r["log_norm"] for r in ok]),
-        "mean_effective_rank_ratio": _mean([r["effective_rank_ratio"] for r in ok]),
-        "lowest_alpha": pick(fitted, "alpha", False),
-        "highest_alpha": pick(fitted, "alpha", True),
-        "lowest_effective_rank_ratio": pick(ok, "effective_rank_ratio", False),
-        "by_kind": kinds,
-    }
+        over_trained=sum(1 for r in ok if r["alpha_flag"] == "over-trained"),
+        under_trained=sum(1 for r in ok if r["alpha_flag"] == "under-trained"),
+        mean_alpha=_mean([r["alpha"] for r in fitted]),
+        mean_alpha_weighted=_mean([r["alpha_weighted"] for r in fitted]),
+        mean_log_norm=_mean([r["log_norm"] for r in ok]),
+        mean_effective_rank_ratio=_mean([r["effective_rank_ratio"] for r in ok]),
+        lowest_alpha=pick(fitted, "alpha", False),
+        highest_alpha=pick(fitted, "alpha", True),
+        lowest_effective_rank_ratio=pick(ok, "effective_rank_ratio", False),
+        by_kind=kinds,
+        engine=engine,
+        seconds=seconds,
+        decompose_seconds=decompose_seconds,
+    )
 
 
-__all__ = ["AnalysisResult", "AnalyzeOptions", "run_analyze", "summarize"]
+__all__ = ["AnalysisResult", "AnalyzeOptions", "AnalyzePlan", "AnalyzeSummary", "measure", "plan_analyze", "run_analyze",
+           "summarize"]  # fmt: skip

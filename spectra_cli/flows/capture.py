@@ -22,7 +22,7 @@ import json
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,26 +38,13 @@ from spectra_cli.checkpoint.source import open_checkpoint
 from spectra_cli.checkpoint.text import iter_texts
 from spectra_cli.errors import CheckpointError, SelectionError, SpectraError
 from spectra_cli.options import ComputeOptions, EngineOptions, SelectionOptions
-from spectra_cli.results import RunResult
+from spectra_cli.results import RunResult, options_record
 from spectra_cli.spectral.engine import resolve
 from spectra_cli.spectral.linalg import Backend
 from spectra_cli.spectral.pca import DEFAULT_TAU, IncrementalPCA
 
 STATS = ("pca", "covariance", "both")
 _NEEDS_HF = "spectra capture runs the model with transformers"
-
-
-# ---- incremental PCA --------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
 
 
 class _Stats:
@@ -142,8 +129,25 @@ class CaptureOptions(SelectionOptions, ComputeOptions):
             raise SpectraError(f"chunk {self.chunk}: the rows per PCA update must be at least 1")
 
 
+@dataclass(frozen=True)
+class CaptureSummary:
+    """The summary of ``capture``: modules captured and distinct inputs among them, tokens and examples read,
+    the file written, the PCA convergence threshold τ and the inputs whose components had not settled, the
+    selected modules the forward pass never reached."""
+
+    modules: int
+    unique_inputs: int
+    tokens: int
+    examples: int
+    out: str
+    tau: float
+    not_converged: list[str]
+    not_reached: list[str]
+    seconds: float
+
+
 @dataclass
-class CaptureResult(RunResult):
+class CaptureResult(RunResult[CaptureSummary]):
     """Rows (one per captured module), summary, inputs, options; ``activations`` is what was written."""
 
     activations: dict[str, ModuleActivations] | None = None
@@ -268,7 +272,30 @@ class _Hooks:
         return hook
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class CapturePlan:
+    """The loaded model and tokenizer on the compute device, where the PCA's decompositions run
+    (``--backend``), the selected modules (model module name → checkpoint module path), and the data: its
+    examples and how many there are."""
+
+    model: Any
+    tokenizer: Any
+    device: str
+    backend: Backend
+    names: dict[str, str]
+    texts: Iterator[str]
+    examples: int
+
+
+@dataclass
+class Captured:
+    """What the forward passes gave: the per-module statistics (and shared inputs), tokens and examples read."""
+
+    hooks: _Hooks
+    tokens: int
+    examples: int
+
+
 def run_capture(
     model_dir: Path,
     data: Path,
@@ -279,10 +306,39 @@ def run_capture(
 ) -> CaptureResult:
     """Run the model over ``data`` and write the activations file ``out`` (see the module docstring)."""
     t0 = time.perf_counter()
-    if opts.stats not in STATS:
-        raise SpectraError(f"stats must be one of {', '.join(STATS)} (got {opts.stats!r})")
-    if opts.stats != "covariance" and opts.components < 1:
-        raise SpectraError("--components must be at least 1 when the PCA is captured")
+    p = plan_capture(model_dir, data, out, opts)
+    got = capture(p, opts, progress)
+    if got.tokens == 0:
+        raise SpectraError(f"{data}: the examples gave no tokens")
+    acts = _finite_results(got.hooks, model_dir)
+    aliases = {a: t for a, t in got.hooks.aliases.items() if t in acts}
+    converged = {name: st.pca.converged(opts.tau) for name, st in got.hooks.stats.items() if st.pca is not None}
+    seconds = time.perf_counter() - t0
+    inputs_rec = {
+        "model": str(model_dir),
+        "data": str(data),
+        "data_sha256": _file_hash(data),
+        "examples": got.examples,
+        "tokens": got.tokens,
+    }
+    options_rec = options_record(opts)
+    meta = {
+        "spectra_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "argv": json.dumps(list(argv or [])),
+        "inputs": json.dumps(inputs_rec, sort_keys=True),
+        "options": json.dumps(options_rec, sort_keys=True),
+        "pca_tau": str(opts.tau),
+        "pca_converged": json.dumps(converged, sort_keys=True),
+    }
+    write_activations(out, acts, aliases, meta)
+    rows, summary = summarize(p.names, got, acts, aliases, converged, out, opts.tau, seconds)
+    return CaptureResult(rows, summary, inputs_rec, options_rec, activations=acts, aliases=aliases)
+
+
+def plan_capture(model_dir: Path, data: Path, out: Path, opts: CaptureOptions) -> CapturePlan:
+    """Check the inputs (the options were checked by :class:`CaptureOptions`), load the model and tokenizer,
+    choose the modules to hook; nothing is run."""
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
     if not Path(data).is_file():
@@ -301,43 +357,53 @@ def run_capture(
     tokenizer = load_hf_tokenizer(
         Path(opts.tokenizer) if opts.tokenizer else model_dir, _NEEDS_HF, "pass --tokenizer DIR"
     )
-    names = target_modules(model, model_dir, opts)
+    return CapturePlan(model, tokenizer, device, backend, target_modules(model, model_dir, opts), texts, total)
+
+
+@torch.no_grad()
+def capture(p: CapturePlan, opts: CaptureOptions, progress: Callable[[int, int, str], None] | None = None
+            ) -> Captured:  # fmt: skip
+    """Run the model over the examples in batches with a forward hook on every planned module, until the data
+    or ``max_tokens`` runs out; padding (and tokens past the budget) are masked out."""
     want_pca = opts.stats in ("pca", "both")
     want_cov = opts.stats in ("covariance", "both")
-    dev = torch.device(device)
+    dev = torch.device(p.device)
     hooks = _Hooks(
-        names, lambda dim: _Stats(dim, opts.components if want_pca else 0, want_cov, dev, opts.chunk, backend)
+        p.names, lambda dim: _Stats(dim, opts.components if want_pca else 0, want_cov, dev, opts.chunk, p.backend)
     )
-    handles = [model.get_submodule(n).register_forward_hook(hooks(n)) for n in names]
-    accepted = set(inspect.signature(model.forward).parameters)
+    handles = [p.model.get_submodule(n).register_forward_hook(hooks(n)) for n in p.names]
+    accepted = set(inspect.signature(p.model.forward).parameters)
     used = 0
     examples = 0
     budget = opts.max_tokens
     try:
-        for batch in _batches(texts, opts.batch_size):
+        for batch in _batches(p.texts, opts.batch_size):
             if budget is not None and used >= budget:
                 break
-            enc = tokenizer(
+            enc = p.tokenizer(
                 batch, return_tensors="pt", padding=True, truncation=True, max_length=opts.max_length
             )
-            inputs = {k: v.to(device) for k, v in enc.items() if k in accepted}
+            inputs = {k: v.to(p.device) for k, v in enc.items() if k in accepted}
             mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
             if budget is not None:
                 flat = mask.reshape(-1)
                 keep = torch.cumsum(flat.long(), 0) <= budget - used
                 mask = (flat & keep).reshape(mask.shape)
             hooks.start_batch(mask)
-            model(**inputs)
+            p.model(**inputs)
             hooks.end_batch()
             used += int(mask.sum())
             examples += len(batch)
             if progress is not None:
-                progress(examples, total, f"{used} tokens")
+                progress(examples, p.examples, f"{used} tokens")
     finally:
         for h in handles:
             h.remove()
-    if used == 0:
-        raise SpectraError(f"{data}: the examples gave no tokens")
+    return Captured(hooks, used, examples)
+
+
+def _finite_results(hooks: _Hooks, model_dir: Path) -> dict[str, ModuleActivations]:
+    """Each captured input's statistics; refuses NaN/Inf (nothing is written then)."""
     acts = {name: st.result(name) for name, st in hooks.stats.items()}
     bad = [
         name
@@ -353,27 +419,14 @@ def run_capture(
             f"{model_dir}: the inputs of {shown} hold NaN or infinite values (NaN weights, or an overflow in "
             "this dtype); nothing was written"
         )
-    aliases = {a: t for a, t in hooks.aliases.items() if t in acts}
-    converged = {name: st.pca.converged(opts.tau) for name, st in hooks.stats.items() if st.pca is not None}
-    seconds = time.perf_counter() - t0
-    inputs_rec = {
-        "model": str(model_dir),
-        "data": str(data),
-        "data_sha256": _file_hash(data),
-        "examples": examples,
-        "tokens": used,
-    }
-    options_rec = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()}
-    meta = {
-        "spectra_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "argv": json.dumps(list(argv or [])),
-        "inputs": json.dumps(inputs_rec, sort_keys=True),
-        "options": json.dumps(options_rec, sort_keys=True),
-        "pca_tau": str(opts.tau),
-        "pca_converged": json.dumps(converged, sort_keys=True),
-    }
-    write_activations(out, acts, aliases, meta)
+    return acts
+
+
+def summarize(names: dict[str, str], got: Captured, acts: dict[str, ModuleActivations], aliases: dict[str, str],
+              converged: dict[str, int], out: Path, tau: float,
+              seconds: float) -> tuple[list[dict[str, Any]], CaptureSummary]:  # fmt: skip
+    """One row per captured module (model order) and the summary."""
+    hooks = got.hooks
     rows: list[dict[str, Any]] = []
     for name in names.values():
         target = aliases.get(name, name)
@@ -394,18 +447,17 @@ def run_capture(
                 "masked": target not in hooks.unmasked,
             }
         )
-    not_run = sorted(set(names.values()) - {r["name"] for r in rows})
-    summary = {
-        "modules": len(rows),
-        "unique_inputs": len(acts),
-        "tokens": used,
-        "examples": examples,
-        "out": str(out),
-        "tau": opts.tau,
-        "not_converged": sorted(
+    summary = CaptureSummary(
+        modules=len(rows),
+        unique_inputs=len(acts),
+        tokens=got.tokens,
+        examples=got.examples,
+        out=str(out),
+        tau=tau,
+        not_converged=sorted(
             n for n, c in converged.items() if c < _count(acts[n].pca_explained_variance_ratio)
         ),
-        "not_reached": not_run,
-        "seconds": seconds,
-    }
-    return CaptureResult(rows, summary, inputs_rec, options_rec, activations=acts, aliases=aliases)
+        not_reached=sorted(set(names.values()) - {r["name"] for r in rows}),
+        seconds=seconds,
+    )
+    return rows, summary

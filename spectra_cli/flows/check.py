@@ -31,13 +31,13 @@ from spectra_cli.errors import CheckpointError, PolicyError
 from spectra_cli.gate.policy import Policy
 from spectra_cli.gate.rules import (
     DRIFT_METRICS,
-    MODEL,
     RULES,
     Facts,
     Verdict,
     evaluate_module,
     evaluate_total_intruders,
 )
+from spectra_cli.gate.summary import CheckSummary, tally
 from spectra_cli.options import ComputeOptions, SelectionOptions
 from spectra_cli.report.render import write_text
 from spectra_cli.results import RunResult
@@ -64,8 +64,37 @@ class CheckOptions(SelectionOptions, ComputeOptions):
         return self.update_baseline is not None
 
 
+@dataclass(frozen=True)
+class CheckPlan:
+    """What a run of the policy needs, decided before any work: the active rules (registry order), whether
+    CKPT is compared against ``--base`` (a rule needs it, or CKPT is an adapter), whether CKPT is an adapter, and
+    the baseline file the drift rule reads (None when no active rule reads one)."""
+
+    active: list[str]
+    compare: bool
+    adapter: bool
+    baseline: Path | None
+
+    @property
+    def needs(self) -> set[str]:
+        """What the active rules measure (:attr:`spectra_cli.gate.rules.Rule.needs`)."""
+        return {RULES[r].needs for r in self.active}
+
+
 @dataclass
-class CheckResult(RunResult):
+class Measured:
+    """The facts per module (checkpoint order) with the baseline attached, the inputs record, the notes so far
+    and whether ``max_drift_pct`` is off (no baseline yet, or the baseline is being rewritten)."""
+
+    facts: dict[str, Facts]
+    inputs: dict[str, Any]
+    notes: list[str]
+    rewriting: bool
+    drift_off: bool
+
+
+@dataclass
+class CheckResult(RunResult[CheckSummary]):
     """Rows are the verdicts (one per rule × module, plus model-level ones) as dicts; ``facts`` what was
     measured per module (what :func:`write_baseline` stores)."""
 
@@ -102,7 +131,7 @@ def _baseline_path(policy: Policy, opts: CheckOptions) -> Path | None:
     return opts.baseline or policy.baseline
 
 
-def plan(ckpt: str | Path, policy: Policy, opts: CheckOptions) -> dict[str, Any]:
+def plan_check(ckpt: str | Path, policy: Policy, opts: CheckOptions) -> CheckPlan:
     """Which inputs the active rules need, checked before any work: raises :class:`PolicyError` (a usage
     error) when a rule's input is missing, naming the rule, its policy line and the flag to pass."""
     from spectra_cli.checkpoint.adapter import is_adapter
@@ -147,7 +176,7 @@ def plan(ckpt: str | Path, policy: Policy, opts: CheckOptions) -> dict[str, Any]
             f"baseline {baseline} not found (needed by {_where(policy, 'max_drift_pct')}); write it from a good "
             f"run with --update-baseline {baseline}"
         )
-    return {"active": active, "compare": compare, "adapter": adapter, "baseline": baseline if drift else None}
+    return CheckPlan(active, compare, adapter, baseline if drift else None)
 
 
 def _metrics(values: Any, shape: tuple[int, int], precision: str) -> dict[str, Any]:
@@ -195,7 +224,7 @@ def _from_compare(ckpt: str | Path, policy: Policy, opts: CheckOptions, progress
                 f.note = f"the base's {name} has NaN/Inf weights"
         facts[f.name] = f  # names are unique: the reader refuses a tensor held twice
     inputs = {"checkpoint": str(ckpt), "base": str(opts.base), "compare": res.inputs}
-    return facts, {"inputs": inputs, "seconds": res.summary.get("seconds")}
+    return facts, {"inputs": inputs, "seconds": res.summary.seconds}
 
 
 def _analyze(path: str | Path, opts: CheckOptions, progress: Progress | None) -> Any:
@@ -234,7 +263,7 @@ def _from_analyze(ckpt: str | Path, needs: set[str], opts: CheckOptions, progres
             else:
                 f.base = {"effective_rank": b["effective_rank"], "spectral_norm": b["spectral_norm"]}
         inputs["base" if opts.base_spectra is None else "base_spectra"] = str(src)
-    return facts, {"inputs": inputs, "seconds": res.summary.get("seconds")}
+    return facts, {"inputs": inputs, "seconds": res.summary.seconds}
 
 
 def read_baseline(path: Path) -> dict[str, dict[str, Any]]:
@@ -298,22 +327,34 @@ def run_check(
     adds one model-level verdict (module ``(model)``) over the modules no override exempts."""
     opts = options or CheckOptions()
     t0 = time.perf_counter()
-    p = plan(ckpt, policy, opts)
-    active: list[str] = p["active"]
-    needs = {RULES[r].needs for r in active}
-    if p["compare"]:
+    p = plan_check(ckpt, policy, opts)
+    got = measure(ckpt, policy, opts, p, progress)
+    verdicts = judge(p, policy, got)
+    summary = tally(verdicts, policy, got.notes, round(time.perf_counter() - t0, 3))
+    inputs = {**got.inputs, "policy": str(policy.path)}
+    if p.baseline is not None:
+        inputs["baseline"] = str(p.baseline)
+    used = {**policy.as_dict(), "include": list(opts.include), "exclude": list(opts.exclude),
+            "kinds": list(opts.kinds), "min_dim": opts.min_dim, "precision": opts.precision}  # fmt: skip
+    return CheckResult([v.as_row() for v in verdicts], summary, inputs, used, verdicts, got.facts, policy)
+
+
+def measure(ckpt: str | Path, policy: Policy, opts: CheckOptions, p: CheckPlan,
+            progress: Progress | None = None) -> Measured:  # fmt: skip
+    """Measure what the planned rules need (by compare or analyze) and attach the baseline."""
+    if p.compare:
         facts, info = _from_compare(ckpt, policy, opts, progress)
     else:
-        facts, info = _from_analyze(ckpt, needs, opts, progress)
+        facts, info = _from_analyze(ckpt, p.needs, opts, progress)
     notes: list[str] = []
-    if p["compare"] and opts.base_spectra is not None:
+    if p.compare and opts.base_spectra is not None:
         notes.append("--base-spectra was not needed: the base spectra came from comparing against --base")
     for i, o in enumerate(policy.overrides, 1):
         if not any(o.matches(name) for name in facts):  # a glob with a typo would silently change nothing
             where = f" ({policy.path.name}:{o.line})" if o.line else ""
             globs = ", ".join(f'"{g}"' for g in o.modules)
             notes.append(f"override #{i}{where} matches no checked module: {globs}")
-    baseline_file: Path | None = p["baseline"]
+    baseline_file = p.baseline
     if (
         baseline_file is not None
         and baseline_file.is_file()
@@ -330,61 +371,35 @@ def run_check(
         and opts.update_baseline is not None
         and Path(opts.update_baseline).resolve() == baseline_file.resolve()
     )
-    drift_off = "baseline" in needs and (baseline_file is None or not baseline_file.is_file() or rewriting)
+    drift_off = "baseline" in p.needs and (baseline_file is None or not baseline_file.is_file() or rewriting)
+    return Measured(facts, info["inputs"], notes, rewriting, drift_off)
+
+
+def judge(p: CheckPlan, policy: Policy, got: Measured) -> list[Verdict]:
+    """One verdict per active rule × module whose limit applies (and the model-level intruder total)."""
     verdicts: list[Verdict] = []
-    for rule_name in active:
+    for rule_name in p.active:
         rule = RULES[rule_name]
         total_limit = policy.rules.get(rule_name)
         if rule_name == "max_intruders" and total_limit is not None and total_limit is not False:
-            counted = {n: f for n, f in facts.items() if not policy.exempt("max_intruders", n)}
+            counted = {n: f for n, f in got.facts.items() if not policy.exempt("max_intruders", n)}
             verdicts.append(evaluate_total_intruders(policy.rules["max_intruders"], counted,
                                                      policy.lines.get("max_intruders")))  # fmt: skip
-        for name, f in facts.items():
+        for name, f in got.facts.items():
             limit, line = policy.limit(rule_name, name)
             if limit is None or limit is False:
                 continue
-            if rule_name == "max_drift_pct" and drift_off:
+            if rule_name == "max_drift_pct" and got.drift_off:
                 why = (
-                    "the baseline is being rewritten by --update-baseline" if rewriting else "no baseline yet"
+                    "the baseline is being rewritten by --update-baseline"
+                    if got.rewriting
+                    else "no baseline yet"
                 )
                 verdicts.append(Verdict(rule_name, name, "skip", None, limit, why, line, f.kind))
                 continue
             verdicts.append(evaluate_module(rule, limit, f, line))
-    summary = _summary(verdicts, policy)
-    summary["notes"] = notes
-    summary["seconds"] = round(time.perf_counter() - t0, 3)
-    inputs = {**info["inputs"], "policy": str(policy.path)}
-    if baseline_file is not None:
-        inputs["baseline"] = str(baseline_file)
-    used = {**policy.as_dict(), "include": list(opts.include), "exclude": list(opts.exclude),
-            "kinds": list(opts.kinds), "min_dim": opts.min_dim, "precision": opts.precision}  # fmt: skip
-    return CheckResult([v.as_row() for v in verdicts], summary, inputs, used, verdicts, facts, policy)
+    return verdicts
 
 
-def _summary(verdicts: list[Verdict], policy: Policy) -> dict[str, Any]:
-    by_rule: dict[str, dict[str, Any]] = {}
-    for v in verdicts:
-        r = by_rule.setdefault(v.rule, {"checks": 0, "passed": 0, "failed": 0, "skipped": 0,
-                                        "limit": policy.rules.get(v.rule), "line": policy.line_of(v.rule),
-                                        "first_failure": None})  # fmt: skip
-        r["checks"] += 1
-        r[{"pass": "passed", "fail": "failed", "skip": "skipped"}[v.status]] += 1
-        if v.status == "fail" and r["first_failure"] is None:
-            r["first_failure"] = {"module": v.module, "value": v.value, "message": v.message}
-    for r in by_rule.values():
-        if isinstance(r["limit"], tuple):
-            r["limit"] = list(r["limit"])
-    failed = sum(1 for v in verdicts if v.status == "fail")
-    return {
-        "ok": failed == 0,
-        "checks": len(verdicts),
-        "passed": sum(1 for v in verdicts if v.status == "pass"),
-        "failed": failed,
-        "skipped": sum(1 for v in verdicts if v.status == "skip"),
-        "modules": len({v.module for v in verdicts if v.module != MODEL}),
-        "by_rule": by_rule,
-    }
-
-
-__all__ = ["BASELINE_FORMAT", "CheckOptions", "CheckResult", "is_spectra_file", "plan", "read_baseline",
-           "run_check", "write_baseline"]  # fmt: skip
+__all__ = ["BASELINE_FORMAT", "CheckOptions", "CheckPlan", "CheckResult", "CheckSummary", "is_spectra_file",
+           "judge", "measure", "plan_check", "read_baseline", "run_check", "write_baseline"]  # fmt: skip

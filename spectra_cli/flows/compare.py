@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -35,7 +35,12 @@ from spectra_cli.spectral.compare import (
     intruder_dimensions,
     svd_function,
 )
-from spectra_cli.spectral.engine import blas_threads, nonfinite_counts, resolve
+from spectra_cli.spectral.engine import (
+    ResolvedEngine,
+    blas_threads,
+    nonfinite_counts,
+    resolve,
+)
 from spectra_cli.spectral.linalg import NUMPY, Backend, singular_values
 
 
@@ -73,8 +78,50 @@ class ModuleResult:
     s_base: np.ndarray
 
 
+class DriftGroup(TypedDict):
+    """Means over the compared matrices of one kind or one depth."""
+
+    matrices: int
+    intruders: int
+    relative_delta: float | None
+    subspace_overlap: float | None
+    effective_rank_change: float | None
+
+
+class WorstModule(TypedDict):
+    name: str
+    intruders: int
+    min_max_cos: float
+
+
+class TunedSummary(TypedDict):
+    """One tuned input's part of the summary: ``total_intruders`` per ε (keys ``f"{ε:g}"``), the five modules
+    with most intruders, drift by kind and by depth (keys ``str(depth)``), the tensors skipped as missing."""
+
+    source: str
+    matrices: int
+    nonfinite: int
+    total_intruders: dict[str, int]
+    matrices_with_intruders: int
+    mean_relative_delta: float | None
+    mean_subspace_overlap: float | None
+    worst_modules: list[WorstModule]
+    by_kind: dict[str, DriftGroup]
+    by_depth: dict[str, DriftGroup]
+    missing: list[str]
+
+
+@dataclass(frozen=True)
+class CompareSummary:
+    """The summary of ``compare``: the ε values and one :class:`TunedSummary` per tuned input (by name)."""
+
+    epsilons: list[float]
+    tuned: dict[str, TunedSummary]
+    seconds: float
+
+
 @dataclass
-class CompareResult(RunResult):
+class CompareResult(RunResult[CompareSummary]):
     """Rows (one per tuned × matrix), a summary per tuned model, and what plots and writers need."""
 
     modules: list[ModuleResult] = field(default_factory=list)
@@ -82,8 +129,21 @@ class CompareResult(RunResult):
     base: Checkpoint | None = None
 
 
+@dataclass(frozen=True)
+class ComparePlan:
+    """The opened inputs and what will be compared: the base, the tuned inputs (matched to it), the selected
+    base matrices some input changes (read order), the resolved engine and the compute dtype."""
 
+    base: Checkpoint
+    tuned: list[Tuned]
+    work: list[MatrixSpec]
+    engine: ResolvedEngine
+    dtype: type[np.floating]
 
+    @property
+    def pairs(self) -> int:
+        """How many (tuned, matrix) comparisons the run makes."""
+        return sum(1 for s in self.work for t in self.tuned if t.covers(s.name))
 
 
 def _tuned_matrix(t: Tuned, spec: MatrixSpec, w0: np.ndarray, loaders: dict[str, MatrixLoader],
@@ -119,13 +179,16 @@ def _nonfinite(x: np.ndarray) -> int:
     return sum(nonfinite_counts(x))
 
 
+OnModule = Callable[[Tuned, MatrixSpec, np.ndarray, SVD, Intruders], None]
+
+
 def run_compare(
     base_path: str | Path,
     tuned_inputs: Sequence[tuple[str, str | Path]],
     options: CompareOptions | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     keep_modules: bool = False,
-    on_module: Callable[[Tuned, MatrixSpec, np.ndarray, SVD, Intruders], None] | None = None,
+    on_module: OnModule | None = None,
     on_open: Callable[[list[Tuned], Checkpoint], None] | None = None,
 ) -> CompareResult:
     """Compare every tuned input against the base. ``tuned_inputs`` are (name, path) pairs.
@@ -135,6 +198,35 @@ def run_compare(
     mitigated weights without reading anything twice)."""
     opts = options or CompareOptions()
     t0 = time.perf_counter()
+    p = plan_compare(base_path, tuned_inputs, opts)
+    if on_open:
+        on_open(p.tuned, p.base)
+    rows, kept = measure(p, opts, progress, keep_modules, on_module)
+    summary = summarize(rows, p.tuned, opts.epsilons, round(time.perf_counter() - t0, 3))
+    inputs = {
+        "base": str(p.base.path),
+        "tuned": [
+            {
+                "name": t.name,
+                "path": str(t.path),
+                "kind": t.kind,
+                "matrices": sum(1 for r in rows if r["tuned"] == t.name),
+                "missing": t.missing,
+            }
+            for t in p.tuned
+        ],
+    }
+    opts_dict = asdict(opts)
+    opts_dict["epsilons"] = list(opts.epsilons)
+    opts_dict["resolved"] = {"device": p.engine.device, "backend": p.engine.backend, "precision": p.engine.precision}
+    return CompareResult(rows, summary, inputs, opts_dict, kept, p.tuned, p.base)
+
+
+def plan_compare(
+    base_path: str | Path, tuned_inputs: Sequence[tuple[str, str | Path]], opts: CompareOptions
+) -> ComparePlan:
+    """Open the base and the tuned inputs, match them, choose the matrices some input changes, resolve the
+    engine and check the memory budget; nothing is decomposed."""
     if not tuned_inputs:
         raise SelectionError("compare needs at least one tuned checkpoint or adapter")
     names = [n for n, _ in tuned_inputs]
@@ -150,29 +242,39 @@ def run_compare(
         raise SelectionError(
             "no selected base matrix is changed by any tuned input (check --kinds / --include)"
         )
-    if on_open:
-        on_open(tuned, base)
     dtype: type[np.floating] = np.float64 if opts.precision == "float64" else np.float32
     eng = resolve(EngineOptions(device=opts.device, precision=opts.precision, method="svd", backend=opts.backend,
                                max_memory=opts.max_memory))  # fmt: skip
-    svd = svd_function(eng.compute, eng.precision)
     _check_budget(work, len(tuned), eng.budget)
-    base_loader = MatrixLoader(base)
-    loaders = {t.name: MatrixLoader(t.checkpoint) for t in tuned if t.checkpoint is not None}
+    return ComparePlan(base, tuned, work, eng, dtype)
+
+
+def measure(
+    p: ComparePlan,
+    opts: CompareOptions,
+    progress: Callable[[int, int, str], None] | None = None,
+    keep_modules: bool = False,
+    on_module: OnModule | None = None,
+) -> tuple[list[dict[str, Any]], list[ModuleResult]]:
+    """Stream the planned matrices: each base matrix read and decomposed once, then every tuned input's version
+    of it; returns the rows (one per tuned × matrix) and the per-module results."""
+    svd = svd_function(p.engine.compute, p.engine.precision)
+    base_loader = MatrixLoader(p.base)
+    loaders = {t.name: MatrixLoader(t.checkpoint) for t in p.tuned if t.checkpoint is not None}
     rows: list[dict[str, Any]] = []
     kept: list[ModuleResult] = []
-    total = sum(1 for s in work for t in tuned if t.covers(s.name))
+    total = p.pairs
     done = 0
-    for spec in work:
+    for spec in p.work:
         with blas_threads(spec.shape):  # see engine.SMALL_WORK
-            w0 = base_loader.dense(spec, dtype)
+            w0 = base_loader.dense(spec, p.dtype)
             bad0 = _nonfinite(w0)
             base_svd = svd(w0) if not bad0 else None
-            for t in tuned:
+            for t in p.tuned:
                 if not t.covers(spec.name):
                     continue
                 row = _meta(t, spec)
-                wt, delta_values, bad_t = _tuned_matrix(t, spec, w0, loaders, dtype, eng.compute)
+                wt, delta_values, bad_t = _tuned_matrix(t, spec, w0, loaders, p.dtype, p.engine.compute)
                 if base_svd is None or bad_t:
                     row.update(status="nonfinite", nonfinite_base=bad0, nonfinite_tuned=bad_t)
                 else:
@@ -195,25 +297,7 @@ def run_compare(
                 done += 1
                 if progress:
                     progress(done, total, f"{t.name}: {spec.name}")
-    summary = summarize(rows, tuned, opts.epsilons)
-    summary["seconds"] = round(time.perf_counter() - t0, 3)
-    inputs = {
-        "base": str(base.path),
-        "tuned": [
-            {
-                "name": t.name,
-                "path": str(t.path),
-                "kind": t.kind,
-                "matrices": sum(1 for r in rows if r["tuned"] == t.name),
-                "missing": t.missing,
-            }
-            for t in tuned
-        ],
-    }
-    opts_dict = asdict(opts)
-    opts_dict["epsilons"] = list(opts.epsilons)
-    opts_dict["resolved"] = {"device": eng.device, "backend": eng.backend, "precision": eng.precision}
-    return CompareResult(rows, summary, inputs, opts_dict, kept, tuned, base)
+    return rows, kept
 
 
 def _meta(t: Tuned, spec: MatrixSpec) -> dict[str, Any]:
@@ -250,11 +334,11 @@ def _mean(xs: Sequence[float]) -> float | None:
 
 
 def summarize(
-    rows: list[dict[str, Any]], tuned: Sequence[Tuned], epsilons: Sequence[float]
-) -> dict[str, Any]:
+    rows: list[dict[str, Any]], tuned: Sequence[Tuned], epsilons: Sequence[float], seconds: float
+) -> CompareSummary:
     """Per tuned model: the paper's total intruder count (per ε), matrices with any intruder, the worst
     modules, and mean drift by kind and by depth."""
-    per: dict[str, Any] = {}
+    per: dict[str, TunedSummary] = {}
     for t in tuned:
         rs = [r for r in rows if r["tuned"] == t.name and r["status"] == "ok"]
         by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -263,36 +347,36 @@ def summarize(
             by_kind[r["kind"]].append(r)
             by_depth[r["depth"]].append(r)
 
-        def agg(group: list[dict[str, Any]]) -> dict[str, Any]:
-            return {
-                "matrices": len(group),
-                "intruders": int(sum(r["intruders"] for r in group)),
-                "relative_delta": _mean([r["relative_delta"] for r in group]),
-                "subspace_overlap": _mean([r["subspace_overlap"] for r in group]),
-                "effective_rank_change": _mean([r["effective_rank_change"] for r in group]),
-            }
+        def agg(group: list[dict[str, Any]]) -> DriftGroup:
+            return DriftGroup(
+                matrices=len(group),
+                intruders=int(sum(r["intruders"] for r in group)),
+                relative_delta=_mean([r["relative_delta"] for r in group]),
+                subspace_overlap=_mean([r["subspace_overlap"] for r in group]),
+                effective_rank_change=_mean([r["effective_rank_change"] for r in group]),
+            )
 
         worst = sorted(rs, key=lambda r: (-r["intruders"], r["min_max_cos"]))[:5]
-        per[t.name] = {
-            "source": t.kind,
-            "matrices": len(rs),
-            "nonfinite": sum(1 for r in rows if r["tuned"] == t.name and r["status"] != "ok"),
-            "total_intruders": {f"{e:g}": int(sum(r[_eps_key(e)] for r in rs)) for e in epsilons},
-            "matrices_with_intruders": sum(1 for r in rs if r["intruders"] > 0),
-            "mean_relative_delta": _mean([r["relative_delta"] for r in rs]),
-            "mean_subspace_overlap": _mean([r["subspace_overlap"] for r in rs]),
-            "worst_modules": [
-                {"name": r["name"], "intruders": r["intruders"], "min_max_cos": r["min_max_cos"]}
+        per[t.name] = TunedSummary(
+            source=t.kind,
+            matrices=len(rs),
+            nonfinite=sum(1 for r in rows if r["tuned"] == t.name and r["status"] != "ok"),
+            total_intruders={f"{e:g}": int(sum(r[_eps_key(e)] for r in rs)) for e in epsilons},
+            matrices_with_intruders=sum(1 for r in rs if r["intruders"] > 0),
+            mean_relative_delta=_mean([r["relative_delta"] for r in rs]),
+            mean_subspace_overlap=_mean([r["subspace_overlap"] for r in rs]),
+            worst_modules=[
+                WorstModule(name=r["name"], intruders=r["intruders"], min_max_cos=r["min_max_cos"])
                 for r in worst
             ],
-            "by_kind": {k: agg(v) for k, v in sorted(by_kind.items())},
-            "by_depth": {
+            by_kind={k: agg(v) for k, v in sorted(by_kind.items())},
+            by_depth={
                 str(k): agg(v)
                 for k, v in sorted(by_depth.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
             },
-            "missing": t.missing,
-        }
-    return {"epsilons": [float(e) for e in epsilons], "tuned": per}
+            missing=t.missing,
+        )
+    return CompareSummary([float(e) for e in epsilons], per, seconds)
 
 
 class IntruderRemover:

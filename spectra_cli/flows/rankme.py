@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,8 @@ import numpy as np
 from spectra_cli.checkpoint.embeddings import EmbeddingSource, chunk_rows_for, open_embeddings
 from spectra_cli.errors import SpectraError
 from spectra_cli.options import ComputeOptions, EngineOptions
-from spectra_cli.results import RunResult
-from spectra_cli.spectral.engine import resolve
+from spectra_cli.results import RunResult, options_record
+from spectra_cli.spectral.engine import ResolvedEngine, resolve
 from spectra_cli.spectral.rankme import (
     RANKME_EPS,
     GramAccumulator,
@@ -69,8 +69,40 @@ class RankmeOptions(ComputeOptions):
         return chunk_rows_for(k, budget or self.max_memory or DEFAULT_CHUNK_BYTES)
 
 
+@dataclass(frozen=True)
+class RankmeSummary:
+    """The summary of ``rankme``: how many inputs, the best one (None when no score is finite) with its RankMe
+    and RankMe/max-rank, whether every input has the same K and N, and the warnings for the CLI to show."""
+
+    inputs: int
+    best: str | None
+    best_rankme: float | None
+    best_rankme_fraction: float | None
+    same_K: bool  # the JSON key
+    same_N: bool
+    warnings: list[str]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RankmePlan:
+    """The opened inputs: embedding files (name, source), models to embed (name, folder) and their texts, the
+    resolved engine and the accumulation device (None: NumPy)."""
+
+    sources: list[tuple[str, EmbeddingSource]]
+    models: list[tuple[str, Path]]
+    texts: list[str]
+    engine: ResolvedEngine
+    acc_device: str | None
+
+    @property
+    def total(self) -> int:
+        """Rows to stream over every input (for the progress bar)."""
+        return sum(s.n for _, s in self.sources) + len(self.texts) * len(self.models)
+
+
 @dataclass
-class RankmeResult(RunResult):
+class RankmeResult(RunResult[RankmeSummary]):
     """Rows (one per input, best first), summary, inputs, options; ``spectra``: input name → σ of Z
     (descending, min(N, K) values) for the figures."""
 
@@ -149,82 +181,12 @@ def run_rankme(
     progress: Progress | None = None,
 ) -> RankmeResult:
     """Score every embedding file in ``inputs`` ((name, path) pairs) and every model in ``models`` (embedding
-    ``opts.texts``). Rows sorted by RankMe, highest first; ``summary["best"]`` names the best input."""
-    if not inputs and not models:
-        raise SpectraError("nothing to score: give embedding files, or --model DIR with --texts FILE")
-    if models and opts.texts is None:
-        raise SpectraError("--model needs --texts FILE (one text per line) to embed")
-    names = [n for n, _ in inputs] + [n for n, _ in models]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise SpectraError(f"two inputs are named {dup[0]!r}; name them apart with NAME=PATH")
+    ``opts.texts``). Rows sorted by RankMe, highest first; ``summary.best`` names the best input."""
     t0 = time.perf_counter()
-    engine = resolve(EngineOptions(device=opts.device, backend=opts.backend, max_memory=opts.max_memory))
-    acc_device = engine.device if engine.backend == "torch" else None
-    # open (and validate) everything before the long work starts
-    sources = [(name, open_embeddings(path, opts.key)) for name, path in inputs]
-    texts: list[str] = []
-    if models:
-        from spectra_cli.checkpoint.text import read_texts
-
-        assert opts.texts is not None
-        texts = read_texts(opts.texts)
-    rows: list[dict[str, Any]] = []
-    spectra: dict[str, np.ndarray] = {}
-    warnings: list[str] = []
-    total = sum(s.n for _, s in sources) + len(texts) * len(models)
-    done = 0
-
-    def tick(name: str) -> Callable[[int, int], None]:
-        base = done
-
-        def update(d: int, _n: int) -> None:
-            if progress is not None:
-                progress(base + d, total, name)
-
-        return update
-
-    for name, src in sources:
-        t = time.perf_counter()
-        # --max-memory as given; by default at most 256 MB a chunk (GEMM speed is flat well below that)
-        budget = min(engine.budget, DEFAULT_CHUNK_BYTES) if opts.max_memory is None else engine.budget
-        if acc_device:
-            budget //= 2  # the chunk has a device copy as well
-        sc = score_source(src, opts.rows_per_chunk(src.k, budget), tick(name), acc_device)
-        done += src.n
-        rows.append(_row(name, sc, src.label, src.dtype, time.perf_counter() - t))
-        spectra[name] = sc.singular_values
-    for name, model in models:
-        t = time.perf_counter()
-        sc = _score_model(model, texts, opts, tick(name), engine.device, acc_device)
-        done += len(texts)
-        rows.append(_row(name, sc, f"{model} ← {opts.texts}", "float32", time.perf_counter() - t))
-        spectra[name] = sc.singular_values
-    short: dict[tuple[int, int], list[str]] = {}
-    for r in rows:
-        if r["N"] < opts.sample_factor * r["K"]:
-            short.setdefault((r["N"], r["K"]), []).append(r["input"])
-    for (n, k), names_nk in short.items():
-        who = ", ".join(names_nk[:4]) + (f" and {len(names_nk) - 4} more" if len(names_nk) > 4 else "")
-        warnings.append(
-            f"{who}: N = {n:,} samples < {opts.sample_factor}·K = {opts.sample_factor * k:,}; the scores are "
-            f"capped by the sample count (RankMe ≤ min(N, K) = {min(n, k):,}) and noisy: use more samples "
-            f"(the paper uses N = {PAPER_N:,})"
-        )
+    p = plan_rankme(inputs, opts, models)
+    rows, spectra = score(p, opts, progress)
+    summary = summarize(rows, opts.sample_factor, round(time.perf_counter() - t0, 4))
     rows.sort(key=_sort_key)
-    best = rows[0]["input"] if rows and _sort_key(rows[0])[0] == 0 else None
-    ks = sorted({r["K"] for r in rows})
-    ns = sorted({r["N"] for r in rows})
-    summary: dict[str, Any] = {
-        "inputs": len(rows),
-        "best": best,
-        "best_rankme": rows[0]["rankme"] if best else None,
-        "best_rankme_fraction": rows[0]["rankme_fraction"] if best else None,
-        "same_K": len(ks) == 1,
-        "same_N": len(ns) == 1,
-        "warnings": warnings,
-        "seconds": round(time.perf_counter() - t0, 4),
-    }
     inputs_out: dict[str, Any] = {
         "embeddings": [
             {
@@ -236,14 +198,105 @@ def run_rankme(
                 "dtype": src.dtype,
                 "bytes": src.path.stat().st_size,
             }
-            for name, src in sources
+            for name, src in p.sources
         ],
-        "models": [{"name": name, "path": str(path)} for name, path in models],
+        "models": [{"name": name, "path": str(path)} for name, path in p.models],
     }
-    if models:
-        inputs_out["texts"] = {"path": str(opts.texts), "count": len(texts)}
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
+    if p.models:
+        inputs_out["texts"] = {"path": str(opts.texts), "count": len(p.texts)}
+    options = options_record(opts)
     options["rankme_eps"] = RANKME_EPS
-    options["resolved_device"] = engine.device
-    options["resolved_backend"] = engine.backend
+    options["resolved_device"] = p.engine.device
+    options["resolved_backend"] = p.engine.backend
     return RankmeResult(rows=rows, summary=summary, inputs=inputs_out, options=options, spectra=spectra)
+
+
+def plan_rankme(
+    inputs: Sequence[tuple[str, Path]], opts: RankmeOptions, models: Sequence[tuple[str, Path]] = ()
+) -> RankmePlan:
+    """Open (and validate) every input before the long work starts; read the texts the models embed."""
+    if not inputs and not models:
+        raise SpectraError("nothing to score: give embedding files, or --model DIR with --texts FILE")
+    if models and opts.texts is None:
+        raise SpectraError("--model needs --texts FILE (one text per line) to embed")
+    names = [n for n, _ in inputs] + [n for n, _ in models]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise SpectraError(f"two inputs are named {dup[0]!r}; name them apart with NAME=PATH")
+    engine = resolve(EngineOptions(device=opts.device, backend=opts.backend, max_memory=opts.max_memory))
+    acc_device = engine.device if engine.backend == "torch" else None
+    sources = [(name, open_embeddings(path, opts.key)) for name, path in inputs]
+    texts: list[str] = []
+    if models:
+        from spectra_cli.checkpoint.text import read_texts
+
+        assert opts.texts is not None
+        texts = read_texts(opts.texts)
+    return RankmePlan(sources, list(models), texts, engine, acc_device)
+
+
+def score(
+    p: RankmePlan, opts: RankmeOptions, progress: Progress | None = None
+) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Stream every input into its Gram accumulator; one row per input (in input order) and its σ."""
+    rows: list[dict[str, Any]] = []
+    spectra: dict[str, np.ndarray] = {}
+    total = p.total
+    done = 0
+
+    def tick(name: str) -> Callable[[int, int], None]:
+        base = done
+
+        def update(d: int, _n: int) -> None:
+            if progress is not None:
+                progress(base + d, total, name)
+
+        return update
+
+    for name, src in p.sources:
+        t = time.perf_counter()
+        # --max-memory as given; by default at most 256 MB a chunk (GEMM speed is flat well below that)
+        budget = min(p.engine.budget, DEFAULT_CHUNK_BYTES) if opts.max_memory is None else p.engine.budget
+        if p.acc_device:
+            budget //= 2  # the chunk has a device copy as well
+        sc = score_source(src, opts.rows_per_chunk(src.k, budget), tick(name), p.acc_device)
+        done += src.n
+        rows.append(_row(name, sc, src.label, src.dtype, time.perf_counter() - t))
+        spectra[name] = sc.singular_values
+    for name, model in p.models:
+        t = time.perf_counter()
+        sc = _score_model(model, p.texts, opts, tick(name), p.engine.device, p.acc_device)
+        done += len(p.texts)
+        rows.append(_row(name, sc, f"{model} ← {opts.texts}", "float32", time.perf_counter() - t))
+        spectra[name] = sc.singular_values
+    return rows, spectra
+
+
+def summarize(rows: list[dict[str, Any]], sample_factor: int, seconds: float) -> RankmeSummary:
+    """The best input and a warning per (N, K) with too few samples (``rows`` in input order)."""
+    warnings: list[str] = []
+    short: dict[tuple[int, int], list[str]] = {}
+    for r in rows:
+        if r["N"] < sample_factor * r["K"]:
+            short.setdefault((r["N"], r["K"]), []).append(r["input"])
+    for (n, k), names_nk in short.items():
+        who = ", ".join(names_nk[:4]) + (f" and {len(names_nk) - 4} more" if len(names_nk) > 4 else "")
+        warnings.append(
+            f"{who}: N = {n:,} samples < {sample_factor}·K = {sample_factor * k:,}; the scores are "
+            f"capped by the sample count (RankMe ≤ min(N, K) = {min(n, k):,}) and noisy: use more samples "
+            f"(the paper uses N = {PAPER_N:,})"
+        )
+    ranked = sorted(rows, key=_sort_key)
+    best = ranked[0]["input"] if ranked and _sort_key(ranked[0])[0] == 0 else None
+    ks = sorted({r["K"] for r in rows})
+    ns = sorted({r["N"] for r in rows})
+    return RankmeSummary(
+        inputs=len(rows),
+        best=best,
+        best_rankme=ranked[0]["rankme"] if best else None,
+        best_rankme_fraction=ranked[0]["rankme_fraction"] if best else None,
+        same_K=len(ks) == 1,
+        same_N=len(ns) == 1,
+        warnings=warnings,
+        seconds=seconds,
+    )

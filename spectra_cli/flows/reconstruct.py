@@ -31,8 +31,23 @@ from spectra_cli.spectral.merge import (
 ADAPTER_RTOL = 1e-6
 
 
+@dataclass(frozen=True)
+class ReconstructSummary:
+    """The summary of ``reconstruct``: the task, how it came in (full / adapter), modules rebuilt, the output,
+    the mean and largest relative reconstruction error over the modules, the bundle's storage."""
+
+    task: str
+    kind: str
+    modules: int
+    output: str
+    mean_rel_error: float | None
+    max_rel_error: float | None
+    storage: float | None
+    seconds: float
+
+
 @dataclass
-class ReconstructResult(RunResult):
+class ReconstructResult(RunResult[ReconstructSummary]):
     out: Path | None = None
     kind: str = ""
 
@@ -103,16 +118,14 @@ def run_reconstruct(
             _write_task_adapter(doc, ck, idx, entry, stage, rows, progress)
         opts = {"task": task, "base": str(base.path) if base is not None else None}
         inputs = {"bundle": str(bundle), "task": task, "kind": entry["kind"]}
-        summary = {
-            "task": task, "kind": entry["kind"], "modules": len(rows), "output": str(out),
-            "mean_rel_error": float(np.mean([r["rel_error"] for r in rows])) if rows else None,
-            "max_rel_error": float(np.max([r["rel_error"] for r in rows])) if rows else None,
-            "storage": doc.get("storage"), "seconds": round(time.perf_counter() - t0, 3),
-        }  # fmt: skip
+        summary = ReconstructSummary(
+            task=task, kind=entry["kind"], modules=len(rows), output=str(out),
+            mean_rel_error=float(np.mean([r["rel_error"] for r in rows])) if rows else None,
+            max_rel_error=float(np.max([r["rel_error"] for r in rows])) if rows else None,
+            storage=doc.get("storage"), seconds=round(time.perf_counter() - t0, 3),
+        )  # fmt: skip
         artifacts = sorted(p.name for p in stage.iterdir())
-        write_run_record(
-            stage, "reconstruct", list(argv), inputs, opts, {"seconds": summary["seconds"]}, artifacts
-        )
+        write_run_record(stage, "reconstruct", list(argv), inputs, opts, {"seconds": summary.seconds}, artifacts)
         commit_output(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

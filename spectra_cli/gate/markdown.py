@@ -8,6 +8,7 @@ from dataclasses import asdict
 from typing import Any
 
 from spectra_cli.gate.rules import Verdict
+from spectra_cli.gate.summary import CheckSummary
 from spectra_cli.report.render import Column, fmt_num, markdown_table, write_text
 from spectra_cli.report.terminal import terminal_safe
 
@@ -46,16 +47,16 @@ _FAILURE_COLUMNS = [
 ]
 
 
-def markdown_summary(verdicts: Sequence[Verdict], summary: dict[str, Any], title: str, policy: str) -> str:
+def markdown_summary(verdicts: Sequence[Verdict], summary: CheckSummary, title: str, policy: str) -> str:
     """A heading that says pass/fail, one table row per rule (limit, checks, passed, failed, skipped), and a
     table of the failures (the first :data:`MAX_FAILURE_ROWS`)."""
-    ok = summary["failed"] == 0
+    ok = summary.failed == 0
     out = [f"## {'✅' if ok else '❌'} spectra check {'passed' if ok else 'failed'}: {_esc(title)}", ""]
     out.append(
-        f"Policy `{policy}` · {summary['checks']} checks on {summary['modules']} modules: "
-        f"{summary['passed']} passed, {summary['failed']} failed, {summary['skipped']} skipped"
+        f"Policy `{policy}` · {summary.checks} checks on {summary.modules} modules: "
+        f"{summary.passed} passed, {summary.failed} failed, {summary.skipped} skipped"
     )
-    rules = [{**r, "rule": f"{'❌ ' if r['failed'] else ''}`{rule}`"} for rule, r in summary["by_rule"].items()]
+    rules = [{**r, "rule": f"{'❌ ' if r['failed'] else ''}`{rule}`"} for rule, r in summary.by_rule.items()]
     out += ["", *markdown_table(rules, _RULE_COLUMNS)]
     failed = [v for v in verdicts if v.status == "fail"]
     if failed:
@@ -66,7 +67,7 @@ def markdown_summary(verdicts: Sequence[Verdict], summary: dict[str, Any], title
                 "",
                 f"… and {len(failed) - MAX_FAILURE_ROWS} more failures (see the JUnit report or --format json).",
             ]
-    for note in summary.get("notes", []):
+    for note in summary.notes:
         out += ["", f"> {_esc(note)}"]
     return "\n".join(out) + "\n"
 

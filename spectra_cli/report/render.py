@@ -13,13 +13,17 @@ import io
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from spectra_cli import __version__
 from spectra_cli.report.terminal import terminal_safe
+from spectra_cli.results import summary_dict
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 SCHEMA_VERSION = 1
 FORMATS = ("table", "json", "csv", "markdown")
@@ -35,9 +39,10 @@ class Column:
     justify: str = "right"
 
 
-def envelope(command: str, inputs: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str, Any],
+def envelope(command: str, inputs: dict[str, Any], rows: list[dict[str, Any]],
+             summary: DataclassInstance | Mapping[str, Any],
              options: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-    """The JSON envelope shared by every command."""
+    """The JSON envelope shared by every command (a typed summary is written as :func:`summary_dict` gives it)."""
     return {
         "schema_version": SCHEMA_VERSION,
         "command": command,
@@ -45,7 +50,7 @@ def envelope(command: str, inputs: dict[str, Any], rows: list[dict[str, Any]], s
         "inputs": inputs,
         "options": options or {},
         "rows": rows,
-        "summary": summary,
+        "summary": summary_dict(summary),
     }
 
 

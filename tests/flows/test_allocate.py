@@ -81,7 +81,7 @@ def test_energy_known_and_brute_force(known: Path) -> None:
     for row in res.rows:
         assert row["energy"] == pytest.approx(energy[row["name"]], abs=1e-9)
         assert row["uniform_rank"] == 3
-    assert res.summary["mean_energy"] == pytest.approx(np.mean(list(energy.values())), abs=1e-9)
+    assert res.summary.mean_energy == pytest.approx(np.mean(list(energy.values())), abs=1e-9)
     # brute force over every rank vector with total ≤ 12 and each rank in [1, full]
     fulls = [8, 8, 12, 12]
     flats = {0: [2.0, 2.0], 1: [1.0] * 8, 2: [3.0] * 4, 3: [0.5] * 12}
@@ -111,14 +111,14 @@ def test_welore_known(tmp_path: Path) -> None:
     # σ̃: a = [1, .5, 0], b = [1, 2/3, 1/3, 0]. 4 ranks: t = 1/2 keeps 2 + 2; 5 ranks: t = 1/3 keeps 2 + 3
     res = run_allocate(ck, AllocateOptions(strategy="welore", budget_rank=2))
     assert list(res.ranks.values()) == [2, 2]
-    assert res.summary["threshold"] == pytest.approx(0.5)
+    assert res.summary.threshold == pytest.approx(0.5)
     res = run_allocate(ck, AllocateOptions(strategy="welore", budget_rank=2.5))
     assert list(res.ranks.values()) == [2, 3]
-    assert res.summary["threshold"] == pytest.approx(1 / 3)
+    assert res.summary.threshold == pytest.approx(1 / 3)
     # reduction ratio: pruned (σ̃ < 1/3) = 1 + 1 of 7
-    assert res.summary["reduction_ratio"] == pytest.approx(2 / 7)
+    assert res.summary.reduction_ratio == pytest.approx(2 / 7)
     assert [r["pruned_fraction"] for r in res.rows] == pytest.approx([1 / 3, 1 / 4])
-    assert res.summary["low_rank_components"] == 0
+    assert res.summary.low_rank_components == 0
     r = run(ck, "--budget-rank", "2.5", "--strategy", "welore", "-q")
     assert (
         r.exit_code == 0 and "WeLore threshold t = 0.3333" in r.stdout and "0 low-rank components" in r.stdout
@@ -151,7 +151,7 @@ def test_eva_matches_the_published_rule(known: Path, tmp_path: Path) -> None:
         known, AllocateOptions(strategy="eva", budget_rank=2, activations=acts, allow_zero=True)
     )
     assert res.rows[0]["explained_variance"] == pytest.approx(0.9)
-    assert res.summary["dropped"] == [C]
+    assert res.summary.dropped == [C]
     # ρ = 1: no redistribution, every module keeps r
     assert ranks_of(known, strategy="eva", budget_rank=2, activations=acts, allow_zero=True, rho=1) == [2] * 4
     # without --allow-zero every module keeps at least 1
@@ -176,7 +176,7 @@ def test_budget_below_number_of_modules(known: Path) -> None:
 def test_budget_above_full_rank(known: Path, strategy: str) -> None:
     res = run_allocate(known, AllocateOptions(strategy=strategy, budget_rank=1000))
     assert [res.ranks[m] for m in fxa.KNOWN] == [8, 8, 12, 12]
-    assert res.summary["used"] == 40 < res.summary["budget"]
+    assert res.summary.used == 40 < res.summary.budget
 
 
 def test_constraints(known: Path) -> None:
@@ -331,7 +331,7 @@ def test_saved_spectra_give_the_same_answer(known: Path, tmp_path: Path) -> None
     a = run_allocate(known, AllocateOptions(strategy="energy", budget_rank=3))
     b = run_allocate(saved, AllocateOptions(strategy="energy", budget_rank=3))
     assert a.ranks == b.ranks
-    assert b.summary["engine"]["source"] == "saved spectra"
+    assert b.summary.engine["source"] == "saved spectra"
     assert b.inputs["spectra_of"] == str(known)
 
 
@@ -394,7 +394,7 @@ def test_peft_config_drops_modules(llama: Path, tmp_path: Path) -> None:
     acts = fxa.pca_activations(tmp_path / "acts.safetensors", ratios)
     res = run_allocate(llama, AllocateOptions(kinds=("q_proj", "v_proj"), strategy="eva", budget_rank=2,
                                               activations=acts, allow_zero=True))  # fmt: skip
-    assert sorted(res.summary["dropped"]) == [f"model.layers.2.self_attn.{k}" for k in ("q_proj", "v_proj")]
+    assert sorted(res.summary.dropped) == [f"model.layers.2.self_attn.{k}" for k in ("q_proj", "v_proj")]
     cfg = res.peft_config()
     assert len(cfg["target_modules"]) == 4
     check_peft(llama, cfg, res.ranks, res.alphas)

@@ -102,7 +102,7 @@ def test_metrics_of_matrices_with_known_singular_values(single_result):
 
 def test_summary(ckpts, single_result):
     gen = ckpts.single
-    summary = single_result.summary
+    summary = single_result.summary_dict()
     assert set(summary) >= SUMMARY_KEYS
     assert summary["matrices"] == summary["analysed"] == len(gen.matrices) == 8
     assert summary["params"] == sum(x.size for x in gen.matrices.values())
@@ -141,7 +141,7 @@ def test_analyze_every_format(ckpts, key):
     gen = ckpts.torch[key.split(":")[1]] if key.startswith("torch:") else getattr(ckpts, key)
     result = spectra_cli.analyze(str(gen.path))
     assert [r["name"] for r in result.rows] == [n for n in gen.order if n in gen.matrices]
-    assert result.summary["skipped_tensors"] == len(gen.skipped)
+    assert result.summary.skipped_tensors == len(gen.skipped)
     for name, x in gen.matrices.items():
         assert_singular_values_close(result.spectra[name], x)
 
@@ -184,11 +184,11 @@ def test_nonfinite_rows_and_summary(ckpts):
     assert all(
         by_name[n]["status"] == "ok" for n in ("layers.0.a.weight", "layers.0.b.weight", "layers.0.c.weight")
     )
-    assert result.summary["nonfinite"] == [
+    assert result.summary.nonfinite == [
         {"name": "layers.0.nan.weight", "nan_count": 2, "inf_count": 0},
         {"name": "layers.0.inf.weight", "nan_count": 0, "inf_count": 3},
     ]
-    assert (result.summary["matrices"], result.summary["analysed"]) == (5, 3)
+    assert (result.summary.matrices, result.summary.analysed) == (5, 3)
     assert set(result.spectra) == {"layers.0.a.weight", "layers.0.b.weight", "layers.0.c.weight"}
     assert result.to_pandas().shape[0] == 5
 
@@ -231,7 +231,7 @@ def test_saved_spectra_reproduce_the_rows_without_recomputation(ckpts, single_re
         assert rows_equal(a, b), (a, b)
     for name, v in single_result.spectra.items():
         np.testing.assert_array_equal(again.spectra[name], v)
-    assert again.summary["engine"]["source"] == "saved spectra"
+    assert again.summary.engine["source"] == "saved spectra"
     assert again.inputs["spectra_of"] == str(ckpts.single.path)
 
 
@@ -254,7 +254,7 @@ def test_saved_spectra_keep_nan_and_inf_counts(ckpts, tmp_path):
     again = spectra_cli.analyze(str(out))
     for a, b in zip(result.rows, again.rows, strict=True):
         assert rows_equal(a, b), (a, b)
-    assert again.summary["nonfinite"] == result.summary["nonfinite"]
+    assert again.summary.nonfinite == result.summary.nonfinite
 
 
 def test_resaving_saved_spectra_keeps_the_rows(ckpts, tmp_path):
@@ -303,7 +303,7 @@ def test_all_minilm_l6_v2_end_to_end():
     assert {r["name"] for r in result.rows} == matrices
     assert {r["name"] for r in result.rows if r["role"] == "embedding"} == embeddings
     assert all(r["status"] == "ok" for r in result.rows)
-    assert result.summary["skipped_tensors"] == len(header) - len(matrices)
+    assert result.summary.skipped_tensors == len(header) - len(matrices)
     weights = load_file(str(folder / "model.safetensors"))
     for name in sorted(matrices):
         assert_singular_values_close(result.spectra[name], weights[name], rtol=1e-4, floor=1e-3)

@@ -79,7 +79,7 @@ def assert_same(results: dict[str, Any], tol: tuple[float, float]) -> None:
     """The rows and summaries of the two runs agree (and there are rows to compare)."""
     a, b = results["numpy"], results["torch"]
     assert a.rows, "nothing to compare: the run gave no rows"
-    problems = diff(a.rows, b.rows, tol, "rows") + diff(a.summary, b.summary, tol, "summary")
+    problems = diff(a.rows, b.rows, tol, "rows") + diff(a.summary_dict(), b.summary_dict(), tol, "summary")
     assert not problems, "\n".join(problems[:20])
 
 

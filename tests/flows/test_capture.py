@@ -138,7 +138,7 @@ def test_statistics_equal_direct_hooks(models: dict[str, Path], tmp_path: Path, 
         xc = x - x.mean(axis=0)
         sv = np.linalg.svd(xc, compute_uv=False)
         assert k == min(32, int((sv > 1e-5 * sv[0]).sum()))
-    assert result.summary["tokens"] == len(next(iter(direct.values())))
+    assert result.summary.tokens == len(next(iter(direct.values())))
     assert "pca_converged" in acts.metadata and acts.metadata["pca_tau"] == "0.99"
 
 

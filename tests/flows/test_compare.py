@@ -236,8 +236,8 @@ def test_summary_totals_worst_modules_and_groups(cases):
         [("i", cases["intruders"].path), ("n", cases["noise"].path)],
         CompareOptions(epsilons=eps),
     )
-    assert result.summary["epsilons"] == [0.5, 0.3]
-    s = result.summary["tuned"]["i"]
+    assert result.summary.epsilons == [0.5, 0.3]
+    s = result.summary.tuned["i"]
     assert s["source"] == "checkpoint" and s["matrices"] == 4 and s["nonfinite"] == 0
     assert s["total_intruders"] == {"0.5": 2 + 3 + 2, "0.3": 2 + 3 + 1}
     assert s["matrices_with_intruders"] == 3
@@ -253,7 +253,7 @@ def test_summary_totals_worst_modules_and_groups(cases):
     assert s["by_kind"]["up_proj"]["intruders"] == 7 and s["by_kind"]["up_proj"]["matrices"] == 3
     assert s["by_depth"]["0"]["intruders"] == 2 and s["by_depth"]["0"]["matrices"] == 2
     assert s["by_depth"]["1"]["intruders"] == 3
-    n = result.summary["tuned"]["n"]
+    n = result.summary.tuned["n"]
     assert n["total_intruders"] == {"0.5": 0, "0.3": 0} and n["matrices_with_intruders"] == 0
     assert [i["name"] for i in result.inputs["tuned"]] == ["i", "n"]
     assert all(i["matrices"] == 4 and i["kind"] == "checkpoint" for i in result.inputs["tuned"])
@@ -349,7 +349,7 @@ def test_adapter_with_rank_and_alpha_patterns_equals_the_merged_checkpoint(lora,
     for name, row in mg.items():
         if name.removesuffix(".weight") not in ADAPTED:
             assert row["relative_delta"] == 0.0 and row["intruders"] == 0
-    summary = result.summary["tuned"]
+    summary = result.summary.tuned
     assert summary["adapter"]["source"] == "adapter" and summary["adapter"]["matrices"] == len(ADAPTED)
     assert summary["adapter"]["total_intruders"] == summary["merged"]["total_intruders"]
 

@@ -405,7 +405,7 @@ def test_an_interrupted_merge_leaves_nothing_behind(full, tmp_path, monkeypatch,
     import spectra_cli.flows.merge as merging
 
     calls = {"n": 0}
-    real = merging._interference
+    real = merging.module_interference
 
     def interrupt(*args: Any, **kwargs: Any) -> Any:
         calls["n"] += 1
@@ -413,7 +413,7 @@ def test_an_interrupted_merge_leaves_nothing_behind(full, tmp_path, monkeypatch,
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(merging, "_interference", interrupt)
+    monkeypatch.setattr(merging, "module_interference", interrupt)
     r = runner.invoke(app, ["merge", str(full.base_path), *named(full.paths), "--method", method,
                             "--out", str(tmp_path / "o")])  # fmt: skip
     assert r.exit_code != 0 and calls["n"] == 3

@@ -204,7 +204,7 @@ def compare_plots(result: Any, out: Path) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    eps = result.summary["epsilons"]
+    eps = result.summary.epsilons
     tuned_names = [t["name"] for t in result.inputs["tuned"]]
     for name in tuned_names:
         rows = [r for r in result.rows if r["tuned"] == name]
@@ -224,7 +224,7 @@ def compare_plots(result: Any, out: Path) -> list[Path]:
             written.append(p)
     if len(tuned_names) > 1:
         p = out / "intruders_by_model.png"
-        totals = {n: result.summary["tuned"][n]["total_intruders"][f"{eps[0]:g}"] for n in tuned_names}
+        totals = {n: result.summary.tuned[n]["total_intruders"][f"{eps[0]:g}"] for n in tuned_names}
         plot_totals(totals, eps[0], p)
         written.append(p)
     return written

@@ -187,7 +187,7 @@ def merge_plots(result: Any, out: Path) -> list[Path]:
         paths.append(p)
     if result.sweep is not None:
         p = out / "sweep.png"
-        s = result.summary
-        plot_sweep(result.sweep, p, s.get("matrix_storage"), s.get("overall_error"))
+        s = result.summary.rmm
+        plot_sweep(result.sweep, p, s.matrix_storage if s else None, s.overall_error if s else None)
         paths.append(p)
     return paths
