@@ -15,8 +15,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "spectra_cli"
 MAX_LINES = 500
@@ -206,15 +204,10 @@ def _edges() -> dict[str, list[str]]:
 
 #: cycles that other branches are removing (views: cli/report.py builds its pages from report/views/ instead of
 #: importing the commands' private _columns/_notes); delete an entry when its cycle is gone
-KNOWN_CYCLES: set[frozenset[str]] = set()
-
-
 def test_no_import_cycle() -> None:
     found = set(_strongly_connected(_edges()))
-    new = [" ↔ ".join(sorted(c)) for c in found - KNOWN_CYCLES]
+    new = [" ↔ ".join(sorted(c)) for c in found]
     assert not new, "modules that import each other (directly or round a cycle):\n" + "\n".join(new)
-    gone = [" ↔ ".join(sorted(c)) for c in KNOWN_CYCLES - found]
-    assert not gone, "these cycles are gone: delete them from KNOWN_CYCLES\n" + "\n".join(gone)
 
 
 def test_the_cycle_finder_finds_a_cycle() -> None:
@@ -231,15 +224,10 @@ def _private_imports() -> set[tuple[str, str, str]]:
 
 #: private names that other branches are removing (views: report/views/ replaces cli/report.py's use of the
 #: commands' _columns/_notes, and the figures' shared _plt); delete an entry when it is gone
-KNOWN_PRIVATE: set[tuple[str, str, str]] = set()
-
-
 def test_no_private_name_is_imported_from_another_module() -> None:
     found = _private_imports()
-    new = [f"{src} takes {name} from {dst}" for src, name, dst in sorted(found - KNOWN_PRIVATE)]
+    new = [f"{src} takes {name} from {dst}" for src, name, dst in sorted(found)]
     assert not new, "private names used across modules (make them public, or move them):\n" + "\n".join(new)
-    gone = [str(k) for k in sorted(KNOWN_PRIVATE - found)]
-    assert not gone, "these are gone: delete them from KNOWN_PRIVATE\n" + "\n".join(gone)
 
 
 def test_core_layers_do_not_import_cli_or_rendering() -> None:
@@ -268,8 +256,6 @@ def _long_modules() -> list[str]:
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES]  # fmt: skip
 
 
-@pytest.mark.xfail(strict=False, reason="flows/init_adapter.py, flows/merge.py, spectral/merge.py and report/html.py "
-                   "are over 500 lines until the flows/linalg/views branches split them; remove this mark then")  # fmt: skip
 def test_no_module_is_over_500_lines() -> None:
     long = _long_modules()
     assert not long, f"modules over {MAX_LINES} lines (split them by concern):\n" + "\n".join(long)

@@ -35,31 +35,30 @@ from typing import Any
 
 import numpy as np
 
+from spectra_cli.spectral.arrays import (  # noqa: F401  (Backend … downcast are part of linalg's API)
+    NUMPY,
+    Array,
+    Backend,
+    as_f64,
+    downcast,
+    flip,
+    is_torch,
+    like,
+    linalg_of,
+    rescale,
+    route,
+    scale_exponent,
+    scaled,
+    sqrt0,
+    swap_last,
+    to_backend,
+    to_numpy,
+    wide_float,
+)
+
 #: :func:`top_k` uses the Gram route when σ_k ≥ this fraction of σ₁ (a float64 Gram matrix resolves σ only
 #: down to ~1e-8·σ₁ = √ε₆₄·σ₁ of the largest)
 GRAM_MIN_RATIO = 1e-4
-#: entries whose magnitude is within 2^±SAFE_EXPONENT are decomposed as they are (no scaling)
-SAFE_EXPONENT = 400
-#: a narrower window for values computed in float32 (its range ends near 2^±126)
-SAFE_EXPONENT_32 = 60
-
-Array = Any  # np.ndarray | torch.Tensor
-
-
-@dataclass(frozen=True)
-class Backend:
-    """Where decompositions run: ``numpy`` (CPU; LAPACK through NumPy/SciPy) or ``torch`` on ``device``."""
-
-    name: str = "numpy"
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        if self.name not in ("numpy", "torch"):
-            raise ValueError(f"unknown backend {self.name!r}; use numpy or torch")
-
-
-NUMPY = Backend()
-
 
 @dataclass(frozen=True)
 class SVD:
@@ -73,149 +72,6 @@ class SVD:
 # ---- arrays of either kind ---------------------------------------------------------------------------------
 
 
-def is_torch(x: object) -> bool:
-    """Whether ``x`` is a torch tensor (checked without importing torch)."""
-    return type(x).__module__.split(".", 1)[0] == "torch"
-
-
-def to_backend(x: Array, backend: Backend) -> Array:
-    """``x`` where ``backend`` computes: a NumPy array, or a tensor on its device (same dtype; bfloat16 bits
-    stored as uint16 are not handled here: convert them with the checkpoint reader)."""
-    if backend.name == "numpy":
-        return x.detach().cpu().numpy() if is_torch(x) else x
-    import torch
-
-    if is_torch(x):
-        return x.to(backend.device)
-    return torch.from_numpy(np.ascontiguousarray(x)).to(backend.device)
-
-
-def like(y: Array, ref: Array) -> Array:
-    """``y`` converted to the kind (and device) of ``ref``."""
-    if is_torch(ref):
-        import torch
-
-        return (y if is_torch(y) else torch.from_numpy(np.ascontiguousarray(y))).to(ref.device)
-    return y.detach().cpu().numpy() if is_torch(y) else y
-
-
-def to_numpy(x: Array) -> np.ndarray:
-    return x.detach().cpu().numpy() if is_torch(x) else np.asarray(x)
-
-
-def _f64(x: Array) -> Array:
-    if is_torch(x):
-        import torch
-
-        return x.to(torch.float64)
-    return np.asarray(x, dtype=np.float64)
-
-
-def _wide_float(x: Array) -> Array:
-    """torch half types upcast to float32 (no bf16/fp16 SVD); anything else as it is."""
-    if is_torch(x) and x.dtype.itemsize < 4:
-        import torch
-
-        return x.to(torch.float32)
-    return x
-
-
-def _flip(x: Array, axis: int) -> Array:
-    return x.flip(axis) if is_torch(x) else np.flip(x, axis)
-
-
-def _sqrt0(x: Array) -> Array:
-    """√max(x, 0)."""
-    return x.clamp_min(0).sqrt() if is_torch(x) else np.sqrt(np.clip(x, 0.0, None))
-
-
-def _mT(x: Array) -> Array:
-    return x.mT if is_torch(x) else np.swapaxes(x, -1, -2)
-
-
-def _linalg(x: Array) -> Any:
-    if is_torch(x):
-        import torch
-
-        return torch.linalg
-    return np.linalg
-
-
-def _route(x: Array, backend: Backend | None) -> Array:
-    return x if backend is None else to_backend(x, backend)
-
-
-# ---- scaling -------------------------------------------------------------------------------------------------
-
-
-def scale_exponent(x: Array, window: int = SAFE_EXPONENT) -> int:
-    """e such that x·2⁻ᵉ has its largest |entry| near 1, or 0 when it is within 2^±window already (or is zero,
-    or not finite)."""
-    if (x.numel() if is_torch(x) else x.size) == 0:
-        return 0
-    return _exponent(_amax(x), window)
-
-
-def _amax(x: Array, axis: tuple[int, int] | None = None) -> Any:
-    """max |entry| (over ``axis``) without an |x| copy: max(max x, −min x)."""
-    if is_torch(x):
-        if axis is None:
-            lo, hi = x.aminmax()
-        else:
-            lo, hi = x.amin(dim=axis), x.amax(dim=axis)
-        out = (-lo).maximum(hi)
-        return float(out) if axis is None else out
-    out = np.maximum(np.max(x, axis=axis), -np.min(x, axis=axis))
-    return float(out) if axis is None else out
-
-
-def _exponent(amax: float, window: int) -> int:
-    if not math.isfinite(amax) or amax == 0.0:
-        return 0
-    e = math.frexp(amax)[1]
-    return e if abs(e) > window else 0
-
-
-def _scaled(x: Array, window: int = SAFE_EXPONENT) -> tuple[Array, Any]:
-    """(x·2⁻ᵉ, 2ᵉ), exact; x itself (factor 1.0) inside the window. A stack (…×m×n) is scaled matrix by
-    matrix: the factor is then an array of the leading shape (or 1.0)."""
-    if x.ndim <= 2:
-        e = scale_exponent(x, window)
-        if e == 0:
-            return x, 1.0
-        return x * math.ldexp(1.0, -e), math.ldexp(1.0, e)
-    if (x.numel() if is_torch(x) else x.size) == 0:
-        return x, 1.0
-    amax = to_numpy(_amax(x, (-2, -1)))
-    exps = np.vectorize(lambda v: _exponent(float(v), window), otypes=[np.int64])(amax)
-    if not exps.any():
-        return x, 1.0
-    factor = np.ldexp(1.0, exps)
-    inv = like(np.ldexp(1.0, -exps), x)
-    return x * inv.to(x.dtype)[..., None, None] if is_torch(x) else x * inv[..., None, None], factor
-
-
-def _rescale(vals: Array, c: Any) -> Array:
-    """Values times the factor of :func:`_scaled` (a float, or an array over a stack's leading shape)."""
-    if isinstance(c, float):
-        return vals * c if c != 1.0 else vals
-    f = like(c, vals)
-    return vals * (f.to(vals.dtype) if is_torch(vals) else f)[..., None]
-
-
-def downcast(x: Array, dtype: Any) -> tuple[Array, Any]:
-    """``x`` in ``dtype`` (a NumPy or torch dtype), scaled first by a power of two when float64 entries would
-    overflow or vanish in a narrower dtype; returns (array, factor to multiply its singular values by)."""
-    if is_torch(x):
-        import torch
-
-        narrow = x.dtype == torch.float64 and dtype != torch.float64
-    else:
-        narrow = np.dtype(x.dtype) == np.float64 and np.dtype(dtype) != np.float64
-    y, c = _scaled(x, SAFE_EXPONENT_32) if narrow else (x, 1.0)
-    return (y.to(dtype) if is_torch(y) else y.astype(dtype, copy=False)), c
-
-
 # ---- singular values ---------------------------------------------------------------------------------------
 
 
@@ -224,7 +80,7 @@ def gram(x: Array) -> Array:
     m, n = x.shape[-2:]
     if not is_torch(x) and x.ndim == 2:  # x.T @ x: NumPy recognises it and calls syrk
         return x.T @ x if m >= n else x @ x.T
-    return _mT(x) @ x if m >= n else x @ _mT(x)
+    return swap_last(x) @ x if m >= n else x @ swap_last(x)
 
 
 def singular_values(
@@ -234,19 +90,19 @@ def singular_values(
 
     ``gram``: √eig of the float64 Gram matrix of the smaller side. ``svd``: exact ``svdvals`` in ``dtype``
     (default x's own; torch half types in float32). Scaled as the module says, matrix by matrix."""
-    y = _route(x, backend)
+    y = route(x, backend)
     if method == "gram":
-        y, c = _scaled(_f64(y))
-        vals = _sqrt0(_flip(_linalg(y).eigvalsh(gram(y)), -1))
+        y, c = scaled(as_f64(y))
+        vals = sqrt0(flip(linalg_of(y).eigvalsh(gram(y)), -1))
     elif method == "svd":
         c0: Any = 1.0
         if dtype is not None:
             y, c0 = downcast(y, dtype)
-        y, c = _scaled(_wide_float(y))
-        vals = _rescale(_f64(_svdvals(y)), c0)
+        y, c = scaled(wide_float(y))
+        vals = rescale(as_f64(_svdvals(y)), c0)
     else:
         raise ValueError(f"unknown method {method!r}; use gram or svd")
-    vals = _rescale(vals, c)
+    vals = rescale(vals, c)
     return like(vals, x) if backend is not None else vals
 
 
@@ -260,9 +116,9 @@ def _svdvals(x: Array) -> Array:
 
 def sym_eigenvalues(a: Array, backend: Backend | None = None) -> Array:
     """Eigenvalues of a symmetric matrix (symmetrised first), descending, negatives (rounding) clamped to 0."""
-    y = _route(a, backend)
-    sym = (y + _mT(y)) / 2.0
-    ev = _flip(_linalg(sym).eigvalsh(sym), -1)
+    y = route(a, backend)
+    sym = (y + swap_last(y)) / 2.0
+    ev = flip(linalg_of(sym).eigvalsh(sym), -1)
     ev = ev.clamp_min(0) if is_torch(ev) else np.maximum(ev, 0.0)
     return like(ev, a) if backend is not None else ev
 
@@ -295,8 +151,8 @@ class GramSum:
     def values(self) -> Array:
         """σ (descending, float64) of the whole matrix."""
         assert self.g is not None
-        ev = _flip(_linalg(self.g).eigvalsh(self.g), -1)
-        return _sqrt0(ev) * math.ldexp(1.0, self.e)
+        ev = flip(linalg_of(self.g).eigvalsh(self.g), -1)
+        return sqrt0(ev) * math.ldexp(1.0, self.e)
 
 
 # ---- SVD ---------------------------------------------------------------------------------------------------
@@ -306,7 +162,7 @@ def thin_svd(x: Array, backend: Backend | None = None) -> SVD:
     """Exact thin SVD in x's dtype (torch half types in float32). Torch takes it of xᵀ when x is wide (its CPU
     SVD was 2× slower on a wide 384×1536 matrix than on the tall transpose); the factors are the same up to the
     sign of each singular pair. Scaled as the module says."""
-    y, c = _scaled(_wide_float(_route(x, backend)))
+    y, c = scaled(wide_float(route(x, backend)))
     if is_torch(y):
         import torch
 
@@ -329,7 +185,7 @@ def _back(svd: SVD, ref: Array, backend: Backend | None) -> SVD:
 def eigh(g: Array, top: int | None = None, backend: Backend | None = None) -> tuple[Array, Array]:
     """Eigenpairs of the symmetric ``g`` in descending order: all, or only the ``top`` largest (NumPy: LAPACK
     ``syevr`` on an index subset through SciPy, only those vectors computed; torch: all, then the top)."""
-    y = _route(g, backend)
+    y = route(g, backend)
     k = y.shape[0]
     if is_torch(y):
         import torch
@@ -359,12 +215,12 @@ def gram_svd(x: Array, top: int | None = None, backend: Backend | None = None) -
     at least as accurate as a float32 SVD for every σ ≳ 1e-7·σ₁. Wide: U from eigh(XXᵀ), Vᵀ = UᵀX/σ (σ below
     1e-12·σ₁ give zero rows). Tall: V from eigh(XᵀX), U made exactly orthonormal by a QR of X·V (columns in
     descending σ, so the leading ones are U's)."""
-    y, c = _scaled(_f64(_route(x, backend)))
+    y, c = scaled(as_f64(route(x, backend)))
     m, n = y.shape
     tt = is_torch(y)
     if m <= n:  # (a square matrix takes this side: XXᵀ)
         lam, u = eigh(y @ y.T, top)
-        s = _sqrt0(lam)
+        s = sqrt0(lam)
         safe: Any = s
         if s.shape[0]:
             big = s > s[0] * 1e-12
@@ -377,8 +233,8 @@ def gram_svd(x: Array, top: int | None = None, backend: Backend | None = None) -
         vt = (u.T @ y) / safe[:, None]
     else:
         lam, v = eigh(y.T @ y, top)
-        s = _sqrt0(lam)
-        q, r = _linalg(y).qr(y @ v)
+        s = sqrt0(lam)
+        q, r = linalg_of(y).qr(y @ v)
         signs: Any
         if tt:
             import torch
@@ -420,11 +276,11 @@ def randomized_top_k(x: Array, k: int, power_iters: int = 4, seed: int = 0,
     """Top-k SVD of a dense float64 matrix by a randomized range finder (Halko, Martinsson & Tropp 2011) with
     oversampling max(10, k/2) and ``power_iters`` subspace iterations, QR-orthonormalised. The Gaussian test
     matrix comes from NumPy's generator with ``seed`` on every backend, so the backends agree."""
-    y = _route(x, backend)
+    y = route(x, backend)
     m, n = y.shape
     ell = min(min(m, n), k + max(10, k // 2))
     omega = np.random.default_rng(seed).standard_normal((n, ell))
-    la = _linalg(y)
+    la = linalg_of(y)
     test = like(omega, y).to(y.dtype) if is_torch(y) else omega
     q, _ = la.qr(y @ test)
     for _ in range(power_iters):
@@ -446,8 +302,8 @@ def lowrank_svd(x: Array, k: int, niter: int) -> SVD:
 
 def qr(x: Array, backend: Backend | None = None) -> tuple[Array, Array]:
     """Reduced QR (Q m×k, R k×n, k = min(m, n))."""
-    y = _route(x, backend)
-    q, r = _linalg(y).qr(y)
+    y = route(x, backend)
+    q, r = linalg_of(y).qr(y)
     return (like(q, x), like(r, x)) if backend is not None else (q, r)
 
 
@@ -456,9 +312,9 @@ def factored_svd(b: Array, a: Array, k: int | None = None, rtol: float | None = 
     """Thin SVD of B·A (B m×K, A K×n) without forming it, float64: QR of B and Aᵀ, SVD of the K×K core
     R_B·R_Aᵀ. ``k`` keeps the top k; ``rtol`` drops σ ≤ rtol·σ₁ (the numerical rank: an exact compression).
     B and A are scaled separately as the module says."""
-    bb, cb = _scaled(_f64(_route(b, backend)))
-    aa, ca = _scaled(_f64(_route(a, backend)))
-    la = _linalg(bb)
+    bb, cb = scaled(as_f64(route(b, backend)))
+    aa, ca = scaled(as_f64(route(a, backend)))
+    la = linalg_of(bb)
     qb, rb = la.qr(bb)
     qa, ra = la.qr(aa.T)
     u, s, vt = la.svd(rb @ ra.T, full_matrices=False)
@@ -473,9 +329,9 @@ def factored_svd(b: Array, a: Array, k: int | None = None, rtol: float | None = 
 
 def factored_values(b: Array, a: Array, scale: float = 1.0, backend: Backend | None = None) -> Array:
     """Singular values of s·B·A (B m×r, A r×n) without forming it: QR of B and Aᵀ, then an r×r SVD."""
-    bb, cb = _scaled(_route(b, backend))
-    aa, ca = _scaled(_route(a, backend))
-    la = _linalg(bb)
+    bb, cb = scaled(route(b, backend))
+    aa, ca = scaled(route(a, backend))
+    la = linalg_of(bb)
     _, rb = la.qr(bb)
     _, ra = la.qr(aa.T)
     vals = (abs(scale) * cb * ca) * _svdvals(rb @ ra.T)
@@ -484,8 +340,8 @@ def factored_values(b: Array, a: Array, scale: float = 1.0, backend: Backend | N
 
 def procrustes(x: Array, backend: Backend | None = None) -> Array:
     """The matrix with orthonormal columns (or rows) nearest to x: P·Qᵀ from x = P·S·Qᵀ."""
-    y = _route(x, backend)
-    p, _, qt = _linalg(y).svd(y, full_matrices=False)
+    y = route(x, backend)
+    p, _, qt = linalg_of(y).svd(y, full_matrices=False)
     out = p @ qt
     return like(out, x) if backend is not None else out
 
@@ -495,16 +351,16 @@ def gram_right(x: Array, k: int, rtol: float = 1e-12, backend: Backend | None = 
     Gram route of the smaller side: eigh(XᵀX) gives V directly; eigh(XXᵀ) gives U, and Vᵀ = diag(1/σ)·UᵀX.
     Directions whose σ² is below ``rtol``·σ₁² (nothing left of the data) are dropped, so fewer than k may
     come back (PCA of a data stream)."""
-    y, c = _scaled(_f64(_route(x, backend)))
+    y, c = scaled(as_f64(route(x, backend)))
     m, d = y.shape
     lam, vecs = eigh(gram(y), min(k, min(m, d)))
     lam0 = float(lam[0]) if lam.shape[0] else 0.0
     keep = min(k, int((lam > rtol * max(lam0, 0.0)).sum())) if lam0 > 0 else 0
     if m >= d:
-        s, vt = _sqrt0(lam[:keep]), vecs[:, :keep].T
+        s, vt = sqrt0(lam[:keep]), vecs[:, :keep].T
         vt = vt.contiguous() if is_torch(vt) else np.ascontiguousarray(vt)
     else:
-        s = _sqrt0(lam[:keep])
+        s = sqrt0(lam[:keep])
         vt = (vecs[:, :keep].T @ y) / s[:, None]
     s = s * c if c != 1.0 else s
     return (like(s, x), like(vt, x)) if backend is not None else (s, vt)
