@@ -202,11 +202,9 @@ def _edges() -> dict[str, list[str]]:
             for m in MODULES}  # fmt: skip
 
 
-#: cycles that other branches are removing (views: cli/report.py builds its pages from report/views/ instead of
-#: importing the commands' private _columns/_notes); delete an entry when its cycle is gone
 def test_no_import_cycle() -> None:
     found = set(_strongly_connected(_edges()))
-    new = [" ↔ ".join(sorted(c)) for c in found]
+    new = [" ↔ ".join(sorted(c)) for c in found]  # (cli/report.py ↔ cli/analyze.py was one, until report/views)
     assert not new, "modules that import each other (directly or round a cycle):\n" + "\n".join(new)
 
 
@@ -222,8 +220,6 @@ def _private_imports() -> set[tuple[str, str, str]]:
     return found | {use for m in MODULES for use in _private_uses(m)}
 
 
-#: private names that other branches are removing (views: report/views/ replaces cli/report.py's use of the
-#: commands' _columns/_notes, and the figures' shared _plt); delete an entry when it is gone
 def test_no_private_name_is_imported_from_another_module() -> None:
     found = _private_imports()
     new = [f"{src} takes {name} from {dst}" for src, name, dst in sorted(found)]
