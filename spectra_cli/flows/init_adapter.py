@@ -24,7 +24,6 @@ Output layout (``out/``):
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 import resource
@@ -163,11 +162,12 @@ def select_targets(ckpt: Checkpoint, opts: InitOptions) -> list[MatrixSpec]:
 
 
 def _read_ranks_file(path: Path) -> dict[str, Any]:
-    try:
-        cfg = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SpectraError(f"{path}: cannot read the ranks file ({e}); give a PEFT-style JSON") from e
-    if not isinstance(cfg, dict) or ("r" not in cfg and not cfg.get("rank_pattern")):
+    from spectra_cli.checkpoint.adapter import check_lora_config
+    from spectra_cli.checkpoint.validate import load_json
+
+    hint = "give a PEFT-style JSON (what `spectra allocate --peft-config` writes)"
+    cfg = check_lora_config(load_json(path, "ranks file", hint, SpectraError), str(path), hint, SpectraError)
+    if "r" not in cfg and not cfg.get("rank_pattern"):
         raise SpectraError(
             f"{path}: not a ranks file: expected a JSON object with 'r' and optionally 'lora_alpha', "
             "'rank_pattern', 'alpha_pattern' (what `spectra allocate --peft-config` writes)"
