@@ -280,7 +280,7 @@ def run_capture(
     if total == 0:
         raise SpectraError(f"{data}: no examples (the file is empty)")
     device = resolve(EngineOptions(device=opts.device, backend="torch")).device
-    model = load_hf_model(model_dir, device, _NEEDS_HF, architecture=True)
+    model = load_hf_model(model_dir, device, _NEEDS_HF, architecture=True, complete=True)
     tokenizer = load_hf_tokenizer(
         Path(opts.tokenizer) if opts.tokenizer else model_dir, _NEEDS_HF, "pass --tokenizer DIR"
     )

@@ -37,6 +37,7 @@ from spectra_cli.gate.rules import (
     Verdict,
     evaluate_module,
     evaluate_total_intruders,
+    unevaluated,
 )
 from spectra_cli.options import SelectionOptions
 from spectra_cli.report.render import write_text
@@ -355,6 +356,8 @@ def run_check(
                 verdicts.append(Verdict(rule_name, name, "skip", None, limit, why, line, f.kind))
                 continue
             verdicts.append(evaluate_module(rule, limit, f, line))
+    verdicts += unevaluated(verdicts, active, policy.allow_unevaluated, {r: policy.line_of(r) for r in active},
+                            excused={"max_drift_pct"} if drift_off else ())  # fmt: skip
     summary = _summary(verdicts, policy)
     summary["notes"] = notes
     summary["seconds"] = round(time.perf_counter() - t0, 3)
