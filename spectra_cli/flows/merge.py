@@ -119,6 +119,9 @@ class MergeOptions(SelectionOptions):
             raise SpectraError(f"--energy {self.energy}: the energy fraction must be in (0, 1]")
         if self.interference_k < 1:
             raise SpectraError("--interference-k must be at least 1")
+        if self.weights is not None and not all(math.isfinite(w) for w in self.weights):
+            shown = ",".join(f"{w:g}" for w in self.weights)
+            raise SpectraError(f"--weights {shown}: every weight must be a finite number (no nan or inf)")
         if self.method != RMM:
             known = METHODS[self.method].params
             bad = [k for k, _ in self.params if k not in known]

@@ -281,6 +281,10 @@ class _NumpyKernel:
         x = to_float(raw, np.float64 if self._gram_or_64 else np.float32)
         x = x.reshape(x.shape[0], -1)
         nan, inf = nonfinite_counts(x)
+        if (nan or inf) and raw.dtype == "F64" and x.dtype != np.float64:
+            # the cast to float32, not the data, may have made them infinite: count and decompose the float64
+            x = to_float(raw, np.float64).reshape(x.shape)
+            nan, inf = nonfinite_counts(x)
         if nan or inf:
             return None, nan, inf
         return (gram_values_np(x) if self.eng.method == "gram" else svd_values_np(x)), 0, 0
@@ -339,11 +343,17 @@ class _TorchKernel:
         """Nothing to release (the CUDA caching allocator keeps its blocks for the next batch)."""
 
     def _to_device(self, raw: RawTensor) -> Any:
+        """The tensor on the device in the compute dtype; float64 data that float32 cannot hold (finite values
+        beyond its range) stays float64, so that only real NaN/Inf are counted as such."""
         torch = self.torch
         t = torch.from_numpy(np.ascontiguousarray(raw.data))
         if raw.dtype == "BF16":
             t = t.view(torch.int16).view(torch.bfloat16)
-        return t.to(self.device, non_blocking=True).to(self.cdtype)
+        t = t.to(self.device, non_blocking=True)
+        x = t.to(self.cdtype)
+        if raw.dtype == "F64" and self.cdtype != torch.float64 and not bool(torch.isfinite(x).all()):
+            return t
+        return x
 
     def _gram(self, x: Any) -> Any:
         m, n = x.shape[-2:]
@@ -357,6 +367,8 @@ class _TorchKernel:
         for raw, _spec in zip(raws, specs, strict=True):
             x = self._to_device(raw)
             xs.append(x.reshape(x.shape[0], -1))
+        if len({t.dtype for t in xs}) > 1:  # one kept in float64 by _to_device
+            xs = [t.to(torch.float64) for t in xs]
         x = torch.stack(xs)
         finite = torch.isfinite(x).flatten(1).all(dim=1).cpu().numpy()
         results: list[tuple[np.ndarray | None, int, int]] = [(None, 0, 0)] * len(xs)
