@@ -48,7 +48,8 @@ def read_bundle(bundle: str | Path) -> tuple[dict[str, Any], Checkpoint]:
 def _check_doc(f: Fields, basis: dict[str, TensorInfo]) -> None:
     base = f.child("base", f.mapping("base"), "base")
     base.text("path")
-    for name, shape in base.mapping("tensors").items():
+    base_tensors = base.mapping("tensors")
+    for name, shape in base_tensors.items():
         if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
             base.fail(f"the shape of {name[:80]!r} is not a list of whole numbers ≥ 0", "tensors")
     f.number("storage", None)
@@ -74,6 +75,8 @@ def _check_doc(f: Fields, basis: dict[str, TensorInfo]) -> None:
             t.fail(f"names {missing[0][:80]!r}, which basis.safetensors does not hold", "extra_tensors")
         if kind == "full" and any(basis[f"task.{name}.{x}"].dtype not in SUPPORTED_FLOATS for x in extra):
             t.fail("names a tensor that is not floating point", "extra_tensors")
+        if kind == "full" and any(x not in base_tensors for x in extra):
+            t.fail("names a tensor that is not in the base's tensors", "extra_tensors")
         if kind == "adapter":
             check_lora_config(t.mapping("adapter_config"), t.source, _HINT)
             for base_name, m in t.mapping("modules").items():
@@ -86,7 +89,10 @@ def _check_doc(f: Fields, basis: dict[str, TensorInfo]) -> None:
                 if base_name not in modules:
                     mf.fail("is not in the bundle's modules", None)
     for name, m in modules.items():
-        _check_module(f.child("modules", m, f"module {name[:80]!r}"), name, len(tasks), basis)
+        mf = f.child("modules", m, f"module {name[:80]!r}")
+        _check_module(mf, name, len(tasks), basis)
+        if mf.obj["tensor"] not in base_tensors:
+            mf.fail("is not one of the base's tensors", "tensor")
 
 
 def _check_module(m: Fields, name: str, n: int, basis: dict[str, TensorInfo]) -> None:

@@ -287,6 +287,8 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Any]:
 
 
 def _open_torch(files: list[Path], path: Path, fmt: str) -> Checkpoint:
+    for f in files:  # before importing torch (seconds): a FIFO or a device is refused at once
+        require_regular_file(f, "PyTorch weights file")
     try:
         import torch
     except ImportError as e:  # pragma: no cover - torch is a dependency

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -20,11 +21,12 @@ def check_outputs(inputs: Iterable[Path | None], outputs: Mapping[str, Path | No
 
     ``outputs`` maps each option's flag (``--output``, ``--html`` …) to its value; None entries are skipped.
     """
-    srcs = [p.resolve() for p in inputs if p is not None]
+    # realpath, not Path.resolve: an input that is a symlink loop must reach its reader's one-line error
+    srcs = [Path(os.path.realpath(p)) for p in inputs if p is not None]
     for flag, out in outputs.items():
         if out is None or str(out) == "-":
             continue
-        dst = out.resolve()
+        dst = Path(os.path.realpath(out))
         for src in srcs:
             if dst == src:
                 raise SpectraError(f"{out}: refusing to write over an input ({flag}); choose another path")
