@@ -58,6 +58,8 @@ def cli(*args: str | Path, stdin: str | None = None) -> Result:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         except Exception as e:  # a bug: the assertion below shows its traceback
             exception, code = e, 1
+        except Blocked as e:
+            exception, code = e, 1
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -82,16 +84,22 @@ def assert_refused(result: Any, code: int = 1, *fragments: str) -> str:
     return lines[0]
 
 
+class Blocked(BaseException):
+    """Raised in the main thread when a run blocks (a BaseException, so that no reader's ``except OSError``
+    or ``except Exception`` can swallow it)."""
+
+
 @contextlib.contextmanager
 def no_hang(seconds: float = 20) -> Iterator[None]:
-    """Fail (``TimeoutError``) instead of blocking forever: a read of a FIFO waits for a writer that never
-    comes. SIGALRM interrupts the blocked system call in this (the main) thread."""
+    """Fail (:class:`Blocked`) instead of waiting forever: opening a FIFO waits for a writer that never comes.
+    SIGALRM interrupts the blocked system call in this (the main) thread, every ``seconds`` until the block
+    ends."""
 
     def expire(signum: int, frame: Any) -> None:
-        raise TimeoutError(f"blocked for more than {seconds} s (waiting on a FIFO?)")
+        raise Blocked(f"blocked for more than {seconds} s (waiting on a FIFO?)")
 
     old = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, seconds)
     try:
         yield
     finally:
