@@ -122,6 +122,12 @@ class MergeOptions(SelectionOptions):
         if self.weights is not None and not all(math.isfinite(w) for w in self.weights):
             shown = ",".join(f"{w:g}" for w in self.weights)
             raise SpectraError(f"--weights {shown}: every weight must be a finite number (no nan or inf)")
+        if self.weights is not None and self.method not in (*ELEMENTWISE, RMM) and sum(self.weights) == 0:
+            shown = ",".join(f"{w:g}" for w in self.weights)
+            raise SpectraError(
+                f"--weights {shown}: they sum to 0, and {self.method} gives the tensors outside the merged "
+                "matrices the weighted mean Σwᵢ·Δᵢ / Σwᵢ; use weights with a non-zero sum"
+            )
         if self.method != RMM:
             known = METHODS[self.method].params
             bad = [k for k, _ in self.params if k not in known]

@@ -517,6 +517,22 @@ def test_merge_refuses_non_finite_weights(tmp_path: Path) -> None:
         assert not out.exists()
 
 
+def test_merge_refuses_weights_summing_to_zero_where_it_divides_by_their_sum(tmp_path: Path) -> None:
+    """tsv gives the tensors outside the merged matrices (norms) the weighted mean Σwᵢ·Δᵢ / Σwᵢ: weights 1,-1
+    wrote infinite norms with exit 0. Task arithmetic adds Σwᵢ·Δᵢ, where 1,-1 is a valid task difference."""
+    from fixtures.merge_cases import full_case
+
+    case = full_case(tmp_path / "case", n=2)
+    tuned = [f"{k}={v}" for k, v in case.paths.items()]
+    r = cli(
+        "merge", case.base_path, *tuned, "--method", "tsv", "--weights", "1,-1", "--out", tmp_path / "tsv"
+    )
+    assert_refused(r, 1, "--weights", "sum to 0")
+    r = cli("merge", case.base_path, *tuned, "--method", "task-arithmetic", "--weights", "1,-1", "--out",
+            tmp_path / "ta", "-q")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+
+
 def _pair(tmp: Path, base: np.ndarray, tuned: np.ndarray) -> tuple[Path, Path]:
     return (write_safetensors(tmp / "base.safetensors", {NAME: base}),
             write_safetensors(tmp / "tuned.safetensors", {NAME: tuned}))  # fmt: skip
