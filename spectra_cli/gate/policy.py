@@ -121,7 +121,8 @@ class Policy:
                 for o in self.overrides
             ],
             "baseline": str(self.baseline) if self.baseline else None,
-            "allow_unevaluated": self.allow_unevaluated,
+            # only when set: the options of a default policy stay as they were
+            **({"allow_unevaluated": True} if self.allow_unevaluated else {}),
         }
 
 

@@ -58,7 +58,7 @@ def test_the_intruder_total_over_no_compared_module_is_not_a_pass() -> None:
 def test_policy_reads_allow_unevaluated(tmp_path: Path) -> None:
     p = tmp_path / "p.toml"
     p.write_text("[rules]\nno_nonfinite = true\n")
-    assert load_policy(p).allow_unevaluated is False
+    assert load_policy(p).allow_unevaluated is False and "allow_unevaluated" not in load_policy(p).as_dict()
     p.write_text("allow_unevaluated = true\n[rules]\nno_nonfinite = true\n")
     policy = load_policy(p)
     assert policy.allow_unevaluated is True and policy.as_dict()["allow_unevaluated"] is True
