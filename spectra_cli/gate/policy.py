@@ -339,6 +339,10 @@ EXAMPLE_POLICY = """\
 # with `spectra check CKPT --update-baseline spectra-baseline.json`.
 # baseline = "spectra-baseline.json"
 
+# A rule that could be evaluated on no module (a --base or --base-spectra that shares no matrix with the
+# checkpoint, matrices too small to fit alpha) fails the gate; true makes it a skip.
+# allow_unevaluated = false
+
 [rules]
 # Every weight is finite (no NaN / Inf).
 no_nonfinite = true
