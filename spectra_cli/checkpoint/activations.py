@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from spectra_cli.checkpoint.safetensors_io import read_header, read_rows, write_safetensors
-from spectra_cli.checkpoint.tensors import RawTensor, to_float
+from spectra_cli.checkpoint.tensors import SUPPORTED_FLOATS, RawTensor, to_float
+from spectra_cli.checkpoint.validate import parse_json, require_regular_file, str_map
 from spectra_cli.errors import CheckpointError, SelectionError, ShapeMismatch
 
 FORMAT = "spectra-activations"
@@ -172,45 +173,98 @@ class Activations:
             )
 
 
+_HINT = "write it with `spectra capture` or as documented in the README"
+_INTS = ("I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8")
+#: the number of dimensions of each field (the last one is the module's input width, except for the ratios
+#: and the token count)
+_NDIM = {"input_covariance": 2, "input_mean": 1, "input_variance": 1, "pca_components": 2,
+         "pca_explained_variance_ratio": 1, "input_samples": 2, "tokens": 1}  # fmt: skip
+
+
 def read_activations(path: str | Path) -> Activations:
-    """Read an activations file (see the module docstring for its format)."""
+    """Read an activations file (see the module docstring for its format). Names, dtypes, shapes (a module's
+    fields must agree on its input width), values (finite) and the aliases are checked before use: one
+    :class:`CheckpointError` naming the file otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such activations file")
+    require_regular_file(path, "activations file")
     infos, meta = read_header(path)
     if meta.get("format") != FORMAT:
         raise CheckpointError(
-            f"{path}: not a spectra activations file (metadata format is {meta.get('format')!r}, "
-            f"expected {FORMAT!r}); write it with `spectra capture` or as documented in the README"
+            f"{path}: not a spectra activations file (metadata format is {str(meta.get('format'))[:40]!r}, "
+            f"expected {FORMAT!r}); {_HINT}"
         )
     fields: dict[str, dict[str, object]] = {}
     for info in infos:
         module, _, field = info.name.rpartition(".")
         if field not in FIELDS or not module:
             raise CheckpointError(
-                f"{path}: unexpected tensor {info.name!r}; keys are <module>.<field> with field one of "
+                f"{path}: unexpected tensor {info.name[:80]!r}; keys are <module>.<field> with field one of "
                 + ", ".join(FIELDS)
             )
+        if info.dtype not in SUPPORTED_FLOATS + _INTS or (field == "tokens" and info.dtype not in _INTS):
+            want = "a whole number (I64)" if field == "tokens" else "float32 or float64"
+            raise CheckpointError(f"{path}: {info.name[:80]} is {info.dtype}, not {want}; {_HINT}")
+        if len(info.shape) != _NDIM[field] or (field == "tokens" and info.shape != (1,)):
+            want = "(1,)" if field == "tokens" else f"{_NDIM[field]}-D"
+            raise CheckpointError(
+                f"{path}: {info.name[:80]} has shape {list(info.shape)}, not {want}; {_HINT}"
+            )
         raw = read_rows(info)
-        arr = to_float(raw) if raw.dtype not in ("I64", "I32") else raw.data
-        if raw.dtype not in ("I64", "I32") and not np.isfinite(arr).all():
+        arr = to_float(raw) if raw.dtype in SUPPORTED_FLOATS else raw.data
+        if raw.dtype in SUPPORTED_FLOATS and not np.isfinite(arr).all():
             raise CheckpointError(
                 f"{path}: {info.name} holds NaN or infinite values; capture the activations again from a model "
                 "whose weights and outputs are finite"
             )
-        fields.setdefault(module, {})[field] = (
-            int(np.asarray(arr).reshape(-1)[0]) if field == "tokens" else np.asarray(arr, dtype=np.float64)
-        )
+        if field == "tokens":
+            tokens = int(np.asarray(arr).reshape(-1)[0])
+            if tokens < 0:
+                raise CheckpointError(f"{path}: {info.name} is {tokens}, not a token count ≥ 0; {_HINT}")
+            fields.setdefault(module, {})[field] = tokens
+        else:
+            fields.setdefault(module, {})[field] = np.asarray(arr, dtype=np.float64)
+    for module, f in fields.items():
+        _check_widths(path, module, f)
     modules = {m: ModuleActivations(module=m, **f) for m, f in fields.items()}  # type: ignore[arg-type]
-    try:
-        aliases = json.loads(meta.get("aliases", "{}"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: metadata 'aliases' is not JSON ({e})") from e
+    aliases = parse_json(meta.get("aliases", "{}"), str(path), "metadata 'aliases'", _HINT)
+    if not str_map(aliases):
+        raise CheckpointError(f"{path}: metadata 'aliases' must map module names to module names; {_HINT}")
     for alias, target in aliases.items():
         if target not in modules:
-            raise CheckpointError(f"{path}: alias {alias} points at {target}, which has no statistics")
+            raise CheckpointError(
+                f"{path}: alias {alias[:80]} points at {target[:80]}, which has no statistics"
+            )
         modules[alias] = ModuleActivations(**{**modules[target].__dict__, "module": alias})
     return Activations(path=path, modules=modules, metadata=meta)
+
+
+def _check_widths(path: Path, module: str, f: Mapping[str, object]) -> None:
+    """The fields of one module agree: covariance in×in, mean/variance (in,), components k×in with k ratios,
+    samples N×in."""
+    widths = {}
+    for name in ("input_covariance", "input_mean", "input_variance", "pca_components", "input_samples"):
+        arr = f.get(name)
+        if isinstance(arr, np.ndarray):
+            widths[name] = arr.shape[-1]
+    cov = f.get("input_covariance")
+    problem = ""
+    if isinstance(cov, np.ndarray) and cov.shape[0] != cov.shape[1]:
+        problem = f"input_covariance is {cov.shape[0]}×{cov.shape[1]}, not square"
+    elif len(set(widths.values())) > 1:
+        problem = (
+            "its fields disagree on the input width ("
+            + ", ".join(f"{k} {v}" for k, v in widths.items())
+            + ")"
+        )
+    comps, ratios = f.get("pca_components"), f.get("pca_explained_variance_ratio")
+    if (
+        not problem
+        and isinstance(ratios, np.ndarray)
+        and (not isinstance(comps, np.ndarray) or len(ratios) != len(comps))
+    ):
+        problem = "pca_explained_variance_ratio needs pca_components with one row per ratio"
+    if problem:
+        raise CheckpointError(f"{path}: activations for {module[:80]}: {problem}; {_HINT}")
 
 
 def write_activations(

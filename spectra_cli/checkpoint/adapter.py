@@ -9,7 +9,6 @@ base weight is stored in×out, so the stored update is (B·A)ᵀ. Embedding adap
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -19,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
-from spectra_cli.checkpoint.tensors import TensorInfo, to_float
-from spectra_cli.errors import CheckpointError, ShapeMismatch
+from spectra_cli.checkpoint.tensors import SUPPORTED_FLOATS, TensorInfo, to_float
+from spectra_cli.checkpoint.validate import Fields, check_int, check_number, first_line, load_json, type_name
+from spectra_cli.errors import CheckpointError, ShapeMismatch, SpectraError
 
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<path>.+?)\.(?P<which>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?$"
@@ -71,22 +71,61 @@ def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) ->
     return default
 
 
+_CONFIG_HINT = "fix it or re-save the adapter with PEFT (save_pretrained)"
+
+
+def check_lora_config(cfg: Any, source: str, hint: str = _CONFIG_HINT,
+                      error: type[SpectraError] = CheckpointError) -> dict[str, Any]:  # fmt: skip
+    """Check the types and ranges of the fields of a PEFT LoRA config (``adapter_config.json``, or a ranks file
+    from ``allocate --peft-config``) that spectra reads; return it. ``r`` and ``rank_pattern`` values are whole
+    numbers ≥ 1, ``lora_alpha`` and ``alpha_pattern`` values finite numbers, pattern keys valid regular
+    expressions, ``target_modules`` a name/regex or a list of names; one ``error`` naming ``source`` otherwise."""
+    f = Fields(cfg, source, hint, error)
+    f.text("peft_type", None)
+    for key in ("use_dora", "use_rslora", "fan_in_fan_out"):
+        f.flag(key, None)
+    f.integer("r", None, minimum=1)
+    f.number("lora_alpha", None)
+    f.text("base_model_name_or_path", None)
+    tm = f.obj.get("target_modules")
+    if isinstance(tm, str):
+        if tm != "all-linear":
+            _compile(f, "target_modules", tm, tm)
+    elif tm is not None and not (isinstance(tm, list) and all(isinstance(t, str) for t in tm)):
+        f.fail(f"must be a module name, a regular expression or a list of names, not {type_name(tm)}",
+               "target_modules")  # fmt: skip
+    for key, ranks in (("rank_pattern", True), ("alpha_pattern", False)):
+        patterns = f.mapping(key, None) or {}
+        for k, v in patterns.items():
+            _compile(f, key, k, rf"(.*\.)?({k})$")
+            fail = lambda m, k=k, key=key: f.fail(f"value of {k[:60]!r} {m}", key)  # noqa: E731
+            if ranks:
+                check_int(v, fail, minimum=1)
+            else:
+                check_number(v, fail)
+    return f.obj
+
+
+def _compile(f: Fields, key: str, shown: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, OverflowError, RecursionError, ValueError) as e:
+        f.fail(f"{shown[:60]!r} is not a valid regular expression ({first_line(e, 80)})", key)
+
+
 def open_adapter(path: str | Path) -> Adapter:
     """Open a PEFT LoRA adapter folder; clear errors for other PEFT types and for inconsistent files."""
     folder = Path(path)
     cfg_path = folder / "adapter_config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: cannot read the adapter config ({e})") from e
-    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    cfg = check_lora_config(load_json(cfg_path, "adapter config", _CONFIG_HINT), str(cfg_path))
+    peft_type = (cfg.get("peft_type") or "LORA").upper()
     if peft_type != "LORA":
-        raise CheckpointError(f"{folder}: a {peft_type} adapter; only LoRA adapters are supported")
+        raise CheckpointError(f"{folder}: a {peft_type[:40]} adapter; only LoRA adapters are supported")
     if cfg.get("use_dora"):
         raise CheckpointError(f"{folder}: DoRA adapters (use_dora) are not supported yet")
     ckpt = open_checkpoint(folder)
-    r_default = int(cfg.get("r", 8))
-    alpha_default = float(cfg.get("lora_alpha", r_default))
+    r_default = cfg.get("r") or 8
+    alpha_default = float(cfg["lora_alpha"] if cfg.get("lora_alpha") is not None else r_default)
     rslora = bool(cfg.get("use_rslora", False))
     fifo = bool(cfg.get("fan_in_fan_out", False))
     found: dict[str, dict[str, TensorInfo]] = {}
@@ -105,6 +144,11 @@ def open_adapter(path: str | Path) -> Adapter:
         if a is None or b is None:
             raise CheckpointError(
                 f"{folder}: module {mod_path} has only one of its LoRA factors (A and B needed)"
+            )
+        if not (a.dtype in SUPPORTED_FLOATS and b.dtype in SUPPORTED_FLOATS):
+            raise CheckpointError(
+                f"{folder}: module {mod_path}: LoRA factors must be float32/float16/bfloat16/float64 "
+                f"(got {a.dtype} and {b.dtype}); re-save the adapter"
             )
         if len(a.shape) != 2 or len(b.shape) != 2:
             raise CheckpointError(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from spectra_cli.checkpoint.source import flatten_tensors
+from spectra_cli.checkpoint.validate import first_line, require_regular_file
 from spectra_cli.errors import CheckpointError, SelectionError, ShapeMismatch, SpectraError
 
 SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".bin", ".safetensors", ".csv", ".tsv", ".parquet")
@@ -179,8 +181,16 @@ def _open_npz(path: Path, key: str | None) -> EmbeddingSource:
     if not names:
         raise ShapeMismatch(f"{path}: the .npz archive holds no arrays")
     name = _pick(str(path), names, key, "arrays")
-    arr = z[name]
     label = f"{path}[{name}]"
+    try:
+        arr = z[name]
+    except ValueError as e:  # an object array needs pickle, which is never allowed
+        raise CheckpointError(
+            f"{label}: cannot read ({first_line(e, 120)}); object arrays are refused (they would run pickled "
+            "code): save a numeric array with np.savez"
+        ) from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise CheckpointError(f"{label}: cannot read ({first_line(e, 120)}); re-save it with np.savez") from None
     dtype = _check_numeric_np(label, arr.dtype)
     n, k = _check_shape(label, arr.shape)
     return EmbeddingSource(
@@ -345,7 +355,7 @@ def open_embeddings(path: str | Path, key: str | None = None) -> EmbeddingSource
     """Open an embedding file (format by suffix, see the module docstring); nothing but headers and small
     tables is read until :meth:`EmbeddingSource.chunks` is iterated."""
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
         raise CheckpointError(
@@ -357,6 +367,7 @@ def open_embeddings(path: str | Path, key: str | None = None) -> EmbeddingSource
         raise CheckpointError(
             f"{path}: unknown embedding format {path.suffix or '(no suffix)'!r}; use one of {', '.join(SUFFIXES)}"
         )
+    require_regular_file(path, "embedding file")
     return opener(path, key)
 
 

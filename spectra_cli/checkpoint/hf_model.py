@@ -12,7 +12,6 @@ on CUDA when present. Needs the ``hf`` extra (transformers).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,11 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from spectra_cli.checkpoint.validate import Fields, load_json
 from spectra_cli.errors import CheckpointError, SpectraError
 
 HF_MISSING = "install the hf extra: pip install 'spectra-cli[hf]'"
-
-
 
 
 def hf_transformers(purpose: str) -> Any:
@@ -42,10 +40,18 @@ def hf_transformers(purpose: str) -> Any:
     return transformers
 
 
-def load_hf_model(model_dir: Path, device: str, purpose: str, architecture: bool = False) -> Any:
+#: what transformers raises on a model folder it cannot build (a config of the wrong types, weights of the wrong
+#: shapes, …): all mean "this folder does not hold a model transformers can load"
+_LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError)
+
+
+def load_hf_model(model_dir: Path, device: str, purpose: str, architecture: bool = False,
+                  complete: bool = False) -> Any:  # fmt: skip
     """The model of a local Hugging Face folder in float32, eval mode, on ``device`` (a resolved torch device
     name). ``architecture``: the class named by config.json's ``architectures`` (its module names are the
-    checkpoint's tensor names), else ``AutoModel`` (the bare encoder/decoder: ``last_hidden_state``)."""
+    checkpoint's tensor names), else ``AutoModel`` (the bare encoder/decoder: ``last_hidden_state``).
+    ``complete``: refuse a checkpoint that does not hold every weight of the model built from its config
+    (transformers would fill the missing ones with a random initialisation)."""
     tf = hf_transformers(purpose)
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -58,12 +64,25 @@ def load_hf_model(model_dir: Path, device: str, purpose: str, architecture: bool
         if architecture:
             config = tf.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
             archs = getattr(config, "architectures", None) or []
+            if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+                raise CheckpointError(
+                    f"{model_dir}/config.json: 'architectures' must be a list of class names such as "
+                    '["LlamaForCausalLM"]; re-save the model (save_pretrained)'
+                )
             cls = (getattr(tf, archs[0], None) if archs else None) or tf.AutoModel
-        model = cls.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
+        model, info = cls.from_pretrained(str(model_dir), local_files_only=True, output_loading_info=True)
+    except _LOAD_ERRORS as e:
         raise CheckpointError(
             f"{model_dir}: transformers could not load the model ({_first_line(e)})"
         ) from None
+    missing = sorted((info or {}).get("missing_keys") or [])
+    if complete and missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(
+            f"{model_dir}: the checkpoint lacks {len(missing)} weights of the model its config builds "
+            f"({', '.join(m[:80] for m in missing[:3])}{more}); transformers would initialise them at random. "
+            "Give the complete model folder"
+        )
     import torch
 
     return model.to(device=device, dtype=torch.float32).eval()
@@ -96,8 +115,10 @@ def _max_length(folder: Path, tokenizer: Any, model: Any, requested: int | None)
     limits = [512]
     st = folder / "sentence_bert_config.json"
     if st.is_file():
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            limits.append(int(json.loads(st.read_text())["max_seq_length"]))
+        with contextlib.suppress(SpectraError):
+            value = Fields(load_json(st), str(st)).integer("max_seq_length", None, minimum=1)
+            if value is not None:
+                limits.append(value)
     tml = getattr(tokenizer, "model_max_length", None)
     if isinstance(tml, int) and 0 < tml < 1_000_000:
         limits.append(tml)

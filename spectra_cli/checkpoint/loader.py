@@ -54,8 +54,13 @@ class MatrixLoader:
 
     def dense(self, spec: MatrixSpec, dtype: type[np.floating] = np.float64) -> np.ndarray:
         """The whole matrix as floats in its logical out×in orientation (a GPT-2 ``Conv1D`` weight transposed
-        back), for the commands that use the weights themselves rather than their singular values."""
-        x = to_float(self.load(spec), dtype).reshape(spec.stored_2d)
+        back), for the commands that use the weights themselves rather than their singular values. float64
+        weights that ``dtype`` cannot hold (finite values beyond float32's range) stay float64, so that only
+        real NaN/Inf are found non-finite."""
+        raw = self.load(spec)
+        x = to_float(raw, dtype).reshape(spec.stored_2d)
+        if raw.dtype == "F64" and x.dtype != np.float64 and not np.isfinite(x).all():
+            x = to_float(raw, np.float64).reshape(spec.stored_2d)
         return x.T if spec.transposed else x
 
     def chunks(self, spec: MatrixSpec, lines: int) -> Iterator[tuple[RawTensor, str]]:

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -81,12 +80,14 @@ def select_targets(ckpt: Checkpoint, selection: Selection) -> list[MatrixSpec]:
 
 
 def read_ranks_file(path: Path) -> dict[str, Any]:
-    """The parsed ranks file; a :class:`SpectraError` naming the file when it is not one."""
-    try:
-        cfg = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SpectraError(f"{path}: cannot read the ranks file ({e}); give a PEFT-style JSON") from e
-    if not isinstance(cfg, dict) or ("r" not in cfg and not cfg.get("rank_pattern")):
+    """The parsed ranks file; a :class:`SpectraError` naming the file when it is not one (or its fields are of
+    the wrong type: ``r`` a positive int, patterns maps of valid regexes to positive numbers, …)."""
+    from spectra_cli.checkpoint.adapter import check_lora_config
+    from spectra_cli.checkpoint.validate import load_json
+
+    hint = "give a PEFT-style JSON (what `spectra allocate --peft-config` writes)"
+    cfg = check_lora_config(load_json(path, "ranks file", hint, SpectraError), str(path), hint, SpectraError)
+    if "r" not in cfg and not cfg.get("rank_pattern"):
         raise SpectraError(
             f"{path}: not a ranks file: expected a JSON object with 'r' and optionally 'lora_alpha', "
             "'rank_pattern', 'alpha_pattern' (what `spectra allocate --peft-config` writes)"

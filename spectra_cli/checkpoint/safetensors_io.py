@@ -12,23 +12,35 @@ import contextlib
 import json
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, NoReturn
 
 import numpy as np
 
 from spectra_cli.checkpoint.output import open_output
 from spectra_cli.checkpoint.tensors import DTYPES, RawTensor, TensorInfo
+from spectra_cli.checkpoint.validate import JSONProblem, decode_json, is_int, open_regular, str_map, type_name
 from spectra_cli.errors import CheckpointError
 
 _MAX_HEADER = 100 * 1024 * 1024
+#: the largest dimension accepted in a header (a tensor with a zero dimension holds no bytes, so its other
+#: dimensions are not bounded by the file size)
+_MAX_DIM = 2**48
 
 
 def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str]]:
-    """Parse and validate a safetensors header; return the tensors (in file order) and the metadata."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+    """Parse and validate a safetensors header; return the tensors (in file order) and the metadata.
+
+    Everything is checked before use, each failure one :class:`CheckpointError`: a regular file (a FIFO or a
+    device is refused unopened), a header length that fits the file, a JSON object nested at most
+    :data:`~spectra_cli.checkpoint.validate.MAX_DEPTH` levels whose keys appear once, ``__metadata__`` a map of
+    strings, and for every tensor a known dtype, a shape of whole numbers ≥ 0, ``data_offsets`` two whole
+    numbers 0 ≤ begin ≤ end ≤ the data size, end − begin = the tensor's size, and no two tensors' bytes
+    overlapping."""
+    with open_regular(path, "safetensors file") as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(
@@ -41,43 +53,91 @@ def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str]]:
                     "the file is truncated or not safetensors"
                 )
             raw = f.read(n)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from e
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(raw) < n:
+        raise CheckpointError(f"{path}: truncated while reading (the file shrank); re-download or re-save it")
+
+    def corrupt(why: str) -> NoReturn:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({why}); re-download or re-save it")
+
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e}); re-download or re-save it") from e
+        header = decode_json(raw, unique_keys=True)
+    except JSONProblem as e:
+        corrupt(str(e))
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+        corrupt(f"not a JSON object but {type_name(header)}")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+        corrupt(f"__metadata__ is not an object but {type_name(metadata)}")
+    if not str_map(metadata):
+        bad = next(k for k, v in metadata.items() if not isinstance(v, str))
+        corrupt(f"__metadata__ must map strings to strings; {bad!r} is {type_name(metadata[bad])}")
     data_start = 8 + n
     data_size = size - data_start
-    infos: list[TensorInfo] = []
-    for name, entry in header.items():
-        try:
-            dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from e
-        if dtype not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-        info = TensorInfo(name=name, shape=shape, dtype=dtype, file=path, offset=data_start + begin)
-        if end - begin != info.nbytes or begin < 0:
+    infos = [
+        _tensor_info(path, name, entry, data_start, data_size, corrupt) for name, entry in header.items()
+    ]
+    infos.sort(key=lambda t: (t.offset or 0, t.nbytes))
+    _refuse_overlaps(path, infos)
+    return infos, dict(metadata)
+
+
+def _tensor_info(path: Path, name: str, entry: Any, data_start: int, data_size: int,
+                 corrupt: Callable[[str], NoReturn]) -> TensorInfo:  # fmt: skip
+    if not isinstance(entry, dict):
+        corrupt(f"the entry of tensor {name!r} is {type_name(entry)}, not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        corrupt(f'tensor {name!r} has dtype {type_name(dtype)}, not a string such as "F32"')
+    if dtype not in DTYPES:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has unknown dtype {dtype[:40]!r}; known: {', '.join(DTYPES)}"
+        )
+    if not isinstance(shape, list) or not all(is_int(d) and 0 <= d <= _MAX_DIM for d in shape):
+        shown = type_name(shape) if not isinstance(shape, list) else _shown(shape)
+        corrupt(f"tensor {name!r} has shape {shown}, not a list of whole numbers from 0 to 2**48")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_int(x) for x in offsets):
+        shown = type_name(offsets) if not isinstance(offsets, list) else _shown(offsets)
+        corrupt(f"tensor {name!r} has data_offsets {shown}, not two whole numbers [begin, end]")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        corrupt(f"tensor {name!r} has data_offsets [{begin}, {end}], not 0 ≤ begin ≤ end")
+    info = TensorInfo(name=name, shape=tuple(shape), dtype=dtype, file=path, offset=data_start + begin)
+    if end - begin != info.nbytes:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} is declared {info.shape} {dtype} ({info.nbytes} bytes) "
+            f"but spans {end - begin} bytes; the file is corrupt"
+        )
+    if end > data_size:
+        raise CheckpointError(
+            f"{path}: truncated: tensor {name!r} ends at byte {data_start + end} but the file has "
+            f"{data_start + data_size} bytes; re-download or re-save it"
+        )
+    return info
+
+
+def _shown(values: list[Any]) -> str:
+    text = "[" + ", ".join(str(v) if is_int(v) and abs(v) < 10**15 else type_name(v) for v in values[:4])
+    return text + (", …]" if len(values) > 4 else "]")
+
+
+def _refuse_overlaps(path: Path, infos: list[TensorInfo]) -> None:
+    """Two tensors whose bytes overlap would read (and, written back, change) each other's data: a crafted or
+    corrupt file. ``infos`` is sorted by offset; empty tensors overlap nothing."""
+    prev: TensorInfo | None = None
+    for t in infos:
+        if not t.nbytes:
+            continue
+        assert t.offset is not None
+        if prev is not None and prev.offset is not None and t.offset < prev.offset + prev.nbytes:
             raise CheckpointError(
-                f"{path}: tensor {name!r} is declared {shape} {dtype} ({info.nbytes} bytes) "
-                f"but spans {end - begin} bytes; the file is corrupt"
+                f"{path}: tensors {prev.name!r} and {t.name!r} share bytes of the file (their data_offsets "
+                "overlap); the file is corrupt or crafted: re-download or re-save it"
             )
-        if end > data_size:
-            raise CheckpointError(
-                f"{path}: truncated: tensor {name!r} ends at byte {data_start + end} but the file has {size} bytes; "
-                "re-download or re-save it"
-            )
-        infos.append(info)
-    infos.sort(key=lambda t: t.offset or 0)
-    return infos, {str(k): str(v) for k, v in metadata.items()}
+        prev = t
 
 
 def _drop_cache(fd: int, offset: int, length: int) -> None:

@@ -8,8 +8,10 @@ wrappers unwrapped), also sharded with ``pytorch_model.bin.index.json``; a PEFT 
 
 from __future__ import annotations
 
-import json
+import errno
+import os
 import re
+import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ import numpy as np
 
 from spectra_cli.checkpoint import safetensors_io as st
 from spectra_cli.checkpoint.tensors import RawTensor, TensorInfo
+from spectra_cli.checkpoint.validate import Fields, load_json, require_regular_file, safe_member_name
 from spectra_cli.errors import CheckpointError
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -82,9 +85,17 @@ class Checkpoint:
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a checkpoint; raise :class:`CheckpointError` with a clear message when the path is not one."""
     p = Path(path).expanduser()
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such file or directory")
-    if p.is_dir():
+    try:
+        is_dir = stat.S_ISDIR(os.stat(p).st_mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CheckpointError(
+                f"{p}: a symlink loop (the link points back at itself); give the checkpoint itself"
+            ) from None
+        if isinstance(e, FileNotFoundError | NotADirectoryError):
+            raise CheckpointError(f"{p}: no such file or directory") from None
+        raise CheckpointError(f"{p}: cannot read ({e.strerror or e})") from None
+    if is_dir:
         return _open_dir(p)
     name = p.name
     if name.endswith(".safetensors"):
@@ -99,22 +110,33 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     )
 
 
+#: config.json fields spectra reads (model_type to tell GPT-2's Conv1D layout, the head counts to split fused
+#: projections), with their types checked when present
+_CONFIG_INTS = ("num_attention_heads", "n_head", "num_heads", "num_key_value_heads", "multi_query_group_num",
+                "hidden_size", "n_embd", "head_dim")  # fmt: skip
+
+
 def _read_config(folder: Path) -> dict[str, Any] | None:
     for name in ("config.json", "adapter_config.json"):
         f = folder / name
-        if f.is_file():
-            try:
-                data = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{f}: not valid JSON ({e})") from e
-            return data if isinstance(data, dict) else None
+        if os.path.lexists(f):
+            data = load_json(f, name, "re-save it (save_pretrained) or remove it")
+            fields = Fields(data, str(f), "re-save it (save_pretrained) or fix that field")
+            fields.text("model_type", None)
+            for key in _CONFIG_INTS:
+                fields.integer(key, None, minimum=1)
+            return fields.obj
     return None
 
 
 def _open_dir(folder: Path) -> Checkpoint:
     for name in _WEIGHT_FILES:
         f = folder / name
-        if f.is_file():
+        if os.path.lexists(f):
+            if os.path.isdir(f):
+                raise CheckpointError(
+                    f"{f}: is a folder, not a weights file; remove it or give the weights file"
+                )
             return (
                 open_checkpoint(f)
                 if name.endswith(".index.json")
@@ -142,18 +164,30 @@ def _with_config(ckpt: Checkpoint, folder: Path) -> Checkpoint:
 
 
 def _open_index(index: Path, folder: Path) -> Checkpoint:
-    try:
-        data = json.loads(index.read_text())
-        weight_map: dict[str, str] = data["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: not a valid index file (needs a 'weight_map' object)") from e
+    """A sharded checkpoint by its index. Every shard name is checked *before* any file is opened: a plain
+    file name in the index's folder (no folder part, no ``..``, not absolute), then a regular file."""
+    hint = (
+        "not a valid index file (it needs a 'weight_map' object of tensor name → shard file name); re-save "
+        "the model (save_pretrained)"
+    )
+    data = load_json(index, "index file", hint)
+    weight_map = Fields(data, str(index), hint).mapping("weight_map")
+    if not weight_map:
+        raise CheckpointError(f"{index}: the weight_map is empty; {hint}")
+    for tname, shard in weight_map.items():
+        why = safe_member_name(shard)
+        if why is not None:
+            shown = repr(shard[:80]) if isinstance(shard, str) else ""
+            raise CheckpointError(
+                f"{index}: the shard of tensor {tname[:80]!r}, {shown or 'its value'}, {why}; the index must "
+                "name files beside it"
+            )
     shard_names = sorted(set(weight_map.values()))
     shards = [index.parent / s for s in shard_names]
     for s in shards:
-        if not s.is_file():
+        if not os.path.lexists(s):
             raise CheckpointError(f"{index}: names shard {s.name} which does not exist in {index.parent}")
+        require_regular_file(s, "shard")
     fmt = "torch-sharded" if all(s.name.endswith(TORCH_SUFFIXES) for s in shards) else "safetensors-sharded"
     ckpt = (
         _open_torch(shards, folder, fmt) if fmt == "torch-sharded" else _open_safetensors(shards, folder, fmt)
@@ -253,6 +287,8 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Any]:
 
 
 def _open_torch(files: list[Path], path: Path, fmt: str) -> Checkpoint:
+    for f in files:  # before importing torch (seconds): a FIFO or a device is refused at once
+        require_regular_file(f, "PyTorch weights file")
     try:
         import torch
     except ImportError as e:  # pragma: no cover - torch is a dependency
@@ -269,6 +305,7 @@ def _open_torch(files: list[Path], path: Path, fmt: str) -> Checkpoint:
 
 
 def _torch_load(torch: Any, f: Path) -> Any:
+    require_regular_file(f, "PyTorch weights file")
     mmap = zipfile.is_zipfile(f)
     try:
         return torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)

@@ -90,7 +90,8 @@ def to_float(raw: RawTensor, target: type[np.floating] | np.dtype = np.float64) 
         return f32 if np.dtype(target) == np.float32 else f32.astype(target)
     if raw.dtype not in SUPPORTED_FLOATS:
         raise TypeError(f"cannot upcast dtype {raw.dtype}")
-    return raw.data.astype(target, copy=False)
+    with np.errstate(over="ignore"):  # float64 → float32 beyond its range: ±inf, which callers check for
+        return raw.data.astype(target, copy=False)
 
 
 def from_float(x: np.ndarray, code: str) -> RawTensor:

@@ -39,9 +39,25 @@ def _method_help() -> str:
 
 def _epilog() -> str:
     """The examples, then one paragraph per method from the registry (name, summary, parameters, reference)."""
-    from spectra_cli.flows.merge import method_lines
 
-    return MERGE_EPILOG + "\nMethods:\n\n" + "\n\n".join(f"  {line}" for line in method_lines()) + "\n"
+    return MERGE_EPILOG + "\nMethods:\n\n" + "\n\n".join(f"  {line}" for line in _method_lines()) + "\n"
+
+
+def _method_lines() -> list[str]:
+    """One line per method for ``--help`` and the docs: name, summary, parameters (default), reference."""
+    from spectra_cli.flows.merge import METHODS, RMM, RMM_REFERENCE
+
+    lines = []
+    for m in METHODS.values():
+        params = ", ".join(f"{k}={d!r}" for k, (d, _) in m.params.items())
+        lines.append(f"{m.name}: {m.summary} Parameters: {params or 'none'}. [{m.reference}]")
+    lines.append(
+        f"{RMM}: a per-module basis (--basis P or --energy τ, --center) and per-task coefficients, written as a "
+        "bundle; `spectra reconstruct` rebuilds any task. Saves space on full fine-tunes with --basis P < n (or "
+        "--energy τ < 1); on adapters the bundle is larger than the adapters (each basis element has about their "
+        f"summed rank): use it there for the shared basis, not to save space. [{RMM_REFERENCE}]"
+    )
+    return lines
 
 
 def _params(

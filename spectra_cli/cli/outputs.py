@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -32,7 +33,8 @@ def check_outputs(inputs: Iterable[Path | None], outputs: Mapping[str, Path | No
     from spectra_cli.checkpoint.output import is_null_device, is_stdout, lock_output, output_identity
 
     binary, folders = binary or {}, folders or {}
-    srcs = [p.resolve() for p in inputs if p is not None]
+    # realpath, not Path.resolve: an input that is a symlink loop must reach its reader's one-line error
+    srcs = [Path(os.path.realpath(p)) for p in inputs if p is not None]
     taken: dict[tuple[object, ...], str] = {}
     if "--output" in outputs and outputs["--output"] is None:
         taken[output_identity("-")] = "the data (no --output)"
@@ -68,7 +70,7 @@ def check_outputs(inputs: Iterable[Path | None], outputs: Mapping[str, Path | No
 
 
 def _check_path(flag: str, out: Path, srcs: list[Path], folder: bool) -> None:
-    dst = out.resolve()
+    dst = Path(os.path.realpath(out))
     for src in srcs:
         if dst == src:
             raise SpectraError(f"{out}: refusing to write over an input ({flag}); choose another path")

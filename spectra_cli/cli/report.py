@@ -66,6 +66,9 @@ def load_envelope(source: Path) -> dict[str, Any]:
         raise SpectraError(
             f"{name}: not JSON ({e.msg} at line {e.lineno} column {e.colno}); {hint}"
         ) from None
+    except (RecursionError, ValueError) as e:  # nested past the parser's limit; an over-long integer
+        what = "nested too deeply" if isinstance(e, RecursionError) else "not JSON"
+        raise SpectraError(f"{name}: {what} to be a results file; {hint}") from None
     return check_envelope(obj, name)
 
 

@@ -353,7 +353,7 @@ def plan_capture(model_dir: Path, data: Path, out: Path, opts: CaptureOptions) -
         raise SpectraError(f"{data}: no examples (the file is empty)")
     device = resolve(EngineOptions(device=opts.device, backend="torch")).device
     backend = resolve(EngineOptions(device=opts.device, backend=opts.backend)).compute  # where the PCA runs
-    model = load_hf_model(model_dir, device, _NEEDS_HF, architecture=True)
+    model = load_hf_model(model_dir, device, _NEEDS_HF, architecture=True, complete=True)
     tokenizer = load_hf_tokenizer(
         Path(opts.tokenizer) if opts.tokenizer else model_dir, _NEEDS_HF, "pass --tokenizer DIR"
     )

@@ -36,6 +36,7 @@ from spectra_cli.gate.rules import (
     Verdict,
     evaluate_module,
     evaluate_total_intruders,
+    unevaluated,
 )
 from spectra_cli.gate.summary import CheckSummary, tally
 from spectra_cli.options import ComputeOptions, SelectionOptions
@@ -268,18 +269,16 @@ def _from_analyze(ckpt: str | Path, needs: set[str], opts: CheckOptions, progres
 
 def read_baseline(path: Path) -> dict[str, dict[str, Any]]:
     """The per-module metrics of a baseline file (see :func:`write_baseline`)."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: baseline file not found; write it with --update-baseline") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PolicyError(
-            f"{path}: not a readable baseline file ({e}); rewrite it with --update-baseline"
-        ) from None
+    from spectra_cli.checkpoint.validate import load_json
+
+    if not Path(path).exists():
+        raise CheckpointError(f"{path}: baseline file not found; write it with --update-baseline")
+    data = load_json(path, "baseline file", f"rewrite it with --update-baseline {path}", PolicyError)
     if (
         not isinstance(data, dict)
         or data.get("format") != BASELINE_FORMAT
         or not isinstance(data.get("modules"), dict)
+        or not all(isinstance(m, dict) for m in data["modules"].values())
     ):
         raise PolicyError(f"{path}: not a spectra baseline file; rewrite it with --update-baseline {path}")
     return data["modules"]
@@ -398,6 +397,9 @@ def judge(p: CheckPlan, policy: Policy, got: Measured) -> list[Verdict]:
                 verdicts.append(Verdict(rule_name, name, "skip", None, limit, why, line, f.kind))
                 continue
             verdicts.append(evaluate_module(rule, limit, f, line))
+    verdicts += unevaluated(verdicts, p.active, policy.allow_unevaluated,
+                            {r: policy.line_of(r) for r in p.active},
+                            excused={"max_drift_pct"} if got.drift_off else ())  # fmt: skip
     return verdicts
 
 

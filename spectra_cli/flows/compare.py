@@ -284,6 +284,8 @@ def measure(
                     d = drift(base_svd.s, svd_t.s, delta_values(), base_svd.u[:, :k], svd_t.u[:, :k])
                     row.update(_intruder_fields(intr, opts.epsilons))
                     row.update(asdict(d))
+                    if math.isinf(d.relative_delta):
+                        row["note"] = "the base matrix is all zeros: ‖ΔW‖/‖W₀‖ is infinite"
                     row["status"] = "ok"
                     if on_module:
                         on_module(t, spec, wt, svd_t, intr)

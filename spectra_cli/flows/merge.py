@@ -57,19 +57,6 @@ def method_names() -> list[str]:
     return [*METHODS, RMM]
 
 
-def method_lines() -> list[str]:
-    """One line per method for ``--help`` and the docs: name, summary, parameters (default), reference."""
-    lines = []
-    for m in METHODS.values():
-        params = ", ".join(f"{k}={d!r}" for k, (d, _) in m.params.items())
-        lines.append(f"{m.name}: {m.summary} Parameters: {params or 'none'}. [{m.reference}]")
-    lines.append(
-        f"{RMM}: a per-module basis (--basis P or --energy τ, --center) and per-task coefficients, written as a "
-        f"bundle; `spectra reconstruct` rebuilds any task (:mod:`spectra_cli.checkpoint.bundle` reads it). Saves space on full fine-tunes with --basis P < n (or "
-        f"--energy τ < 1); on adapters the bundle is larger than the adapters (each basis element has about their "
-        f"summed rank): use it there for the shared basis, not to save space. [{RMM_REFERENCE}]"
-    )
-    return lines
 
 
 @dataclass(frozen=True)
@@ -105,6 +92,12 @@ class MergeOptions(SelectionOptions, ComputeOptions):
             raise SpectraError(f"--energy {self.energy}: the energy fraction must be in (0, 1]")
         if self.interference_k < 1:
             raise SpectraError(f"--interference-k {self.interference_k}: must be at least 1")
+        shown = ",".join(f"{w:g}" for w in self.weights or ())
+        if not all(math.isfinite(w) for w in self.weights or ()):
+            raise SpectraError(f"--weights {shown}: every weight must be a finite number (no nan or inf)")
+        if self.weights is not None and self.method not in (*ELEMENTWISE, RMM) and sum(self.weights) == 0:
+            raise SpectraError(f"--weights {shown}: they sum to 0, and {self.method} gives the tensors outside the "
+                               "merged matrices the weighted mean Σwᵢ·Δᵢ / Σwᵢ; use weights with a non-zero sum")
         if self.method != RMM:
             known = METHODS[self.method].params
             bad = [k for k, _ in self.params if k not in known]

@@ -3,6 +3,7 @@
 A policy is ``spectra.toml`` (or ``[tool.spectra]`` in ``pyproject.toml``)::
 
     baseline = "spectra-baseline.json"   # optional: the file max_drift_pct compares against
+    allow_unevaluated = false            # optional: true lets a rule that applied to no module pass
 
     [rules]
     no_nonfinite = true
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import os
 import re
 import sys
 from collections.abc import Mapping
@@ -29,15 +31,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spectra_cli.checkpoint.validate import MAX_DEPTH, json_depth, read_bytes
 from spectra_cli.errors import PolicyError
-from spectra_cli.gate.rules import PARAMETERS, RULES, ValueProblem, validate_value
+from spectra_cli.gate.rules import PARAMETERS, RULES, ValueProblem, shown, validate_value
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-TOP_LEVEL = ("rules", "overrides", "baseline")
+#: a policy file is a few hundred bytes; anything past this is not one
+_MAX_POLICY = 16 * 1024 * 1024
+TOP_LEVEL = ("rules", "overrides", "baseline", "allow_unevaluated")
 PolicyPath = tuple[str | int, ...]
 
 
@@ -58,7 +63,8 @@ class Override:
 class Policy:
     """A validated policy. ``rules`` holds the ``[rules]`` values (``False`` = off), ``params`` every
     :data:`~spectra_cli.gate.rules.PARAMETERS` value (defaults filled in), ``lines`` the line of each key of
-    ``[rules]``, ``baseline`` the baseline file (relative paths resolved against the policy's folder)."""
+    ``[rules]``, ``baseline`` the baseline file (relative paths resolved against the policy's folder).
+    ``allow_unevaluated``: a rule that could be evaluated on no module is a skip, not a failure."""
 
     path: Path
     rules: Mapping[str, Any]
@@ -66,6 +72,7 @@ class Policy:
     overrides: tuple[Override, ...] = ()
     baseline: Path | None = None
     lines: Mapping[str, int] = field(default_factory=dict)
+    allow_unevaluated: bool = False
 
     def limit(self, rule: str, module: str) -> tuple[Any, int | None]:
         """The value of ``rule`` for ``module`` and the policy line it comes from: the last matching override
@@ -114,6 +121,8 @@ class Policy:
                 for o in self.overrides
             ],
             "baseline": str(self.baseline) if self.baseline else None,
+            # only when set: the options of a default policy stay as they were
+            **({"allow_unevaluated": True} if self.allow_unevaluated else {}),
         }
 
 
@@ -186,18 +195,25 @@ def load_policy(path: str | Path) -> Policy:
     """Read and validate a policy file: ``spectra.toml``-style, or ``[tool.spectra]`` of a ``pyproject.toml``.
     Raises :class:`PolicyError` naming the file and line of the first problem."""
     p = Path(path)
+    if not os.path.lexists(p):
+        raise PolicyError(f"{p}: no such policy file; create one with `spectra check --init {p}`")
+    data_bytes = read_bytes(p, "policy file", PolicyError, limit=_MAX_POLICY)
     try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PolicyError(f"{p}: no such policy file; create one with `spectra check --init {p}`") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise PolicyError(f"{p}: cannot read the policy file ({e})") from None
+        text = data_bytes.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PolicyError(f"{p}: the policy file is not UTF-8 text ({e.reason}); save it as UTF-8") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"line (\d+)", str(e))
         where = f"{p}:{m.group(1)}" if m else str(p)
         raise PolicyError(f"{where}: invalid TOML: {e}") from None
+    except RecursionError:
+        data = None
+    if data is None or json_depth(data, MAX_DEPTH) > MAX_DEPTH:
+        raise PolicyError(
+            f"{p}: the policy is nested more than {MAX_DEPTH} levels deep; a policy is flat tables"
+        )
     prefix: PolicyPath = ()
     if p.name == "pyproject.toml":
         tool = data.get("tool", {})
@@ -218,7 +234,7 @@ def parse_policy(data: Mapping[str, Any], path: Path, reader: _Reader | None = N
                 else _suggest(key, list(TOP_LEVEL))
             )
             raise rd.error(
-                (key,), f"unknown key {key!r} at the top level{hint}; expected {', '.join(TOP_LEVEL)}"
+                (key,), f"unknown key {shown(key)} at the top level{hint}; expected {', '.join(TOP_LEVEL)}"
             )
     raw_rules = data.get("rules", {})
     if not isinstance(raw_rules, dict):
@@ -240,7 +256,7 @@ def parse_policy(data: Mapping[str, Any], path: Path, reader: _Reader | None = N
             else:
                 known = [*RULES, *PARAMETERS]
                 raise ValueProblem(
-                    f"unknown rule {key!r}{_suggest(key, known)}; known rules: {', '.join(RULES)}"
+                    f"unknown rule {shown(key)}{_suggest(key, known)}; known rules: {', '.join(RULES)}"
                 )
         except ValueProblem as e:
             raise rd.error(("rules", key), str(e)) from None
@@ -252,15 +268,18 @@ def parse_policy(data: Mapping[str, Any], path: Path, reader: _Reader | None = N
         raise PolicyError(
             f"{path}: the policy has no rules; add a [rules] table (see `spectra check --init`)"
         )
+    allow = data.get("allow_unevaluated", False)
+    if not isinstance(allow, bool):
+        raise rd.error(("allow_unevaluated",), f"allow_unevaluated must be true or false, got {shown(allow)}")
     baseline = data.get("baseline")
     if baseline is not None and (not isinstance(baseline, str) or not baseline):
-        raise rd.error(("baseline",), f"baseline must be a file name (a string), got {baseline!r}")
+        raise rd.error(("baseline",), f"baseline must be a file name (a string), got {shown(baseline)}")
     base_path = None
     if baseline:
         base_path = Path(baseline)
         if not base_path.is_absolute():
             base_path = path.parent / base_path
-    return Policy(path, rules, params, tuple(overrides), base_path, lines)
+    return Policy(path, rules, params, tuple(overrides), base_path, lines, allow)
 
 
 def _override(i: int, raw: dict[str, Any], rd: _Reader) -> Override:
@@ -269,7 +288,7 @@ def _override(i: int, raw: dict[str, Any], rd: _Reader) -> Override:
         mods = [mods]
     if not mods or not isinstance(mods, list) or not all(isinstance(m, str) and m for m in mods):
         key: tuple[str | int, ...] = ("overrides", i, "modules") if "modules" in raw else ("overrides", i)
-        raise rd.error(key, f'override #{i + 1} needs modules = "GLOB" or a list of globs, got {mods!r}')
+        raise rd.error(key, f'override #{i + 1} needs modules = "GLOB" or a list of globs, got {shown(mods)}')
     values: dict[str, Any] = {}
     lines: dict[str, int] = {}
     for k, v in raw.items():
@@ -280,7 +299,7 @@ def _override(i: int, raw: dict[str, Any], rd: _Reader) -> Override:
                 raise ValueProblem(f"{k} applies to the whole model: set it in [rules], not in an override")
             if k not in RULES:
                 raise ValueProblem(
-                    f"unknown rule {k!r}{_suggest(k, list(RULES))}; known rules: {', '.join(RULES)}"
+                    f"unknown rule {shown(k)}{_suggest(k, list(RULES))}; known rules: {', '.join(RULES)}"
                 )
             values[k] = validate_value(k, v)
         except ValueProblem as e:
@@ -300,7 +319,7 @@ def find_policy(cwd: str | Path = ".") -> Path:
     if pyproject.is_file():
         try:
             data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError):
+        except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError, RecursionError):
             data = {}
         if isinstance(data.get("tool"), dict) and "spectra" in data["tool"]:
             return pyproject
@@ -319,6 +338,10 @@ EXAMPLE_POLICY = """\
 # The file that max_drift_pct compares against, relative to this file. Write it once from a good run
 # with `spectra check CKPT --update-baseline spectra-baseline.json`.
 # baseline = "spectra-baseline.json"
+
+# A rule that could be evaluated on no module (a --base or --base-spectra that shares no matrix with the
+# checkpoint, matrices too small to fit alpha) fails the gate; true makes it a skip.
+# allow_unevaluated = false
 
 [rules]
 # Every weight is finite (no NaN / Inf).

@@ -22,7 +22,7 @@ Any rule set to ``false`` is off (useful in an override to exempt some modules).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,32 +84,42 @@ class ValueProblem(ValueError):
     """A rule value of the wrong type or range; the policy reader adds the file and line."""
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` for a message, cut to ``limit`` characters (a policy value may be a huge or deeply
+    nested array)."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # nested past the recursion limit; an int of more digits than shown
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _number(name: str, value: Any, *, minimum: float | None = None, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(float(value)):
-        raise ValueProblem(f"{name} must be a number, got {value!r}")
+        raise ValueProblem(f"{name} must be a number, got {shown(value)}")
     v = float(value)
     if positive and v <= 0:
-        raise ValueProblem(f"{name} must be positive, got {value!r}")
+        raise ValueProblem(f"{name} must be positive, got {shown(value)}")
     if minimum is not None and v < minimum:
-        raise ValueProblem(f"{name} must be at least {minimum:g}, got {value!r}")
+        raise ValueProblem(f"{name} must be at least {minimum:g}, got {shown(value)}")
     return v
 
 
 def _count(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueProblem(f"{name} must be a whole number ≥ 0, got {value!r}")
+        raise ValueProblem(f"{name} must be a whole number ≥ 0, got {shown(value)}")
     return int(value)
 
 
 def _true(name: str, value: Any) -> bool:
     if value is not True:
-        raise ValueProblem(f"{name} must be true or false, got {value!r}")
+        raise ValueProblem(f"{name} must be true or false, got {shown(value)}")
     return True
 
 
 def _range(name: str, value: Any) -> tuple[float, float]:
     if not isinstance(value, list | tuple) or len(value) != 2:
-        raise ValueProblem(f"{name} must be a pair [lo, hi] such as [2.0, 6.0], got {value!r}")
+        raise ValueProblem(f"{name} must be a pair [lo, hi] such as [2.0, 6.0], got {shown(value)}")
     lo, hi = (_number(name, v) for v in value)
     if not lo < hi:
         raise ValueProblem(f"{name} must have lo < hi, got [{lo:g}, {hi:g}]")
@@ -319,14 +329,14 @@ PARAMETERS: dict[str, Parameter] = {
 def _epsilon(name: str, value: Any) -> float:
     v = _number(name, value)
     if not 0 < v <= 1:
-        raise ValueProblem(f"{name} must be in (0, 1], got {value!r}")
+        raise ValueProblem(f"{name} must be in (0, 1], got {shown(value)}")
     return v
 
 
 def _top_k(name: str, value: Any) -> int:
     v = _count(name, value)
     if v < 1:
-        raise ValueProblem(f"{name} must be at least 1, got {value!r}")
+        raise ValueProblem(f"{name} must be at least 1, got {shown(value)}")
     return v
 
 
@@ -345,6 +355,9 @@ def evaluate_module(rule: Rule, limit: Any, facts: Facts, line: int | None) -> V
 def evaluate_total_intruders(limit: int, facts: Mapping[str, Facts], line: int | None) -> Verdict:
     """The model-level ``max_intruders``: the total over the modules in ``facts``; a failure when any of them
     could not be compared (NaN/Inf), since the total is then unknown."""
+    if not any(f.compare is not None for f in facts.values()):
+        why = next((f.note for f in facts.values() if f.note), "no module was compared with the base")
+        return Verdict("max_intruders", MODEL, "skip", None, limit, f"not compared: {why}", line)
     total = 0
     uncompared = []
     for f in facts.values():
@@ -368,6 +381,27 @@ def evaluate_total_intruders(limit: int, facts: Mapping[str, Facts], line: int |
                    + ("≤" if ok else ">") + f" {limit}", line)  # fmt: skip
 
 
+def unevaluated(verdicts: Sequence[Verdict], rules: Sequence[str], allow: bool, lines: Mapping[str, int | None],
+                excused: Collection[str] = ()) -> list[Verdict]:  # fmt: skip
+    """One model-level verdict for each of ``rules`` that no module could be evaluated on (every verdict of it a
+    skip, or none at all: e.g. a base that shares no matrix with the checkpoint): a failure, so that a gate
+    that checked nothing does not pass, unless ``allow`` (the policy's ``allow_unevaluated``), then a skip.
+    Rules in ``excused`` are skipped on purpose (``max_drift_pct`` while the baseline is being written)."""
+    out = []
+    for rule in rules:
+        if rule in excused:
+            continue
+        mine = [v for v in verdicts if v.rule == rule]
+        if any(v.status != "skip" for v in mine):
+            continue
+        why = next((v.message for v in mine if v.message), "no module was checked")
+        out.append(Verdict(rule, MODEL, "skip" if allow else "fail", None, None,
+                           f"could not be evaluated on any of {_n(len(mine), 'module')} ({why})"
+                           + ("" if allow else "; fix the inputs, or set allow_unevaluated = true in the policy"),
+                           lines.get(rule)))  # fmt: skip
+    return out
+
+
 def _n(count: int, one: str, many: str | None = None) -> str:
     """``1 matrix``, ``2 matrices``."""
     return f"{count} {one if count == 1 else (many or one + 's')}"
@@ -375,5 +409,5 @@ def _n(count: int, one: str, many: str | None = None) -> str:
 
 __all__ = [
     "DRIFT_METRICS", "MODEL", "NEEDS", "PARAMETERS", "RULES", "Facts", "Parameter", "Rule", "ValueProblem",
-    "Verdict", "drift_pct", "evaluate_module", "evaluate_total_intruders", "validate_value",
+    "Verdict", "drift_pct", "evaluate_module", "evaluate_total_intruders", "shown", "unevaluated", "validate_value",
 ]  # fmt: skip

@@ -50,17 +50,30 @@ def check_envelope(obj: Any, source: str = "results") -> dict[str, Any]:
 
     Raises :class:`SpectraError` (one line, naming ``source``) unless ``obj`` is an envelope of schema
     version :data:`SCHEMA_VERSION` with a ``command`` string and a list of ``rows`` objects."""
+    from spectra_cli.checkpoint.validate import MAX_DEPTH, json_depth, type_name
+
     hint = "give the output of `spectra <command> --format json`"
     if not isinstance(obj, dict) or "schema_version" not in obj:
         raise SpectraError(f"{source}: not a spectra results envelope (no schema_version); {hint}")
-    version = obj["schema_version"]
-    if version != SCHEMA_VERSION:
+    if json_depth(obj, MAX_DEPTH) > MAX_DEPTH:
         raise SpectraError(
-            f"{source}: schema_version {version!r} is not supported (spectra {__version__} reads "
+            f"{source}: nested more than {MAX_DEPTH} levels deep, not a results envelope; {hint}"
+        )
+    version = obj["schema_version"]
+    if version != SCHEMA_VERSION or isinstance(version, bool):
+        shown = (
+            repr(version)
+            if isinstance(version, int | float | str) and len(repr(version)) < 40
+            else type_name(version)
+        )
+        raise SpectraError(
+            f"{source}: schema_version {shown} is not supported (spectra {__version__} reads "
             f"{SCHEMA_VERSION}); render it with the spectra version that wrote it"
         )
     if not isinstance(obj.get("command"), str) or not obj["command"]:
         raise SpectraError(f"{source}: the envelope has no 'command'; {hint}")
+    if not isinstance(obj.get("spectra_version", ""), str):
+        raise SpectraError(f"{source}: 'spectra_version' must be a string; {hint}")
     if "rows" not in obj:
         raise SpectraError(f"{source}: the envelope has no 'rows'; {hint}")
     rows = obj["rows"]
@@ -73,6 +86,11 @@ def check_envelope(obj: Any, source: str = "results") -> dict[str, Any]:
             env[key] = {}
         elif not isinstance(value, dict):
             raise SpectraError(f"{source}: '{key}' must be an object, not {type(value).__name__}; {hint}")
+    from spectra_cli.report.schema import envelope_problem
+
+    problem = envelope_problem(env["command"], rows, env["summary"], env["options"])
+    if problem:
+        raise SpectraError(f"{source}: {problem}; {hint}")
     return env
 
 

@@ -77,6 +77,14 @@ class Drift:
     max_principal_angle: float
 
 
+def relative(part: float, whole: float) -> float:
+    """part / whole for norms: 0/0 = 0 (an all-zero matrix that did not change has not moved at all), x/0 = inf
+    for x > 0."""
+    if whole > 0:
+        return part / whole
+    return 0.0 if part == 0 else math.inf
+
+
 def drift(s_base: np.ndarray, s_tuned: np.ndarray, s_delta: np.ndarray, u_base_top: np.ndarray,
           u_tuned_top: np.ndarray) -> Drift:  # fmt: skip
     """Drift metrics from the base, tuned and ΔW singular values and the top-k left subspaces."""
@@ -85,7 +93,7 @@ def drift(s_base: np.ndarray, s_tuned: np.ndarray, s_delta: np.ndarray, u_base_t
     overlap, angle = subspace_overlap(u_base_top, u_tuned_top)
     s1 = float(s_base[0]) if s_base.size else 0.0
     return Drift(
-        relative_delta=delta_f / base_f if base_f > 0 else float("inf"),
+        relative_delta=relative(delta_f, base_f),
         delta_frobenius=delta_f,
         delta_spectral_norm=float(s_delta.max()) if s_delta.size else 0.0,
         delta_effective_rank=effective_rank(np.sort(s_delta)[::-1]) if delta_f > 0 else 0.0,

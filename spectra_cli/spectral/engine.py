@@ -277,6 +277,10 @@ class _NumpyKernel:
         x = to_float(raw, np.float64 if raw.dtype == "F64" else self.cdtype)
         x = x.reshape(x.shape[0], -1)
         nan, inf = nonfinite_counts(x)
+        if (nan or inf) and raw.dtype == "F64" and x.dtype != np.float64:
+            # the cast to float32, not the data, may have made them infinite: count and decompose the float64
+            x = to_float(raw, np.float64).reshape(x.shape)
+            nan, inf = nonfinite_counts(x)
         if nan or inf:
             return None, nan, inf
         return linalg.singular_values(x, self.eng.method, dtype=self.cdtype), 0, 0
@@ -344,6 +348,8 @@ class _TorchKernel:
         for raw, _spec in zip(raws, specs, strict=True):
             x = self._to_device(raw)
             xs.append(x.reshape(x.shape[0], -1))
+        if len({t.dtype for t in xs}) > 1:  # one kept in float64 by _to_device
+            xs = [t.to(torch.float64) for t in xs]
         x = torch.stack(xs)
         finite = torch.isfinite(x).flatten(1).all(dim=1).cpu().numpy()
         results: list[tuple[np.ndarray | None, int, int]] = [(None, 0, 0)] * len(xs)
