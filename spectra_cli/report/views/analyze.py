@@ -165,9 +165,9 @@ def plot_esd(row: dict[str, Any], values: np.ndarray, path: Path) -> None:
     lam = np.sort(np.asarray(values, dtype=np.float64) ** 2)
     lam = lam[lam > 0]
     a, x = row.get("alpha"), row.get("alpha_xmin")
-    fitted = bool(lam.size) and isinstance(a, int | float) and isinstance(x, int | float) and x > 0 \
-        and math.isfinite(a)  # fmt: skip
-    alpha, xmin = (float(a), float(x)) if fitted else (math.nan, math.nan)
+    alpha = float(a) if isinstance(a, int | float) else math.nan
+    xmin = float(x) if isinstance(x, int | float) else math.nan
+    fitted = bool(lam.size) and math.isfinite(alpha) and xmin > 0
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=DPI, gridspec_kw={"width_ratios": [3, 2]})
     ax, tail_ax = axes
     ax.set_xscale("log")
