@@ -133,19 +133,23 @@ def plot_heatmap(
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     finite = grid[np.isfinite(grid)]
     whole = bool(finite.size) and bool(np.all(finite == np.round(finite)))
-    if grid.size <= 300 and finite.size:
-        annotate_cells(ax, im, grid, fmt or (".0f" if whole else ".2f"))
     ax.set_xticks(range(len(depths)), [str(d) for d in depths], fontsize=8)
     ax.set_yticks(range(len(kinds)), kinds, fontsize=8)
     ax.set_xlabel("block depth")
     ax.set_ylabel("module kind")
     ax.set_title(f"{label} by depth and kind")
+    counts = fmt == ".0f" or (fmt is None and whole)
+    if counts and finite.size:  # whole-number limits, at least one apart: a grid of zeros is not -0.1 … 0.1
+        lo_c = math.floor(float(finite.min()))
+        im.set_clim(lo_c, max(math.ceil(float(finite.max())), lo_c + 1))
     bar = fig.colorbar(im, ax=ax, label=label)
-    if fmt == ".0f" or (fmt is None and whole):  # counts: whole-number ticks, not 7.25, 7.5 …
+    if counts:  # whole-number ticks, not 7.25, 7.5 …
         from matplotlib.ticker import MaxNLocator
 
         bar.locator = MaxNLocator(integer=True)
         bar.update_ticks()
+    if grid.size <= 300 and finite.size:  # after the colour limits are final: the text colour follows the cell's
+        annotate_cells(ax, im, grid, fmt or (".0f" if whole else ".2f"))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -74,6 +74,18 @@ def test_intruder_heatmap_colour_bar_has_whole_number_ticks(tmp_path: Path, draw
     assert set(_texts(fig.axes[0])) == {"8", "9", "7"}  # 7.5 rounds to 8 under ".0f"
 
 
+def test_a_heatmap_of_zero_counts_has_whole_number_ticks(tmp_path: Path, drawn: list[Any]) -> None:
+    # no intruders anywhere: the colour bar spanned -0.1 … 0.1 in steps of 0.02
+    rows = _rows({("query", 0): [0], ("value", 1): [0]}, "intruders")
+    assert plot_heatmap(rows, "intruders", "intruders", tmp_path / "z.png", fmt=".0f")
+    (fig,) = drawn
+    bar = fig.axes[1]
+    lo, hi = bar.get_ylim()
+    assert (lo, hi) == (0.0, 1.0)
+    assert [t for t in bar.get_yticks() if lo <= t <= hi] == [0.0, 1.0]
+    assert _texts(fig.axes[0]) == {"0": ["white", "white"]}  # viridis' dark end
+
+
 def test_merge_interference_no_negative_zero_and_readable_on_every_cell(tmp_path: Path, drawn: list[Any]) -> None:
     cosine = np.array([[1.0, -0.001, -0.9], [-0.001, 1.0, 0.0], [-0.9, 0.0, 1.0]])
     overlap = np.array([[1.0, 0.02, 0.5], [0.02, 1.0, 0.1], [0.5, 0.1, 1.0]])
