@@ -139,8 +139,8 @@ def plot_heatmap(
     ax.set_ylabel("module kind")
     ax.set_title(f"{label} by depth and kind")
     counts = fmt == ".0f" or (fmt is None and whole)
-    if counts and finite.size:  # whole-number limits, at least one apart: a grid of zeros is not -0.1 … 0.1
-        lo_c = math.floor(float(finite.min()))
+    if counts and finite.size:  # from 0 (none) in whole numbers: a grid of zeros is 0 … 1, not -0.1 … 0.1
+        lo_c = min(0, math.floor(float(finite.min())))
         im.set_clim(lo_c, max(math.ceil(float(finite.max())), lo_c + 1))
     bar = fig.colorbar(im, ax=ax, label=label)
     if counts:  # whole-number ticks, not 7.25, 7.5 …

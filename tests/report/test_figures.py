@@ -68,8 +68,9 @@ def test_intruder_heatmap_colour_bar_has_whole_number_ticks(tmp_path: Path, draw
     (fig,) = drawn
     bar = fig.axes[1]
     lo, hi = bar.get_ylim()
+    assert (lo, hi) == (0.0, 9.0)  # counts from none to the most
     ticks = [t for t in bar.get_yticks() if lo - 1e-9 <= t <= hi + 1e-9]
-    assert ticks == [7.0, 8.0, 9.0]
+    assert len(ticks) >= 3 and all(t == int(t) for t in ticks)
     assert bar.get_ylabel() == "intruders (ε = 0.5)"
     assert set(_texts(fig.axes[0])) == {"8", "9", "7"}  # 7.5 rounds to 8 under ".0f"
 
