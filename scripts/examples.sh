@@ -5,7 +5,7 @@
 #   examples-output/inputs/       sentences.txt, lora-a/-b/-c and lora-broken (PEFT adapters), layer*.npy
 #   examples-output/<name>.txt    each command line, its output, and its exit code when not 0
 # Afterwards `cd examples-output` and every tour line of the README runs as written.
-# Takes a few minutes on 2 cores; one line per step on stderr says where it is.
+# About 3½ minutes of CPU time (longer on a busy machine); one line per step on stderr says where it is.
 # SPECTRA_NO_SETUP=1 skips scripts/setup.sh (for a checkout whose environment is already active).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,9 @@ OUT=examples-output
 rm -rf "$OUT"
 mkdir -p "$OUT"
 say "building the inputs in $OUT/inputs (sentences, 4 LoRA adapters, MiniLM hidden states; ~30 s)"
-python scripts/make_examples.py "$OUT/inputs" >/dev/null || { say "building the inputs failed"; exit 1; }
+# transformers' own progress bars go to a log, not the terminal
+python scripts/make_examples.py "$OUT/inputs" >/dev/null 2>"$OUT/make_examples.log" \
+  || { cat "$OUT/make_examples.log" >&2; say "building the inputs failed"; exit 1; }
 ln -s "$(python -c 'from spectra_cli.checkpoint.demo import demo_checkpoint; print(demo_checkpoint())')" "$OUT/minilm"
 cd "$OUT"
 total=$(grep -c '^run ' "../scripts/examples.sh")
