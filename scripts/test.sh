@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Set up, then run the whole test suite, the linter and the type checker.
+# Set up with the test tools (setup.sh --dev), then run the linter, the type checker and the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --dev
 # shellcheck disable=SC1091
 . .venv/bin/activate
 ruff check .

@@ -23,6 +23,34 @@ DEPTH_METRICS = (
     ("entropy", "spectral entropy / log rank"),
 )
 
+DPI = 150  # every figure: sharp enough for a paper or a slide
+
+
+def cell_label(value: float, fmt: str) -> str:
+    """``format(value, fmt)`` without a negative zero: -0.001 at ".2f" prints "0.00", not "-0.00"."""
+    text = format(value, fmt)
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+def text_color(rgba: Sequence[float]) -> str:
+    """Black or white, whichever reads better on a cell of colour ``rgba``: by the colour's relative
+    luminance (WCAG 2.x: linearised sRGB, weights 0.2126, 0.7152, 0.0722), white below 0.179, the point at
+    which white and black have the same contrast ratio against it."""
+
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(float(c)) for c in rgba[:3])
+    return "white" if 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.179 else "black"
+
+
+def annotate_cells(ax: Any, im: Any, grid: np.ndarray, fmt: str, fontsize: float = 7) -> None:
+    """Write each finite cell's value on an ``imshow`` heatmap, in the text colour its cell colour needs."""
+    for (i, j), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+            ax.text(j, i, cell_label(float(v), fmt), ha="center", va="center", fontsize=fontsize,
+                    color=text_color(im.cmap(im.norm(v))))  # fmt: skip
+
 
 def pyplot() -> Any:
     """matplotlib.pyplot on the Agg backend (no display needed), imported on first use."""
@@ -55,7 +83,7 @@ def plot_by_depth(
     kinds = sorted({r["kind"] for r in ok})
     ncols = min(3, len(metrics))
     nrows = math.ceil(len(metrics) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 4 * nrows + 0.5), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 4 * nrows + 0.5), dpi=DPI, squeeze=False)
     for ax in axes.flat[len(metrics) :]:
         ax.set_visible(False)
     cmap = plt.get_cmap("tab20" if len(kinds) > 10 else "tab10")
@@ -101,30 +129,27 @@ def plot_heatmap(
             acc[(kinds.index(r["kind"]), depths.index(r["depth"]))].append(v)
     for (i, j), vs in acc.items():
         grid[i, j] = float(np.mean(vs))
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(depths) + 3), max(3, 0.4 * len(kinds) + 1.5)), dpi=100)
+    fig, ax = plt.subplots(figsize=(max(7, 0.5 * len(depths) + 3), max(3.5, 0.45 * len(kinds) + 1.8)), dpi=DPI)
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-    if grid.size <= 300 and np.isfinite(grid).any():
-        lo, hi = np.nanmin(grid), np.nanmax(grid)
-        finite = grid[np.isfinite(grid)]
-        cell_fmt = fmt or (".0f" if np.all(finite == np.round(finite)) else ".2f")
-        for (i, j), v in np.ndenumerate(grid):
-            if np.isfinite(v):
-                dark = hi > lo and (v - lo) / (hi - lo) < 0.6
-                ax.text(
-                    j,
-                    i,
-                    format(v, cell_fmt),
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if dark else "black",
-                )
+    finite = grid[np.isfinite(grid)]
+    whole = bool(finite.size) and bool(np.all(finite == np.round(finite)))
     ax.set_xticks(range(len(depths)), [str(d) for d in depths], fontsize=8)
     ax.set_yticks(range(len(kinds)), kinds, fontsize=8)
     ax.set_xlabel("block depth")
     ax.set_ylabel("module kind")
     ax.set_title(f"{label} by depth and kind")
-    fig.colorbar(im, ax=ax, label=label)
+    counts = fmt == ".0f" or (fmt is None and whole)
+    if counts and finite.size:  # from 0 (none) in whole numbers: a grid of zeros is 0 … 1, not -0.1 … 0.1
+        lo_c = min(0, math.floor(float(finite.min())))
+        im.set_clim(lo_c, max(math.ceil(float(finite.max())), lo_c + 1))
+    bar = fig.colorbar(im, ax=ax, label=label)
+    if counts:  # whole-number ticks, not 7.25, 7.5 …
+        from matplotlib.ticker import MaxNLocator
+
+        bar.locator = MaxNLocator(integer=True)
+        bar.update_ticks()
+    if grid.size <= 300 and finite.size:  # after the colour limits are final: the text colour follows the cell's
+        annotate_cells(ax, im, grid, fmt or (".0f" if whole else ".2f"))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

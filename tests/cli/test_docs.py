@@ -62,7 +62,7 @@ def test_the_docs_and_the_code_refer_only_to_documents_in_the_repository() -> No
 
     outside = ("DESIGN.md", "REFERENCE.md", "../shared", "shared/")
     wrong = []
-    for doc in [*(ROOT / "docs").glob("*.md"), ROOT / "README.md"]:
+    for doc in [*(ROOT / "docs").rglob("*.md"), ROOT / "README.md"]:  # docs/commands/ too
         for target in re.findall(r"\]\(([^)#\s]+)", doc.read_text(encoding="utf-8")):
             if "://" in target or target.startswith("mailto:"):
                 continue

@@ -112,11 +112,11 @@ def figures(env: Env) -> list[Figure]:
 
 def plot_ranks_bar(rows: list[Row], path: Path, strategy: str) -> None:
     """One bar per module (in checkpoint order): allocated rank, with the uniform rank as a step line."""
-    from spectra_cli.report.plots import pyplot
+    from spectra_cli.report.plots import DPI, pyplot
 
     plt = pyplot()
     n = len(rows)
-    fig, ax = plt.subplots(figsize=(min(4 + 0.25 * n, 24), 4.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(min(4 + 0.25 * n, 24), 4.5), dpi=DPI)
     xs = range(n)
     ax.bar(xs, [r["rank"] for r in rows], color="tab:blue", label=f"{strategy} rank")
     ax.step(xs, [r["uniform_rank"] for r in rows], where="mid", color="tab:orange", label="uniform rank")

@@ -108,7 +108,7 @@ def figures(env: Env) -> list[Figure]:
 
 def alpha_histogram(rows: list[Row], path: Any) -> bool:
     """Histogram of the fitted α over all matrices, with the 2 and 6 reading thresholds."""
-    from spectra_cli.report.plots import pyplot
+    from spectra_cli.report.plots import DPI, pyplot
 
     alphas = [
         r["alpha"] for r in rows if isinstance(r.get("alpha"), int | float) and math.isfinite(r["alpha"])
@@ -116,7 +116,7 @@ def alpha_histogram(rows: list[Row], path: Any) -> bool:
     if not alphas:
         return False
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=100)
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=DPI)
     ax.hist(alphas, bins=min(40, max(8, len(alphas) // 3)), color="#4C72B0", alpha=0.85)
     ax.axvline(2.0, color="#C44E52", ls="--", lw=1, label="α = 2 (below: over-trained)")
     ax.axvline(6.0, color="#DD8452", ls="--", lw=1, label="α = 6 (above: under-trained)")
@@ -153,34 +153,72 @@ def choose_layers(rows: list[dict[str, Any]], pattern: str | None, n: int = 3) -
 
 
 def plot_esd(row: dict[str, Any], values: np.ndarray, path: Path) -> None:
-    """Log–log histogram of the eigenvalues λ = σ² with the fitted power-law tail."""
+    """Left: log–log histogram of the eigenvalues λ = σ² (counts per logarithmic bin) over the data's range,
+    the fitted tail shaded and the fit's expected count per bin drawn over it. Right: the tail alone as an empirical complementary CDF
+    P(Λ ≥ λ) with the fit's (λ / xmin)^-(α-1), the standard way to show a power-law fit (Clauset, Shalizi &
+    Newman 2009), where a tail of a few eigenvalues is still visible."""
     import numpy as np
 
-    from spectra_cli.report.plots import pyplot
+    from spectra_cli.report.plots import DPI, pyplot
 
     plt = pyplot()
-    lam = np.asarray(values, dtype=np.float64) ** 2
+    lam = np.sort(np.asarray(values, dtype=np.float64) ** 2)
     lam = lam[lam > 0]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    if lam.size:
-        bins = np.logspace(np.log10(lam.min()), np.log10(lam.max()), num=max(10, min(80, lam.size // 4)))
-        ax.hist(lam, bins=bins, density=True, color="#4C72B0", alpha=0.75, label="ESD (λ = σ²)")
-        alpha, xmin = row.get("alpha"), row.get("alpha_xmin")
-        if alpha is not None and xmin and math.isfinite(alpha):
-            tail = lam[lam >= xmin]
-            xs = np.logspace(np.log10(xmin), np.log10(lam.max()), 50)
-            frac = tail.size / lam.size
-            ax.plot(xs, frac * (alpha - 1) / xmin * (xs / xmin) ** (-alpha), color="#C44E52", lw=2,
-                    label=f"power-law fit α = {alpha:.2f}")  # fmt: skip
-            ax.axvline(xmin, color="#C44E52", ls="--", lw=1, label=f"xmin = {xmin:.3g}")
+    a, x = row.get("alpha"), row.get("alpha_xmin")
+    alpha = float(a) if isinstance(a, int | float) else math.nan
+    xmin = float(x) if isinstance(x, int | float) else math.nan
+    fitted = bool(lam.size) and math.isfinite(alpha) and xmin > 0
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=DPI, gridspec_kw={"width_ratios": [3, 2]})
+    ax, tail_ax = axes
     ax.set_xscale("log")
     ax.set_yscale("log")
+    if lam.size:
+        lo, hi = lam[0], lam[-1]
+        if hi <= lo:  # one distinct value: a decade around it
+            lo, hi = lo / 3.0, hi * 3.0
+        # edges a hair outside the extremes, so that rounding in logspace drops neither of them
+        bins = np.logspace(np.log10(lo) - 1e-9, np.log10(hi) + 1e-9, num=max(10, min(80, lam.size // 4)))
+        # counts per logarithmic bin, not density: a lone small eigenvalue is a bar of height 1, not an
+        # invisible sliver or a spike of 10⁶
+        ax.hist(lam, bins=bins, color="#4C72B0", alpha=0.75, label="ESD (λ = σ²)")
+    if fitted:
+        tail = lam[lam >= xmin]
+        ax.axvspan(xmin, lam[-1], color="#C44E52", alpha=0.12, lw=0, label=f"fitted tail ({tail.size} λ ≥ xmin)")
+        xs = np.logspace(np.log10(xmin), np.log10(lam[-1]), 50)
+        # the fit's expected count per bin: N_tail·p(λ)·λ·Δln λ with p(λ) = (α-1)/xmin·(λ/xmin)^-α
+        dln = math.log(bins[1] / bins[0])
+        ax.plot(xs, tail.size * (alpha - 1) * dln * (xs / xmin) ** (1.0 - alpha), color="#C44E52", lw=2.5,
+                label=f"power-law fit α = {alpha:.2f}")  # fmt: skip
+        ccdf = 1.0 - np.arange(tail.size) / tail.size  # P(Λ ≥ λ_k) among the tail, λ sorted ascending
+        tail_ax.loglog(tail, ccdf, marker="o", ms=3, ls="none", color="#4C72B0", label="tail eigenvalues")
+        tail_ax.loglog(xs, (xs / xmin) ** (1.0 - alpha), color="#C44E52", lw=2.5,
+                       label=f"fit (λ / xmin)^-(α-1), α = {alpha:.2f}")  # fmt: skip
+        tail_ax.set_xlim(xmin / 1.1, lam[-1] * 1.1)
+        tail_ax.set_title(f"the fitted tail: {tail.size} eigenvalues λ ≥ xmin = {xmin:.3g}", fontsize=9)
+        tail_ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+    else:
+        tail_ax.text(0.5, 0.5, "no power-law fit", ha="center", va="center", transform=tail_ax.transAxes)
+        tail_ax.set_title("the fitted tail", fontsize=9)
+        tail_ax.set_xticks([])
+        tail_ax.set_yticks([])
+    if lam.size:  # the axis on the data (set last: drawing the tail would widen it again)
+        ax.set_xlim(bins[0] / 1.15, bins[-1] * 1.15)
+        ax.set_ylim(bottom=0.5)  # a bin holding one eigenvalue stays visible
     ax.set_xlabel("eigenvalue λ (squared singular value)")
-    ax.set_ylabel("density")
-    ax.set_title(f"{row['name']}\n{row['shape']}, {row.get('alpha_flag', '')}", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_ylabel("eigenvalues per bin")
+    # legends below the axes: inside, they cover the bars at either end
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
+    tail_ax.set_xlabel("eigenvalue λ")
+    if fitted:
+        from matplotlib.ticker import LogLocator, NullFormatter
+
+        tail_ax.xaxis.set_minor_formatter(NullFormatter())  # a narrow tail: no crowded minor labels
+        tail_ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    tail_ax.set_ylabel("fraction of the tail ≥ λ")
+    tail_ax.grid(alpha=0.3, which="both")
+    fig.suptitle(f"{row['name']} — {row['shape']}, {row.get('alpha_flag', '')}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -126,25 +126,30 @@ def _worst(rows: list[Row], n: int = 3) -> list[Row]:
 def plot_cosine_profile(rows: list[Row], epsilons: list[float], title: str, path: Path) -> None:
     """For the worst matrices: max |cos| of each top tuned singular vector against the base, with the ε lines
     (the paper's figure)."""
-    from spectra_cli.report.plots import pyplot
+    from spectra_cli.report.plots import DPI, pyplot
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=DPI)
+    longest = 1
     for r in _worst(rows):
         cos = r["max_cos"]
-        ax.plot(
-            range(1, len(cos) + 1), cos, marker="o", ms=4, label=f"{r['name']} ({r['intruders']} intruders)"
-        )
+        longest = max(longest, len(cos))
+        ax.plot(range(1, len(cos) + 1), cos, marker="o", ms=4,
+                label=f"{r['name']} ({r['intruders']} intruder{'' if r['intruders'] == 1 else 's'})")  # fmt: skip
     for e in epsilons:
         ax.axhline(e, color="#C44E52", ls="--", lw=1)
-        ax.text(0.6, e + 0.01, f"ε = {e:g}", color="#C44E52", fontsize=8)
+        # the ε label sits just outside the right edge, where it covers no point
+        ax.text(1.01, e, f"ε = {e:g}", color="#C44E52", fontsize=8, va="center",
+                transform=ax.get_yaxis_transform())  # fmt: skip
+    ax.set_xlim(0.5, longest + 0.5)
     ax.set_ylim(0, 1.05)
-    ax.set_xlabel("rank j of the tuned singular vector")
-    ax.set_ylabel("max_i |⟨U₀[:, i], U_t[:, j]⟩|")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_xlabel("j: the tuned matrix's j-th singular vector (largest σ first)")
+    ax.set_ylabel("best |cosine| with any base singular vector")
+    ax.set_title(title + "\n(below ε: an intruder dimension)", fontsize=10)
+    # below the axes, outside the data: the names are long and the lines fill the plot
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -152,13 +157,13 @@ def plot_spectra(modules: list[Any], names: list[str], title: str, path: Path) -
     """Base vs tuned singular values of the named matrices (log scale)."""
     import numpy as np
 
-    from spectra_cli.report.plots import pyplot
+    from spectra_cli.report.plots import DPI, pyplot
 
     chosen = [m for m in modules if m.spec.name in names]
     if not chosen:
         return False
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(chosen), figsize=(5 * len(chosen), 4), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(1, len(chosen), figsize=(5 * len(chosen), 4), dpi=DPI, squeeze=False)
     for ax, m in zip(axes.flat, chosen, strict=True):
         ax.semilogy(np.arange(1, m.s_base.size + 1), np.maximum(m.s_base, 1e-300), label="base", lw=1.5)
         ax.semilogy(
@@ -182,11 +187,11 @@ def plot_spectra(modules: list[Any], names: list[str], title: str, path: Path) -
 
 def plot_totals(totals: dict[str, int], epsilon: float, path: Path) -> None:
     """Total intruder dimensions of each tuned model, as bars."""
-    from spectra_cli.report.plots import pyplot
+    from spectra_cli.report.plots import DPI, pyplot
 
     plt = pyplot()
     names = list(totals)
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names) + 2), 4), dpi=100)
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names) + 2), 4), dpi=DPI)
     bars = ax.bar(names, [totals[n] for n in names], color="#4C72B0")
     ax.bar_label(bars, fontsize=8)
     ax.set_ylabel(f"total intruder dimensions (ε = {epsilon:g})")

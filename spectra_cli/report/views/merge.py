@@ -118,12 +118,14 @@ def figures(env: Env) -> list[Figure]:
 
 def plot_interference(tasks: list[str], cosine: np.ndarray, overlap: np.ndarray, path: Path) -> None:
     """Mean cosine between task updates and mean top-k subspace overlap (n×n heatmaps, annotated)."""
-    from spectra_cli.report.plots import pyplot
+    import numpy as np
+
+    from spectra_cli.report.plots import DPI, annotate_cells, pyplot
 
     plt = pyplot()
     n = len(tasks)
-    size = max(3.5, 0.7 * n + 2)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), dpi=110)
+    size = max(4.0, 0.8 * n + 2.5)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1.5, size), dpi=DPI)
     for ax, mat, title, (lo, hi), cmap in (
         (axes[0], cosine, "cosine ⟨ΔWᵢ, ΔWⱼ⟩ / ‖ΔWᵢ‖‖ΔWⱼ‖", (-1, 1), "RdBu_r"),
         (axes[1], overlap, "top-k subspace overlap", (0, 1), "viridis"),
@@ -131,12 +133,11 @@ def plot_interference(tasks: list[str], cosine: np.ndarray, overlap: np.ndarray,
         im = ax.imshow(mat, vmin=lo, vmax=hi, cmap=cmap)
         ax.set_xticks(range(n), tasks, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(n), tasks, fontsize=8)
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if abs(mat[i, j]) > 0.6 * max(abs(lo), hi) else "black")  # fmt: skip
-        ax.set_title(title + " (mean over modules)", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046)
+        ax.set_xlabel("task j")
+        ax.set_ylabel("task i")
+        annotate_cells(ax, im, np.asarray(mat, dtype=float), ".2f", fontsize=8)
+        ax.set_title(title + "\n(mean over modules)", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -146,10 +147,10 @@ def plot_sweep(sweep: dict[str, Any], path: Path, chosen_storage: float | None =
                chosen_error: float | None = None) -> None:  # fmt: skip
     """Left: error vs storage for p = 1..n (points labelled by p; the bundle written, when given, as a star).
     Right: each module's error vs p."""
-    from spectra_cli.report.plots import pyplot
+    from spectra_cli.report.plots import DPI, pyplot
 
     plt = pyplot()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=DPI)
     st, err = sweep["storage"], sweep["error"]
     a1.plot(st, err, marker="o", color="#4C72B0")
     for p, x, y in zip(sweep["p"], st, err, strict=True):

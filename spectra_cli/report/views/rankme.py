@@ -90,10 +90,10 @@ def plot_spectra(spectra: dict[str, np.ndarray], order: list[str], path: Path) -
     """The normalised singular-value spectrum σₖ/σ₁ of every input against k, on one log–log figure."""
     import numpy as np
 
-    from spectra_cli.report.plots import pyplot
+    from spectra_cli.report.plots import DPI, pyplot
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=DPI)
     drawn = 0
     for name in order:
         s = np.asarray(spectra.get(name, np.empty(0)), dtype=np.float64)
@@ -120,13 +120,13 @@ def plot_scores(rows: list[Row], path: Any) -> bool:
     """RankMe of every input as bars (best first), annotated with RankMe / min(N, K)."""
     import numpy as np
 
-    from spectra_cli.report.plots import pyplot
+    from spectra_cli.report.plots import DPI, pyplot
 
     ok = [r for r in rows if r.get("rankme") is not None and math.isfinite(r["rankme"])]
     if not ok:
         return False
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(ok) + 2.5), 4.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(ok) + 2.5), 4.5), dpi=DPI)
     x = np.arange(len(ok))
     vals = [r["rankme"] for r in ok]
     colors = ["#4C72B0"] * len(ok)
