@@ -187,6 +187,8 @@ def allocate_cmd(
     output: o.OutputOpt = None,
     html: o.HtmlOpt = None,
     plots: o.PlotsOpt = None,
+    columns: o.ColumnsOpt = None,
+    wide: o.WideOpt = False,
     quiet: o.QuietOpt = False,
 ) -> None:
     """LoRA rank per module under a budget (rank or parameters), and a PEFT config with rank_pattern."""
@@ -198,8 +200,11 @@ def allocate_cmd(
         budget_params=budget_params, min_rank=min_rank, max_rank=max_rank, multiple_of=multiple_of,
         allow_zero=allow_zero, alpha_policy=alpha.value, lora_alpha=lora_alpha, activations=activations, rho=rho,
     )  # fmt: skip
-    check_outputs([ckpt, activations], {"--output": output, "--peft-config": peft_config, "--html": html},
-                  folders={"--plots": plots})
+    check_outputs(
+        [ckpt, activations],
+        {"--output": output, "--peft-config": peft_config, "--html": html},
+        folders={"--plots": plots},
+    )
     if peft_config is not None and peft_config.exists() and not force:
         raise SpectraError(f"{peft_config} already exists; choose another --peft-config or pass --force")
     with progress_bar("singular values", quiet) as update:
@@ -218,7 +223,7 @@ def allocate_cmd(
     from spectra_cli.report.render import envelope
 
     env = envelope("allocate", result.inputs, result.rows, result.summary, result.options)
-    emit(env, fmt, output, html=html, quiet=quiet)
+    emit(env, fmt, output, html=html, quiet=quiet, columns=columns, wide=wide)
 
 
 def register(app: typer.Typer) -> None:

@@ -79,6 +79,8 @@ def analyze_cmd(
             rich_help_panel="Output",
         ),
     ] = None,
+    columns: o.ColumnsOpt = None,
+    wide: o.WideOpt = False,
     quiet: o.QuietOpt = False,
 ) -> None:
     """Per-matrix spectra: norms, stable and effective rank, heavy-tail α, entropy, NaN/Inf; and a summary."""
@@ -98,8 +100,12 @@ def analyze_cmd(
         ckpt = demo_checkpoint()
         warn(f"analysing the demo checkpoint: {ckpt}", quiet)
     assert ckpt is not None
-    check_outputs([ckpt], {"--output": output, "--html": html}, binary={"--save-spectra": save_spectra},
-                  folders={"--plots": plots})
+    check_outputs(
+        [ckpt],
+        {"--output": output, "--html": html},
+        binary={"--save-spectra": save_spectra},
+        folders={"--plots": plots},
+    )
     with progress_bar("analysing", quiet) as update:
         result = run_analyze(ckpt, opts, progress=update)
     if result.summary.nonfinite:
@@ -118,7 +124,7 @@ def analyze_cmd(
     from spectra_cli.report.render import envelope
 
     env = envelope("analyze", result.inputs, result.rows, result.summary, result.options)
-    emit(env, fmt, output, html=html, quiet=quiet)
+    emit(env, fmt, output, html=html, quiet=quiet, columns=columns, wide=wide)
 
 
 def register(app: typer.Typer) -> None:

@@ -54,7 +54,18 @@ def _register() -> None:
     )
 
     # the order of `spectra --help`: look, compare, choose ranks, initialise, merge (and rebuild), gate, report
-    for command in (analyze, compare, rankme, allocate, init_adapter, capture, merge, reconstruct, check, report):
+    for command in (
+        analyze,
+        compare,
+        rankme,
+        allocate,
+        init_adapter,
+        capture,
+        merge,
+        reconstruct,
+        check,
+        report,
+    ):
         command.register(app)
 
 

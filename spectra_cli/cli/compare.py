@@ -29,10 +29,6 @@ Examples:
 """
 
 
-
-
-
-
 def compare_cmd(
     base: Annotated[
         Path, typer.Argument(metavar="BASE", help="The base checkpoint (any format analyze reads).")
@@ -47,7 +43,9 @@ def compare_cmd(
     ],
     top_k: Annotated[
         int,
-        typer.Option("--top-k", metavar="K", help="Top tuned singular vectors checked for intruders (K ≥ 1)."),
+        typer.Option(
+            "--top-k", metavar="K", help="Top tuned singular vectors checked for intruders (K ≥ 1)."
+        ),
     ] = 10,
     epsilon: Annotated[
         list[str] | None,
@@ -92,6 +90,8 @@ def compare_cmd(
     output: o.OutputOpt = None,
     html: o.HtmlOpt = None,
     plots: o.PlotsOpt = None,
+    columns: o.ColumnsOpt = None,
+    wide: o.WideOpt = False,
     quiet: o.QuietOpt = False,
 ) -> None:
     """Intruder dimensions, drift and subspace overlap of each tuned model against the base."""
@@ -103,8 +103,11 @@ def compare_cmd(
                    o.compute(device, precision, backend, max_memory), top_k=top_k, allow_missing=allow_missing,
                    epsilons=o.numbers(epsilon, "--epsilon", "0.5 or 0.3,0.5,0.7") or (0.5,))  # fmt: skip
     eps = opts.epsilons
-    check_outputs([base, *(Path(p) for _, p in pairs)], {"--output": output, "--html": html},
-                  folders={"--out": out, "--plots": plots})
+    check_outputs(
+        [base, *(Path(p) for _, p in pairs)],
+        {"--output": output, "--html": html},
+        folders={"--out": out, "--plots": plots},
+    )
     if remove_intruders is not None and not (0.0 <= remove_intruders <= 1.0):
         raise typer.BadParameter(
             f"{remove_intruders}: λ must be in [0, 1] (0 removes the intruders, 1 keeps them)",
@@ -150,7 +153,7 @@ def compare_cmd(
     from spectra_cli.report.render import envelope
 
     env = envelope("compare", result.inputs, result.rows, result.summary, result.options)
-    emit(env, fmt, output, html=html, quiet=quiet)
+    emit(env, fmt, output, html=html, quiet=quiet, columns=columns, wide=wide)
 
 
 def register(app: typer.Typer) -> None:

@@ -155,6 +155,8 @@ def merge_cmd(
     output: o.OutputOpt = None,
     html: o.HtmlOpt = None,
     plots: o.PlotsOpt = None,
+    columns: o.ColumnsOpt = None,
+    wide: o.WideOpt = False,
     quiet: o.QuietOpt = False,
 ) -> None:
     """Merge fine-tunes of one base (full checkpoints or LoRA adapters), or store them reversibly (rmm)."""
@@ -167,8 +169,11 @@ def merge_cmd(
         method=method, weights=o.numbers(weights, "--weights", "0.5,1") or None, params=_params(param, scale, density),
         basis=basis, energy=energy, center=center, sweep=sweep, interference_k=interference_k,
     )  # fmt: skip
-    check_outputs([base, *(Path(p) for _, p in pairs)], {"--output": output, "--html": html},
-                  folders={"--out": out, "--plots": plots})
+    check_outputs(
+        [base, *(Path(p) for _, p in pairs)],
+        {"--output": output, "--html": html},
+        folders={"--out": out, "--plots": plots},
+    )
     with progress_bar("merging", quiet) as update:
         result = run_merge(base, pairs, out, opts, force=force, argv=sys.argv, progress=update)
     if result.summary.adapter_base_names is not None:
@@ -190,9 +195,7 @@ def merge_cmd(
             if any(t["kind"] == "adapter" for t in result.inputs["tuned"])
             else "choose --basis P below the number of tasks, or --energy τ < 1, to trade error for space"
         )
-        warn(
-            f"the bundle is {s.storage:.2f}× the size of the inputs, larger than the inputs: {why}", quiet
-        )
+        warn(f"the bundle is {s.storage:.2f}× the size of the inputs, larger than the inputs: {why}", quiet)
     for name, skipped in (result.summary.adapter_tensors_not_merged or {}).items():
         warn(f"{name}: {len(skipped)} non-LoRA adapter tensors (e.g. {skipped[0]}) were not merged", quiet)
     if plots:
@@ -202,7 +205,7 @@ def merge_cmd(
     from spectra_cli.report.render import envelope
 
     env = envelope("merge", result.inputs, result.rows, result.summary, result.options)
-    emit(env, fmt, output, html=html, quiet=quiet)
+    emit(env, fmt, output, html=html, quiet=quiet, columns=columns, wide=wide)
 
 
 def register(app: typer.Typer) -> None:

@@ -84,7 +84,9 @@ def numbers(values: list[str] | None, flag: str, example: str) -> tuple[float, .
     try:
         return tuple(float(v) for v in raw)
     except ValueError:
-        raise typer.BadParameter(f"{','.join(raw)}: expected numbers such as {example}", param_hint=flag) from None
+        raise typer.BadParameter(
+            f"{','.join(raw)}: expected numbers such as {example}", param_hint=flag
+        ) from None
 
 
 def named_paths(items: list[str], param_hint: str, default_name: Callable[[Path], str] | None = None
@@ -123,7 +125,12 @@ def selection(include: list[str] | None, exclude: list[str] | None, kinds: list[
 def compute(device: str, precision: Precision | str, backend: Backend | str, max_memory: int | None
             ) -> dict[str, Any]:  # fmt: skip
     """The keyword arguments of :class:`~spectra_cli.options.ComputeOptions`."""
-    return {"device": device, "precision": _value(precision), "backend": _value(backend), "max_memory": max_memory}
+    return {
+        "device": device,
+        "precision": _value(precision),
+        "backend": _value(backend),
+        "max_memory": max_memory,
+    }
 
 
 def engine(device: str, precision: Precision | str, backend: Backend | str, max_memory: int | None,
@@ -222,6 +229,16 @@ OutputOpt = Annotated[
 PlotsOpt = Annotated[
     Path | None, typer.Option("--plots", metavar="DIR", help="Write PNG figures into this folder.", file_okay=False,
                               rich_help_panel="Output"),
+]  # fmt: skip
+ColumnsOpt = Annotated[
+    list[str] | None,
+    typer.Option("--columns", metavar="KEY,…", rich_help_panel="Output",
+                 help="Table columns to show, by their key in the JSON rows (e.g. name,alpha,alpha_tail); "
+                 "JSON, CSV and Markdown keep every column."),
+]  # fmt: skip
+WideOpt = Annotated[
+    bool, typer.Option("--wide", help="Show every column in the table (default: a set that fits 100 columns).",
+                       rich_help_panel="Output"),
 ]  # fmt: skip
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress bar and no warnings on stderr.",

@@ -32,10 +32,6 @@ Inputs, one row per sample: .npy (memory-mapped), .npz, .pt/.pth/.bin (a tensor 
 """
 
 
-
-
-
-
 def rankme_cmd(
     embeddings: Annotated[
         list[str] | None,
@@ -109,14 +105,17 @@ def rankme_cmd(
         ),
     ] = None,
     device: o.DeviceOpt = "auto",
-    precision: Annotated[o.Precision, o.precision_option("No effect yet for rankme: it always accumulates in float64.")
-                         ] = o.Precision.float32,
+    precision: Annotated[
+        o.Precision, o.precision_option("No effect yet for rankme: it always accumulates in float64.")
+    ] = o.Precision.float32,
     backend: o.BackendOpt = o.Backend.auto,
     max_memory: o.MaxMemoryOpt = None,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
     html: o.HtmlOpt = None,
     plots: o.PlotsOpt = None,
+    columns: o.ColumnsOpt = None,
+    wide: o.WideOpt = False,
     quiet: o.QuietOpt = False,
 ) -> None:
     """RankMe, effective rank, stable rank, participation ratio, α-ReQ and numerical rank of embeddings;
@@ -145,7 +144,7 @@ def rankme_cmd(
     from spectra_cli.report.render import envelope
 
     env = envelope("rankme", result.inputs, result.rows, result.summary, result.options)
-    emit(env, fmt, output, html=html, quiet=quiet)
+    emit(env, fmt, output, html=html, quiet=quiet, columns=columns, wide=wide)
 
 
 def register(app: typer.Typer) -> None:

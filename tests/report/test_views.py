@@ -38,8 +38,8 @@ def recorded(case: str) -> dict[str, Any]:
 
 COMPARE = ["tuned", "name", "kind", "depth", "shape"]
 COMPARE_TAIL = ["ranks", "min max|cos|", "‖ΔW‖/‖W‖", "erank ΔW", "overlap@k", "Δ erank", "status"]
-ANALYZE = ["name", "kind", "depth", "shape", "dtype", "σ₁", "stable rank", "eff. rank", "r90", "α", "α reading",
-           "entropy", "status"]  # fmt: skip
+ANALYZE = ["name", "kind", "depth", "shape", "dtype", "σ₁", "stable rank", "eff. rank", "r90", "α", "tail",
+           "α reading", "entropy", "status"]  # fmt: skip
 ALLOCATE = ["module", "kind", "shape", "rank", "params", "α", "energy", "uniform r", "uniform energy"]
 MERGE_HEAD = ["module", "task", "shape", "source"]
 MERGE_TAIL = ["‖ΔW‖", "rel. error", "kept", "energy kept", "max |cos|", "overlap@k"]
@@ -88,11 +88,11 @@ TABLES: dict[str, tuple[str, list[str], list[str]]] = {
         "pissa: 12 modules (r=8: 12), 73,728 adapter parameters",
         "adapter: <--out>/adapter; residual: <--out>/residual (as stored)", "2.50 s on cpu, peak RSS 321 MB"]),
     "init-eva": ("spectra init-adapter minilm --method eva", ["module", "shape", "rank", "alpha",
-                                                              "explained_variance"], [
+                                                              "expl. var."], [
         "eva: 18 modules (r=6: 3, r=8: 9, r=9: 6), 110,592 adapter parameters", "adapter: <--out>/adapter",
         "2.50 s on cpu, peak RSS 321 MB"]),
-    "init-corda": ("spectra init-adapter minilm --method corda", ["module", "shape", "rank", "alpha", "damping",
-                                                                  "mode", "relative_residual"], [
+    "init-corda": ("spectra init-adapter minilm --method corda", ["module", "shape", "rank", "alpha",
+                                                                  "damping λ", "mode", "residual ‖W_res‖/‖W‖"], [
         "corda: 12 modules (r=8: 12), 73,728 adapter parameters",
         "adapter: <--out>/adapter; residual: <--out>/residual (as stored)", "2.50 s on cpu, peak RSS 321 MB"]),
     "init-extract": ("spectra init-adapter minilm --method extract", ["module", "shape", "rank", "alpha",

@@ -32,15 +32,15 @@ def columns(env: Env) -> list[Column]:
     rows = env["rows"]
     extra = list(rows[0]) if rows else []
     cols = [
-        Column("name", "module", str, "left"),
-        Column("kind", "kind", str, "left"),
+        Column("name", "module", str, "left", shorten=True),
+        Column("kind", "kind", str, "left", default=False),
         Column("shape", "shape"),
         Column("rank", "rank"),
         Column("params", "params", lambda x: f"{x:,}"),
         Column("alpha", "α", lambda x: "-" if x is None else fmt_num(x, 2)),
         Column("energy", "energy", _pct),
         Column("uniform_rank", "uniform r"),
-        Column("uniform_energy", "uniform energy", _pct),
+        Column("uniform_energy", "uniform energy", _pct, default=False),
     ]
     if "effective_rank" in extra:
         cols.append(Column("effective_rank", "eff. rank", lambda x: fmt_num(x, 1)))

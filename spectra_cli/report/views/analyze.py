@@ -25,18 +25,19 @@ def title(env: Env) -> str:
 
 def columns(env: Env) -> list[Column]:
     return [
-        Column("name", "name", str, "left"),
-        Column("kind", "kind", str, "left"),
-        Column("depth", "depth", dash),
+        Column("name", "name", str, "left", shorten=True),
+        Column("kind", "kind", str, "left", default=False),
+        Column("depth", "depth", dash, default=False),
         Column("shape", "shape"),
-        Column("dtype", "dtype", str, "left"),
-        Column("spectral_norm", "σ₁", number()),
-        Column("stable_rank", "stable rank", number()),
+        Column("dtype", "dtype", str, "left", default=False),
+        Column("spectral_norm", "σ₁", number(), default=False),
+        Column("stable_rank", "stable rank", number(), default=False),
         Column("effective_rank", "eff. rank", number(1)),
-        Column("energy_rank_90", "r90", dash),
+        Column("energy_rank_90", "r90", dash, default=False),
         Column("alpha", "α", number()),
+        Column("alpha_tail", "tail", dash),
         Column("alpha_flag", "α reading", lambda x: x or "-", "left"),
-        Column("entropy", "entropy", number()),
+        Column("entropy", "entropy", number(), default=False),
         Column("status", "status", lambda x: x or "-", "left"),
     ]
 
@@ -52,6 +53,11 @@ def notes(env: Env) -> list[str]:
         lines.append(
             f"α: mean {s['mean_alpha']:.2f}, {s['over_trained']} below 2 (over-trained), "
             f"{s['under_trained']} above 6 (under-trained)"
+            + (
+                f", {s['small_tail']} fitted on fewer than 50 tail eigenvalues (small-tail: α not read)"
+                if s.get("small_tail")
+                else ""
+            )
         )
     if s.get("lowest_alpha"):
         lo = s["lowest_alpha"][0]

@@ -35,19 +35,24 @@ def title(env: Env) -> str:
 def columns(env: Env) -> list[Column]:
     cols = [
         Column("tuned", "tuned", str, "left"),
-        Column("name", "name", str, "left"),
-        Column("kind", "kind", str, "left"),
-        Column("depth", "depth", dash),
+        Column("name", "name", str, "left", shorten=True),
+        Column("kind", "kind", str, "left", default=False),
+        Column("depth", "depth", dash, default=False),
         Column("shape", "shape"),
     ]
-    cols += [Column(f"intruders@{e:g}", f"intr@{e:g}", dash) for e in epsilons(env)]
+    # the primary ε by default, the others with --wide
     cols += [
-        Column("intruder_ranks", "ranks", lambda x: ",".join(map(str, x)) if x else "-", "left"),
+        Column(f"intruders@{e:g}", f"intr@{e:g}", dash, default=i == 0) for i, e in enumerate(epsilons(env))
+    ]
+    cols += [
+        Column(
+            "intruder_ranks", "ranks", lambda x: ",".join(map(str, x)) if x else "-", "left", default=False
+        ),
         Column("min_max_cos", "min max|cos|", fmt_num),
         Column("relative_delta", "‖ΔW‖/‖W‖", fmt_num),
-        Column("delta_effective_rank", "erank ΔW", fmt_num),
+        Column("delta_effective_rank", "erank ΔW", fmt_num, default=False),
         Column("subspace_overlap", "overlap@k", fmt_num),
-        Column("effective_rank_change", "Δ erank", fmt_num),
+        Column("effective_rank_change", "Δ erank", fmt_num, default=False),
         Column("status", "status", lambda x: x or "-", "left"),
     ]
     return cols

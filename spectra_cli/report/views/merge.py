@@ -23,20 +23,20 @@ def title(env: Env) -> str:
 def columns(env: Env) -> list[Column]:
     """The rmm columns (basis size p, storage) only for ``--method rmm``."""
     cols = [
-        Column("module", "module", str, "left"),
+        Column("module", "module", str, "left", shorten=True),
         Column("task", "task", str, "left"),
         Column("shape", "shape"),
-        Column("source", "source", str, "left"),
+        Column("source", "source", str, "left", default=False),
     ]
     if env["options"]["method"] == "rmm":
         cols += [Column("p", "p", dash), Column("storage", "storage", fmt_num)]
     cols += [
-        Column("delta_norm", "‖ΔW‖", fmt_num),
+        Column("delta_norm", "‖ΔW‖", fmt_num, default=False),
         Column("rel_error", "rel. error", fmt_num),
         Column("kept", "kept", fmt_num),
         Column("energy_kept", "energy kept", fmt_num),
         Column("max_cos", "max |cos|", fmt_num),
-        Column("mean_overlap", "overlap@k", fmt_num),
+        Column("mean_overlap", "overlap@k", fmt_num, default=False),
     ]
     return cols
 
