@@ -200,11 +200,8 @@ def allocate_cmd(
         budget_params=budget_params, min_rank=min_rank, max_rank=max_rank, multiple_of=multiple_of,
         allow_zero=allow_zero, alpha_policy=alpha.value, lora_alpha=lora_alpha, activations=activations, rho=rho,
     )  # fmt: skip
-    check_outputs(
-        [ckpt, activations],
-        {"--output": output, "--peft-config": peft_config, "--html": html},
-        folders={"--plots": plots},
-    )
+    check_outputs([ckpt, activations], {"--output": output, "--peft-config": peft_config, "--html": html},
+                  folders={"--plots": plots})
     if peft_config is not None and peft_config.exists() and not force:
         raise SpectraError(f"{peft_config} already exists; choose another --peft-config or pass --force")
     with progress_bar("singular values", quiet) as update:

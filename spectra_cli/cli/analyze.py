@@ -100,12 +100,8 @@ def analyze_cmd(
         ckpt = demo_checkpoint()
         warn(f"analysing the demo checkpoint: {ckpt}", quiet)
     assert ckpt is not None
-    check_outputs(
-        [ckpt],
-        {"--output": output, "--html": html},
-        binary={"--save-spectra": save_spectra},
-        folders={"--plots": plots},
-    )
+    check_outputs([ckpt], {"--output": output, "--html": html}, binary={"--save-spectra": save_spectra},
+                  folders={"--plots": plots})
     with progress_bar("analysing", quiet) as update:
         result = run_analyze(ckpt, opts, progress=update)
     if result.summary.nonfinite:

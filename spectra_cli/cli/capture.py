@@ -69,7 +69,9 @@ def capture_cmd(
             "--max-tokens", metavar="N", help="Stop after N (non-padding) tokens.", show_default=False
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", help="Examples per forward.")] = 8,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", metavar="N", help="Examples per forward.")
+    ] = 8,
     max_length: Annotated[
         int, typer.Option("--max-length", metavar="N", help="Truncate each example to N tokens.")
     ] = 512,
@@ -109,19 +111,12 @@ def capture_cmd(
     kinds: o.KindsOpt = None,
     min_dim: o.MinDimOpt = 1,
     device: o.DeviceOpt = "auto",
-    precision: Annotated[
-        o.Precision,
-        o.precision_option("No effect yet for capture: the statistics are always accumulated in float64."),
-    ] = o.Precision.float32,
-    backend: Annotated[
-        o.Backend, o.backend_option("capture always runs the model in PyTorch (on --device).")
-    ] = o.Backend.auto,
-    max_memory: Annotated[
-        int | None,
-        o.max_memory_option(
-            "Not used yet by capture: its memory follows --batch-size, --max-length and --components."
-        ),
-    ] = None,
+    precision: Annotated[o.Precision, o.precision_option("No effect yet for capture: the statistics are always "
+                                                         "accumulated in float64.")] = o.Precision.float32,
+    backend: Annotated[o.Backend, o.backend_option("capture always runs the model in PyTorch (on --device).")
+                       ] = o.Backend.auto,
+    max_memory: Annotated[int | None, o.max_memory_option("Not used yet by capture: its memory follows "
+                                                          "--batch-size, --max-length and --components.")] = None,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
     html: o.HtmlOpt = None,
@@ -145,8 +140,7 @@ def capture_cmd(
     # before the --force check: an output in the model folder must never be offered --force
     check_outputs(
         [model_dir, data, Path(tokenizer) if tokenizer else None],
-        {"--output": output, "--html": html},
-        binary={"--out": out},
+        {"--output": output, "--html": html}, binary={"--out": out},
     )
     if output is not None and output.resolve() == out.resolve():
         raise SpectraError(f"{output}: the report and the activations file (--out) must differ")

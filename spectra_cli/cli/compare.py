@@ -29,6 +29,10 @@ Examples:
 """
 
 
+
+
+
+
 def compare_cmd(
     base: Annotated[
         Path, typer.Argument(metavar="BASE", help="The base checkpoint (any format analyze reads).")
@@ -43,9 +47,7 @@ def compare_cmd(
     ],
     top_k: Annotated[
         int,
-        typer.Option(
-            "--top-k", metavar="K", help="Top tuned singular vectors checked for intruders (K ≥ 1)."
-        ),
+        typer.Option("--top-k", metavar="K", help="Top tuned singular vectors checked for intruders (K ≥ 1)."),
     ] = 10,
     epsilon: Annotated[
         list[str] | None,
@@ -103,11 +105,8 @@ def compare_cmd(
                    o.compute(device, precision, backend, max_memory), top_k=top_k, allow_missing=allow_missing,
                    epsilons=o.numbers(epsilon, "--epsilon", "0.5 or 0.3,0.5,0.7") or (0.5,))  # fmt: skip
     eps = opts.epsilons
-    check_outputs(
-        [base, *(Path(p) for _, p in pairs)],
-        {"--output": output, "--html": html},
-        folders={"--out": out, "--plots": plots},
-    )
+    check_outputs([base, *(Path(p) for _, p in pairs)], {"--output": output, "--html": html},
+                  folders={"--out": out, "--plots": plots})
     if remove_intruders is not None and not (0.0 <= remove_intruders <= 1.0):
         raise typer.BadParameter(
             f"{remove_intruders}: λ must be in [0, 1] (0 removes the intruders, 1 keeps them)",

@@ -225,13 +225,10 @@ def init_adapter_cmd(
     min_dim: o.MinDimOpt = 1,
     device: o.DeviceOpt = "auto",
     precision: o.PrecisionOpt = o.Precision.float32,
-    backend: Annotated[
-        o.Backend, o.backend_option("init-adapter always decomposes with PyTorch (on --device).")
-    ] = o.Backend.auto,
-    max_memory: Annotated[
-        int | None,
-        o.max_memory_option("Not used yet by init-adapter: each target matrix is decomposed whole."),
-    ] = None,
+    backend: Annotated[o.Backend, o.backend_option("init-adapter always decomposes with PyTorch (on --device).")
+                       ] = o.Backend.auto,
+    max_memory: Annotated[int | None, o.max_memory_option("Not used yet by init-adapter: each target matrix "
+                                                          "is decomposed whole.")] = None,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
     html: o.HtmlOpt = None,
@@ -260,9 +257,7 @@ def init_adapter_cmd(
         budget_rank=budget_rank, tuned=tuned, energy=energy, fast=fast, activations=activations,
         method_options=m_opts, dtype=dtype, force=force,
     )  # fmt: skip
-    check_outputs(
-        [ckpt, tuned, activations, ranks], {"--output": output, "--html": html}, folders={"--out": out}
-    )
+    check_outputs([ckpt, tuned, activations, ranks], {"--output": output, "--html": html}, folders={"--out": out})
     with progress_bar(f"init-adapter {method}", quiet) as update:
         result = run_init(ckpt, out, opts, progress=update, argv=sys.argv)
     s = result.summary
@@ -278,18 +273,9 @@ def init_adapter_cmd(
     from spectra_cli.report.views.init_adapter import with_out
 
     env = envelope("init-adapter", result.inputs, result.rows, s, result.options)
-    emit(
-        env,
-        fmt,
-        output,
-        html=html,
-        quiet=quiet,
-        columns=columns,
-        wide=wide,
-        view=with_out(view_for("init-adapter"), out),
-    )
+    emit(env, fmt, output, html=html, quiet=quiet, columns=columns, wide=wide, view=with_out(view_for("init-adapter"), out))
 
 
 def register(app: typer.Typer) -> None:
-    epilog = EPILOG + "\nMethods:\n\n" + "\n\n".join(f"  {line}" for line in _method_lines()) + "\n"
+    epilog = EPILOG + "\nMethods:\n\n" + o.help_paragraphs(_method_lines()) + "\n"
     app.command("init-adapter", epilog=epilog)(handle_errors(init_adapter_cmd))

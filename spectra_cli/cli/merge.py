@@ -41,7 +41,7 @@ def _epilog() -> str:
     """The examples, then one paragraph per method from the registry (name, summary, parameters, reference)."""
     from spectra_cli.flows.merge import method_lines
 
-    return MERGE_EPILOG + "\nMethods:\n\n" + "\n\n".join(f"  {line}" for line in method_lines()) + "\n"
+    return MERGE_EPILOG + "\nMethods:\n\n" + o.help_paragraphs(method_lines()) + "\n"
 
 
 def _params(
@@ -169,11 +169,8 @@ def merge_cmd(
         method=method, weights=o.numbers(weights, "--weights", "0.5,1") or None, params=_params(param, scale, density),
         basis=basis, energy=energy, center=center, sweep=sweep, interference_k=interference_k,
     )  # fmt: skip
-    check_outputs(
-        [base, *(Path(p) for _, p in pairs)],
-        {"--output": output, "--html": html},
-        folders={"--out": out, "--plots": plots},
-    )
+    check_outputs([base, *(Path(p) for _, p in pairs)], {"--output": output, "--html": html},
+                  folders={"--out": out, "--plots": plots})
     with progress_bar("merging", quiet) as update:
         result = run_merge(base, pairs, out, opts, force=force, argv=sys.argv, progress=update)
     if result.summary.adapter_base_names is not None:
@@ -195,7 +192,9 @@ def merge_cmd(
             if any(t["kind"] == "adapter" for t in result.inputs["tuned"])
             else "choose --basis P below the number of tasks, or --energy τ < 1, to trade error for space"
         )
-        warn(f"the bundle is {s.storage:.2f}× the size of the inputs, larger than the inputs: {why}", quiet)
+        warn(
+            f"the bundle is {s.storage:.2f}× the size of the inputs, larger than the inputs: {why}", quiet
+        )
     for name, skipped in (result.summary.adapter_tensors_not_merged or {}).items():
         warn(f"{name}: {len(skipped)} non-LoRA adapter tensors (e.g. {skipped[0]}) were not merged", quiet)
     if plots:

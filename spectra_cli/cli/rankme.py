@@ -32,6 +32,10 @@ Inputs, one row per sample: .npy (memory-mapped), .npz, .pt/.pth/.bin (a tensor 
 """
 
 
+
+
+
+
 def rankme_cmd(
     embeddings: Annotated[
         list[str] | None,
@@ -105,9 +109,8 @@ def rankme_cmd(
         ),
     ] = None,
     device: o.DeviceOpt = "auto",
-    precision: Annotated[
-        o.Precision, o.precision_option("No effect yet for rankme: it always accumulates in float64.")
-    ] = o.Precision.float32,
+    precision: Annotated[o.Precision, o.precision_option("No effect yet for rankme: it always accumulates in float64.")
+                         ] = o.Precision.float32,
     backend: o.BackendOpt = o.Backend.auto,
     max_memory: o.MaxMemoryOpt = None,
     fmt: o.FormatOpt = o.Format.table,

@@ -40,10 +40,9 @@ def columns(env: Env) -> list[Column]:
         Column("depth", "depth", dash, default=False),
         Column("shape", "shape"),
     ]
-    # the primary ε by default, the others with --wide
-    cols += [
-        Column(f"intruders@{e:g}", f"intr@{e:g}", dash, default=i == 0) for i, e in enumerate(epsilons(env))
-    ]
+    # the first two ε by default (and overlap@k with one ε only), the others with --wide: fits 100 columns
+    eps = epsilons(env)
+    cols += [Column(f"intruders@{e:g}", f"intr@{e:g}", dash, default=i < 2) for i, e in enumerate(eps)]
     cols += [
         Column(
             "intruder_ranks", "ranks", lambda x: ",".join(map(str, x)) if x else "-", "left", default=False
@@ -51,7 +50,7 @@ def columns(env: Env) -> list[Column]:
         Column("min_max_cos", "min max|cos|", fmt_num),
         Column("relative_delta", "‖ΔW‖/‖W‖", fmt_num),
         Column("delta_effective_rank", "erank ΔW", fmt_num, default=False),
-        Column("subspace_overlap", "overlap@k", fmt_num),
+        Column("subspace_overlap", "overlap@k", fmt_num, default=len(eps) == 1),
         Column("effective_rank_change", "Δ erank", fmt_num, default=False),
         Column("status", "status", lambda x: x or "-", "left"),
     ]
