@@ -52,6 +52,11 @@ class Column:
     shorten: bool = False
 
 
+def plural(n: int, one: str, many: str) -> str:
+    """``1 matrix``, ``2 matrices``: ``n`` with the word that fits it."""
+    return f"{n:,} {one if n == 1 else many}"
+
+
 def table_width(file: IO[str] | None = None) -> int:
     """The width tables are laid out for: the terminal's when ``file`` is one, else ``$COLUMNS``, else 100."""
     if file is not None and hasattr(file, "isatty") and file.isatty():

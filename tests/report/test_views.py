@@ -58,12 +58,12 @@ TABLES: dict[str, tuple[str, list[str], list[str]]] = {
         "lowest α 2.46 in encoder.layer.0.attention.self.query.weight; highest α 8.44 in "
         "encoder.layer.4.attention.self.value.weight", "no NaN/Inf weights", "2.50 s on cpu (numpy, svd, float64)"]),
     "compare": ("spectra compare minilm", [*COMPARE, "intr@0.5", *COMPARE_TAIL], [
-        "lora-a (adapter): 0 at ε=0.5 intruder dimensions; 0 of 12 matrices have any; mean ‖ΔW‖/‖W‖ 0.05",
+        "lora-a (adapter): intruder dimensions 0 at ε=0.5; 0 of 12 matrices have any; mean ‖ΔW‖/‖W‖ 0.05",
         "2.50 s"]),
     "compare-eps": ("spectra compare minilm", [*COMPARE, "intr@0.3", "intr@0.5", "intr@0.7", *COMPARE_TAIL], [
-        "lora-a (adapter): 0 at ε=0.3, 0 at ε=0.5, 0 at ε=0.7 intruder dimensions; 0 of 6 matrices have any; "
+        "lora-a (adapter): intruder dimensions 0 at ε=0.3, 0 at ε=0.5, 0 at ε=0.7; 0 of 6 matrices have any; "
         "mean ‖ΔW‖/‖W‖ 0.05",
-        "lora-b (adapter): 0 at ε=0.3, 0 at ε=0.5, 0 at ε=0.7 intruder dimensions; 0 of 6 matrices have any; "
+        "lora-b (adapter): intruder dimensions 0 at ε=0.3, 0 at ε=0.5, 0 at ε=0.7; 0 of 6 matrices have any; "
         "mean ‖ΔW‖/‖W‖ 0.05", "2.50 s"]),
     "rankme-layers": ("spectra rankme", ["input", "N", "K", "RankMe", "RankMe/min(N,K)", "erank", "stable rank",
                                          "PR", "α-ReQ", "num. rank"], [

@@ -10,7 +10,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spectra_cli.report.render import Column
+from spectra_cli.report.render import Column, plural
 from spectra_cli.report.views.common import Card, Env, Row, dash, num, number
 
 if TYPE_CHECKING:
@@ -46,8 +46,9 @@ def notes(env: Env) -> list[str]:
     s = env["summary"]
     eng = s.get("engine", {})
     lines = [
-        f"{s['analysed']} of {s['matrices']} matrices analysed, {s['params']:,} parameters"
-        + (f"; {s['skipped_tensors']} non-matrix tensors skipped" if s.get("skipped_tensors") else ""),
+        f"{s['analysed']} of {plural(s['matrices'], 'matrix', 'matrices')} analysed, {s['params']:,} parameters"
+        + (f"; {plural(s['skipped_tensors'], 'non-matrix tensor', 'non-matrix tensors')} skipped"
+           if s.get("skipped_tensors") else ""),
     ]
     if s.get("mean_alpha") is not None:
         lines.append(
@@ -69,7 +70,7 @@ def notes(env: Env) -> list[str]:
         names = ", ".join(
             f"{b['name']} ({b['nan_count']} NaN, {b['inf_count']} Inf)" for b in s["nonfinite"][:5]
         )
-        lines.append(f"NaN/Inf found in {len(s['nonfinite'])} matrices (not decomposed): {names}")
+        lines.append(f"NaN/Inf found in {plural(len(s['nonfinite']), 'matrix', 'matrices')} (not decomposed): {names}")
     else:
         lines.append("no NaN/Inf weights")
     if "device" in eng:

@@ -8,7 +8,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spectra_cli.report.render import Column, fmt_num
+from spectra_cli.report.render import Column, fmt_num, plural
 from spectra_cli.report.views.common import Card, Env, Row, dash, num
 
 if TYPE_CHECKING:
@@ -64,8 +64,9 @@ def notes(env: Env) -> list[str]:
         totals = ", ".join(f"{v} at ε={k}" for k, v in t["total_intruders"].items())
         rel = t["mean_relative_delta"]
         lines.append(
-            f"{name} ({t['source']}): {totals} intruder dimensions; {t['matrices_with_intruders']} of "
-            f"{t['matrices']} matrices have any; mean ‖ΔW‖/‖W‖ " + ("-" if rel is None else f"{rel:.3g}")
+            f"{name} ({t['source']}): intruder dimensions {totals}; {t['matrices_with_intruders']} of "
+            f"{plural(t['matrices'], 'matrix has', 'matrices have')} any; mean ‖ΔW‖/‖W‖ "
+            + ("-" if rel is None else f"{rel:.3g}")
         )
         worst = [w for w in t["worst_modules"] if w["intruders"] > 0][:3]
         if worst:
@@ -73,7 +74,7 @@ def notes(env: Env) -> list[str]:
         if t["missing"]:
             lines.append(f"  skipped (not in the other model): {len(t['missing'])}")
         if t["nonfinite"]:
-            lines.append(f"  {t['nonfinite']} matrices with NaN/Inf were not compared")
+            lines.append(f"  {plural(t['nonfinite'], 'matrix', 'matrices')} with NaN/Inf not compared")
     lines.append(f"{s['seconds']:.2f} s")
     return lines
 
