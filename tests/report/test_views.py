@@ -72,12 +72,12 @@ TABLES: dict[str, tuple[str, list[str], list[str]]] = {
     "allocate": ("spectra allocate minilm (energy)", ALLOCATE, [
         "strategy energy: 12 of 12 modules adapted, budget 96 ranks, used 96 (73,728 trainable parameters; "
         "uniform rank 8 uses 73,728)", "mean energy captured 14.7% vs 14.4% for uniform",
-        "PEFT: r = 8, lora_alpha = 8 (scale); 2.50 s"]),
+        "PEFT config: r = 8 (the most common rank; the others in rank_pattern), lora_alpha = 8 (scale); 2.50 s"]),
     "allocate-welore": ("spectra allocate minilm (welore)", [*ALLOCATE, "pruned (σ̃ < t)"], [
         "strategy welore: 12 of 12 modules adapted, budget 96 ranks, used 96 (73,728 trainable parameters; "
         "uniform rank 8 uses 73,728)", "mean energy captured 13.9% vs 14.4% for uniform",
         "WeLore threshold t = 0.8014 (reduction ratio 0.979; 12 low-rank components, more than half their rank "
-        "below t)", "PEFT: r = 11, lora_alpha = 11 (scale); 2.50 s"]),
+        "below t)", "PEFT config: r = 11 (the most common rank; the others in rank_pattern), lora_alpha = 11 (scale); 2.50 s"]),
     "capture": ("spectra capture minilm", ["module", "in", "tokens", "shares input with", "k", "expl. var (k)",
                                            "top ratio", "converged"], [
         "18 modules (6 distinct inputs) over 9100 tokens from 600 examples, written to acts.safetensors",
@@ -107,8 +107,8 @@ TABLES: dict[str, tuple[str, list[str], list[str]]] = {
     "merge-rmm": ("spectra merge minilm (rmm)", [*MERGE_HEAD, "p", "storage", *MERGE_TAIL], [
         "method rmm (Reversible Model Merging (RMM), 2025: a shared per-module basis with per-task coefficients); "
         "12 modules × 3 tasks", "mean relative error per task: a 4.14e-09, b 4.14e-09, c 4.14e-09",
-        "storage: 3 of the 3 inputs (663,624 of 221,184 numbers; merged matrices alone 3; 0.125 of n dense "
-        "updates); overall relative error 6.74e-09",
+        "storage: the bundle holds 663,624 numbers, 3× the 221,184 of the 3 inputs (the merged matrices alone: 3×) "
+        "and 0.125× 3 dense updates; overall relative error 6.74e-09",
         "interference: mean |cos| between task updates 0.000426, max 0.00068",
         "sweep (merged matrices): p=1: err 0.576, storage 2; p=2: err 6.74e-09, storage 3; p=3: err 0, storage 3",
         "wrote bundle bundle in 2.50 s"]),

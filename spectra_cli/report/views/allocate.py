@@ -70,7 +70,8 @@ def notes(env: Env) -> list[str]:
             f"dropped (rank 0): {', '.join(s['dropped'][:5])}" + (" …" if len(s["dropped"]) > 5 else "")
         )
     lines.append(
-        f"PEFT: r = {s['r']}, lora_alpha = {s['lora_alpha']:g} ({s['alpha_policy']}); {s['seconds']:.2f} s"
+        f"PEFT config: r = {s['r']} (the most common rank; the others in rank_pattern), lora_alpha = "
+        f"{s['lora_alpha']:g} ({s['alpha_policy']}); {s['seconds']:.2f} s"
     )
     return lines
 
