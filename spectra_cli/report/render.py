@@ -233,8 +233,9 @@ def _to_table(rows: list[dict[str, Any]], columns: Sequence[Column], title: str,
     is_tty = hasattr(file, "isatty") and file.isatty()
     width = width or table_width(file)
     console = Console(file=file, width=width, no_color=not is_tty, highlight=False, soft_wrap=False)
-    table = Table(title=Text(terminal_safe(title, newlines=False)), title_justify="left", show_edge=False,
-                  pad_edge=False, header_style="bold")  # fmt: skip
+    # the title on its own line: as the table's title Rich would wrap it to the table's width
+    console.print(Text(terminal_safe(title, newlines=False)), overflow="fold")
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
     cells = [[terminal_safe(c.fmt(r.get(c.key)), newlines=False) for c in columns] for r in rows]
     widths = [max([len(c.header)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     # names are shortened in the middle to what the other columns leave (each column costs 3 more: padding
