@@ -245,7 +245,7 @@ def _from_analyze(ckpt: str | Path, needs: set[str], opts: CheckOptions, progres
         f = Facts(row["name"], row.get("kind"), nonfinite=int(row["nan_count"]) + int(row["inf_count"]))
         if row["status"] == "ok":
             f.tuned = {
-                k: row[k] for k in ("spectral_norm", "effective_rank", "stable_rank", "alpha", "alpha_tail") if k in row
+                k: row[k] for k in ("spectral_norm", "effective_rank", "stable_rank", "alpha") if k in row
             }
         facts[f.name] = f  # names are unique: the reader refuses a tensor held twice
     inputs: dict[str, Any] = {"checkpoint": str(ckpt), "analyze": res.inputs}

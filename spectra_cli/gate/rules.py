@@ -10,8 +10,7 @@ What each rule's value means (W is out×in, σ its singular values, ΔW = W_tune
   (Shuttleworth et al. 2024; the top ``intruder_top_k`` tuned left singular vectors whose max |cos| with every
   base left singular vector is below ``intruder_epsilon``) is ≤ N; in an override, each matching module's own
   count is ≤ N (``max_intruders = 0`` forbids any intruder there).
-- ``alpha_range = [lo, hi]``: the heavy-tail exponent α of the module's eigenvalue spectrum is in [lo, hi]; a fit
-  on fewer than 50 tail eigenvalues (``small-tail``, :data:`~spectra_cli.spectral.powerlaw.MIN_TAIL`) is skipped.
+- ``alpha_range = [lo, hi]``: the heavy-tail exponent α of the module's eigenvalue spectrum is in [lo, hi].
 - ``min_effective_rank_ratio = r``: erank(W_tuned) / erank(W_base) ≥ r (Roy & Vetterli effective rank).
 - ``max_relative_delta = d``: ‖ΔW‖_F / ‖W_base‖_F ≤ d.
 - ``max_spectral_norm = s``: σ₁(W_tuned) ≤ s.
@@ -26,8 +25,6 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-
-from spectra_cli.spectral.powerlaw import MIN_TAIL
 
 #: what a rule needs measured: the tuned model's spectra; the base model's spectra (``--base`` or
 #: ``--base-spectra``); a comparison against the base weights (``--base``, singular vectors); a baseline file
@@ -158,9 +155,6 @@ def _eval_alpha(limit: Any, f: Facts) -> Outcome:
     lo, hi = limit
     if not _finite(a):
         return "skip", None, "α could not be fitted (spectrum too short or flat)"
-    n_tail = f.tuned.get("alpha_tail")
-    if isinstance(n_tail, int) and n_tail < MIN_TAIL:
-        return "skip", a, f"α = {a:.3g} fitted on {n_tail} tail eigenvalues (< {MIN_TAIL}): too few to judge"
     ok = lo <= a <= hi
     return ("pass" if ok else "fail"), a, f"α = {a:.3g} " + ("in" if ok else "outside") + f" [{lo:g}, {hi:g}]"
 

@@ -234,7 +234,7 @@ def _to_table(rows: list[dict[str, Any]], columns: Sequence[Column], title: str,
     width = width or table_width(file)
     console = Console(file=file, width=width, no_color=not is_tty, highlight=False, soft_wrap=False)
     # the title on its own line: as the table's title Rich would wrap it to the table's width
-    console.print(Text(terminal_safe(title, newlines=False)), overflow="fold")
+    console.print(Text(terminal_safe(title, newlines=False)), soft_wrap=True)
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
     cells = [[terminal_safe(c.fmt(r.get(c.key)), newlines=False) for c in columns] for r in rows]
     widths = [max([len(c.header)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
@@ -255,8 +255,8 @@ def _to_table(rows: list[dict[str, Any]], columns: Sequence[Column], title: str,
         style = "red" if r.get("status") not in (None, "ok") else None
         table.add_row(*(Text(cell) for cell in row), style=style)
     console.print(table)
-    for n in notes:
-        console.print(Text(terminal_safe(n)))
+    for n in notes:  # whole lines, never wrapped: they are read and grepped
+        console.print(Text(terminal_safe(n)), soft_wrap=True)
 
 
 def render(env: dict[str, Any], fmt: str, columns: Sequence[Column], title: str, notes: list[str],
