@@ -129,6 +129,18 @@ def _read_config(folder: Path) -> dict[str, Any] | None:
     return None
 
 
+def _say_which(folder: Path, used: str) -> None:
+    """Warn when ``folder`` holds weights in both formats: which one is read, and how to choose the other."""
+    safetensors = any(folder.glob("*.safetensors"))
+    torch_files = any(f.name.endswith(TORCH_SUFFIXES) for f in folder.iterdir())
+    if safetensors and torch_files:
+        import warnings
+
+        other = "the .bin/.pt file" if used.endswith((".safetensors", ".safetensors.index.json")) else "a .safetensors file"
+        warnings.warn(f"{folder} holds both safetensors and PyTorch weights; reading {used} (pass {other} itself to "
+                      "read that one)", stacklevel=2)  # fmt: skip
+
+
 def _open_dir(folder: Path) -> Checkpoint:
     for name in _WEIGHT_FILES:
         f = folder / name
@@ -137,6 +149,7 @@ def _open_dir(folder: Path) -> Checkpoint:
                 raise CheckpointError(
                     f"{f}: is a folder, not a weights file; remove it or give the weights file"
                 )
+            _say_which(folder, name)
             return (
                 open_checkpoint(f)
                 if name.endswith(".index.json")
@@ -144,6 +157,7 @@ def _open_dir(folder: Path) -> Checkpoint:
             )
     shards = sorted(folder.glob("*.safetensors"))
     if shards:
+        _say_which(folder, "*.safetensors")
         return _with_config(_open_safetensors(shards, folder, "safetensors-folder"), folder)
     indexes = sorted(folder.glob("*.index.json"))
     if indexes:

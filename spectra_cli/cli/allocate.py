@@ -187,6 +187,8 @@ def allocate_cmd(
     output: o.OutputOpt = None,
     html: o.HtmlOpt = None,
     plots: o.PlotsOpt = None,
+    columns: o.ColumnsOpt = None,
+    wide: o.WideOpt = False,
     quiet: o.QuietOpt = False,
 ) -> None:
     """LoRA rank per module under a budget (rank or parameters), and a PEFT config with rank_pattern."""
@@ -218,7 +220,7 @@ def allocate_cmd(
     from spectra_cli.report.render import envelope
 
     env = envelope("allocate", result.inputs, result.rows, result.summary, result.options)
-    emit(env, fmt, output, html=html, quiet=quiet)
+    emit(env, fmt, output, html=html, quiet=quiet, columns=columns, wide=wide)
 
 
 def register(app: typer.Typer) -> None:

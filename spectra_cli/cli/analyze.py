@@ -12,6 +12,7 @@ from spectra_cli.cli.emit import emit
 from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.outputs import check_outputs, figures_written
 from spectra_cli.cli.progress import progress_bar, warn
+from spectra_cli.report.render import plural
 
 EPILOG = """\
 Examples:
@@ -79,6 +80,8 @@ def analyze_cmd(
             rich_help_panel="Output",
         ),
     ] = None,
+    columns: o.ColumnsOpt = None,
+    wide: o.WideOpt = False,
     quiet: o.QuietOpt = False,
 ) -> None:
     """Per-matrix spectra: norms, stable and effective rank, heavy-tail α, entropy, NaN/Inf; and a summary."""
@@ -104,21 +107,26 @@ def analyze_cmd(
         result = run_analyze(ckpt, opts, progress=update)
     if result.summary.nonfinite:
         warn(
-            f"{len(result.summary.nonfinite)} matrices contain NaN/Inf and were not decomposed (see status column)",
+            f"{plural(len(result.summary.nonfinite), 'matrix contains', 'matrices contain')} NaN/Inf and "
+            "were not decomposed (see status column)",
             quiet,
         )
     if save_spectra:
         result.save_spectra(save_spectra)
-        warn(f"wrote singular values of {len(result.spectra)} matrices to {save_spectra}", quiet)
+        warn(f"wrote singular values of {plural(len(result.spectra), 'matrix', 'matrices')} to {save_spectra}", quiet)
     if plots:
-        from spectra_cli.report.views.analyze import analyze_plots
+        from spectra_cli.report.views.analyze import analyze_plots, choose_layers
 
+        if plot_layers and not choose_layers(result.rows, plot_layers):
+            warn(f"--plot-layers {plot_layers} matches no analysed matrix: no ESD figure drawn (names look like "
+                 f"{result.rows[0]['name'] if result.rows else '?'})", quiet)  # fmt: skip
+        warn(f"drawing figures into {plots}/ …", quiet)
         figs = analyze_plots(result.rows, result.spectra, plots, plot_layers)
         figures_written("analyze", plots, figs, result, quiet)
     from spectra_cli.report.render import envelope
 
     env = envelope("analyze", result.inputs, result.rows, result.summary, result.options)
-    emit(env, fmt, output, html=html, quiet=quiet)
+    emit(env, fmt, output, html=html, quiet=quiet, columns=columns, wide=wide)
 
 
 def register(app: typer.Typer) -> None:

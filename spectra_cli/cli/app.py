@@ -33,7 +33,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Show the version."
+        False, "--version", callback=_version, is_eager=True, help="Show the version.", metavar=""
     ),
 ) -> None:
     """spectra: spectral analysis of neural-network weights."""
@@ -56,6 +56,12 @@ def _register() -> None:
     # the order of `spectra --help`: look, compare, choose ranks, initialise, merge (and rebuild), gate, report
     for command in (analyze, compare, rankme, allocate, init_adapter, capture, merge, reconstruct, check, report):
         command.register(app)
+    from spectra_cli.cli.options import Command, tidy_help
+
+    for info in app.registered_commands:
+        info.cls = Command
+        if info.callback is not None:
+            tidy_help(info.callback)
 
 
 _register()

@@ -120,6 +120,8 @@ def capture_cmd(
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
     html: o.HtmlOpt = None,
+    columns: o.ColumnsOpt = None,
+    wide: o.WideOpt = False,
     quiet: o.QuietOpt = False,
 ) -> None:
     """Run a Hugging Face model over text and write per-module input statistics (CorDA, EVA).
@@ -153,7 +155,7 @@ def capture_cmd(
     from spectra_cli.report.render import envelope
 
     env = envelope("capture", result.inputs, result.rows, result.summary, result.options)
-    emit(env, fmt, output, html=html, quiet=quiet)
+    emit(env, fmt, output, html=html, quiet=quiet, columns=columns, wide=wide)
 
 
 def register(app: typer.Typer) -> None:

@@ -168,6 +168,8 @@ def check_cmd(
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
     html: o.HtmlOpt = None,
+    columns: o.ColumnsOpt = None,
+    wide: o.WideOpt = False,
     quiet: o.QuietOpt = False,
 ) -> None:
     """Gate a checkpoint on a policy of spectral rules: exit 0 all hold, 1 a rule fails, 2 the gate cannot run."""
@@ -179,7 +181,7 @@ def _check(ckpt: Path | None, policy: Path | None, base: Path | None, base_spect
            markdown: Path | None, github: bool, show_all: bool, allow_missing: bool, include: list[str] | None,
            exclude: list[str] | None, kinds: list[str] | None, min_dim: int, device: str, precision: o.Precision,
            backend: o.Backend, max_memory: int | None, fmt: o.Format, output: Path | None, html: Path | None,
-           quiet: bool) -> None:  # fmt: skip
+           columns: list[str] | None, wide: bool, quiet: bool) -> None:  # fmt: skip
     if init:
         _init(ckpt, force, quiet)
         return
@@ -221,7 +223,7 @@ def _check(ckpt: Path | None, policy: Path | None, base: Path | None, base_spect
 
     env = envelope("check", result.inputs, result.rows, result.summary, result.options)
     view = None if show_all else by_rule(view_for("check"), md)  # --all: every verdict, as the page has them
-    emit(env, fmt, output, html=html, quiet=quiet, view=view)
+    emit(env, fmt, output, html=html, quiet=quiet, columns=columns, wide=wide, view=view)
     if not result.ok:
         raise typer.Exit(1)
 

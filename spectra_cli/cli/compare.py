@@ -92,6 +92,8 @@ def compare_cmd(
     output: o.OutputOpt = None,
     html: o.HtmlOpt = None,
     plots: o.PlotsOpt = None,
+    columns: o.ColumnsOpt = None,
+    wide: o.WideOpt = False,
     quiet: o.QuietOpt = False,
 ) -> None:
     """Intruder dimensions, drift and subspace overlap of each tuned model against the base."""
@@ -150,7 +152,7 @@ def compare_cmd(
     from spectra_cli.report.render import envelope
 
     env = envelope("compare", result.inputs, result.rows, result.summary, result.options)
-    emit(env, fmt, output, html=html, quiet=quiet)
+    emit(env, fmt, output, html=html, quiet=quiet, columns=columns, wide=wide)
 
 
 def register(app: typer.Typer) -> None:

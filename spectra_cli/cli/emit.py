@@ -9,6 +9,9 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import typer
+
+from spectra_cli.cli import options as o
 from spectra_cli.cli.progress import warn
 
 if TYPE_CHECKING:
@@ -16,12 +19,16 @@ if TYPE_CHECKING:
 
 
 def emit(env: dict[str, Any], fmt: str | Enum, output: Path | None = None, *, html: Path | None = None,
-         quiet: bool = False, view: View | None = None) -> None:  # fmt: skip
+         quiet: bool = False, view: View | None = None, columns: list[str] | None = None,
+         wide: bool = False) -> None:  # fmt: skip
     """Render ``env`` as ``fmt`` to ``output`` (atomically) or stdout, then write the HTML page to ``html``.
 
     ``view`` replaces the command's registered view for the table, its notes and Markdown (``check``'s
     one-row-per-rule table, ``init-adapter``'s notes naming its --out folder); the page always uses the
-    registered view, so it equals ``spectra report`` of the run's ``--format json``."""
+    registered view, so it equals ``spectra report`` of the run's ``--format json``.
+
+    ``columns`` (``--columns``, parsed) and ``wide`` (``--wide``) choose the table's columns; an unknown column
+    name is a usage error (exit 2) listing the valid ones."""
     from spectra_cli.report.render import render, write_text
     from spectra_cli.report.views import view_for
 
@@ -37,7 +44,14 @@ def emit(env: dict[str, Any], fmt: str | Enum, output: Path | None = None, *, ht
     else:
         rows = shown.rows if name in ("table", "markdown") else None  # JSON and CSV hold the envelope's rows
         table_env = env if rows is None else {**env, "rows": rows(env)}
-        render(table_env, name, shown.columns(env), shown.title(env), shown.notes(env), output)
+        chosen = o.split_csv(columns) or None
+        try:
+            render(table_env, name, shown.columns(env), shown.title(env), shown.notes(env), output, chosen=chosen,
+                   wide=wide)  # fmt: skip
+        except ValueError as e:
+            if not chosen:
+                raise
+            raise typer.BadParameter(str(e), param_hint="--columns") from None
     if html is not None:
         from spectra_cli.report.html import write_html
 

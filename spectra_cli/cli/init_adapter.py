@@ -232,6 +232,8 @@ def init_adapter_cmd(
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
     html: o.HtmlOpt = None,
+    columns: o.ColumnsOpt = None,
+    wide: o.WideOpt = False,
     quiet: o.QuietOpt = False,
 ) -> None:
     """Export a PiSSA / MiLoRA / OLoRA / CorDA / EVA initialised LoRA adapter and its residual base, or extract
@@ -271,9 +273,9 @@ def init_adapter_cmd(
     from spectra_cli.report.views.init_adapter import with_out
 
     env = envelope("init-adapter", result.inputs, result.rows, s, result.options)
-    emit(env, fmt, output, html=html, quiet=quiet, view=with_out(view_for("init-adapter"), out))
+    emit(env, fmt, output, html=html, quiet=quiet, columns=columns, wide=wide, view=with_out(view_for("init-adapter"), out))
 
 
 def register(app: typer.Typer) -> None:
-    epilog = EPILOG + "\nMethods:\n\n" + "\n\n".join(f"  {line}" for line in _method_lines()) + "\n"
+    epilog = EPILOG + "\nMethods:\n\n" + o.help_paragraphs(_method_lines()) + "\n"
     app.command("init-adapter", epilog=epilog)(handle_errors(init_adapter_cmd))

@@ -40,7 +40,7 @@ def _method_help() -> str:
 def _epilog() -> str:
     """The examples, then one paragraph per method from the registry (name, summary, parameters, reference)."""
 
-    return MERGE_EPILOG + "\nMethods:\n\n" + "\n\n".join(f"  {line}" for line in _method_lines()) + "\n"
+    return MERGE_EPILOG + "\nMethods:\n\n" + o.help_paragraphs(_method_lines()) + "\n"
 
 
 def _method_lines() -> list[str]:
@@ -171,6 +171,8 @@ def merge_cmd(
     output: o.OutputOpt = None,
     html: o.HtmlOpt = None,
     plots: o.PlotsOpt = None,
+    columns: o.ColumnsOpt = None,
+    wide: o.WideOpt = False,
     quiet: o.QuietOpt = False,
 ) -> None:
     """Merge fine-tunes of one base (full checkpoints or LoRA adapters), or store them reversibly (rmm)."""
@@ -218,7 +220,7 @@ def merge_cmd(
     from spectra_cli.report.render import envelope
 
     env = envelope("merge", result.inputs, result.rows, result.summary, result.options)
-    emit(env, fmt, output, html=html, quiet=quiet)
+    emit(env, fmt, output, html=html, quiet=quiet, columns=columns, wide=wide)
 
 
 def register(app: typer.Typer) -> None:

@@ -17,13 +17,17 @@ The CLI does not check those rules again; it only parses (sizes, lists, ``NAME=P
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Mapping
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from types import UnionType
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import typer
+import typer.core
+import typer.models
 
 from spectra_cli.errors import SpectraError
 
@@ -103,6 +107,95 @@ def named_paths(items: list[str], param_hint: str, default_name: Callable[[Path]
     return out
 
 
+# ---- help: metavars in one style, readable errors for choices ---------------------------------------------
+
+
+def choice_parser(enum: type[Enum], flag: str) -> Callable[[Any], Enum]:
+    """A typer ``parser`` for an Enum option: the member, or exit 2 with one line
+    ``Error: --format yaml: choose one of table, json, csv, markdown``."""
+
+    def parse(value: Any) -> Enum:
+        if isinstance(value, enum):
+            return value
+        try:
+            return enum(value)
+        except ValueError:
+            choices = ", ".join(str(m.value) for m in enum)
+            from spectra_cli.cli.errors import error_line
+
+            error_line(f"{flag} {value}: choose one of {choices}")  # a usage error: one line, exit 2
+            raise typer.Exit(2) from None
+
+    return parse
+
+
+def _metavar(annotation: Any) -> str | None:
+    """The metavar of a parameter of type ``annotation`` (typer's ``<bool>``, ``<int>``, ``<path>`` replaced)."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) in (Union, UnionType) and len(args) == 1:
+        annotation = args[0]
+    if get_origin(annotation) is list:
+        inner = get_args(annotation)[0]
+        return _metavar(inner) or "TEXT"
+    if annotation is bool:
+        return ""
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return "[" + "|".join(str(m.value) for m in annotation) + "]"
+    return {int: "N", float: "X", str: "TEXT", Path: "PATH"}.get(annotation)
+
+
+def tidy_help(func: Callable[..., Any]) -> None:
+    """Give every typer parameter of the command ``func`` a metavar in one style (flags none, choices
+    ``[a|b|c]``, ``N``, ``X``, ``PATH``, ``TEXT``) where it sets none, and Enum options a parser whose bad value
+    reads ``Error: --format yaml: choose one of …``. Called once per command by ``cli/app.py``."""
+    target = inspect.unwrap(func)
+    hints = get_type_hints(target, include_extras=True)
+    # typer evaluates string annotations again (new typer.Option objects each time): keep these ones, in the
+    # annotations dict the wrapper shares
+    target.__annotations__.update(hints)
+    for name, hint in hints.items():
+        if get_origin(hint) is not Annotated:
+            continue
+        base, *extras = get_args(hint)
+        for info in extras:
+            if not isinstance(info, typer.models.ParameterInfo):
+                continue
+            if info.metavar is None and (mv := _metavar(base)) is not None:
+                info.metavar = mv
+            core = [a for a in get_args(base) if a is not type(None)] or [base]
+            enum = core[0] if isinstance(core[0], type) and issubclass(core[0], Enum) else None
+            if enum is not None and info.parser is None and isinstance(info, typer.models.OptionInfo):
+                decls = [info.default, *(info.param_decls or ())]
+                flags = [d for d in decls if isinstance(d, str) and d.startswith("--")]
+                info.parser = choice_parser(enum, flags[0] if flags else f"--{name.replace('_', '-')}")
+
+
+def help_paragraphs(lines: list[str], width: int = 94) -> str:
+    """Method paragraphs for an epilog, wrapped with a hanging indent (typer would wrap them flush left)."""
+    import textwrap
+
+    return "\n\n".join(textwrap.fill(line, width, initial_indent="  ", subsequent_indent="    ") for line in lines)
+
+
+class Command(typer.core.TyperCommand):
+    """Every command's class (``app.command(cls=Command)``): a usage line without typer's braces
+    (``spectra compare [OPTIONS] BASE TUNED...``), no type column for arguments (their help says what they are)
+    and no ``<bool>`` after ``--help``."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [p.replace("{", "").replace("}", "") for p in super().collect_usage_pieces(ctx)]
+        return [p.replace("......", "...").replace("...]...", "]...") for p in pieces]
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for p in params:
+            if isinstance(p, typer.core.TyperArgument):
+                p.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+            elif "--help" in getattr(p, "opts", ()):
+                p.metavar = ""
+        return params
+
+
 # ---- options classes from parsed values ------------------------------------------------------------------
 
 
@@ -123,7 +216,12 @@ def selection(include: list[str] | None, exclude: list[str] | None, kinds: list[
 def compute(device: str, precision: Precision | str, backend: Backend | str, max_memory: int | None
             ) -> dict[str, Any]:  # fmt: skip
     """The keyword arguments of :class:`~spectra_cli.options.ComputeOptions`."""
-    return {"device": device, "precision": _value(precision), "backend": _value(backend), "max_memory": max_memory}
+    return {
+        "device": device,
+        "precision": _value(precision),
+        "backend": _value(backend),
+        "max_memory": max_memory,
+    }
 
 
 def engine(device: str, precision: Precision | str, backend: Backend | str, max_memory: int | None,
@@ -222,6 +320,16 @@ OutputOpt = Annotated[
 PlotsOpt = Annotated[
     Path | None, typer.Option("--plots", metavar="DIR", help="Write PNG figures into this folder.", file_okay=False,
                               rich_help_panel="Output"),
+]  # fmt: skip
+ColumnsOpt = Annotated[
+    list[str] | None,
+    typer.Option("--columns", metavar="KEY,…", rich_help_panel="Output",
+                 help="Table columns to show, by their key in the JSON rows (e.g. name,alpha,alpha_tail); "
+                 "JSON, CSV and Markdown keep every column."),
+]  # fmt: skip
+WideOpt = Annotated[
+    bool, typer.Option("--wide", help="Show every column in the table (default: a set that fits 100 columns).",
+                       rich_help_panel="Output"),
 ]  # fmt: skip
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress bar and no warnings on stderr.",

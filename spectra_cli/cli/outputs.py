@@ -99,4 +99,7 @@ def figures_written(
 
     write_run_record(folder, command, sys.argv, result.inputs, result.options,
                      {"seconds": result.summary.seconds}, [p.name for p in figures], extra)  # fmt: skip
-    warn(f"wrote {len(figures)} figures to {folder}/", quiet)
+    from spectra_cli.report.render import plural
+
+    names = ", ".join(p.name for p in figures[:4]) + (", …" if len(figures) > 4 else "")
+    warn(f"wrote {plural(len(figures), 'figure', 'figures')} to {folder}/" + (f" ({names})" if figures else ""), quiet)

@@ -117,6 +117,8 @@ def rankme_cmd(
     output: o.OutputOpt = None,
     html: o.HtmlOpt = None,
     plots: o.PlotsOpt = None,
+    columns: o.ColumnsOpt = None,
+    wide: o.WideOpt = False,
     quiet: o.QuietOpt = False,
 ) -> None:
     """RankMe, effective rank, stable rank, participation ratio, α-ReQ and numerical rank of embeddings;
@@ -145,7 +147,7 @@ def rankme_cmd(
     from spectra_cli.report.render import envelope
 
     env = envelope("rankme", result.inputs, result.rows, result.summary, result.options)
-    emit(env, fmt, output, html=html, quiet=quiet)
+    emit(env, fmt, output, html=html, quiet=quiet, columns=columns, wide=wide)
 
 
 def register(app: typer.Typer) -> None:

@@ -53,6 +53,8 @@ def reconstruct_cmd(
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
     html: o.HtmlOpt = None,
+    columns: o.ColumnsOpt = None,
+    wide: o.WideOpt = False,
     quiet: o.QuietOpt = False,
 ) -> None:
     """Rebuild one task of an rmm bundle: a full checkpoint, or a PEFT LoRA adapter when it came in as one."""
@@ -66,7 +68,8 @@ def reconstruct_cmd(
     kind = "PEFT LoRA adapter" if s.kind == "adapter" else "checkpoint"
     warn(f"wrote {task} as a {kind} to {out}", quiet)
     env = envelope("reconstruct", result.inputs, result.rows, s, result.options)
-    emit(env, fmt, output, html=html, quiet=quiet)
+    emit(env, fmt, output, html=html, quiet=quiet, columns=columns, wide=wide)
+
 
 def register(app: typer.Typer) -> None:
     app.command("reconstruct", epilog=EPILOG)(handle_errors(reconstruct_cmd))

@@ -65,6 +65,7 @@ class AnalyzeSummary:
     nonfinite: list[NonfiniteMatrix]
     over_trained: int
     under_trained: int
+    small_tail: int
     mean_alpha: float | None
     mean_alpha_weighted: float | None
     mean_log_norm: float | None
@@ -271,6 +272,7 @@ def summarize(rows: list[dict[str, Any]], skipped_tensors: int, engine: dict[str
         ],
         over_trained=sum(1 for r in ok if r["alpha_flag"] == "over-trained"),
         under_trained=sum(1 for r in ok if r["alpha_flag"] == "under-trained"),
+        small_tail=sum(1 for r in ok if r["alpha_flag"] == "small-tail"),
         mean_alpha=_mean([r["alpha"] for r in fitted]),
         mean_alpha_weighted=_mean([r["alpha_weighted"] for r in fitted]),
         mean_log_norm=_mean([r["log_norm"] for r in ok]),

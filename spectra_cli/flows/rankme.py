@@ -21,7 +21,7 @@ from spectra_cli.checkpoint.embeddings import EmbeddingSource, chunk_rows_for, o
 from spectra_cli.errors import SpectraError
 from spectra_cli.options import ComputeOptions, EngineOptions
 from spectra_cli.results import RunResult, options_record
-from spectra_cli.spectral.engine import ResolvedEngine, resolve
+from spectra_cli.spectral.engine import ResolvedEngine, blas_threads, resolve
 from spectra_cli.spectral.rankme import (
     RANKME_EPS,
     GramAccumulator,
@@ -259,7 +259,8 @@ def score(
         budget = min(p.engine.budget, DEFAULT_CHUNK_BYTES) if opts.max_memory is None else p.engine.budget
         if p.acc_device:
             budget //= 2  # the chunk has a device copy as well
-        sc = score_source(src, opts.rows_per_chunk(src.k, budget), tick(name), p.acc_device)
+        with blas_threads((src.n, src.k)):  # one BLAS thread for small inputs (engine.SMALL_WORK)
+            sc = score_source(src, opts.rows_per_chunk(src.k, budget), tick(name), p.acc_device)
         done += src.n
         rows.append(_row(name, sc, src.label, src.dtype, time.perf_counter() - t))
         spectra[name] = sc.singular_values

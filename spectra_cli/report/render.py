@@ -12,6 +12,8 @@ import csv
 import io
 import json
 import math
+import os
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,14 +31,106 @@ SCHEMA_VERSION = 1
 FORMATS = ("table", "json", "csv", "markdown")
 
 
+#: table width when stdout is not a terminal and $COLUMNS is unset
+DEFAULT_WIDTH = 100
+ELLIPSIS = "…"
+
+
 @dataclass(frozen=True)
 class Column:
-    """A column of the human-readable views: row key, header, and a formatter."""
+    """A column of the human-readable views: row key, header, a formatter and its justification.
+
+    ``default``: shown in the table without ``--wide``/``--columns`` (each view's default set fits 100
+    columns). ``shorten``: a name column, shortened in the middle (:func:`shorten_name`) to fit the terminal
+    instead of wrapping. Right-justified (numeric) cells never wrap."""
 
     key: str
     header: str
     fmt: Callable[[Any], str] = str
     justify: str = "right"
+    default: bool = True
+    shorten: bool = False
+
+
+def plural(n: int, one: str, many: str) -> str:
+    """``1 matrix``, ``2 matrices``: ``n`` with the word that fits it."""
+    return f"{n:,} {one if n == 1 else many}"
+
+
+def table_width(file: IO[str] | None = None) -> int:
+    """The width tables are laid out for: the terminal's when ``file`` is one, else ``$COLUMNS``, else 100."""
+    if file is not None and hasattr(file, "isatty") and file.isatty():
+        import shutil
+
+        return shutil.get_terminal_size((DEFAULT_WIDTH, 24)).columns
+    try:
+        width = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        return DEFAULT_WIDTH
+    return width if width > 0 else DEFAULT_WIDTH
+
+
+def shorten_name(name: str, width: int) -> str:
+    """``name`` in at most ``width`` characters, shortened in the middle with an ellipsis: the dotted parts up to
+    the first number (the layer) and as many trailing parts (the module kind) as fit stay whole —
+    ``encoder.layer.3.attention.self.value.weight`` → ``encoder.layer.3.…self.value`` (a trailing ``weight`` or
+    ``bias`` goes first, without an ellipsis, when space is short); a name with no such shape keeps its first and last characters."""
+    if len(name) <= width:
+        return name
+    width = max(width, 5)
+    parts = name.split(".")
+    if len(parts) > 2 and parts[-1] in ("weight", "bias"):
+        parts = parts[:-1]
+        if len(".".join(parts)) <= width:
+            return ".".join(parts)
+    layer = next((i for i, p in enumerate(parts) if re.fullmatch(r"\d+", p)), None)
+    if layer is not None and layer < len(parts) - 1:
+        head = ".".join(parts[: layer + 1]) + "."
+        tail = parts[-1]
+        for p in reversed(parts[layer + 1 : -1]):
+            if len(head) + len(ELLIPSIS) + len(p) + 1 + len(tail) > width:
+                break
+            tail = f"{p}.{tail}"
+        if len(head) + len(ELLIPSIS) + len(tail) <= width:
+            return head + ELLIPSIS + tail
+        # the head is too long: keep the layer number and the kind, shorten what comes before
+        keep = f"{parts[layer]}.{ELLIPSIS}{parts[-1]}"
+        room = width - len(keep) - len(ELLIPSIS)
+        if room >= 1:
+            return ".".join(parts[:layer])[:room] + ELLIPSIS + keep
+    left = (width - 1) // 2
+    return name[:left] + ELLIPSIS + name[len(name) - (width - 1 - left) :]
+
+
+def select_columns(columns: Sequence[Column], rows: Sequence[Mapping[str, Any]], chosen: Sequence[str] | None,
+                   wide: bool = False) -> list[Column]:  # fmt: skip
+    """The table's columns: ``chosen`` keys in that order (a key of the rows with no column of its own gets a
+    plain one), else every column with ``wide``, else the view's default set. An unknown key raises
+    ``ValueError`` naming the valid ones."""
+    if chosen:
+        by_key = {c.key: c for c in columns}
+        valid = list(by_key)
+        for r in rows:
+            valid.extend(k for k in r if k not in valid)
+        unknown = [k for k in chosen if k not in valid]
+        if unknown:
+            raise ValueError(f"unknown column {', '.join(unknown)}; choose from {', '.join(valid)}")
+        return [
+            by_key.get(k) or Column(k, k, _cell, "right" if _numeric(rows, k) else "left") for k in chosen
+        ]
+    return list(columns) if wide else [c for c in columns if c.default]
+
+
+def _cell(x: Any) -> str:
+    if isinstance(x, list):
+        return ", ".join(_cell(v) for v in x) if x else "-"
+    if isinstance(x, dict):
+        return json.dumps(x, separators=(", ", ": "))
+    return fmt_num(x)
+
+
+def _numeric(rows: Sequence[Mapping[str, Any]], key: str) -> bool:
+    return any(isinstance(r.get(key), int | float) and not isinstance(r.get(key), bool) for r in rows)
 
 
 def envelope(command: str, inputs: dict[str, Any], rows: list[dict[str, Any]],
@@ -137,27 +231,44 @@ def _to_table(rows: list[dict[str, Any]], columns: Sequence[Column], title: str,
     # cells, title and notes come from files (tensor names, paths): Text, so Rich never parses them as markup,
     # and control characters escaped, so none reaches the terminal
     is_tty = hasattr(file, "isatty") and file.isatty()
-    console = Console(file=file, width=width or (None if is_tty else 200), no_color=not is_tty,
-                      highlight=False, soft_wrap=False)  # fmt: skip
-    table = Table(title=Text(terminal_safe(title, newlines=False)), title_justify="left", show_edge=False,
-                  pad_edge=False, header_style="bold")  # fmt: skip
+    width = width or table_width(file)
+    console = Console(file=file, width=width, no_color=not is_tty, highlight=False, soft_wrap=False)
+    # the title on its own line: as the table's title Rich would wrap it to the table's width
+    console.print(Text(terminal_safe(title, newlines=False)), soft_wrap=True)
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    cells = [[terminal_safe(c.fmt(r.get(c.key)), newlines=False) for c in columns] for r in rows]
+    widths = [max([len(c.header)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    # names are shortened in the middle to what the other columns leave (each column costs 3 more: padding
+    # and the rule), never below 20 characters; numbers and other cells never wrap
+    short = [i for i, c in enumerate(columns) if c.shorten]
+    if short:
+        others = sum(w + 3 for i, w in enumerate(widths) if i not in short)
+        room = max(20, (width - others) // len(short) - 3)
+        for row in cells:
+            for i in short:
+                row[i] = shorten_name(row[i], room)
     for c in columns:
         table.add_column(Text(terminal_safe(c.header, newlines=False)), justify=c.justify,  # type: ignore[arg-type]
-                         overflow="fold")  # fmt: skip
-    for r in rows:
+                         no_wrap=c.justify == "right" or c.shorten, overflow="fold" if c.justify == "left"
+                         and not c.shorten else "ellipsis")  # fmt: skip
+    for r, row in zip(rows, cells, strict=True):
         style = "red" if r.get("status") not in (None, "ok") else None
-        table.add_row(*(Text(terminal_safe(c.fmt(r.get(c.key)), newlines=False)) for c in columns), style=style)
+        table.add_row(*(Text(cell) for cell in row), style=style)
     console.print(table)
-    for n in notes:
-        console.print(Text(terminal_safe(n)))
+    for n in notes:  # whole lines, never wrapped: they are read and grepped
+        console.print(Text(terminal_safe(n)), soft_wrap=True)
 
 
 def render(env: dict[str, Any], fmt: str, columns: Sequence[Column], title: str, notes: list[str],
-           output: Path | None = None, width: int | None = None) -> None:  # fmt: skip
-    """Render ``env`` as ``fmt`` to ``output`` (atomically) or stdout."""
+           output: Path | None = None, width: int | None = None, chosen: Sequence[str] | None = None,
+           wide: bool = False) -> None:  # fmt: skip
+    """Render ``env`` as ``fmt`` to ``output`` (atomically) or stdout. The table shows ``chosen`` columns, all
+    with ``wide``, else the view's default set (:func:`select_columns`); Markdown shows every column unless
+    ``chosen``; JSON and CSV always hold every row field."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}")
     rows = env["rows"]
+    columns = select_columns(columns, rows, chosen, wide=wide or fmt == "markdown")
     if output is None or str(output) == "-":
         _emit(sys.stdout, env, rows, fmt, columns, title, notes, width)
         sys.stdout.flush()

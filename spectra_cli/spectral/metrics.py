@@ -17,7 +17,8 @@ EPS = {"float32": float(np.finfo(np.float32).eps), "float64": float(np.finfo(np.
 class SpectralMetrics:
     """Metrics of an m×n matrix W with singular values σ₁ ≥ σ₂ ≥ … (λ = σ²).
 
-    ``alpha`` is the power-law exponent of the tail of the eigenvalues λ (Clauset MLE, KS-chosen xmin);
+    ``alpha`` is the power-law exponent of the tail of the eigenvalues λ (Clauset MLE, KS-chosen xmin) fitted
+    on the ``alpha_tail`` eigenvalues λ ≥ ``alpha_xmin`` (``alpha_flag`` is ``small-tail`` below 50 of them);
     ``entropy`` is WeightWatcher's spectral entropy of p = λ/Σλ divided by log(numerical rank).
     """
 
@@ -33,6 +34,7 @@ class SpectralMetrics:
     alpha: float
     alpha_xmin: float
     alpha_ks: float
+    alpha_tail: int
     alpha_flag: str
     alpha_weighted: float
     log_norm: float
@@ -102,6 +104,7 @@ def compute_metrics(s: np.ndarray, shape: tuple[int, int], precision: str = "flo
         alpha=fit.alpha,
         alpha_xmin=fit.xmin,
         alpha_ks=fit.ks_distance,
+        alpha_tail=fit.n_tail,
         alpha_flag=fit.flag,
         alpha_weighted=fit.alpha * log_spec if np.isfinite(fit.alpha) else float("nan"),
         log_norm=math.log10(sum_lam) if sum_lam > 0 else float("-inf"),

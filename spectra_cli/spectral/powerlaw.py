@@ -9,6 +9,13 @@ D = maxⱼ |P(λⱼ) − j/n| between the fitted CDF P(λ) = 1 − (λ/xmin)^(1�
 Deviations from WeightWatcher, documented in the README: spectra fits the eigenvalues above the
 numerical-rank threshold (WeightWatcher: λ > 1e-5), and returns NaN below 10 of them (WeightWatcher switches
 to a different small-sample estimator below 20).
+
+The tail size n_tail (the eigenvalues λ ≥ xmin the MLE used) is reported with every fit. Below
+:data:`MIN_TAIL` = 50 of them the reading says ``small-tail`` instead of over-/under-trained: Clauset, Shalizi &
+Newman (2009, "Power-law distributions in empirical data", §3) find the MLE of α biased and its KS-chosen
+xmin unstable for tails of fewer than about 50 observations, and WeightWatcher's constants set the same 50 as
+its default minimum (``DEFAULT_MIN_EVALS = 50``; its ``MIN_NUM_EVALS = 10`` carries the comment
+"really 50"). α is still reported: the flag says it cannot be trusted.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import numpy as np
 MIN_EVALS = 10
 OVER_TRAINED = 2.0
 UNDER_TRAINED = 6.0
+#: below this many tail eigenvalues (λ ≥ xmin) α is flagged ``small-tail`` (Clauset et al. 2009; WeightWatcher)
+MIN_TAIL = 50
 
 
 @dataclass(frozen=True)
@@ -32,9 +41,12 @@ class PowerLawFit:
 
     @property
     def flag(self) -> str:
-        """WeightWatcher's reading of α: < 2 over-trained, > 6 under-trained."""
+        """WeightWatcher's reading of α: < 2 over-trained, > 6 under-trained; ``small-tail`` when the fit used
+        fewer than :data:`MIN_TAIL` eigenvalues (too few to read α either way)."""
         if not np.isfinite(self.alpha):
             return "n/a"
+        if self.n_tail < MIN_TAIL:
+            return "small-tail"
         if self.alpha < OVER_TRAINED:
             return "over-trained"
         if self.alpha > UNDER_TRAINED:

@@ -142,7 +142,7 @@ def test_several_epsilons(cases):
     r = run("compare", cases["base"].path, cases["intruders"].path, "--epsilon", "0.3,0.5")
     assert r.exit_code == 0
     assert "intr@0.3" in r.stdout and "intr@0.5" in r.stdout
-    assert "6 at ε=0.3, 7 at ε=0.5 intruder dimensions" in r.stdout
+    assert "intruder dimensions 6 at ε=0.3, 7 at ε=0.5" in r.stdout
 
 
 def test_json_envelope_and_other_formats(cases, tmp_path):
@@ -171,7 +171,7 @@ def test_json_envelope_and_other_formats(cases, tmp_path):
 def test_table_names_the_worst_modules(cases):
     r = run("compare", cases["base"].path, cases["intruders"].path)
     assert r.exit_code == 0
-    assert "intruders (checkpoint): 7 at ε=0.5 intruder dimensions; 3 of 4 matrices have any" in r.stdout
+    assert "intruders (checkpoint): intruder dimensions 7 at ε=0.5; 3 of 4 matrices have any" in r.stdout
     assert f"most intruders: {L1} (3)" in r.stdout
 
 

@@ -35,10 +35,13 @@ def invoke(*args: str | Path) -> Any:
 
 
 def error_lines(stderr: str) -> list[str]:
-    """The text inside the usage-error box (typer draws it with rich)."""
+    """The text inside the usage-error box (typer draws it with rich), or spectra's own one-line ``Error: …``
+    (a bad choice)."""
     inside, out = False, []
     for line in stderr.splitlines():
-        if line.startswith("╭─ Error"):
+        if line.startswith("Error: "):
+            out.append(line.removeprefix("Error: "))
+        elif line.startswith("╭─ Error"):
             inside = True
         elif line.startswith("╰"):
             inside = False

@@ -499,3 +499,22 @@ def test_wide_inputs_take_the_n_by_n_route(tmp_path: Path, monkeypatch: pytest.M
     assert got.numerical_rank == k_by_k.numerical_rank == 30
     assert got.alpha_req_points == k_by_k.alpha_req_points
     assert got.covariance_eigenvalues.shape == (500,) and got.singular_values.shape == (30,)
+
+
+def test_small_inputs_are_scored_on_one_blas_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 600×384 input is small work (engine.SMALL_WORK): its Gram and eigensolve run on one BLAS thread, as the
+    analyze engine's, so a busy machine's spinning BLAS threads do not slow it tenfold."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import spectra_cli.flows.rankme as flow
+
+    seen: list[int] = []
+    real = flow.score_source
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.extend(p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(flow, "score_source", spy)
+    np.save(tmp_path / "a.npy", np.random.default_rng(0).standard_normal((600, 384)).astype(np.float32))
+    flow.run_rankme([("a", tmp_path / "a.npy")], flow.RankmeOptions())
+    assert seen and set(seen) == {1}

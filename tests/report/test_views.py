@@ -38,8 +38,8 @@ def recorded(case: str) -> dict[str, Any]:
 
 COMPARE = ["tuned", "name", "kind", "depth", "shape"]
 COMPARE_TAIL = ["ranks", "min max|cos|", "‖ΔW‖/‖W‖", "erank ΔW", "overlap@k", "Δ erank", "status"]
-ANALYZE = ["name", "kind", "depth", "shape", "dtype", "σ₁", "stable rank", "eff. rank", "r90", "α", "α reading",
-           "entropy", "status"]  # fmt: skip
+ANALYZE = ["name", "kind", "depth", "shape", "dtype", "σ₁", "stable rank", "eff. rank", "r90", "α", "tail",
+           "α reading", "entropy", "status"]  # fmt: skip
 ALLOCATE = ["module", "kind", "shape", "rank", "params", "α", "energy", "uniform r", "uniform energy"]
 MERGE_HEAD = ["module", "task", "shape", "source"]
 MERGE_TAIL = ["‖ΔW‖", "rel. error", "kept", "energy kept", "max |cos|", "overlap@k"]
@@ -58,12 +58,12 @@ TABLES: dict[str, tuple[str, list[str], list[str]]] = {
         "lowest α 2.46 in encoder.layer.0.attention.self.query.weight; highest α 8.44 in "
         "encoder.layer.4.attention.self.value.weight", "no NaN/Inf weights", "2.50 s on cpu (numpy, svd, float64)"]),
     "compare": ("spectra compare minilm", [*COMPARE, "intr@0.5", *COMPARE_TAIL], [
-        "lora-a (adapter): 0 at ε=0.5 intruder dimensions; 0 of 12 matrices have any; mean ‖ΔW‖/‖W‖ 0.05",
+        "lora-a (adapter): intruder dimensions 0 at ε=0.5; 0 of 12 matrices have any; mean ‖ΔW‖/‖W‖ 0.05",
         "2.50 s"]),
     "compare-eps": ("spectra compare minilm", [*COMPARE, "intr@0.3", "intr@0.5", "intr@0.7", *COMPARE_TAIL], [
-        "lora-a (adapter): 0 at ε=0.3, 0 at ε=0.5, 0 at ε=0.7 intruder dimensions; 0 of 6 matrices have any; "
+        "lora-a (adapter): intruder dimensions 0 at ε=0.3, 0 at ε=0.5, 0 at ε=0.7; 0 of 6 matrices have any; "
         "mean ‖ΔW‖/‖W‖ 0.05",
-        "lora-b (adapter): 0 at ε=0.3, 0 at ε=0.5, 0 at ε=0.7 intruder dimensions; 0 of 6 matrices have any; "
+        "lora-b (adapter): intruder dimensions 0 at ε=0.3, 0 at ε=0.5, 0 at ε=0.7; 0 of 6 matrices have any; "
         "mean ‖ΔW‖/‖W‖ 0.05", "2.50 s"]),
     "rankme-layers": ("spectra rankme", ["input", "N", "K", "RankMe", "RankMe/min(N,K)", "erank", "stable rank",
                                          "PR", "α-ReQ", "num. rank"], [
@@ -72,12 +72,12 @@ TABLES: dict[str, tuple[str, list[str], list[str]]] = {
     "allocate": ("spectra allocate minilm (energy)", ALLOCATE, [
         "strategy energy: 12 of 12 modules adapted, budget 96 ranks, used 96 (73,728 trainable parameters; "
         "uniform rank 8 uses 73,728)", "mean energy captured 14.7% vs 14.4% for uniform",
-        "PEFT: r = 8, lora_alpha = 8 (scale); 2.50 s"]),
+        "PEFT config: r = 8 (the most common rank; the others in rank_pattern), lora_alpha = 8 (scale); 2.50 s"]),
     "allocate-welore": ("spectra allocate minilm (welore)", [*ALLOCATE, "pruned (σ̃ < t)"], [
         "strategy welore: 12 of 12 modules adapted, budget 96 ranks, used 96 (73,728 trainable parameters; "
         "uniform rank 8 uses 73,728)", "mean energy captured 13.9% vs 14.4% for uniform",
         "WeLore threshold t = 0.8014 (reduction ratio 0.979; 12 low-rank components, more than half their rank "
-        "below t)", "PEFT: r = 11, lora_alpha = 11 (scale); 2.50 s"]),
+        "below t)", "PEFT config: r = 11 (the most common rank; the others in rank_pattern), lora_alpha = 11 (scale); 2.50 s"]),
     "capture": ("spectra capture minilm", ["module", "in", "tokens", "shares input with", "k", "expl. var (k)",
                                            "top ratio", "converged"], [
         "18 modules (6 distinct inputs) over 9100 tokens from 600 examples, written to acts.safetensors",
@@ -88,11 +88,11 @@ TABLES: dict[str, tuple[str, list[str], list[str]]] = {
         "pissa: 12 modules (r=8: 12), 73,728 adapter parameters",
         "adapter: <--out>/adapter; residual: <--out>/residual (as stored)", "2.50 s on cpu, peak RSS 321 MB"]),
     "init-eva": ("spectra init-adapter minilm --method eva", ["module", "shape", "rank", "alpha",
-                                                              "explained_variance"], [
+                                                              "expl. var."], [
         "eva: 18 modules (r=6: 3, r=8: 9, r=9: 6), 110,592 adapter parameters", "adapter: <--out>/adapter",
         "2.50 s on cpu, peak RSS 321 MB"]),
-    "init-corda": ("spectra init-adapter minilm --method corda", ["module", "shape", "rank", "alpha", "damping",
-                                                                  "mode", "relative_residual"], [
+    "init-corda": ("spectra init-adapter minilm --method corda", ["module", "shape", "rank", "alpha",
+                                                                  "damping λ", "mode", "residual ‖W_res‖/‖W‖"], [
         "corda: 12 modules (r=8: 12), 73,728 adapter parameters",
         "adapter: <--out>/adapter; residual: <--out>/residual (as stored)", "2.50 s on cpu, peak RSS 321 MB"]),
     "init-extract": ("spectra init-adapter minilm --method extract", ["module", "shape", "rank", "alpha",
@@ -107,8 +107,8 @@ TABLES: dict[str, tuple[str, list[str], list[str]]] = {
     "merge-rmm": ("spectra merge minilm (rmm)", [*MERGE_HEAD, "p", "storage", *MERGE_TAIL], [
         "method rmm (Reversible Model Merging (RMM), 2025: a shared per-module basis with per-task coefficients); "
         "12 modules × 3 tasks", "mean relative error per task: a 4.14e-09, b 4.14e-09, c 4.14e-09",
-        "storage: 3 of the 3 inputs (663,624 of 221,184 numbers; merged matrices alone 3; 0.125 of n dense "
-        "updates); overall relative error 6.74e-09",
+        "storage: the bundle holds 663,624 numbers, 3× the 221,184 of the 3 inputs (the merged matrices alone: 3×) "
+        "and 0.125× 3 dense updates; overall relative error 6.74e-09",
         "interference: mean |cos| between task updates 0.000426, max 0.00068",
         "sweep (merged matrices): p=1: err 0.576, storage 2; p=2: err 6.74e-09, storage 3; p=3: err 0, storage 3",
         "wrote bundle bundle in 2.50 s"]),

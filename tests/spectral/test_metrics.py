@@ -240,4 +240,18 @@ def test_training_flags_from_fitted_alpha(alpha, flag):
     [(1.99, "over-trained"), (2.0, "ok"), (6.0, "ok"), (6.01, "under-trained"), (float("nan"), "n/a")],
 )
 def test_flag_thresholds(alpha, flag):
-    assert PowerLawFit(alpha, 1.0, 0.1, 10).flag == flag
+    assert PowerLawFit(alpha, 1.0, 0.1, 50).flag == flag
+
+
+@pytest.mark.parametrize("alpha", [1.5, 3.0, 8.0])
+def test_a_fit_on_fewer_than_50_tail_eigenvalues_reads_small_tail(alpha):
+    assert PowerLawFit(alpha, 1.0, 0.1, 49).flag == "small-tail"
+    assert PowerLawFit(float("nan"), 1.0, 0.1, 5).flag == "n/a"
+
+
+def test_alpha_tail_counts_the_eigenvalues_at_or_above_xmin():
+    s = np.sqrt(pareto_samples(400, 3.0, seed=4))
+    m = compute_metrics(s, (400, 400), "float64")
+    lam = np.sort(s**2)
+    assert m.alpha_tail == int(np.count_nonzero(lam >= m.alpha_xmin))
+    assert m.alpha_tail >= 50 and m.alpha_flag == "ok"

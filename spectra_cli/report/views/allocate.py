@@ -32,15 +32,15 @@ def columns(env: Env) -> list[Column]:
     rows = env["rows"]
     extra = list(rows[0]) if rows else []
     cols = [
-        Column("name", "module", str, "left"),
-        Column("kind", "kind", str, "left"),
+        Column("name", "module", str, "left", shorten=True),
+        Column("kind", "kind", str, "left", default=False),
         Column("shape", "shape"),
         Column("rank", "rank"),
         Column("params", "params", lambda x: f"{x:,}"),
         Column("alpha", "α", lambda x: "-" if x is None else fmt_num(x, 2)),
         Column("energy", "energy", _pct),
         Column("uniform_rank", "uniform r"),
-        Column("uniform_energy", "uniform energy", _pct),
+        Column("uniform_energy", "uniform energy", _pct, default=False),
     ]
     if "effective_rank" in extra:
         cols.append(Column("effective_rank", "eff. rank", lambda x: fmt_num(x, 1)))
@@ -70,7 +70,8 @@ def notes(env: Env) -> list[str]:
             f"dropped (rank 0): {', '.join(s['dropped'][:5])}" + (" …" if len(s["dropped"]) > 5 else "")
         )
     lines.append(
-        f"PEFT: r = {s['r']}, lora_alpha = {s['lora_alpha']:g} ({s['alpha_policy']}); {s['seconds']:.2f} s"
+        f"PEFT config: r = {s['r']} (the most common rank; the others in rank_pattern), lora_alpha = "
+        f"{s['lora_alpha']:g} ({s['alpha_policy']}); {s['seconds']:.2f} s"
     )
     return lines
 

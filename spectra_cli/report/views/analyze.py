@@ -10,7 +10,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spectra_cli.report.render import Column
+from spectra_cli.report.render import Column, plural
 from spectra_cli.report.views.common import Card, Env, Row, dash, num, number
 
 if TYPE_CHECKING:
@@ -25,18 +25,19 @@ def title(env: Env) -> str:
 
 def columns(env: Env) -> list[Column]:
     return [
-        Column("name", "name", str, "left"),
-        Column("kind", "kind", str, "left"),
-        Column("depth", "depth", dash),
+        Column("name", "name", str, "left", shorten=True),
+        Column("kind", "kind", str, "left", default=False),
+        Column("depth", "depth", dash, default=False),
         Column("shape", "shape"),
-        Column("dtype", "dtype", str, "left"),
-        Column("spectral_norm", "σ₁", number()),
-        Column("stable_rank", "stable rank", number()),
+        Column("dtype", "dtype", str, "left", default=False),
+        Column("spectral_norm", "σ₁", number(), default=False),
+        Column("stable_rank", "stable rank", number(), default=False),
         Column("effective_rank", "eff. rank", number(1)),
-        Column("energy_rank_90", "r90", dash),
+        Column("energy_rank_90", "r90", dash, default=False),
         Column("alpha", "α", number()),
+        Column("alpha_tail", "tail", dash),
         Column("alpha_flag", "α reading", lambda x: x or "-", "left"),
-        Column("entropy", "entropy", number()),
+        Column("entropy", "entropy", number(), default=False),
         Column("status", "status", lambda x: x or "-", "left"),
     ]
 
@@ -45,13 +46,19 @@ def notes(env: Env) -> list[str]:
     s = env["summary"]
     eng = s.get("engine", {})
     lines = [
-        f"{s['analysed']} of {s['matrices']} matrices analysed, {s['params']:,} parameters"
-        + (f"; {s['skipped_tensors']} non-matrix tensors skipped" if s.get("skipped_tensors") else ""),
+        f"{s['analysed']} of {plural(s['matrices'], 'matrix', 'matrices')} analysed, {s['params']:,} parameters"
+        + (f"; {plural(s['skipped_tensors'], 'non-matrix tensor', 'non-matrix tensors')} skipped"
+           if s.get("skipped_tensors") else ""),
     ]
     if s.get("mean_alpha") is not None:
         lines.append(
             f"α: mean {s['mean_alpha']:.2f}, {s['over_trained']} below 2 (over-trained), "
             f"{s['under_trained']} above 6 (under-trained)"
+            + (
+                f", {s['small_tail']} fitted on fewer than 50 tail eigenvalues (small-tail: α not read)"
+                if s.get("small_tail")
+                else ""
+            )
         )
     if s.get("lowest_alpha"):
         lo = s["lowest_alpha"][0]
@@ -63,7 +70,7 @@ def notes(env: Env) -> list[str]:
         names = ", ".join(
             f"{b['name']} ({b['nan_count']} NaN, {b['inf_count']} Inf)" for b in s["nonfinite"][:5]
         )
-        lines.append(f"NaN/Inf found in {len(s['nonfinite'])} matrices (not decomposed): {names}")
+        lines.append(f"NaN/Inf found in {plural(len(s['nonfinite']), 'matrix', 'matrices')} (not decomposed): {names}")
     else:
         lines.append("no NaN/Inf weights")
     if "device" in eng:

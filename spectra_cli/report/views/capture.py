@@ -18,13 +18,13 @@ def title(env: Env) -> str:
 
 def columns(env: Env) -> list[Column]:
     return [
-        Column("name", "module", str, "left"),
+        Column("name", "module", str, "left", shorten=True),
         Column("in_features", "in"),
         Column("tokens", "tokens"),
-        Column("alias_of", "shares input with", lambda x: x or "-", "left"),
+        Column("alias_of", "shares input with", lambda x: x or "-", "left", shorten=True),
         Column("components", "k"),
         Column("explained_variance", "expl. var (k)", fmt_num),
-        Column("top_ratio", "top ratio", fmt_num),
+        Column("top_ratio", "top ratio", fmt_num, default=False),
         Column("converged", "converged", dash),
     ]
 

@@ -25,7 +25,7 @@ def columns(env: Env) -> list[Column]:
     """The verdict columns (one row per rule × module)."""
     return [
         Column("rule", "rule", str, "left"),
-        Column("module", "module", str, "left"),
+        Column("module", "module", str, "left", shorten=True),
         Column("value", "value", lambda x: fmt_num(x, 4)),
         Column("limit", "limit", lambda x: str(x) if isinstance(x, list) else fmt_num(x)),
         Column("status", "status", str, "left"),

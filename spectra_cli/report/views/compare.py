@@ -8,7 +8,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spectra_cli.report.render import Column, fmt_num
+from spectra_cli.report.render import Column, fmt_num, plural
 from spectra_cli.report.views.common import Card, Env, Row, dash, num
 
 if TYPE_CHECKING:
@@ -35,19 +35,23 @@ def title(env: Env) -> str:
 def columns(env: Env) -> list[Column]:
     cols = [
         Column("tuned", "tuned", str, "left"),
-        Column("name", "name", str, "left"),
-        Column("kind", "kind", str, "left"),
-        Column("depth", "depth", dash),
+        Column("name", "name", str, "left", shorten=True),
+        Column("kind", "kind", str, "left", default=False),
+        Column("depth", "depth", dash, default=False),
         Column("shape", "shape"),
     ]
-    cols += [Column(f"intruders@{e:g}", f"intr@{e:g}", dash) for e in epsilons(env)]
+    # the first two ε by default (and overlap@k with one ε only), the others with --wide: fits 100 columns
+    eps = epsilons(env)
+    cols += [Column(f"intruders@{e:g}", f"intr@{e:g}", dash, default=i < 2) for i, e in enumerate(eps)]
     cols += [
-        Column("intruder_ranks", "ranks", lambda x: ",".join(map(str, x)) if x else "-", "left"),
+        Column(
+            "intruder_ranks", "ranks", lambda x: ",".join(map(str, x)) if x else "-", "left", default=False
+        ),
         Column("min_max_cos", "min max|cos|", fmt_num),
         Column("relative_delta", "‖ΔW‖/‖W‖", fmt_num),
-        Column("delta_effective_rank", "erank ΔW", fmt_num),
-        Column("subspace_overlap", "overlap@k", fmt_num),
-        Column("effective_rank_change", "Δ erank", fmt_num),
+        Column("delta_effective_rank", "erank ΔW", fmt_num, default=False),
+        Column("subspace_overlap", "overlap@k", fmt_num, default=len(eps) == 1),
+        Column("effective_rank_change", "Δ erank", fmt_num, default=False),
         Column("status", "status", lambda x: x or "-", "left"),
     ]
     return cols
@@ -60,8 +64,9 @@ def notes(env: Env) -> list[str]:
         totals = ", ".join(f"{v} at ε={k}" for k, v in t["total_intruders"].items())
         rel = t["mean_relative_delta"]
         lines.append(
-            f"{name} ({t['source']}): {totals} intruder dimensions; {t['matrices_with_intruders']} of "
-            f"{t['matrices']} matrices have any; mean ‖ΔW‖/‖W‖ " + ("-" if rel is None else f"{rel:.3g}")
+            f"{name} ({t['source']}): intruder dimensions {totals}; {t['matrices_with_intruders']} of "
+            f"{plural(t['matrices'], 'matrix has', 'matrices have')} any; mean ‖ΔW‖/‖W‖ "
+            + ("-" if rel is None else f"{rel:.3g}")
         )
         worst = [w for w in t["worst_modules"] if w["intruders"] > 0][:3]
         if worst:
@@ -69,7 +74,7 @@ def notes(env: Env) -> list[str]:
         if t["missing"]:
             lines.append(f"  skipped (not in the other model): {len(t['missing'])}")
         if t["nonfinite"]:
-            lines.append(f"  {t['nonfinite']} matrices with NaN/Inf were not compared")
+            lines.append(f"  {plural(t['nonfinite'], 'matrix', 'matrices')} with NaN/Inf not compared")
     lines.append(f"{s['seconds']:.2f} s")
     return lines
 

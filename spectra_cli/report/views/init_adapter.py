@@ -18,7 +18,14 @@ if TYPE_CHECKING:
     from spectra_cli.report.plots import Figure
 
 _KNOWN = {"name", "kind", "depth", "shape", "dtype", "rank", "alpha", "scale", "seconds"}
-_HEADERS = {"energy": "energy", "relative_error": "rel. error", "sigma_r": "σ_r"}
+_HEADERS = {
+    "energy": "energy",
+    "relative_error": "rel. error",
+    "sigma_r": "σ_r",
+    "explained_variance": "expl. var.",
+    "relative_residual": "residual ‖W_res‖/‖W‖",
+    "damping": "damping λ",
+}
 
 
 def title(env: Env) -> str:
@@ -28,7 +35,7 @@ def title(env: Env) -> str:
 def columns(env: Env) -> list[Column]:
     """module, shape, rank, alpha, then every other field the method adds to the rows."""
     cols = [
-        Column("name", "module", str, "left"),
+        Column("name", "module", str, "left", shorten=True),
         Column("shape", "shape"),
         Column("rank", "rank"),
         Column("alpha", "alpha", lambda x: "-" if x is None else fmt_num(x)),

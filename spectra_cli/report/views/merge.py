@@ -23,20 +23,20 @@ def title(env: Env) -> str:
 def columns(env: Env) -> list[Column]:
     """The rmm columns (basis size p, storage) only for ``--method rmm``."""
     cols = [
-        Column("module", "module", str, "left"),
+        Column("module", "module", str, "left", shorten=True),
         Column("task", "task", str, "left"),
         Column("shape", "shape"),
-        Column("source", "source", str, "left"),
+        Column("source", "source", str, "left", default=False),
     ]
     if env["options"]["method"] == "rmm":
         cols += [Column("p", "p", dash), Column("storage", "storage", fmt_num)]
     cols += [
-        Column("delta_norm", "‖ΔW‖", fmt_num),
+        Column("delta_norm", "‖ΔW‖", fmt_num, default=False),
         Column("rel_error", "rel. error", fmt_num),
         Column("kept", "kept", fmt_num),
         Column("energy_kept", "energy kept", fmt_num),
         Column("max_cos", "max |cos|", fmt_num),
-        Column("mean_overlap", "overlap@k", fmt_num),
+        Column("mean_overlap", "overlap@k", fmt_num, default=False),
     ]
     return cols
 
@@ -47,10 +47,11 @@ def notes(env: Env) -> list[str]:
     errs = ", ".join(f"{t} {'-' if v is None else f'{v:.3g}'}" for t, v in s["mean_rel_error"].items())
     lines.append(f"mean relative error per task: {errs}")
     if "storage" in s and s["storage"] is not None:
+        n = len(s["tasks"])
         lines.append(
-            f"storage: {s['storage']:.3g} of the {len(s['tasks'])} inputs ({s['stored_numbers']:,} of "
-            f"{s['raw_numbers']:,} numbers; merged matrices alone {s['matrix_storage']:.3g}; "
-            f"{s['storage_vs_dense']:.3g} of n dense updates); overall relative error {s['overall_error']:.3g}"
+            f"storage: the bundle holds {s['stored_numbers']:,} numbers, {s['storage']:.3g}× the "
+            f"{s['raw_numbers']:,} of the {n} inputs (the merged matrices alone: {s['matrix_storage']:.3g}×) and "
+            f"{s['storage_vs_dense']:.3g}× {n} dense updates; overall relative error {s['overall_error']:.3g}"
         )
     off = _off_diagonal(s["cosine"])
     if off:

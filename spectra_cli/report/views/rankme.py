@@ -25,16 +25,16 @@ def title(env: Env) -> str:
 
 def columns(env: Env) -> list[Column]:
     return [
-        Column("input", "input", str, "left"),
+        Column("input", "input", str, "left", shorten=True),
         Column("N", "N", fmt_num),
         Column("K", "K", fmt_num),
         Column("rankme", "RankMe", fmt_num),
         Column("rankme_fraction", "RankMe/min(N,K)", fmt_num),
         Column("effective_rank", "erank", fmt_num),
-        Column("stable_rank", "stable rank", fmt_num),
-        Column("participation_ratio", "PR", fmt_num),
+        Column("stable_rank", "stable rank", fmt_num, default=False),
+        Column("participation_ratio", "PR", fmt_num, default=False),
         Column("alpha_req", "α-ReQ", fmt_num),
-        Column("numerical_rank", "num. rank", fmt_num),
+        Column("numerical_rank", "num. rank", fmt_num, default=False),
     ]
 
 

@@ -18,7 +18,7 @@ def title(env: Env) -> str:
 
 def columns(env: Env) -> list[Column]:
     return [
-        Column("module", "module", str, "left"),
+        Column("module", "module", str, "left", shorten=True),
         Column("shape", "shape"),
         Column("p", "p"),
         Column("rel_error", "rel. error", fmt_num),
