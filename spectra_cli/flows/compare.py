@@ -20,7 +20,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 
-from spectra_cli.checkpoint.loader import MatrixLoader
+from spectra_cli.checkpoint.loader import MatrixLoader, prefetched
 from spectra_cli.checkpoint.matrices import MatrixSpec, select_matrices
 from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
 from spectra_cli.checkpoint.tuned import Tuned, open_tuned
@@ -265,9 +265,9 @@ def measure(
     kept: list[ModuleResult] = []
     total = p.pairs
     done = 0
-    for spec in p.work:
+    # the next base matrix is read on a background thread while this one is decomposed
+    for spec, w0 in prefetched(p.work, lambda s: base_loader.dense(s, p.dtype)):
         with blas_threads(spec.shape):  # see engine.SMALL_WORK
-            w0 = base_loader.dense(spec, p.dtype)
             bad0 = _nonfinite(w0)
             base_svd = svd(w0) if not bad0 else None
             for t in p.tuned:

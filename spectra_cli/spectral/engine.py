@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from spectra_cli.checkpoint import torch_tensors
 from spectra_cli.checkpoint.matrices import MatrixSpec
 from spectra_cli.checkpoint.tensors import RawTensor, to_float
 from spectra_cli.errors import BudgetError, DeviceError
@@ -122,17 +123,32 @@ def resolve(opts: EngineOptions) -> ResolvedEngine:
             )
         dev = f"cuda:{idx}"
         backend = "torch"
-        free, _ = torch.cuda.mem_get_info(idx)
-        default_budget = int(free * 0.5)
+        default_budget = default_budget_for(dev, cuda_free_bytes(idx))
     elif dev == "cpu":
         backend = "torch" if opts.backend == "torch" else "numpy"
-        default_budget = min(int(_available_ram() * 0.25), 4 * 1024**3)
+        default_budget = default_budget_for(dev, _available_ram())
     else:
         raise DeviceError(f"--device {opts.device}: expected auto, cpu, cuda or cuda:N")
     method = opts.method
     if method == "auto":
         method = "gram" if opts.precision == "float32" else "svd"
     return ResolvedEngine(dev, backend, method, opts.precision, opts.max_memory or default_budget)
+
+
+def default_budget_for(device: str, free: int) -> int:
+    """The memory budget without ``--max-memory``: half the free GPU memory on CUDA (``--max-memory`` is GPU
+    memory there), a quarter of the available RAM (at most 4 GB) on the CPU."""
+    if device.startswith("cuda"):
+        return int(free * 0.5)
+    return min(int(free * 0.25), 4 * 1024**3)
+
+
+def cuda_free_bytes(idx: int) -> int:
+    """Free memory of CUDA device ``idx`` in bytes (``torch.cuda.mem_get_info``)."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(idx)
+    return int(free)
 
 
 def _torch_cuda_ok() -> bool:
@@ -292,6 +308,10 @@ class _NumpyKernel:
                 return list(self._pool.map(self._one, raws))
             return [self._one(raw) for raw in raws]
 
+    def stage(self, raw: RawTensor) -> RawTensor:
+        """On the reader thread: nothing to do for NumPy (the upcast is the kernel's)."""
+        return raw
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
@@ -328,28 +348,36 @@ class _TorchKernel:
     def close(self) -> None:
         """Nothing to release (the CUDA caching allocator keeps its blocks for the next batch)."""
 
+    def stage(self, raw: RawTensor) -> Any:
+        """On the reader thread: a host tensor in the stored dtype, pinned for CUDA (see ``torch_tensors``)."""
+        return torch_tensors.stage(raw, self.eng.device)
+
+    def _dtype_for(self, t: Any) -> Any:
+        # float64 weights stay float64 until linalg has scaled them into float32's range
+        return self.torch.float64 if t.dtype == self.torch.float64 else self.cdtype
+
     def _to_device(self, raw: RawTensor) -> Any:
-        """On the device in the compute dtype (float64 weights stay float64 until linalg has scaled them)."""
-        torch = self.torch
-        t = torch.from_numpy(np.ascontiguousarray(raw.data))
-        if raw.dtype == "BF16":
-            t = t.view(torch.int16).view(torch.bfloat16)
-        return t.to(self.device, non_blocking=True).to(torch.float64 if raw.dtype == "F64" else self.cdtype)
+        """On the device in the compute dtype: moved in the stored dtype, upcast there."""
+        host = self.stage(raw)
+        return torch_tensors.upload(host, self.eng.device, self._dtype_for(host))
 
     def values(
-        self, raws: list[RawTensor], specs: list[MatrixSpec]
+        self, raws: list[Any], specs: list[MatrixSpec]
     ) -> list[tuple[np.ndarray | None, int, int]]:
+        """``raws``: staged host tensors (or RawTensors), all of one shape and dtype: one device tensor holds
+        the stack, each matrix moved in its stored dtype and upcast into its slot (no extra stacking copy)."""
         torch = self.torch
-        xs = []
-        for raw, _spec in zip(raws, specs, strict=True):
-            x = self._to_device(raw)
-            xs.append(x.reshape(x.shape[0], -1))
-        x = torch.stack(xs)
+        hosts = [r if not isinstance(r, RawTensor) else self.stage(r) for r in raws]
+        first = hosts[0].reshape(hosts[0].shape[0], -1)
+        x = torch.empty((len(hosts), *first.shape), dtype=self._dtype_for(first), device=self.device)
+        for slot, h in zip(x, hosts, strict=True):
+            slot.copy_(torch_tensors.upload(h.reshape(first.shape), self.eng.device))
+        del hosts
         finite = torch.isfinite(x).flatten(1).all(dim=1).cpu().numpy()
-        results: list[tuple[np.ndarray | None, int, int]] = [(None, 0, 0)] * len(xs)
+        results: list[tuple[np.ndarray | None, int, int]] = [(None, 0, 0)] * x.shape[0]
         ok = np.flatnonzero(finite)
         if ok.size:
-            sub = x[torch.as_tensor(ok, device=self.device)] if ok.size < len(xs) else x
+            sub = x[torch.as_tensor(ok, device=self.device)] if ok.size < x.shape[0] else x
             vals = linalg.singular_values(sub, self.eng.method, dtype=self.cdtype)
             host = vals.to("cpu", torch.float64).numpy()
             for j, i in enumerate(ok):
@@ -394,10 +422,10 @@ def singular_values(
     def is_chunked(batch: list[MatrixSpec]) -> bool:
         return len(batch) == 1 and working_bytes(batch[0], eng.method, eng.precision) > half
 
-    def read(batch: list[MatrixSpec]) -> list[RawTensor]:
-        return [load(s) for s in batch]
+    def read(batch: list[MatrixSpec]) -> list[Any]:
+        return [kernel.stage(load(s)) for s in batch]
 
-    def prefetch(i: int) -> Future[list[RawTensor]] | None:
+    def prefetch(i: int) -> Future[list[Any]] | None:
         if i >= len(batches) or is_chunked(batches[i]):
             return None
         return pool.submit(read, batches[i])
