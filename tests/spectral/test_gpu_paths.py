@@ -234,3 +234,55 @@ def test_engine_read_errors_surface_in_the_caller(ckpts):
 
     with pytest.raises(OSError, match="read failed"):
         list(singular_values(specs, eng, load, loader.chunks))
+
+
+# ---- the flows on the torch route ------------------------------------------------------------------------------
+
+
+def _tiny_with_adapter(tmp_path: Path) -> tuple[Path, Path]:
+    from fixtures.llama_like import PRESETS, make_llama_like
+    from spectra_cli.checkpoint.writers import LoraFactors, write_lora_adapter
+
+    dims, _ = PRESETS["tiny"]
+    ckpt = make_llama_like(tmp_path / "m", 1, 0, dims=dims)
+    rng = np.random.default_rng(0)
+    mods = {"model.layers.0.self_attn.q_proj": (64, 64), "model.layers.0.mlp.down_proj": (64, 172)}
+    factors = {m: LoraFactors(0.05 * rng.standard_normal((4, i)), 0.2 * rng.standard_normal((o, 4)), 4.0)
+               for m, (o, i) in mods.items()}  # fmt: skip
+    (tmp_path / "a").mkdir()
+    write_lora_adapter(tmp_path / "a", factors, base=str(ckpt))
+    return ckpt, tmp_path / "a"
+
+
+def test_compare_moves_the_base_in_bf16_and_agrees_with_numpy(tmp_path, monkeypatch):
+    from spectra_cli.flows.compare import CompareOptions, run_compare
+
+    ckpt, adapter = _tiny_with_adapter(tmp_path)
+    ref = run_compare(ckpt, [("a", adapter)], CompareOptions(device="cpu", backend="numpy")).rows
+    seen = _record_uploads(monkeypatch)
+    got = run_compare(ckpt, [("a", adapter)], CompareOptions(device="cpu", backend="torch")).rows
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert [r["name"] for r in got] == [r["name"] for r in ref]
+    for a, b in zip(got, ref, strict=True):
+        assert a["intruders"] == b["intruders"]
+        for key in ("relative_delta", "subspace_overlap", "delta_spectral_norm", "effective_rank_change"):
+            assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), key
+
+
+def test_init_adapter_moves_weights_in_bf16_and_agrees_with_numpy(tmp_path, monkeypatch):
+    from spectra_cli.flows.init_adapter import InitOptions, run_init
+
+    ckpt, _ = _tiny_with_adapter(tmp_path)
+    kinds = ("q_proj", "down_proj")
+    run_init(ckpt, tmp_path / "ref", InitOptions(method="pissa", rank=4, kinds=kinds, backend="numpy", device="cpu"))
+    seen = _record_uploads(monkeypatch)
+    run_init(ckpt, tmp_path / "dev", InitOptions(method="pissa", rank=4, kinds=kinds, backend="torch", device="cpu"))
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    from safetensors.numpy import load_file
+
+    ref = load_file(str(tmp_path / "ref" / "adapter" / "adapter_model.safetensors"))
+    dev = load_file(str(tmp_path / "dev" / "adapter" / "adapter_model.safetensors"))
+    for name in ref:
+        if name.endswith("lora_A.weight"):
+            b = name.replace("lora_A", "lora_B")
+            np.testing.assert_allclose(dev[b] @ dev[name], ref[b] @ ref[name], rtol=1e-4, atol=1e-6)
