@@ -43,7 +43,7 @@ from spectra_cli.checkpoint.tensors import DTYPE_CODES, TensorInfo
 from spectra_cli.errors import CheckpointError, SelectionError, ShapeMismatch, SpectraError
 from spectra_cli.options import ComputeOptions, EngineOptions, SelectionOptions
 from spectra_cli.results import OMIT_NONE, RunResult, options_record, summary_dict
-from spectra_cli.spectral.engine import resolve
+from spectra_cli.spectral.engine import check_module_budget, resolve
 
 if TYPE_CHECKING:
     from spectra_cli.checkpoint.writers import ResidualWriter
@@ -303,7 +303,9 @@ def plan_init(path: str | Path, opts: InitOptions) -> InitPlan:
     if opts.allocate is not None:
         opts = _allocate(path, opts)
     targets, dropped = plan_targets(specs, opts, method, acts)
-    eng = resolve(EngineOptions(device=opts.device, precision=opts.precision, method="svd", backend=opts.backend))
+    eng = resolve(EngineOptions(opts.device, opts.precision, opts.backend, opts.max_memory, method="svd"))
+    # W, the residual, s·B·A, the Gram route's float64 copy (2 more with a tuned weight and ΔW): one at a time
+    check_module_budget([t.spec for t in targets], eng.budget, 5 + 2 * (opts.tuned is not None), 8 if opts.precision == "float64" else 4)  # fmt: skip
     return InitPlan(opts, ckpt, method, targets, dropped, acts, tuned_ckpt, tuned_infos, eng.device, eng.compute)
 
 
@@ -475,9 +477,7 @@ def summarize(p: InitPlan, got: Factorised, writer: ResidualWriter | None, secon
         device=p.device,
         seconds=seconds,
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        peak_gpu_mb=(
-            round(torch.cuda.max_memory_allocated() / 2**20, 1) if p.device.startswith("cuda") else None
-        ),
+        peak_gpu_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1) if p.device.startswith("cuda") else None,
         max_relative_error=max(errs) if errs else None,
     )
 

@@ -229,6 +229,20 @@ def plan_batches(specs: Sequence[MatrixSpec], eng: ResolvedEngine) -> list[list[
     return batches
 
 
+def check_module_budget(specs: Sequence[MatrixSpec], budget: int, copies: int, itemsize: int) -> None:
+    """For the commands that hold one module at a time (init-adapter): ``copies`` m×n arrays of ``itemsize``
+    bytes plus two k×k float64 ones (a Gram matrix and its eigenvectors) must fit ``budget`` (``--max-memory``:
+    GPU memory on CUDA); raise :class:`BudgetError` naming the first module that does not."""
+    for s in specs:
+        m, n = s.shape
+        need = copies * itemsize * m * n + 16 * min(m, n) ** 2
+        if need > budget:
+            raise BudgetError(
+                f"{s.name} ({m}×{n}) needs about {_fmt(need)}, over the memory budget of {_fmt(budget)} "
+                "(--max-memory; on CUDA half the free GPU memory by default); raise --max-memory"
+            )
+
+
 def _fmt(n: int) -> str:
     for unit, size in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
         if n >= size:

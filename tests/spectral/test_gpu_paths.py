@@ -286,3 +286,17 @@ def test_init_adapter_moves_weights_in_bf16_and_agrees_with_numpy(tmp_path, monk
         if name.endswith("lora_A.weight"):
             b = name.replace("lora_A", "lora_B")
             np.testing.assert_allclose(dev[b] @ dev[name], ref[b] @ ref[name], rtol=1e-4, atol=1e-6)
+
+
+def test_init_adapter_refuses_a_module_over_the_budget_before_writing(tmp_path):
+    from spectra_cli.errors import BudgetError
+    from spectra_cli.flows.init_adapter import InitOptions, run_init
+
+    ckpt, _ = _tiny_with_adapter(tmp_path)
+    # down_proj is 64×172: 5 float32 copies (220 160 B) + two 64² float64 matrices (65 536 B) = 285 696 B
+    need = 5 * 4 * 64 * 172 + 16 * 64 * 64
+    with pytest.raises(BudgetError, match=r"down_proj.*--max-memory"):
+        run_init(ckpt, tmp_path / "out", InitOptions(method="pissa", rank=4, kinds=("down_proj",), max_memory=need - 1))
+    assert not (tmp_path / "out").exists()
+    run_init(ckpt, tmp_path / "out", InitOptions(method="pissa", rank=4, kinds=("down_proj",), max_memory=need))
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
