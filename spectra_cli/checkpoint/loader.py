@@ -7,13 +7,46 @@ byte of a tensor is read once per run.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 
 from spectra_cli.checkpoint.matrices import MatrixSpec
 from spectra_cli.checkpoint.source import Checkpoint
 from spectra_cli.checkpoint.tensors import RawTensor, to_float
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def prefetched(items: Iterable[T], read: Callable[[T], R], ahead: int = 1) -> Iterator[tuple[T, R]]:
+    """``(item, read(item))`` in the order of ``items``, reading up to ``ahead`` items ahead on one background
+    thread while the caller works on the current one (I/O and host→device staging overlap the compute). An
+    exception raised by ``read`` is raised here, at the item it belongs to, after the items before it were
+    yielded; closing the generator early cancels what was not started and waits for the read in flight."""
+    it = iter(items)
+    queue: list[tuple[T, Future[R]]] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-prefetch") as pool:
+        try:
+            for _ in range(max(1, ahead)):
+                nxt = next(it, _END)
+                if nxt is _END:
+                    break
+                queue.append((nxt, pool.submit(read, nxt)))  # type: ignore[arg-type]
+            while queue:
+                item, fut = queue.pop(0)
+                nxt = next(it, _END)
+                if nxt is not _END:
+                    queue.append((nxt, pool.submit(read, nxt)))  # type: ignore[arg-type]
+                yield item, fut.result()
+        finally:
+            for _, fut in queue:
+                fut.cancel()
+
+
+_END = object()
 
 
 class MatrixLoader:

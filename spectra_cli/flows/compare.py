@@ -20,9 +20,11 @@ from typing import Any, TypedDict
 
 import numpy as np
 
-from spectra_cli.checkpoint.loader import MatrixLoader
+from spectra_cli.checkpoint import torch_tensors as tt
+from spectra_cli.checkpoint.loader import MatrixLoader, prefetched
 from spectra_cli.checkpoint.matrices import MatrixSpec, select_matrices
 from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
+from spectra_cli.checkpoint.tensors import to_float
 from spectra_cli.checkpoint.tuned import Tuned, open_tuned
 from spectra_cli.errors import BudgetError, SelectionError, SpectraError
 from spectra_cli.options import ComputeOptions, EngineOptions, SelectionOptions
@@ -265,11 +267,21 @@ def measure(
     kept: list[ModuleResult] = []
     total = p.pairs
     done = 0
-    for spec in p.work:
+    on_torch = p.engine.backend == "torch"
+
+    def read(s: MatrixSpec) -> tuple[np.ndarray, Any]:  # the base, and on torch its stored bytes (pinned for CUDA)
+        raw = base_loader.load(s)
+        w = to_float(raw, p.dtype).reshape(s.stored_2d)
+        return (w.T if s.transposed else w), (tt.stage(raw, p.engine.device) if on_torch else None)
+
+    # the next base matrix is read on a background thread while this one is decomposed
+    for spec, (w0, host) in prefetched(p.work, read):
         with blas_threads(spec.shape):  # see engine.SMALL_WORK
-            w0 = base_loader.dense(spec, p.dtype)
             bad0 = _nonfinite(w0)
-            base_svd = svd(w0) if not bad0 else None
+            if host is not None and not bad0:  # moved in its stored dtype, upcast on the device
+                x = tt.upload(host, p.engine.device, tt.torch_dtype(p.engine.precision)).reshape(spec.stored_2d)
+                host = x.T if spec.transposed else x
+            base_svd = svd(w0 if host is None else host) if not bad0 else None
             for t in p.tuned:
                 if not t.covers(spec.name):
                     continue

@@ -26,7 +26,7 @@ import numpy as np
 
 from spectra_cli.checkpoint.adapter import is_adapter
 from spectra_cli.checkpoint.finetune import open_finetune, untracked_changes
-from spectra_cli.checkpoint.loader import MatrixLoader
+from spectra_cli.checkpoint.loader import MatrixLoader, prefetched
 from spectra_cli.checkpoint.lora_targets import (
     Target,
     file_ranks,
@@ -43,7 +43,7 @@ from spectra_cli.checkpoint.tensors import DTYPE_CODES, TensorInfo
 from spectra_cli.errors import CheckpointError, SelectionError, ShapeMismatch, SpectraError
 from spectra_cli.options import ComputeOptions, EngineOptions, SelectionOptions
 from spectra_cli.results import OMIT_NONE, RunResult, options_record, summary_dict
-from spectra_cli.spectral.engine import resolve
+from spectra_cli.spectral.engine import check_module_budget, resolve
 
 if TYPE_CHECKING:
     from spectra_cli.checkpoint.writers import ResidualWriter
@@ -303,7 +303,9 @@ def plan_init(path: str | Path, opts: InitOptions) -> InitPlan:
     if opts.allocate is not None:
         opts = _allocate(path, opts)
     targets, dropped = plan_targets(specs, opts, method, acts)
-    eng = resolve(EngineOptions(device=opts.device, precision=opts.precision, method="svd", backend=opts.backend))
+    eng = resolve(EngineOptions(opts.device, opts.precision, opts.backend, opts.max_memory, method="svd"))
+    # W, the residual, s·B·A, the Gram route's float64 copy (2 more with a tuned weight and ΔW): one at a time
+    check_module_budget([t.spec for t in targets], eng.budget, 5 + 2 * (opts.tuned is not None), 8 if opts.precision == "float64" else 4)  # fmt: skip
     return InitPlan(opts, ckpt, method, targets, dropped, acts, tuned_ckpt, tuned_infos, eng.device, eng.compute)
 
 
@@ -380,26 +382,25 @@ def factorise(p: InitPlan, writer: ResidualWriter | None,
               progress: Callable[[int, int, str], None] | None = None) -> Factorised:  # fmt: skip
     """Stream the targets in read order, one module's weights in memory at a time: factorise each on the
     compute device with the method, hand its residual to ``writer`` (methods that change the base)."""
-    from spectra_cli.checkpoint.torch_tensors import from_device, to_device, torch_dtype
+    from spectra_cli.checkpoint.torch_tensors import from_device, stage, torch_dtype, upload
     from spectra_cli.checkpoint.writers import json_number
     from spectra_cli.spectral.init import InitInput
     from spectra_cli.spectral.threads import torch_threads
 
     opts, method, device, acts, targets = p.opts, p.method, p.device, p.activations, p.targets
-    cdtype = torch_dtype(opts.precision)
-    got = Factorised([], {}, {}, list(p.dropped))
-    loader = MatrixLoader(p.ckpt)
+    cdtype, got, loader = torch_dtype(opts.precision), Factorised([], {}, {}, list(p.dropped)), MatrixLoader(p.ckpt)
     tuned_loader = MatrixLoader(p.tuned) if p.tuned is not None else None
     m_opts = _method_options(opts)
-    for i, tg in enumerate(targets):
+    # the next target is read (stored dtype, pinned for CUDA) on a background thread while this one computes
+    read = lambda tg: (stage(loader.load(tg.spec), device), None if tuned_loader is None else  # noqa: E731
+                       stage(tuned_loader.load(replace(tg.spec, tensor=p.tuned_infos[tg.spec.name])), device))
+    for i, (tg, (host_w, host_t)) in enumerate(prefetched(targets, read)):
         t1 = time.perf_counter()
         spec = tg.spec
-        w = to_device(loader.load(spec), device, cdtype)
+        w = upload(host_w, device, cdtype)  # moved in the stored dtype, upcast on the device
         w = w.T if spec.transposed else w
-        tuned_w = None
-        if tuned_loader is not None:
-            tw = to_device(tuned_loader.load(replace(spec, tensor=p.tuned_infos[spec.name])), device, cdtype)
-            tuned_w = tw.T if spec.transposed else tw
+        tw = upload(host_t, device, cdtype) if host_t is not None else None
+        tuned_w = tw.T if tw is not None and spec.transposed else tw
         for where, t in ((p.ckpt.path, w), (opts.tuned, tuned_w)):
             if t is not None and not bool(t.isfinite().all()):
                 raise CheckpointError(
@@ -445,7 +446,7 @@ def factorise(p: InitPlan, writer: ResidualWriter | None,
                 res.B.detach().to("cpu").numpy().astype(adt, copy=False),
             )
             got.alphas[tg.path] = alpha
-        del w, tuned_w, res, inp
+        del w, tuned_w, res, inp, host_w, host_t
         if progress:
             progress(i + 1, len(targets), tg.path)
     if not got.factors:
@@ -476,9 +477,7 @@ def summarize(p: InitPlan, got: Factorised, writer: ResidualWriter | None, secon
         device=p.device,
         seconds=seconds,
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        peak_gpu_mb=(
-            round(torch.cuda.max_memory_allocated() / 2**20, 1) if p.device.startswith("cuda") else None
-        ),
+        peak_gpu_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1) if p.device.startswith("cuda") else None,
         max_relative_error=max(errs) if errs else None,
     )
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from spectra_cli.checkpoint.bundle import BundleWriter
-from spectra_cli.checkpoint.loader import MatrixLoader
+from spectra_cli.checkpoint.loader import MatrixLoader, prefetched
 from spectra_cli.checkpoint.matrices import MatrixSpec, select_matrices
 from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
 from spectra_cli.checkpoint.task_updates import (
@@ -329,9 +329,9 @@ def merge_modules(p: MergePlan, opts: MergeOptions, copy: PatchedCopy | None, bu
     loaders = {t.name: MatrixLoader(t.checkpoint) for t in p.tuned if t.checkpoint is not None}
     need_w0 = p.method is not None or bool(loaders)
     got = Merged([], np.zeros((n, n)), np.zeros((n, n)), np.zeros((n, n)), sweep=Sweep(n) if opts.sweep else None)
-    for done, spec in enumerate(p.work, 1):
+    base_read = lambda s: base_loader.dense(s, p.dtype) if need_w0 else None  # noqa: E731
+    for done, (spec, w0) in enumerate(prefetched(p.work, base_read), 1):  # the next one read while this computes
         with blas_threads(spec.shape):  # one BLAS thread for small modules (engine.SMALL_WORK)
-            w0 = base_loader.dense(spec, p.dtype) if need_w0 else None
             if w0 is not None:
                 check_finite(w0, "base", spec.tensor.name, p.base.path)
             updates = [

@@ -115,8 +115,13 @@ def intruder_update(svd_t: SVD, ranks: Sequence[int], lam: float) -> tuple[np.nd
 
 
 def svd_function(backend: Backend, precision: str = "float32") -> Callable[[np.ndarray], SVD]:
-    """compare's thin SVD, NumPy in and float64 NumPy out, run where ``backend`` says: the float64 Gram route
-    (:func:`~spectra_cli.spectral.linalg.gram_svd`) for float32 precision, the exact SVD for float64."""
+    """compare's thin SVD, NumPy (or a tensor already on the device) in and float64 NumPy out, run where
+    ``backend`` says: the float64 Gram route (:func:`~spectra_cli.spectral.linalg.gram_svd`) for float32
+    precision, the exact SVD for float64."""
+
+    def numpy_out(svd: SVD) -> SVD:
+        return SVD(linalg.to_numpy(svd.u), linalg.to_numpy(svd.s), linalg.to_numpy(svd.vt))
+
     if precision == "float32":
-        return lambda w: linalg.gram_svd(w, backend=backend)
-    return lambda w: linalg.thin_svd(np.asarray(w, dtype=np.float64), backend=backend)
+        return lambda w: numpy_out(linalg.gram_svd(w, backend=backend))
+    return lambda w: numpy_out(linalg.thin_svd(linalg.as_f64(w), backend=backend))

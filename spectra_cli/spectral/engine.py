@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from spectra_cli.checkpoint import torch_tensors
 from spectra_cli.checkpoint.matrices import MatrixSpec
 from spectra_cli.checkpoint.tensors import RawTensor, to_float
 from spectra_cli.errors import BudgetError, DeviceError
@@ -122,17 +123,32 @@ def resolve(opts: EngineOptions) -> ResolvedEngine:
             )
         dev = f"cuda:{idx}"
         backend = "torch"
-        free, _ = torch.cuda.mem_get_info(idx)
-        default_budget = int(free * 0.5)
+        default_budget = default_budget_for(dev, cuda_free_bytes(idx))
     elif dev == "cpu":
         backend = "torch" if opts.backend == "torch" else "numpy"
-        default_budget = min(int(_available_ram() * 0.25), 4 * 1024**3)
+        default_budget = default_budget_for(dev, _available_ram())
     else:
         raise DeviceError(f"--device {opts.device}: expected auto, cpu, cuda or cuda:N")
     method = opts.method
     if method == "auto":
         method = "gram" if opts.precision == "float32" else "svd"
     return ResolvedEngine(dev, backend, method, opts.precision, opts.max_memory or default_budget)
+
+
+def default_budget_for(device: str, free: int) -> int:
+    """The memory budget without ``--max-memory``: half the free GPU memory on CUDA (``--max-memory`` is GPU
+    memory there), a quarter of the available RAM (at most 4 GB) on the CPU."""
+    if device.startswith("cuda"):
+        return int(free * 0.5)
+    return min(int(free * 0.25), 4 * 1024**3)
+
+
+def cuda_free_bytes(idx: int) -> int:
+    """Free memory of CUDA device ``idx`` in bytes (``torch.cuda.mem_get_info``)."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(idx)
+    return int(free)
 
 
 def _torch_cuda_ok() -> bool:
@@ -211,6 +227,20 @@ def plan_batches(specs: Sequence[MatrixSpec], eng: ResolvedEngine) -> list[list[
         if cur:
             batches.append(cur)
     return batches
+
+
+def check_module_budget(specs: Sequence[MatrixSpec], budget: int, copies: int, itemsize: int) -> None:
+    """For the commands that hold one module at a time (init-adapter): ``copies`` m×n arrays of ``itemsize``
+    bytes plus two k×k float64 ones (a Gram matrix and its eigenvectors) must fit ``budget`` (``--max-memory``:
+    GPU memory on CUDA); raise :class:`BudgetError` naming the first module that does not."""
+    for s in specs:
+        m, n = s.shape
+        need = copies * itemsize * m * n + 16 * min(m, n) ** 2
+        if need > budget:
+            raise BudgetError(
+                f"{s.name} ({m}×{n}) needs about {_fmt(need)}, over the memory budget of {_fmt(budget)} "
+                "(--max-memory; on CUDA half the free GPU memory by default); raise --max-memory"
+            )
 
 
 def _fmt(n: int) -> str:
@@ -296,6 +326,10 @@ class _NumpyKernel:
                 return list(self._pool.map(self._one, raws))
             return [self._one(raw) for raw in raws]
 
+    def stage(self, raw: RawTensor) -> RawTensor:
+        """On the reader thread: nothing to do for NumPy (the upcast is the kernel's)."""
+        return raw
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
@@ -332,30 +366,37 @@ class _TorchKernel:
     def close(self) -> None:
         """Nothing to release (the CUDA caching allocator keeps its blocks for the next batch)."""
 
+    def stage(self, raw: RawTensor) -> Any:
+        """On the reader thread: a host tensor in the stored dtype, pinned for CUDA (see ``torch_tensors``)."""
+        return torch_tensors.stage(raw, self.eng.device)
+
+    def _dtype_for(self, t: Any) -> Any:
+        # float64 weights stay float64 until linalg has scaled them into float32's range
+        return self.torch.float64 if t.dtype == self.torch.float64 else self.cdtype
+
     def _to_device(self, raw: RawTensor) -> Any:
-        """On the device in the compute dtype (float64 weights stay float64 until linalg has scaled them)."""
-        torch = self.torch
-        t = torch.from_numpy(np.ascontiguousarray(raw.data))
-        if raw.dtype == "BF16":
-            t = t.view(torch.int16).view(torch.bfloat16)
-        return t.to(self.device, non_blocking=True).to(torch.float64 if raw.dtype == "F64" else self.cdtype)
+        """On the device in the compute dtype: moved in the stored dtype, upcast there."""
+        host = self.stage(raw)
+        return torch_tensors.upload(host, self.eng.device, self._dtype_for(host))
 
     def values(
-        self, raws: list[RawTensor], specs: list[MatrixSpec]
+        self, raws: list[Any], specs: list[MatrixSpec]
     ) -> list[tuple[np.ndarray | None, int, int]]:
+        """``raws``: staged host tensors (or RawTensors), all of one shape and dtype: one device tensor holds
+        the stack, each matrix moved in its stored dtype and upcast into its slot (no extra stacking copy)."""
         torch = self.torch
-        xs = []
-        for raw, _spec in zip(raws, specs, strict=True):
-            x = self._to_device(raw)
-            xs.append(x.reshape(x.shape[0], -1))
-        if len({t.dtype for t in xs}) > 1:  # one kept in float64 by _to_device
-            xs = [t.to(torch.float64) for t in xs]
-        x = torch.stack(xs)
+        hosts = [r if not isinstance(r, RawTensor) else self.stage(r) for r in raws]
+        first = hosts[0].reshape(hosts[0].shape[0], -1)
+        # float64 for the whole stack when any of its matrices is kept in float64 (see _dtype_for)
+        x = torch.empty((len(hosts), *first.shape), dtype=max((self._dtype_for(h) for h in hosts), key=lambda d: d.itemsize), device=self.device)
+        for slot, h in zip(x, hosts, strict=True):
+            slot.copy_(torch_tensors.upload(h.reshape(first.shape), self.eng.device))
+        del hosts
         finite = torch.isfinite(x).flatten(1).all(dim=1).cpu().numpy()
-        results: list[tuple[np.ndarray | None, int, int]] = [(None, 0, 0)] * len(xs)
+        results: list[tuple[np.ndarray | None, int, int]] = [(None, 0, 0)] * x.shape[0]
         ok = np.flatnonzero(finite)
         if ok.size:
-            sub = x[torch.as_tensor(ok, device=self.device)] if ok.size < len(xs) else x
+            sub = x[torch.as_tensor(ok, device=self.device)] if ok.size < x.shape[0] else x
             vals = linalg.singular_values(sub, self.eng.method, dtype=self.cdtype)
             host = vals.to("cpu", torch.float64).numpy()
             for j, i in enumerate(ok):
@@ -400,10 +441,10 @@ def singular_values(
     def is_chunked(batch: list[MatrixSpec]) -> bool:
         return len(batch) == 1 and working_bytes(batch[0], eng.method, eng.precision) > half
 
-    def read(batch: list[MatrixSpec]) -> list[RawTensor]:
-        return [load(s) for s in batch]
+    def read(batch: list[MatrixSpec]) -> list[Any]:
+        return [kernel.stage(load(s)) for s in batch]
 
-    def prefetch(i: int) -> Future[list[RawTensor]] | None:
+    def prefetch(i: int) -> Future[list[Any]] | None:
         if i >= len(batches) or is_chunked(batches[i]):
             return None
         return pool.submit(read, batches[i])

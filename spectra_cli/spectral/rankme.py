@@ -94,16 +94,17 @@ class GramAccumulator:
 
     def update(self, chunk: np.ndarray) -> None:
         """Add the rows of ``chunk`` (rows × K, any real dtype; upcast to float64)."""
-        x = np.asarray(chunk, dtype=np.float64)
+        x = np.asarray(chunk)
         if x.ndim != 2 or x.shape[1] != self.k:
             raise ValueError(f"expected a chunk of shape (rows, {self.k}), got {x.shape}")
         if x.shape[0] == 0:
             return
         if self.shift is None:
-            self.shift = x.mean(axis=0)
-        if self.device is not None:
+            self.shift = x.mean(axis=0, dtype=np.float64)
+        if self.device is not None:  # moved in its own dtype (float16/float32), upcast on the device
             self._update_torch(x)
         else:
+            x = x.astype(np.float64, copy=False)
             y = x - self.shift
             self.gram_shifted += y.T @ y
             self.sum_shifted += y.sum(axis=0)
@@ -119,7 +120,7 @@ class GramAccumulator:
             self._dev = (z, torch.zeros(self.k, dtype=torch.float64, device=dev),
                          torch.from_numpy(self.shift).to(dev))  # fmt: skip
         g, s, c = self._dev
-        y = torch.from_numpy(x).to(g.device, non_blocking=False) - c
+        y = torch.from_numpy(np.ascontiguousarray(x)).to(g.device).to(torch.float64) - c
         g.addmm_(y.T, y)
         s.add_(y.sum(dim=0))
 
