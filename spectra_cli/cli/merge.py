@@ -218,6 +218,10 @@ def merge_cmd(
         warn(
             f"the bundle is {s.storage:.2f}× the size of the inputs, larger than the inputs: {why}", quiet
         )
+    ad = result.summary.adapter
+    if ad and ad["adapter_from_dense"] and opts.rank is None and ad["adapter_ranks"]:
+        warn(f"--method {method} is elementwise (its merged update is dense): the adapter is its exact SVD, up to "
+             f"rank {ad['adapter_ranks']['max']} per module; cap it with --rank R", quiet)  # fmt: skip
     if result.summary.tensors_not_in_adapter:
         warn(f"{result.summary.tensors_not_in_adapter} changed tensors outside the merged matrices (biases, norms) "
              "have no place in a LoRA adapter and were left out", quiet)  # fmt: skip

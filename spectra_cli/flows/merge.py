@@ -64,7 +64,8 @@ def method_lines() -> list[str]:
     lines = []
     for m in METHODS.values():
         params = ", ".join(f"{k}={d!r}" for k, (d, _) in m.params.items())
-        lines.append(f"{m.name}: {m.summary} Parameters: {params or 'none'}. [{m.reference}]")
+        how = "exact from the factors" if m.factored else "the SVD of the dense result"
+        lines.append(f"{m.name}: {m.summary} Parameters: {params or 'none'}. --to-adapter: {how}. [{m.reference}]")
     lines.append(
         f"{RMM}: a per-module basis (--basis P or --energy τ, --center) and per-task coefficients, written as a "
         f"bundle; `spectra reconstruct` rebuilds any task (:mod:`spectra_cli.checkpoint.bundle` reads it). Saves space on full fine-tunes with --basis P < n (or "

@@ -72,11 +72,14 @@ class AdapterSink:
     full_rank: dict[str, int] = field(default_factory=dict)
     errors: dict[str, float] = field(default_factory=dict)
     zero: list[str] = field(default_factory=list)
+    dense: list[str] = field(default_factory=list)
 
     def add(self, spec: MatrixSpec, update: Update) -> dict[str, Any]:
         """Factor one module's merged update; returns its row fields (adapter_rank, adapter_error)."""
         b, a, full, err = factor_update(update, self.rank, self.backend)
         path = module_path(spec.tensor.name)
+        if not update.is_factored:
+            self.dense.append(path)
         if b.shape[1] == 0:
             self.zero.append(path)
             return {"adapter_rank": 0, "adapter_error": 0.0}
@@ -101,4 +104,6 @@ class AdapterSink:
             "adapter_max_error": max(self.errors.values()) if self.errors else 0.0,
             "adapter_errors": self.errors,
             "adapter_zero_modules": self.zero or None,
+            # modules whose merged update came dense (elementwise rules, full fine-tunes): factored by their SVD
+            "adapter_from_dense": len(self.dense),
         }
