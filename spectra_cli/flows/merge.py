@@ -100,7 +100,8 @@ class MergeOptions(SelectionOptions, ComputeOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.method not in method_names():
-            raise SpectraError(f"--method {self.method!r} is not one of {', '.join(method_names())}")
+            raise SpectraError(f"--method {self.method!r} is not a merge method; `spectra merge -h` lists all "
+                               f"{len(method_names())} (e.g. task-arithmetic, ties, tsv, iso-c, svd, cat, rmm)")
         if self.method != RMM and (self.basis is not None or self.energy is not None):
             raise SpectraError(f"--basis/--energy apply to --method {RMM} only, not {self.method}")
         if self.basis is not None and self.energy is not None:
