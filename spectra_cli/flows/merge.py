@@ -43,6 +43,7 @@ from spectra_cli.results import OMIT_NONE, RunResult, flatten, jsonable, options
 from spectra_cli.spectral.engine import blas_threads, resolve
 from spectra_cli.spectral.linalg import Backend
 from spectra_cli.spectral.merge import METHODS, MergeMethod, MergeOutcome, RMMModule, Update
+from spectra_cli.spectral.merge.peft_types import module_seed
 from spectra_cli.spectral.merge_stats import Sweep, SweepCurve, merge_errors, module_interference, rmm_live
 
 if TYPE_CHECKING:
@@ -400,8 +401,7 @@ def merge_modules(p: MergePlan, opts: MergeOptions, copy: PatchedCopy | None, bu
                     outcome = MergeOutcome(Update(B=np.zeros((spec.shape[0], 1)), A=np.zeros((1, spec.shape[1]))))
                 else:
                     # random masks (DARE): module k draws from seed + k
-                    params = {**p.params, "seed": int(p.params["seed"]) + done - 1} if "seed" in p.params else p.params
-                    outcome = p.method(updates, p.weights, params, p.backend)
+                    outcome = p.method(updates, p.weights, module_seed(p.params, done - 1), p.backend)
                     if copy is not None:
                         w_new = w0.astype(np.float64) + outcome.update.to_dense()
                         copy.patch(spec.tensor, w_new.T if spec.transposed else w_new)

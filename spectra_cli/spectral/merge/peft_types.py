@@ -122,6 +122,14 @@ def _generator(kind: str, params: Mapping[str, Any]) -> torch.Generator | None:
     return torch.Generator().manual_seed(int(param_float(params, "seed", 0.0)))
 
 
+def module_seed(params: Mapping[str, Any], k: int) -> dict[str, Any]:
+    """The parameters of the k-th module (from 0): a ``seed`` parameter becomes seed + k (DARE's masks differ
+    between modules, reproducibly); others are returned as they are."""
+    if "seed" not in params:
+        return dict(params)
+    return {**params, "seed": int(param_float(params, "seed", 0.0)) + k}
+
+
 def _zero(updates: Sequence[Update]) -> MergeOutcome:
     out, inn = updates[0].shape
     dtype = out_dtype(updates)
