@@ -58,8 +58,8 @@ def task_update(
             return Update(B=np.zeros((out, 1), dtype), A=np.zeros((1, inp), dtype))
         b, a = t.adapter.factors(mod)
         if mod.transposed != spec.transposed:  # embedding: B·A is the transpose of the logical update
-            return Update(B=(mod.scale * a.T).astype(dtype), A=np.ascontiguousarray(b.T, dtype))
-        return Update(B=(mod.scale * b).astype(dtype), A=a.astype(dtype))
+            return Update(B=(mod.scale * a.T).astype(dtype), A=np.ascontiguousarray(b.T, dtype), lora_scale=mod.scale)
+        return Update(B=(mod.scale * b).astype(dtype), A=a.astype(dtype), lora_scale=mod.scale)
     assert w0 is not None and loader is not None
     info = t.tensors.get(spec.name)
     if info is None:

@@ -23,6 +23,10 @@ Examples:
 
   spectra merge base/ a=lora-a/ b=lora-b/ --method knots --param combine=linear --out merged/
 
+  spectra merge base/ a=lora-a/ b=lora-b/ --method task-arithmetic --to-adapter --rank 16 --out merged-lora/
+
+  spectra merge base/ a=lora-a/ b=lora-b/ --method dare_ties --density 0.5 --to-adapter --out merged-lora/
+
   spectra merge base/ a=ft-a/ b=ft-b/ c=ft-c/ d=ft-d/ --method rmm --basis 2 --sweep --plots plots/ --out bundle/
 
   spectra reconstruct bundle/ --task b --out ft-b-rebuilt/
@@ -50,7 +54,8 @@ def _method_lines() -> list[str]:
     lines = []
     for m in METHODS.values():
         params = ", ".join(f"{k}={d!r}" for k, (d, _) in m.params.items())
-        lines.append(f"{m.name}: {m.summary} Parameters: {params or 'none'}. [{m.reference}]")
+        how = "exact from the factors" if m.factored else "the SVD of the dense result"
+        lines.append(f"{m.name}: {m.summary} Parameters: {params or 'none'}. --to-adapter: {how}. [{m.reference}]")
     lines.append(
         f"{RMM}: a per-module basis (--basis P or --energy τ, --center) and per-task coefficients, written as a "
         "bundle; `spectra reconstruct` rebuilds any task. Saves space on full fine-tunes with --basis P < n (or "
@@ -92,7 +97,7 @@ def merge_cmd(
         typer.Option(
             "--out",
             metavar="DIR",
-            help="Output folder: merged checkpoint, or rmm bundle.",
+            help="Output folder: merged checkpoint, PEFT adapter (--to-adapter), or rmm bundle.",
             rich_help_panel="Output",
             show_default=False,
         ),
@@ -118,7 +123,7 @@ def merge_cmd(
         typer.Option(
             "--density",
             metavar="D",
-            help="ties/knots: fraction of entries kept by magnitude.",
+            help="ties/knots/PEFT types: fraction of entries kept (by magnitude; DARE: at random).",
             show_default=False,
         ),
     ] = None,
@@ -154,6 +159,26 @@ def merge_cmd(
             "--sweep", help="Also report error and storage of an rmm basis for p = 1..n (and plot it)."
         ),
     ] = False,
+    to_adapter: Annotated[
+        bool,
+        typer.Option(
+            "--to-adapter",
+            help="Write the merged update as one PEFT LoRA adapter (exact, rank ≤ Σrᵢ on adapters), not a merged "
+            "checkpoint; the error of --rank is reported per module.",
+            rich_help_panel="Output",
+        ),
+    ] = False,
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            "--rank",
+            "-r",
+            metavar="R",
+            help="--to-adapter: keep the top R singular triplets per module (default: all, exact).",
+            rich_help_panel="Output",
+            show_default=False,
+        ),
+    ] = None,
     interference_k: Annotated[
         int,
         typer.Option("--interference-k", metavar="K", help="Top-k subspaces compared between tasks (K ≥ 1)."),
@@ -184,6 +209,7 @@ def merge_cmd(
         MergeOptions, o.selection(include, exclude, kinds, min_dim), o.compute(device, precision, backend, max_memory),
         method=method, weights=o.numbers(weights, "--weights", "0.5,1") or None, params=_params(param, scale, density),
         basis=basis, energy=energy, center=center, sweep=sweep, interference_k=interference_k,
+        to_adapter=to_adapter, rank=rank,
     )  # fmt: skip
     check_outputs([base, *(Path(p) for _, p in pairs)], {"--output": output, "--html": html},
                   folders={"--out": out, "--plots": plots})
@@ -211,6 +237,13 @@ def merge_cmd(
         warn(
             f"the bundle is {s.storage:.2f}× the size of the inputs, larger than the inputs: {why}", quiet
         )
+    ad = result.summary.adapter
+    if ad and ad["adapter_from_dense"] and opts.rank is None and ad["adapter_ranks"]:
+        warn(f"--method {method} is elementwise (its merged update is dense): the adapter is its exact SVD, up to "
+             f"rank {ad['adapter_ranks']['max']} per module; cap it with --rank R", quiet)  # fmt: skip
+    if result.summary.tensors_not_in_adapter:
+        warn(f"{result.summary.tensors_not_in_adapter} changed tensors outside the merged matrices (biases, norms) "
+             "have no place in a LoRA adapter and were left out", quiet)  # fmt: skip
     for name, skipped in (result.summary.adapter_tensors_not_merged or {}).items():
         warn(f"{name}: {len(skipped)} non-LoRA adapter tensors (e.g. {skipped[0]}) were not merged", quiet)
     if plots:

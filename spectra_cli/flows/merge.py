@@ -36,11 +36,14 @@ from spectra_cli.checkpoint.task_updates import (
 )
 from spectra_cli.checkpoint.tuned import Tuned, open_tuned
 from spectra_cli.errors import SelectionError, SpectraError
+from spectra_cli.flows.merge_adapter import AdapterSink, check_adapter_targets
+from spectra_cli.flows.merge_rows import rows_for_module, task_means
 from spectra_cli.options import ComputeOptions, SelectionOptions
 from spectra_cli.results import OMIT_NONE, RunResult, flatten, jsonable, options_record, summary_dict
 from spectra_cli.spectral.engine import blas_threads, resolve
 from spectra_cli.spectral.linalg import Backend
 from spectra_cli.spectral.merge import METHODS, MergeMethod, MergeOutcome, RMMModule, Update
+from spectra_cli.spectral.merge.peft_types import module_seed
 from spectra_cli.spectral.merge_stats import Sweep, SweepCurve, merge_errors, module_interference, rmm_live
 
 if TYPE_CHECKING:
@@ -66,7 +69,8 @@ class MergeOptions(SelectionOptions, ComputeOptions):
     ``weights``: one per task (default 1 each). ``params``: the method's parameters by name (see
     ``METHODS[name].params``). ``basis`` (p) or ``energy`` (τ): the rmm basis size per module; ``center``: fit
     the basis around the tasks' mean. ``sweep``: also compute error and storage for p = 1..n.
-    ``interference_k``: the top-k left singular subspaces compared between tasks.
+    ``interference_k``: the top-k left singular subspaces compared between tasks. ``to_adapter``: write the
+    merged update as a PEFT LoRA adapter (:mod:`spectra_cli.flows.merge_adapter`), truncated to ``rank``.
     """
 
     method: str = "task-arithmetic"
@@ -77,11 +81,14 @@ class MergeOptions(SelectionOptions, ComputeOptions):
     center: bool = True
     sweep: bool = False
     interference_k: int = 8
+    to_adapter: bool = False
+    rank: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.method not in method_names():
-            raise SpectraError(f"--method {self.method!r} is not one of {', '.join(method_names())}")
+            raise SpectraError(f"--method {self.method!r} is not a merge method; `spectra merge -h` lists all "
+                               f"{len(method_names())} (e.g. task-arithmetic, ties, tsv, iso-c, svd, cat, rmm)")
         if self.method != RMM and (self.basis is not None or self.energy is not None):
             raise SpectraError(f"--basis/--energy apply to --method {RMM} only, not {self.method}")
         if self.basis is not None and self.energy is not None:
@@ -90,6 +97,10 @@ class MergeOptions(SelectionOptions, ComputeOptions):
             raise SpectraError(f"--basis {self.basis}: the basis size must be at least 1")
         if self.energy is not None and not 0 < self.energy <= 1:
             raise SpectraError(f"--energy {self.energy}: the energy fraction must be in (0, 1]")
+        if self.to_adapter and self.method == RMM:
+            raise SpectraError("--to-adapter writes one merged adapter; rmm writes a bundle: use another --method")
+        if self.rank is not None and (not self.to_adapter or self.rank < 1):
+            raise SpectraError(f"--rank {self.rank}: a positive adapter rank, with --to-adapter only")
         if self.interference_k < 1:
             raise SpectraError(f"--interference-k {self.interference_k}: must be at least 1")
         shown = ",".join(f"{w:g}" for w in self.weights or ())
@@ -152,6 +163,8 @@ class MergeSummary:
     adapter_base_names: list[str] | None = field(default=None, metadata=OMIT_NONE)
     adapter_tensors_not_merged: dict[str, list[str]] | None = field(default=None, metadata=OMIT_NONE)
     sweep: SweepCurve | None = field(default=None, metadata=OMIT_NONE)
+    adapter: dict[str, Any] | None = field(default=None, metadata=OMIT_NONE)
+    tensors_not_in_adapter: int | None = field(default=None, metadata=OMIT_NONE)
     seconds: float
 
 
@@ -180,6 +193,7 @@ class MergePlan:
     params: dict[str, Any]
     dtype: type[np.floating]
     backend: Backend
+    fan_in_fan_out: bool = False
 
     @property
     def inputs(self) -> list[Path]:
@@ -261,7 +275,9 @@ def plan_merge(
     weights = list(opts.weights) if opts.weights is not None else [1.0] * n
     dtype: type[np.floating] = np.float64 if opts.precision == "float64" else np.float32
     method = None if opts.method == RMM else METHODS[opts.method]
-    return MergePlan(base, work, tuned, weights, method, opts.method_params(), dtype, resolve(opts.engine).compute)
+    fan_in_fan_out = check_adapter_targets(work) if opts.to_adapter else False
+    return MergePlan(base, work, tuned, weights, method, opts.method_params(), dtype, resolve(opts.engine).compute,
+                     fan_in_fan_out)  # fmt: skip
 
 
 # ---- the run --------------------------------------------------------------------------------------------
@@ -287,10 +303,13 @@ def run_merge(
     out = Path(out)
     stage = prepare_output(out, force, p.inputs)
     try:
-        copy = PatchedCopy(p.base, stage) if p.method is not None else None
+        sink = AdapterSink(opts.rank, p.backend, p.dtype) if opts.to_adapter else None
+        copy = PatchedCopy(p.base, stage) if p.method is not None and sink is None else None
         bundle = BundleWriter(stage, p.dtype) if p.method is None else None
-        got = merge_modules(p, opts, copy, bundle, progress)
+        got = merge_modules(p, opts, copy, bundle, progress, sink)
         rest_changed = merge_rest(p, copy, bundle)
+        if sink is not None:
+            sink.write(stage, str(Path(p.base.path).resolve()), p.fan_in_fan_out)
         inputs = {
             "base": str(p.base.path),
             "tuned": [{"name": t.name, "path": str(t.path), "kind": t.kind, "weight": w,
@@ -299,7 +318,7 @@ def run_merge(
         }  # fmt: skip
         opts_dict = options_record(opts)
         opts_dict["params"] = p.params
-        summary = summarize(p, got, bundle, rest_changed, out, round(time.perf_counter() - t0, 3))
+        summary = summarize(p, got, bundle, rest_changed, out, round(time.perf_counter() - t0, 3), sink)
         artifacts: list[str]
         if bundle is not None:
             settings = {"center": opts.center, "basis": opts.basis, "energy": opts.energy,
@@ -321,7 +340,8 @@ def run_merge(
 
 
 def merge_modules(p: MergePlan, opts: MergeOptions, copy: PatchedCopy | None, bundle: BundleWriter | None,
-                  progress: Callable[[int, int, str], None] | None = None) -> Merged:  # fmt: skip
+                  progress: Callable[[int, int, str], None] | None = None,
+                  sink: AdapterSink | None = None) -> Merged:  # fmt: skip
     """Stream the planned matrices, one module of all n inputs in memory at a time: every task's update, their
     interference, then the merge (patched into ``copy``) or the rmm fit (into ``bundle``)."""
     n = len(p.tuned)
@@ -368,18 +388,22 @@ def merge_modules(p: MergePlan, opts: MergeOptions, copy: PatchedCopy | None, bu
                 got.stored += fit.storage
                 extra: dict[str, Any] = {"p": fit.p, "storage": fit.storage_ratio, "energy_kept": fit.energy_kept}
             else:
-                assert p.method is not None and copy is not None and w0 is not None
+                assert p.method is not None and w0 is not None
                 if not live.any():  # no task changed it (e.g. frozen embeddings): the base's stays
                     outcome = MergeOutcome(Update(B=np.zeros((spec.shape[0], 1)), A=np.zeros((1, spec.shape[1]))))
                 else:
-                    outcome = p.method(updates, p.weights, p.params, p.backend)
-                    w_new = w0.astype(np.float64) + outcome.update.to_dense()
-                    copy.patch(spec.tensor, w_new.T if spec.transposed else w_new)
+                    # random masks (DARE): module k draws from seed + k
+                    outcome = p.method(updates, p.weights, module_seed(p.params, done - 1), p.backend)
+                    if copy is not None:
+                        w_new = w0.astype(np.float64) + outcome.update.to_dense()
+                        copy.patch(spec.tensor, w_new.T if spec.transposed else w_new)
                 errs, kept = merge_errors(outcome.update, updates, inter["norms"])
                 if outcome.stats:
                     got.module_stats[spec.name] = jsonable(outcome.stats)
                 extra = {"energy_kept": outcome.stats.get("energy_kept")}
-            got.rows.extend(_rows_for_module(spec, p.tuned, updates, p.weights, inter, errs, kept, extra))
+                if sink is not None:
+                    extra.update(sink.add(spec, outcome.update))
+            got.rows.extend(rows_for_module(spec, p.tuned, updates, p.weights, inter, errs, kept, extra))
             if progress:
                 progress(done, len(p.work), spec.name)
     return got
@@ -409,7 +433,9 @@ def merge_rest(p: MergePlan, copy: PatchedCopy | None, bundle: BundleWriter | No
                 if np.any(d != 0):
                     bundle.add_task_tensor(t.name, info.name, raw)
             continue
-        assert p.method is not None and copy is not None
+        assert p.method is not None
+        if copy is None:  # --to-adapter: a LoRA adapter holds no other tensors (counted, reported)
+            continue
         if p.method.name in ELEMENTWISE:
             ups = [Update(dense=d.reshape(1, -1)) for d in ds]
             merged: np.ndarray = p.method(ups, p.weights, p.params).update.to_dense().reshape(w0.shape)
@@ -420,7 +446,7 @@ def merge_rest(p: MergePlan, copy: PatchedCopy | None, bundle: BundleWriter | No
 
 
 def summarize(p: MergePlan, got: Merged, bundle: BundleWriter | None, rest_changed: int, out: Path,
-              seconds: float) -> MergeSummary:  # fmt: skip
+              seconds: float, sink: AdapterSink | None = None) -> MergeSummary:  # fmt: skip
     """Per-task errors, the mean interference, what the bundle stores, what the output leaves out."""
     tasks = [t.name for t in p.tuned]
     rmm: RmmStorage | None = None
@@ -446,8 +472,8 @@ def summarize(p: MergePlan, got: Merged, bundle: BundleWriter | None, rest_chang
         method=p.method.name if p.method is not None else RMM,
         reference=p.method.reference if p.method is not None else RMM_REFERENCE,
         tasks=tasks, modules=len(p.work), output=str(out),
-        output_kind="checkpoint" if p.method is not None else "bundle",
-        mean_rel_error=_task_means(got.rows, tasks, "rel_error"), mean_kept=_task_means(got.rows, tasks, "kept"),
+        output_kind="bundle" if p.method is None else "adapter" if sink is not None else "checkpoint",
+        mean_rel_error=task_means(got.rows, tasks, "rel_error"), mean_kept=task_means(got.rows, tasks, "kept"),
         cosine=got.mean(got.cos_sum).round(6).tolist(), overlap=got.mean(got.ov_sum).round(6).tolist(),
         other_tensors_changed=rest_changed,
         rmm=rmm,
@@ -456,37 +482,7 @@ def summarize(p: MergePlan, got: Merged, bundle: BundleWriter | None, rest_chang
         adapter_base_names=named_bases if len(named_bases) > 1 else None,
         adapter_tensors_not_merged=skipped if p.method is not None and skipped else None,
         sweep=got.sweep.curve(got.raw) if got.sweep is not None else None,
+        adapter=sink.summary() if sink is not None else None,
+        tensors_not_in_adapter=rest_changed if sink is not None and rest_changed else None,
         seconds=seconds,
     )  # fmt: skip
-
-
-def _rows_for_module(spec: MatrixSpec, tuned: list[Tuned], updates: list[Update], weights: list[float],
-                     inter: dict[str, np.ndarray], errors: Sequence[float], kept: Sequence[float],
-                     extra: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
-    """One row per task: its update's norm, its error and kept share, its interference with the tasks that
-    changed the module too."""
-    n, (out, inp) = len(tuned), spec.shape
-    cos, ov = inter["cosine"], inter["overlap"]
-    rows = []
-    for i, t in enumerate(tuned):
-        others = [j for j in range(n) if j != i and inter["norms"][j] > 0]  # tasks that changed this module
-        mod = t.modules.get(spec.name) if t.adapter is not None else None
-        rows.append({
-            "module": spec.name, "kind": spec.kind, "depth": spec.depth, "shape": f"{out}x{inp}", "task": t.name, "source": t.kind, "weight": weights[i],
-            "lora_rank": mod.rank if mod is not None else None,
-            "delta_norm": float(inter["norms"][i]),
-            "rel_error": float(errors[i]), "kept": float(kept[i]),
-            "max_cos": float(max(abs(cos[i, j]) for j in others)) if others else None,
-            "mean_overlap": float(np.mean([ov[i, j] for j in others])) if others else None,
-            **extra,
-        })  # fmt: skip
-    return rows
-
-
-def _task_means(rows: list[dict[str, Any]], tasks: list[str], key: str) -> dict[str, float | None]:
-    """Per task, the mean of ``key`` over its finite rows (None when there are none)."""
-    out: dict[str, float | None] = {}
-    for t in tasks:
-        v = [r[key] for r in rows if r["task"] == t and r[key] is not None and math.isfinite(r[key])]
-        out[t] = float(np.mean(v)) if v else None
-    return out

@@ -295,15 +295,23 @@ def _merge_methods() -> list[str]:
 @pytest.mark.parametrize("case", ["full", "lora"])
 def test_merge(world: dict[str, Any], case: str, method: str) -> None:
     from spectra_cli.flows.merge import MergeOptions, run_merge
+    from spectra_cli.spectral.merge import MergeError
+    from spectra_cli.spectral.merge.peft_types import FACTOR_TYPES, SVD_TYPES
 
     c = world[case]
     extra: dict[str, Any] = {"basis": 2, "sweep": True} if method == "rmm" else {}
+    if method in SVD_TYPES and case == "full":
+        extra["params"] = (("rank", 2),)  # full fine-tunes have no input rank to default to
 
     def run(b: str) -> Any:
         out = world["root"] / f"merge-{case}-{method}-{b}"
         opts = MergeOptions(device="cpu", backend=b, method=method, interference_k=4, **extra)
         return run_merge(c.base_path, list(c.paths.items()), out, opts)
 
+    if case == "full" and (method in FACTOR_TYPES or method == "cat"):  # PEFT's factor-wise types need LoRA
+        with pytest.raises(MergeError, match="LoRA adapters"):
+            run("numpy")
+        return
     assert_same(_both(run), GRAM)
 
 

@@ -329,7 +329,7 @@ def test_basis_larger_than_n_is_an_error(full, tmp_path):
 @pytest.mark.parametrize(
     ("extra", "code", "fragment"),
     [
-        (["--method", "nope"], 2, "not one of"),
+        (["--method", "nope"], 2, "not a merge method"),
         (["--method", "tsv", "--basis", "2"], 2, "rmm only"),
         (["--weights", "1,2"], 1, "--weights has 2 values for 3"),
         (["--weights", "1,x,2"], 2, "expected numbers"),

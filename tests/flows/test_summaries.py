@@ -41,6 +41,8 @@ NOT_RECORDED = {
     "merge": {
         "adapter_base_names",
         "adapter_tensors_not_merged",
+        "adapter",  # only --to-adapter (tests/flows/test_merge_adapter.py)
+        "tensors_not_in_adapter",  # only --to-adapter on full fine-tunes changing biases/norms
     },  # adapters naming different bases / extra tensors
 }
 

@@ -440,9 +440,13 @@ def test_mixed_dense_and_factored_inputs() -> None:
 
 
 def test_registry_and_parameter_errors() -> None:
-    assert set(METHODS) == {"task-arithmetic", "ties", "tsv", "knots"}
+    peft_names = {"linear", "cat", "svd", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
+                  "magnitude_prune", "magnitude_prune_svd"}  # fmt: skip
+    assert set(METHODS) == {"task-arithmetic", "ties", "tsv", "knots", "iso-c", "iso-cts"} | peft_names
     for m in METHODS.values():
-        assert m.reference and m.summary and "scale" in m.params
+        assert m.reference and m.summary
+        assert ("scale" in m.params) == (m.name not in peft_names)  # PEFT's types have no global scale
+        assert ("PEFT" in m.reference) == (m.name in peft_names)
     assert METHODS["ties"].params["density"][0] == 0.2
     assert METHODS["knots"].params["combine"][0] == "ties"
     ups = _dense(np.random.default_rng(27), 2, 3, 3)

@@ -38,6 +38,8 @@ def columns(env: Env) -> list[Column]:
         Column("max_cos", "max |cos|", fmt_num),
         Column("mean_overlap", "overlap@k", fmt_num, default=False),
     ]
+    if env["options"].get("to_adapter"):
+        cols += [Column("adapter_rank", "adapter r", dash), Column("adapter_error", "adapter error", fmt_num)]
     return cols
 
 
@@ -65,6 +67,15 @@ def notes(env: Env) -> list[str]:
             for p, e, st in zip(sw["p"], sw["error"], sw["storage"], strict=True)
         )
         lines.append(f"sweep (merged matrices): {pts}")
+    if s.get("adapter"):
+        a = s["adapter"]
+        r = a.get("adapter_ranks") or {}
+        lines.append(
+            f"adapter: rank {a['adapter_rank'] or 'exact'} (per module {r.get('min')}–{r.get('max')}, "
+            f"{r.get('total')} in all); largest relative error of a module {a['adapter_max_error']:.3g}"
+        )
+    if s.get("tensors_not_in_adapter"):
+        lines.append(f"{s['tensors_not_in_adapter']} changed tensors outside the matrices are not in the adapter")
     lines.append(f"wrote {s['output_kind']} {s['output']} in {s['seconds']:.2f} s")
     return lines
 

@@ -55,6 +55,9 @@ class Update:
     dense: np.ndarray | None = None
     B: np.ndarray | None = None
     A: np.ndarray | None = None
+    #: a LoRA adapter's scale s = α/r already folded into B (B = s·lora_B); None when not an adapter's factors.
+    #: PEFT's factor-wise combinations (:mod:`.peft_types`) need the stored factors back.
+    lora_scale: float | None = None
 
     def __post_init__(self) -> None:
         if self.dense is not None:
@@ -122,7 +125,7 @@ class Update:
         if self.dense is not None:
             return Update(dense=self.dense * w)
         assert self.B is not None
-        return replace(self, B=self.B * w)
+        return replace(self, B=self.B * w, lora_scale=None if self.lora_scale is None else self.lora_scale * w)
 
 
 def f64(x: np.ndarray) -> np.ndarray:
