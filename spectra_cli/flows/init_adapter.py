@@ -27,20 +27,12 @@ import numpy as np
 from spectra_cli.checkpoint.adapter import is_adapter
 from spectra_cli.checkpoint.finetune import open_finetune, untracked_changes
 from spectra_cli.checkpoint.loader import MatrixLoader
-from spectra_cli.checkpoint.lora_targets import (
-    Target,
-    file_ranks,
-    lora_scale,
-    ranks_file_targets,
-    read_ranks_file,
-    select_targets,
-    unit_alpha,
-)
-from spectra_cli.checkpoint.matrices import MatrixSpec
+from spectra_cli.checkpoint.lora_targets import Target, ranks_file_targets, read_ranks_file, select_targets
 from spectra_cli.checkpoint.naming import module_path
 from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
 from spectra_cli.checkpoint.tensors import DTYPE_CODES, TensorInfo
-from spectra_cli.errors import CheckpointError, SelectionError, ShapeMismatch, SpectraError
+from spectra_cli.errors import CheckpointError, SelectionError, SpectraError
+from spectra_cli.flows.init_plan import allocate_ranks, explicit_selection, method_options, plan_targets
 from spectra_cli.options import ComputeOptions, EngineOptions, SelectionOptions
 from spectra_cli.results import OMIT_NONE, RunResult, options_record, summary_dict
 from spectra_cli.spectral.engine import resolve
@@ -170,91 +162,6 @@ class Factorised:
 # ---- the plan: targets, ranks, inputs ---------------------------------------------------------------------
 
 
-def _explicit(opts: InitOptions) -> bool:
-    return bool(opts.kinds or opts.include or opts.exclude)
-
-
-def plan_targets(
-    specs: Sequence[MatrixSpec],
-    opts: InitOptions,
-    method: InitMethod,
-    activations: Mapping[str, Any] | None,
-) -> tuple[list[Target], list[str]]:
-    """Each module's rank, α and scale; modules given rank 0 are dropped (returned second).
-    Raises :class:`ShapeMismatch` for a rank above min(out, in) before any work starts."""
-    paths = {s.name: module_path(s.tensor.name) for s in specs}
-    rslora = opts.rslora
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
-    if opts.ranks_file is not None or opts.ranks is not None:  # one source of ranks: InitOptions checks it
-        if opts.ranks_file is not None:
-            cfg = read_ranks_file(opts.ranks_file)
-            specs = ranks_file_targets(cfg, specs, paths, opts.ranks_file, _explicit(opts))
-            ranks, alphas = file_ranks(cfg, [paths[s.name] for s in specs], rslora, opts.alpha is not None)
-        else:
-            assert opts.ranks is not None
-            for s in specs:
-                p = paths[s.name]
-                ranks[p] = int(opts.ranks.get(p, 0))
-                if opts.alphas and p in opts.alphas:
-                    alphas[p] = float(opts.alphas[p])
-    elif opts.rank is not None:
-        ranks = {paths[s.name]: opts.rank for s in specs}
-        if method.plan_ranks is not None:
-            assert activations is not None
-            planned = method.plan_ranks({p: activations[p] for p in ranks}, opts.rank, _method_options(opts))
-            ranks = {p: int(planned.get(p, 0)) for p in ranks}
-    elif method.needs_tuned and opts.energy is not None:
-        ranks = {paths[s.name]: 0 for s in specs}  # chosen per module by the energy threshold
-    else:
-        raise SpectraError(
-            "give --rank R (or --ranks FILE / --allocate STRATEGY, or --energy τ with extract)"
-        )
-    targets: list[Target] = []
-    dropped: list[str] = []
-    too_big: list[str] = []
-    energy_mode = method.needs_tuned and opts.energy is not None
-    for s in specs:
-        p = paths[s.name]
-        r = ranks[p]
-        m, n = s.shape
-        if r < 0:
-            raise SpectraError(f"{p}: rank {r} is negative")
-        if r > min(m, n):
-            too_big.append(f"{p} ({m}×{n}, rank {r})")
-            continue
-        if r == 0 and not energy_mode:
-            dropped.append(p)
-            continue
-        base_r = max(r, 1)
-        if p in alphas and alphas[p] > 0:
-            alpha = alphas[p]
-        elif opts.alpha is None:
-            alpha = unit_alpha(base_r, rslora)
-        elif opts.rank is not None and base_r != opts.rank:  # keep α/r (α/√r) constant when ranks change
-            alpha = opts.alpha * (base_r / opts.rank if not rslora else math.sqrt(base_r / opts.rank))
-        else:
-            alpha = opts.alpha
-        targets.append(Target(s, p, r, alpha, lora_scale(alpha, base_r, rslora)))
-    if too_big:
-        more = f" and {len(too_big) - 3} more" if len(too_big) > 3 else ""
-        raise ShapeMismatch(
-            f"rank larger than min(out, in) for {', '.join(too_big[:3])}{more}; lower --rank (or the ranks file)"
-        )
-    if not targets:
-        raise SelectionError("every target module got rank 0; nothing to initialise")
-    return targets, dropped
-
-
-def _method_options(opts: InitOptions) -> dict[str, Any]:
-    out: dict[str, Any] = dict(opts.method_options)
-    if opts.fast is not None:
-        out["niter"] = opts.fast
-    if opts.energy is not None:
-        out["energy"] = opts.energy
-    return out
-
-
 def plan_init(path: str | Path, opts: InitOptions) -> InitPlan:
     """Check the options against the method, open the checkpoint (and the tuned one, and the activations), choose
     the targets and each one's rank and α; nothing is factorised (``--allocate`` runs the allocation's SVDs)."""
@@ -286,7 +193,8 @@ def plan_init(path: str | Path, opts: InitOptions) -> InitPlan:
     specs = select_targets(ckpt, opts.selection(split_fused=False))
     if opts.ranks_file is not None:  # the file's target_modules narrow the selection before anything is read
         paths = {sp.name: module_path(sp.tensor.name) for sp in specs}
-        specs = ranks_file_targets(read_ranks_file(opts.ranks_file), specs, paths, opts.ranks_file, _explicit(opts))
+        cfg = read_ranks_file(opts.ranks_file)
+        specs = ranks_file_targets(cfg, specs, paths, opts.ranks_file, explicit_selection(opts))
     acts = None
     if opts.activations is not None and method.needs_activations:
         from spectra_cli.checkpoint.activations import read_activations
@@ -301,7 +209,7 @@ def plan_init(path: str | Path, opts: InitOptions) -> InitPlan:
     if opts.tuned is not None:
         tuned_ckpt, tuned_infos = open_finetune(opts.tuned, specs)
     if opts.allocate is not None:
-        opts = _allocate(path, opts)
+        opts = allocate_ranks(path, opts)
     targets, dropped = plan_targets(specs, opts, method, acts)
     eng = resolve(EngineOptions(device=opts.device, precision=opts.precision, method="svd", backend=opts.backend))
     return InitPlan(opts, ckpt, method, targets, dropped, acts, tuned_ckpt, tuned_infos, eng.device, eng.compute)
@@ -390,7 +298,7 @@ def factorise(p: InitPlan, writer: ResidualWriter | None,
     got = Factorised([], {}, {}, list(p.dropped))
     loader = MatrixLoader(p.ckpt)
     tuned_loader = MatrixLoader(p.tuned) if p.tuned is not None else None
-    m_opts = _method_options(opts)
+    m_opts = method_options(opts)
     for i, tg in enumerate(targets):
         t1 = time.perf_counter()
         spec = tg.spec
@@ -481,20 +389,3 @@ def summarize(p: InitPlan, got: Factorised, writer: ResidualWriter | None, secon
         ),
         max_relative_error=max(errs) if errs else None,
     )
-
-
-def _allocate(path: str | Path, opts: InitOptions) -> InitOptions:
-    """Ranks and α from ``spectra allocate`` (strategy ``opts.allocate``, average rank ``opts.budget_rank``)."""
-    import dataclasses
-
-    from spectra_cli.flows.allocate import AllocateOptions, run_allocate
-
-    a_opts = AllocateOptions(
-        include=opts.include, exclude=opts.exclude, kinds=opts.kinds, min_dim=opts.min_dim,
-        strategy=opts.allocate or "energy", budget_rank=opts.budget_rank, lora_alpha=opts.alpha,
-        activations=opts.activations, device=opts.device, precision=opts.precision,
-    )  # fmt: skip
-    result = run_allocate(path, a_opts)
-    return dataclasses.replace(opts, ranks=dict(result.ranks), alphas=dict(result.alphas))
-
-
