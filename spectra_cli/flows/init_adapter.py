@@ -63,6 +63,7 @@ class InitOptions(SelectionOptions, ComputeOptions):
     energy: float | None = None
     fast: int | None = None
     activations: Path | None = None
+    compressed: Path | None = None  # eora: the compressed checkpoint the adapter compensates
     method_options: Mapping[str, Any] = field(default_factory=dict)
     dtype: str | None = None
     force: bool = False
@@ -145,7 +146,7 @@ class InitPlan:
     @property
     def inputs(self) -> list[Path]:
         """The paths the output may not overwrite."""
-        return [Path(self.ckpt.path)] + ([Path(self.opts.tuned)] if self.opts.tuned else [])
+        return [Path(self.ckpt.path)] + [Path(q) for q in (self.opts.tuned, self.opts.compressed) if q]
 
 
 @dataclass
@@ -178,6 +179,11 @@ def plan_init(path: str | Path, opts: InitOptions) -> InitPlan:
         raise SpectraError(f"--energy is only used by extract, not {method.name}")
     if method.needs_tuned and opts.tuned is None:
         raise SpectraError(f"{method.name} needs the fine-tuned checkpoint: add --tuned TUNED")
+    if (opts.compressed is not None) != method.needs_compressed:
+        raise SpectraError(
+            f"{method.name} needs the compressed checkpoint: add --compressed CKPT" if method.needs_compressed
+            else f"--compressed is only used by eora, not {method.name}"
+        )
     if opts.activations is not None and not method.needs_activations and opts.allocate is None:
         raise SpectraError(
             f"--activations is not used by {method.name} (only by methods that need them, and --allocate eva)"
@@ -206,8 +212,9 @@ def plan_init(path: str | Path, opts: InitOptions) -> InitPlan:
         acts = acts_file.modules
     tuned_ckpt: Checkpoint | None = None
     tuned_infos: dict[str, TensorInfo] = {}
-    if opts.tuned is not None:
-        tuned_ckpt, tuned_infos = open_finetune(opts.tuned, specs)
+    second = opts.tuned or opts.compressed  # the second weight of each module (same shapes)
+    if second is not None:
+        tuned_ckpt, tuned_infos = open_finetune(second, specs, "fine-tune" if opts.tuned else "compressed copy")
     if opts.allocate is not None:
         opts = allocate_ranks(path, opts)
     targets, dropped = plan_targets(specs, opts, method, acts)
@@ -249,13 +256,14 @@ def run_init(
         got = factorise(p, writer, progress)
         if writer is not None:
             writer.finish()
-        base_for_adapter = (
-            str((out / "residual").resolve()) if writer is not None else str(Path(p.ckpt.path).resolve())
+        base_for_adapter = str(
+            (out / "residual").resolve() if writer is not None else Path(p.opts.compressed or p.ckpt.path).resolve()
         )
         write_lora_adapter(
             stage / "adapter",
             {m: LoraFactors(a, b, got.alphas[m]) for m, (a, b) in got.factors.items()},
             base=base_for_adapter, rslora=p.opts.rslora, fan_in_fan_out=bool(p.targets[0].spec.transposed),
+            init_lora_weights=p.method.peft_init,
         )  # fmt: skip
         summary = summarize(p, got, writer, round(time.perf_counter() - t0, 3))
         inputs = {
@@ -263,13 +271,16 @@ def run_init(
             "format": p.ckpt.format,
             "bytes": p.ckpt.total_bytes,
             "tuned": str(Path(p.opts.tuned).resolve()) if p.opts.tuned else None,
+            **({"compressed": str(Path(p.opts.compressed).resolve())} if p.opts.compressed else {}),
             "activations": str(Path(p.opts.activations).resolve()) if p.opts.activations else None,
             "ranks_file": str(Path(p.opts.ranks_file).resolve()) if p.opts.ranks_file else None,
         }
         opts_dict = options_record(p.opts)
         opts_dict["resolved"] = {"device": p.device, "precision": p.opts.precision}
         rank_counts = Counter(int(a.shape[0]) for a, _ in got.factors.values())
-        write_init_readme(stage, out, p.method.name, argv, rank_counts, writer is not None, base_for_adapter)
+        write_init_readme(
+            stage, out, p.method.name, argv, rank_counts, writer is not None, base_for_adapter, p.method.peft_init
+        )
         artifacts = ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "README.md"]
         if writer is not None:
             artifacts.append("residual/")
@@ -308,7 +319,7 @@ def factorise(p: InitPlan, writer: ResidualWriter | None,
         if tuned_loader is not None:
             tw = to_device(tuned_loader.load(replace(spec, tensor=p.tuned_infos[spec.name])), device, cdtype)
             tuned_w = tw.T if spec.transposed else tw
-        for where, t in ((p.ckpt.path, w), (opts.tuned, tuned_w)):
+        for where, t in ((p.ckpt.path, w), (opts.tuned or opts.compressed, tuned_w)):
             if t is not None and not bool(t.isfinite().all()):
                 raise CheckpointError(
                     f"{where}: {spec.tensor.name} holds NaN or infinite values; an adapter cannot be "

