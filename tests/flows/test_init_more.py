@@ -134,3 +134,67 @@ def test_orthogonal_refuses_an_odd_rank(llama, tmp_path):
     r = runner.invoke(app, ["init-adapter", str(llama), "--out", str(tmp_path / "o"), "--method", "orthogonal",
                             "--rank", "3", "-q"])  # fmt: skip
     assert r.exit_code != 0 and "even rank" in r.stderr
+
+
+# ---- LoftQ ---------------------------------------------------------------------------------------------------
+
+
+def _weights(folder: Path) -> dict[str, np.ndarray]:
+    return {k: v.double().numpy() for k, v in tensors(folder).items()}
+
+
+def _loftq_errors(src: Path, out: Path) -> dict[str, tuple[float, float]]:
+    """Per module: (‖W − Q − s·B·A‖, ‖W − Q‖) from the files, s = 1."""
+    w0, res, ad = _weights(src), _weights(out / "residual"), _weights(out / "adapter")
+    errs = {}
+    for k, a in ad.items():
+        if not k.endswith("lora_A.weight"):
+            continue
+        mod = k[len("base_model.model.") : -len(".lora_A.weight")]
+        b = ad[k.replace("lora_A", "lora_B")]
+        w, q = w0[f"{mod}.weight"], res[f"{mod}.weight"]
+        errs[mod] = (float(np.linalg.norm(w - q - b @ a)), float(np.linalg.norm(w - q)))
+    return errs
+
+
+def test_loftq_beats_nf4_alone_on_every_module_and_improves_with_steps(llama, tmp_path):
+    from tests.spectral.test_quant import numpy_nf4
+
+    w0 = _weights(llama)
+    by_steps = {}
+    for steps in (1, 5):
+        out = tmp_path / f"lq{steps}"
+        env = init(llama, out, "--method", "loftq", "--bits", "4", "--loftq-iter", str(steps), "--rank", "4")
+        errs = _loftq_errors(llama, out)
+        assert len(errs) == 14
+        for mod, (err, _) in errs.items():
+            w = w0[f"{mod}.weight"]
+            nf4_alone = float(np.linalg.norm(w - numpy_nf4(w.astype(np.float32))))
+            assert err < 0.95 * nf4_alone, mod
+        # the written base is NF4-quantised: quantising it again (independent implementation) changes nothing
+        res = _weights(out / "residual")
+        for mod in errs:
+            q = res[f"{mod}.weight"].astype(np.float32)
+            np.testing.assert_array_equal(numpy_nf4(q), q)
+        rows = {r["name"]: r for r in env["rows"]}
+        for mod, (err, _) in errs.items():
+            assert rows[mod]["relative_error"] == pytest.approx(err / np.linalg.norm(w0[f"{mod}.weight"]), rel=1e-4)
+        by_steps[steps] = errs
+    for mod in by_steps[1]:
+        assert by_steps[5][mod][0] < by_steps[1][mod][0], mod
+    readme = (tmp_path / "lq5" / "README.md").read_text()
+    assert "load_in_4bit" in readme and "dequantised" in readme
+
+
+def test_loftq_int8_and_alpha(llama, tmp_path):
+    """int8 errors are far smaller than NF4's; with s = α/r = 2 the residual plus s·B·A is what approximates W."""
+    out = tmp_path / "lq8"
+    init(llama, out, "--method", "loftq", "--bits", "8", "--rank", "4", "--alpha", "8", "--kinds", "q_proj")
+    w0, res, ad = _weights(llama), _weights(out / "residual"), _weights(out / "adapter")
+    for mod in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"):
+        w, q = w0[f"{mod}.weight"], res[f"{mod}.weight"]
+        a, b = ad[f"base_model.model.{mod}.lora_A.weight"], ad[f"base_model.model.{mod}.lora_B.weight"]
+        amax = np.abs(w).max(axis=1, keepdims=True)
+        int8_alone = np.linalg.norm(w - np.round(w * 127 / amax) / 127 * amax)
+        assert np.linalg.norm(w - q - 2 * b @ a) < int8_alone
+        assert np.linalg.norm(w - q) / np.linalg.norm(w) < 0.01
