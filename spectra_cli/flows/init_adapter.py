@@ -377,7 +377,7 @@ def summarize(p: InitPlan, got: Factorised, writer: ResidualWriter | None, secon
     import torch
 
     untracked = (
-        untracked_changes(p.ckpt, p.tuned, {t.spec.tensor.name for t in p.targets}) if p.tuned else []
+        untracked_changes(p.ckpt, p.tuned, {t.spec.tensor.name for t in p.targets}) if p.tuned and p.opts.tuned else []
     )
     rank_counts = Counter(int(a.shape[0]) for a, _ in got.factors.values())
     errs = [r["relative_error"] for r in got.rows if isinstance(r.get("relative_error"), float)]

@@ -198,3 +198,68 @@ def test_loftq_int8_and_alpha(llama, tmp_path):
         int8_alone = np.linalg.norm(w - np.round(w * 127 / amax) / 127 * amax)
         assert np.linalg.norm(w - q - 2 * b @ a) < int8_alone
         assert np.linalg.norm(w - q) / np.linalg.norm(w) < 0.01
+
+
+# ---- EoRA ----------------------------------------------------------------------------------------------------
+
+
+def _round4(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric 4-bit rounding, absmax per row (the "compressed" model of the test)."""
+    a = w.abs().amax(dim=1, keepdim=True)
+    return torch.round(w / a * 7) / 7 * a
+
+
+def test_eora_lowers_the_output_error_more_than_a_plain_svd(tmp_path):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from fixtures.capture_data import SENTENCES, WORDS, text_file, tiny_llama, tiny_tokenizer
+    from spectra_cli.flows.capture import CaptureOptions, run_capture
+
+    src = tiny_llama(tmp_path / "llama")
+    model = LlamaForCausalLM.from_pretrained(src).eval()
+    targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    with torch.no_grad():
+        for n in targets:
+            mod = model.get_submodule(n)
+            mod.weight.copy_(_round4(mod.weight))
+    comp = tmp_path / "compressed"
+    model.save_pretrained(comp)
+    for f in src.iterdir():  # the tokenizer and anything else that is not weights
+        if not (comp / f.name).exists():
+            (comp / f.name).write_bytes(f.read_bytes())
+    # calibration: random word sequences; held out: the fixture's sentences
+    rng = np.random.default_rng(0)
+    calib = [" ".join(rng.choice(WORDS, size=int(rng.integers(4, 12)))) for _ in range(200)]
+    held = SENTENCES
+    acts = tmp_path / "acts.safetensors"
+    run_capture(src, text_file(tmp_path / "calib.txt", calib), acts, CaptureOptions(stats="covariance"))
+    out = tmp_path / "eora"
+    env = init(src, out, "--method", "eora", "--compressed", comp, "--activations", acts, "--rank", "2")
+    assert env["summary"]["residual"] is False and len(env["rows"]) == len(targets)
+    assert all(0 < r["recovered"] <= 1 for r in env["rows"])
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert Path(cfg["base_model_name_or_path"]) == comp.resolve()
+
+    enc = tiny_tokenizer()(held, return_tensors="pt", padding=True)
+
+    def logits(m: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return m(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+
+    ref = logits(LlamaForCausalLM.from_pretrained(src).eval())
+    compressed = LlamaForCausalLM.from_pretrained(comp).eval()
+    err_comp = float((logits(compressed) - ref).norm())
+    eora_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(comp).eval(), out / "adapter").eval()
+    err_eora = float((logits(eora_model) - ref).norm())
+    # a plain rank-2 SVD of each module's error ΔW = W − W_c (NumPy), merged into the compressed model
+    orig = LlamaForCausalLM.from_pretrained(src).eval()
+    plain = LlamaForCausalLM.from_pretrained(comp).eval()
+    with torch.no_grad():
+        for n in targets:
+            mod = plain.get_submodule(n)
+            d = (orig.get_submodule(n).weight - mod.weight).double().numpy()
+            u, s, vt = np.linalg.svd(d, full_matrices=False)
+            mod.weight += torch.from_numpy((u[:, :2] * s[:2]) @ vt[:2]).float()
+    err_plain = float((logits(plain) - ref).norm())
+    assert err_eora < err_plain < err_comp, (err_eora, err_plain, err_comp)
