@@ -51,7 +51,8 @@ def _method_lines() -> list[str]:
         needs = [w for w, f in (("--activations", m.needs_activations), ("--tuned", m.needs_tuned),
                                  ("--compressed", m.needs_compressed)) if f]  # fmt: skip
         extra = f" (needs {', '.join(needs)})" if needs else ""  # not [..]: rich would read it as markup
-        lines.append(f"{name}: {m.summary.rstrip('. ')}{extra}. {m.reference}")
+        params = f" Parameters: {m.parameters}." if m.parameters else ""
+        lines.append(f"{name}: {m.summary.rstrip('. ')}{extra}.{params} {m.reference}")
     return lines
 
 

@@ -81,6 +81,5 @@ EORA = register(
         changes_base=False,
         needs_activations=True,
         needs_compressed=True,
-        parameters="--compressed CKPT, --activations FILE",
     )
 )

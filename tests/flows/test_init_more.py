@@ -263,3 +263,38 @@ def test_eora_lowers_the_output_error_more_than_a_plain_svd(tmp_path):
             mod.weight += torch.from_numpy((u[:, :2] * s[:2]) @ vt[:2]).float()
     err_plain = float((logits(plain) - ref).norm())
     assert err_eora < err_plain < err_comp, (err_eora, err_plain, err_comp)
+
+
+# ---- what the other commands read, and bad input -----------------------------------------------------------
+
+
+def test_analyze_and_compare_read_what_the_new_methods_write(llama, tmp_path):
+    init(llama, tmp_path / "mica", "--method", "mica", "--rank", "2", "--kinds", "q_proj")
+    init(llama, tmp_path / "lq", "--method", "loftq", "--rank", "2", "--kinds", "q_proj")
+    r = run("analyze", tmp_path / "mica" / "adapter", "-f", "json", "-q")
+    assert r.exit_code == 0, r.stderr
+    rows = {row["name"]: row for row in json.loads(r.stdout)["rows"]}
+    assert len(rows) == 4  # lora_A and lora_B of two modules
+    r = run("compare", llama, f"lq={tmp_path / 'lq' / 'residual'}", "-f", "json", "-q")
+    assert r.exit_code == 0, r.stderr
+    rows = {row["name"]: row for row in json.loads(r.stdout)["rows"]}
+    w0, res = _weights(llama), _weights(tmp_path / "lq" / "residual")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    want = np.linalg.norm(res[name] - w0[name]) / np.linalg.norm(w0[name])
+    assert rows[name]["relative_delta"] == pytest.approx(want, rel=1e-4)
+    assert rows["model.layers.0.self_attn.k_proj.weight"]["relative_delta"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "eora", "--rank", "2"], "--compressed"),
+        (["--method", "pissa", "--rank", "2", "--compressed", "."], "only used by eora"),
+        (["--method", "loftq", "--rank", "2", "--bits", "3"], "--bits 3"),
+        (["--method", "loftq", "--rank", "2", "--loftq-iter", "0"], "--loftq-iter 0"),
+    ],
+)
+def test_bad_options_are_one_line_errors(llama, tmp_path, args, message):
+    r = runner.invoke(app, ["init-adapter", str(llama), "--out", str(tmp_path / "o"), "-q", *args])
+    assert r.exit_code != 0 and message in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
