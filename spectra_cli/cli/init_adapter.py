@@ -49,7 +49,7 @@ def _method_lines() -> list[str]:
     lines = []
     for name, m in sorted(_registry().items()):
         needs = [w for w, f in (("--activations", m.needs_activations), ("--tuned", m.needs_tuned),
-                                 ("--compressed", m.needs_compressed)) if f]  # fmt: skip
+                                 ("--compressed", m.needs_compressed), ("--gradients", m.needs_gradients)) if f]  # fmt: skip
         extra = f" (needs {', '.join(needs)})" if needs else ""  # not [..]: rich would read it as markup
         params = f" Parameters: {m.parameters}." if m.parameters else ""
         lines.append(f"{name}: {m.summary.rstrip('. ')}{extra}.{params} {m.reference}")
@@ -215,6 +215,15 @@ def init_adapter_cmd(
             rich_help_panel="Method",
         ),
     ] = None,
+    gradients: Annotated[
+        Path | None,
+        typer.Option(
+            "--gradients",
+            metavar="FILE",
+            help="lora-ga: each target weight's mean gradient, a safetensors file with the model's tensor names.",
+            rich_help_panel="Method",
+        ),
+    ] = None,
     bits: Annotated[
         int | None,
         typer.Option(
@@ -232,7 +241,8 @@ def init_adapter_cmd(
     seed: Annotated[
         int | None,
         typer.Option(
-            "--seed", metavar="N", help="orthogonal: seed of the random draws (default 0).", rich_help_panel="Method"
+            "--seed", metavar="N", help="orthogonal, lora-ga: seed of the random draws (default 0).",
+            rich_help_panel="Method",
         ),
     ] = None,
     dtype: Annotated[
@@ -293,9 +303,9 @@ def init_adapter_cmd(
         InitOptions, o.selection(include, exclude, kinds, min_dim), o.compute(device, precision, backend, max_memory),
         method=method, rank=rank, alpha=alpha, rslora=rslora, ranks_file=ranks, allocate=allocate,
         budget_rank=budget_rank, tuned=tuned, energy=energy, fast=fast, activations=activations,
-        method_options=m_opts, dtype=dtype, force=force, compressed=compressed,
+        method_options=m_opts, dtype=dtype, force=force, compressed=compressed, gradients=gradients,
     )  # fmt: skip
-    check_outputs([ckpt, tuned, activations, ranks, compressed], {"--output": output, "--html": html}, folders={"--out": out})
+    check_outputs([ckpt, tuned, activations, ranks, compressed, gradients], {"--output": output, "--html": html}, folders={"--out": out})
     with progress_bar(f"init-adapter {method}", quiet) as update:
         result = run_init(ckpt, out, opts, progress=update, argv=sys.argv)
     s = result.summary

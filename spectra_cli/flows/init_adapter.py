@@ -64,6 +64,7 @@ class InitOptions(SelectionOptions, ComputeOptions):
     fast: int | None = None
     activations: Path | None = None
     compressed: Path | None = None  # eora: the compressed checkpoint the adapter compensates
+    gradients: Path | None = None  # lora-ga: each target weight's mean gradient, under the weight's name
     method_options: Mapping[str, Any] = field(default_factory=dict)
     dtype: str | None = None
     force: bool = False
@@ -146,7 +147,7 @@ class InitPlan:
     @property
     def inputs(self) -> list[Path]:
         """The paths the output may not overwrite."""
-        return [Path(self.ckpt.path)] + [Path(q) for q in (self.opts.tuned, self.opts.compressed) if q]
+        return [Path(self.ckpt.path)] + [Path(q) for q in (self.opts.tuned, self.opts.compressed, self.opts.gradients) if q]
 
 
 @dataclass
@@ -184,6 +185,11 @@ def plan_init(path: str | Path, opts: InitOptions) -> InitPlan:
             f"{method.name} needs the compressed checkpoint: add --compressed CKPT" if method.needs_compressed
             else f"--compressed is only used by eora, not {method.name}"
         )
+    if (opts.gradients is not None) != method.needs_gradients:
+        raise SpectraError(
+            f"{method.name} needs the weights' gradients: add --gradients FILE" if method.needs_gradients
+            else f"--gradients is only used by lora-ga, not {method.name}"
+        )
     if opts.activations is not None and not method.needs_activations and opts.allocate is None:
         raise SpectraError(
             f"--activations is not used by {method.name} (only by methods that need them, and --allocate eva)"
@@ -212,9 +218,10 @@ def plan_init(path: str | Path, opts: InitOptions) -> InitPlan:
         acts = acts_file.modules
     tuned_ckpt: Checkpoint | None = None
     tuned_infos: dict[str, TensorInfo] = {}
-    second = opts.tuned or opts.compressed  # the second weight of each module (same shapes)
+    second = opts.tuned or opts.compressed or opts.gradients  # the second tensor of each module (same shapes)
     if second is not None:
-        tuned_ckpt, tuned_infos = open_finetune(second, specs, "fine-tune" if opts.tuned else "compressed copy")
+        role = "fine-tune" if opts.tuned else "compressed copy" if opts.compressed else "gradient file"
+        tuned_ckpt, tuned_infos = open_finetune(second, specs, role)
     if opts.allocate is not None:
         opts = allocate_ranks(path, opts)
     targets, dropped = plan_targets(specs, opts, method, acts)
@@ -271,7 +278,8 @@ def run_init(
             "format": p.ckpt.format,
             "bytes": p.ckpt.total_bytes,
             "tuned": str(Path(p.opts.tuned).resolve()) if p.opts.tuned else None,
-            **({"compressed": str(Path(p.opts.compressed).resolve())} if p.opts.compressed else {}),
+            **{k: str(Path(v).resolve()) for k, v in (("compressed", p.opts.compressed),
+                                                      ("gradients", p.opts.gradients)) if v},
             "activations": str(Path(p.opts.activations).resolve()) if p.opts.activations else None,
             "ranks_file": str(Path(p.opts.ranks_file).resolve()) if p.opts.ranks_file else None,
         }
@@ -319,7 +327,7 @@ def factorise(p: InitPlan, writer: ResidualWriter | None,
         if tuned_loader is not None:
             tw = to_device(tuned_loader.load(replace(spec, tensor=p.tuned_infos[spec.name])), device, cdtype)
             tuned_w = tw.T if spec.transposed else tw
-        for where, t in ((p.ckpt.path, w), (opts.tuned or opts.compressed, tuned_w)):
+        for where, t in ((p.ckpt.path, w), (opts.tuned or opts.compressed or opts.gradients, tuned_w)):
             if t is not None and not bool(t.isfinite().all()):
                 raise CheckpointError(
                     f"{where}: {spec.tensor.name} holds NaN or infinite values; an adapter cannot be "

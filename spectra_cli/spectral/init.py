@@ -35,7 +35,7 @@ class InitInput:
     rank: int
     scale: float  # s = α/r
     activations: ModuleActivations | None = None
-    tuned: torch.Tensor | None = None  # out×in: the fine-tune (extract) or the compressed weight (eora)
+    tuned: torch.Tensor | None = None  # out×in: the fine-tune (extract), compressed weight (eora), gradient (lora-ga)
     options: Mapping[str, Any] = field(default_factory=dict)  # method parameters (niter, mode, …)
     # where the top-k Gram route runs (None: where ``weight`` is); exact SVDs and QRs run where the weight is
     backend: Backend | None = None
@@ -73,6 +73,7 @@ class InitMethod:
     needs_tuned: bool = False
     plan_ranks: Callable[[Mapping[str, ModuleActivations], int, Mapping[str, Any]], dict[str, int]] | None = None
     needs_compressed: bool = False  # EoRA: the compressed checkpoint (``InitInput.tuned`` holds its weight)
+    needs_gradients: bool = False  # LoRA-GA: the gradients file (``InitInput.tuned`` holds the gradient)
     # what the adapter config's ``init_lora_weights`` says: True for an exported init, a PEFT variant's name
     # where the name changes training (MiCA: "mica" makes PEFT freeze lora_B)
     peft_init: bool | str = True
@@ -100,6 +101,7 @@ def methods() -> dict[str, InitMethod]:
         "spectra_cli.spectral.init_peft",
         "spectra_cli.spectral.loftq",
         "spectra_cli.spectral.eora",
+        "spectra_cli.spectral.lora_ga",
     ):
         try:
             importlib.import_module(module)

@@ -298,3 +298,59 @@ def test_bad_options_are_one_line_errors(llama, tmp_path, args, message):
     r = runner.invoke(app, ["init-adapter", str(llama), "--out", str(tmp_path / "o"), "-q", *args])
     assert r.exit_code != 0 and message in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ---- LoRA-GA -------------------------------------------------------------------------------------------------
+
+
+def test_lora_ga_equals_peft_preprocess_loraga(llama, tmp_path):
+    """Gradients of one causal-LM batch, taken here with plain autograd, written as a gradients file; PEFT's
+    preprocess_loraga + get_peft_model(init_lora_weights="lora_ga") on the same batch. r = 8 makes PEFT's
+    randomized SVD (q = min(4r, min(out, in))) exact, so the factors agree up to the sign of each singular
+    vector and base + adapter gives PEFT's outputs (both: the original model's)."""
+    from peft import LoraConfig, LoraGAConfig, get_peft_model, preprocess_loraga
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(4, 64, (4, 16), generator=torch.Generator().manual_seed(3))
+    kinds = ["q_proj", "down_proj"]
+    model = AutoModelForCausalLM.from_pretrained(llama).eval()
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {f"{n}.weight": m.weight.grad.detach().clone().contiguous() for n, m in model.named_modules()
+             if n.split(".")[-1] in kinds}  # fmt: skip
+    assert len(grads) == 4
+    save_file(grads, str(tmp_path / "grads.safetensors"))
+    out = tmp_path / "ga"
+    init(llama, out, "--method", "lora-ga", "--rank", "8", "--alpha", "16", "--kinds", ",".join(kinds),
+         "--gradients", tmp_path / "grads.safetensors")  # fmt: skip
+
+    peft_base = AutoModelForCausalLM.from_pretrained(llama)
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=kinds, init_lora_weights="lora_ga",
+                     lora_ga_config=LoraGAConfig())  # fmt: skip
+
+    def train_step() -> None:
+        peft_base(input_ids=ids, labels=ids).loss.backward()
+
+    preprocess_loraga(peft_base, cfg, train_step)
+    peft_model = get_peft_model(peft_base, cfg).eval()
+    ours, resid = tensors(out / "adapter"), tensors(out / "residual")
+    mods = _lora_modules(peft_model)
+    assert len(mods) == 4
+    for name, mod in mods.items():
+        pa, pb = mod.lora_A["default"].weight.detach(), mod.lora_B["default"].weight.detach()
+        oa, ob = ours[f"base_model.model.{name}.lora_A.weight"], ours[f"base_model.model.{name}.lora_B.weight"]
+        sa, sb = torch.sign((pa * oa).sum(dim=1)), torch.sign((pb * ob).sum(dim=0))
+        torch.testing.assert_close(oa * sa[:, None], pa, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ob * sb[None, :], pb, atol=1e-5, rtol=1e-4)
+        # B = U[:, r:2r]·S[r:2r]·d_out^{1/4}/4 from an independent NumPy SVD of the gradient
+        g = grads[f"{name}.weight"].double().numpy()
+        u, s, vt = np.linalg.svd(g)
+        want_b = u[:, 8:16] * s[8:16] * g.shape[0] ** 0.25 / 4
+        np.testing.assert_allclose(np.abs(ob.double().numpy()), np.abs(want_b), atol=1e-5 * s[0], rtol=1e-3)
+        w = model.get_submodule(name).weight.detach()
+        torch.testing.assert_close(resid[f"{name}.weight"] + 2.0 * ob @ oa, w, atol=1e-5, rtol=1e-5)
+    ga_model = _load(out / "residual", out / "adapter")
+    ref = _logits(AutoModelForCausalLM.from_pretrained(llama).eval())
+    torch.testing.assert_close(_logits(ga_model.eval()), _logits(peft_model), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(_logits(ga_model.eval()), ref, atol=1e-4, rtol=1e-4)
