@@ -343,11 +343,12 @@ def test_lora_ga_equals_peft_preprocess_loraga(llama, tmp_path):
         sa, sb = torch.sign((pa * oa).sum(dim=1)), torch.sign((pb * ob).sum(dim=0))
         torch.testing.assert_close(oa * sa[:, None], pa, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(ob * sb[None, :], pb, atol=1e-5, rtol=1e-4)
-        # B = U[:, r:2r]·S[r:2r]·d_out^{1/4}/4 from an independent NumPy SVD of the gradient
+        # A = Vᵀ[:r], B = U[:, r:2r]·S[r:2r]·d_out^{1/4}/4 from an independent NumPy SVD of the gradient
         g = grads[f"{name}.weight"].double().numpy()
         u, s, vt = np.linalg.svd(g)
         want_b = u[:, 8:16] * s[8:16] * g.shape[0] ** 0.25 / 4
         np.testing.assert_allclose(np.abs(ob.double().numpy()), np.abs(want_b), atol=1e-5 * s[0], rtol=1e-3)
+        np.testing.assert_allclose(np.abs(oa.double().numpy()), np.abs(vt[:8]), atol=1e-4)
         w = model.get_submodule(name).weight.detach()
         torch.testing.assert_close(resid[f"{name}.weight"] + 2.0 * ob @ oa, w, atol=1e-5, rtol=1e-5)
     ga_model = _load(out / "residual", out / "adapter")
