@@ -117,8 +117,8 @@ def capture_cmd(
         typer.Option(
             "--gradients",
             help="Instead of input statistics, write each selected weight's mean causal-LM gradient over --batches "
-            "batches into the folder --out, streamed in groups of --max-memory MB (for init-adapter --method "
-            "lora-ga --gradients).",
+            "batches into the folder --out, streamed in groups of modules (for init-adapter --method lora-ga "
+            "--gradients).",
         ),
     ] = False,
     batches: Annotated[
@@ -133,8 +133,9 @@ def capture_cmd(
                                                          "accumulated in float64.")] = o.Precision.float32,
     backend: Annotated[o.Backend, o.backend_option("capture always runs the model in PyTorch (on --device).")
                        ] = o.Backend.auto,
-    max_memory: Annotated[int | None, o.max_memory_option("Not used yet by capture: its memory follows "
-                                                          "--batch-size, --max-length and --components.")] = None,
+    max_memory: Annotated[int | None, o.max_memory_option(
+        "Not used yet by capture's statistics: their memory follows --batch-size, --max-length and --components. "
+        "With --gradients: the MB of gradients held at once (default 1024).")] = None,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
     html: o.HtmlOpt = None,
