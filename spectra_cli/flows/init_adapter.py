@@ -199,6 +199,10 @@ def plan_init(path: str | Path, opts: InitOptions) -> InitPlan:
             f"{method.name} needs the inputs' statistics: capture them with `spectra capture` and pass "
             "--activations FILE"
         )
+    for key, flag, users in (("bits", "--bits", ("loftq",)), ("loftq_iter", "--loftq-iter", ("loftq",)),
+                             ("seed", "--seed", ("orthogonal", "lora-ga"))):  # fmt: skip
+        if key in opts.method_options and method.name not in users:
+            raise SpectraError(f"{flag} is only used by {' and '.join(users)}, not {method.name}")
     if opts.dtype is not None and not method.changes_base:
         raise SpectraError(f"--dtype sets the residual's dtype; {method.name} leaves the base unchanged")
     ckpt = open_checkpoint(path)

@@ -292,6 +292,7 @@ def test_analyze_and_compare_read_what_the_new_methods_write(llama, tmp_path):
         (["--method", "pissa", "--rank", "2", "--compressed", "."], "only used by eora"),
         (["--method", "loftq", "--rank", "2", "--bits", "3"], "--bits 3"),
         (["--method", "loftq", "--rank", "2", "--loftq-iter", "0"], "--loftq-iter 0"),
+        (["--method", "pissa", "--rank", "2", "--bits", "4"], "--bits is only used by loftq"),
     ],
 )
 def test_bad_options_are_one_line_errors(llama, tmp_path, args, message):
