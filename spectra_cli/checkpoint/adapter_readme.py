@@ -24,7 +24,7 @@ README = """\
 
 Written by `{argv}` on {created}.
 
-- `adapter/`: a PEFT LoRA adapter ({n} modules, rank {ranks}) with `init_lora_weights: true`, so PEFT loads
+- `adapter/`: a PEFT LoRA adapter ({n} modules, rank {ranks}) with `init_lora_weights: {init}`, so PEFT loads
   the factors as they are.
 {residual_line}
 Load it with PEFT (base_model_name_or_path in the config points at the base to use):
@@ -59,8 +59,38 @@ The base model is unchanged: load the adapter on the original checkpoint.
 """
 
 
+# what differs from the common text, by method
+_MICA = """\
+MiCA: `init_lora_weights: "mica"` makes PEFT freeze `lora_B` (its MiCA variant): only `lora_A` trains. A = 0, so
+the adapter is a no-op until trained. (PEFT recomputes B from the base's SVD when it loads the adapter; the saved
+factors then replace it, so the base must be the one named in the config.)
+"""
+_ORTHOGONAL = """\
+orthogonal: as PEFT's `init_lora_weights="orthogonal"`, B·A ≠ 0 and the base is unchanged, so the model with
+the adapter differs from the original by s·B·A before training (as it does in PEFT).
+"""
+_LOFTQ = """\
+LoftQ: `residual/` holds the *dequantised* quantised base Q (NF4, blockwise absmax over blocks of 64, or int8
+absmax per output row) and Q + s·B·A approximates the original weights better than Q alone. Load it as it is
+(full precision, as above), or quantise it again on load — quantising Q gives back exactly the same codes and
+scales, so the adapter meets the base it was fitted to:
+
+```python
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+base = AutoModelForCausalLM.from_pretrained("{residual}", quantization_config=BitsAndBytesConfig(
+    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False))  # 4 bits; load_in_8bit=True for 8
+```
+"""
+_EORA = """\
+EoRA: the adapter compensates the *compressed* model named in the config (`base_model_name_or_path`): load it
+on that model, not on the original. Each module's row in `spectra_run.json` says how much of the
+activation-weighted compression error it recovers.
+"""
+_NOTES = {"mica": _MICA, "orthogonal": _ORTHOGONAL, "loftq": _LOFTQ, "eora": _EORA}
+
+
 def write_init_readme(stage: Path, out: Path, method: str, argv: Sequence[str], rank_counts: Mapping[int, int],
-                      residual: bool, base: str) -> None:  # fmt: skip
+                      residual: bool, base: str, init: bool | str = True) -> None:  # fmt: skip
     """Write ``stage/README.md`` for an output that will be renamed to ``out``: ``rank_counts`` maps each rank
     to how many modules have it, ``residual`` whether ``residual/`` is written, ``base`` the path the adapter's
     config names as its base."""
@@ -76,14 +106,19 @@ def write_init_readme(stage: Path, out: Path, method: str, argv: Sequence[str], 
             created=created,
             n=sum(rank_counts.values()),
             ranks=ranks_text,
+            init=str(init).lower() if isinstance(init, bool) else f'"{init}"',
             residual_line=(
-                "- `residual/`: the base model with every adapted weight replaced by W_res = W − s·B·A "
-                "(same layout as the input).\n"
+                "- `residual/`: the base model with every adapted weight replaced by "
+                + ("its dequantised quantisation Q" if method == "loftq" else "W_res = W − s·B·A")
+                + " (same layout as the input).\n"
                 if residual
                 else ""
             ),
             base=base,
             adapter=adapter,
-            after=_AFTER_RESIDUAL.format(adapter=adapter) if residual else _AFTER_BASE,
+            after=(
+                _NOTES[method].format(residual=base) if method in ("loftq", "eora")
+                else (_AFTER_RESIDUAL.format(adapter=adapter) if residual else _AFTER_BASE) + _NOTES.get(method, "")
+            ),
         )
     )

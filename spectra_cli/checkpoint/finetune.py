@@ -15,11 +15,14 @@ from spectra_cli.checkpoint.tensors import TensorInfo
 from spectra_cli.errors import CheckpointError, ShapeMismatch
 
 
-def open_finetune(path: str | Path, specs: Sequence[MatrixSpec]) -> tuple[Checkpoint, dict[str, TensorInfo]]:
+def open_finetune(
+    path: str | Path, specs: Sequence[MatrixSpec], role: str = "fine-tune"
+) -> tuple[Checkpoint, dict[str, TensorInfo]]:
     """The fine-tuned checkpoint at ``path`` and, per base matrix (by ``spec.name``), its tensor of the same name;
-    refuses an adapter folder and a tensor that is missing or shaped differently (not a fine-tune of the base)."""
+    refuses an adapter folder and a tensor that is missing or shaped differently (not a fine-tune of the base).
+    ``role`` names what the checkpoint should be in the messages ("compressed copy" for EoRA)."""
     if is_adapter(path):
-        raise CheckpointError(f"{path}: already a PEFT adapter; extract needs a full fine-tuned checkpoint")
+        raise CheckpointError(f"{path}: a PEFT adapter folder; a full checkpoint ({role} of the base) is needed")
     tuned = open_checkpoint(path)
     by_name = {t.name: t for t in tuned.tensors}
     infos: dict[str, TensorInfo] = {}
@@ -29,7 +32,7 @@ def open_finetune(path: str | Path, specs: Sequence[MatrixSpec]) -> tuple[Checkp
             raise ShapeMismatch(
                 f"{path}: tensor {s.tensor.name} is "
                 + ("missing" if info is None else f"{list(info.shape)}, the base has {list(s.tensor.shape)}")
-                + "; the tuned checkpoint must be a fine-tune of this base"
+                + f"; it must be a {role} of this base"
             )
         infos[s.name] = info
     return tuned, infos

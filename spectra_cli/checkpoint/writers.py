@@ -186,10 +186,12 @@ def json_number(x: float) -> float | int:
 
 
 def lora_config(
-    modules: Mapping[str, tuple[int, float]], base: str, rslora: bool, fan_in_fan_out: bool
+    modules: Mapping[str, tuple[int, float]], base: str, rslora: bool, fan_in_fan_out: bool,
+    init_lora_weights: bool | str = True,
 ) -> dict[str, Any]:
     """A fresh PEFT LoRA config for modules path → (rank, α): ``r``/``lora_alpha`` the most common values, exact
-    escaped module paths in ``rank_pattern``/``alpha_pattern`` for the others (PEFT's first-match rule)."""
+    escaped module paths in ``rank_pattern``/``alpha_pattern`` for the others (PEFT's first-match rule).
+    ``init_lora_weights`` True loads the factors as they are; a PEFT variant's name ("mica") also selects it."""
     r0 = int(_most_common([r for r, _ in modules.values()]))
     a0 = _most_common([a for r, a in modules.values() if r == r0])
     return {
@@ -202,7 +204,7 @@ def lora_config(
         "rank_pattern": {_escape(p): int(r) for p, (r, _) in modules.items() if r != r0},
         "alpha_pattern": {_escape(p): json_number(a) for p, (_, a) in modules.items() if a != a0},
         "use_rslora": rslora,
-        "init_lora_weights": True,
+        "init_lora_weights": init_lora_weights,
         "bias": "none",
         "lora_dropout": 0.0,
         "fan_in_fan_out": fan_in_fan_out,
@@ -220,6 +222,7 @@ def write_lora_adapter(
     rslora: bool = False,
     fan_in_fan_out: bool = False,
     tensors: Mapping[str, RawTensor | np.ndarray] | None = None,
+    init_lora_weights: bool | str = True,
 ) -> dict[str, Any]:
     """Write a complete PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors`` with
     metadata ``{"format": "pt"}``) into ``stage``; returns the config written.
@@ -233,7 +236,8 @@ def write_lora_adapter(
     factors in place of a tensor of the same name (or after them)."""
     if config is None:
         cfg = lora_config(
-            {p: (int(f.a.shape[0]), f.alpha) for p, f in modules.items()}, base, rslora, fan_in_fan_out
+            {p: (int(f.a.shape[0]), f.alpha) for p, f in modules.items()}, base, rslora, fan_in_fan_out,
+            init_lora_weights,
         )
     else:
         cfg = json.loads(json.dumps(config))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from enum import Enum
 from pathlib import Path
@@ -25,6 +27,10 @@ Examples:
   spectra capture model/ --data calib.txt --stats both --components 64 --out acts.safetensors
 
   spectra init-adapter model/ --method eva --activations acts.safetensors --rank 16 --out eva/
+
+  spectra capture model/ --data train.txt --gradients --batches 8 --kinds q_proj,v_proj --out grads/
+
+  spectra init-adapter model/ --method lora-ga --gradients grads/ --rank 8 --kinds q_proj,v_proj --out lora-ga/
 """
 
 
@@ -55,7 +61,7 @@ def capture_cmd(
         typer.Option(
             "--out",
             metavar="ACTS.safetensors",
-            help="The activations file to write.",
+            help="The activations file to write (with --gradients: a new folder).",
             dir_okay=False,
             show_default=False,
         ),
@@ -106,6 +112,18 @@ def capture_cmd(
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
+    gradients: Annotated[
+        bool,
+        typer.Option(
+            "--gradients",
+            help="Instead of input statistics, write each selected weight's mean causal-LM gradient over --batches "
+            "batches into the folder --out, streamed in groups of modules (for init-adapter --method lora-ga "
+            "--gradients).",
+        ),
+    ] = False,
+    batches: Annotated[
+        int, typer.Option("--batches", metavar="N", help="--gradients: batches of --batch-size examples.")
+    ] = 1,
     include: o.IncludeOpt = None,
     exclude: o.ExcludeOpt = None,
     kinds: o.KindsOpt = None,
@@ -115,8 +133,9 @@ def capture_cmd(
                                                          "accumulated in float64.")] = o.Precision.float32,
     backend: Annotated[o.Backend, o.backend_option("capture always runs the model in PyTorch (on --device).")
                        ] = o.Backend.auto,
-    max_memory: Annotated[int | None, o.max_memory_option("Not used yet by capture: its memory follows "
-                                                          "--batch-size, --max-length and --components.")] = None,
+    max_memory: Annotated[int | None, o.max_memory_option(
+        "Not used yet by capture's statistics: their memory follows --batch-size, --max-length and --components. "
+        "With --gradients: the MB of gradients held at once (default 1024).")] = None,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
     html: o.HtmlOpt = None,
@@ -131,12 +150,22 @@ def capture_cmd(
     """  # fmt: skip
     from spectra_cli.cli.outputs import check_outputs
     from spectra_cli.flows.capture import CaptureOptions, run_capture
+    from spectra_cli.flows.capture_grad import run_capture_gradients
 
     opts = o.build(
         CaptureOptions, o.selection(include, exclude, kinds, min_dim), o.compute(device, precision, backend, max_memory),
         text_field=text_field, max_tokens=max_tokens, batch_size=batch_size, max_length=max_length,
         components=components, stats=stats.value, tau=tau, tokenizer=str(tokenizer) if tokenizer else None,
     )  # fmt: skip
+    if gradients:
+        check_outputs([model_dir, data], {"--output": output, "--html": html}, folders={"--out": out})
+        with progress_bar("gradients", quiet) as update:
+            g = run_capture_gradients(model_dir, data, out, opts, batches, max_memory, progress=update)
+        if fmt == o.Format.json:
+            typer.echo(json.dumps({"command": "capture", "summary": dataclasses.asdict(g)}))
+        warn(f"wrote {g.modules} gradients ({g.batches} batches, {g.tokens} tokens, {g.groups} groups) to {out} "
+             f"in {g.seconds:.2f} s, peak RSS {g.peak_rss_mb:.0f} MB", quiet)  # fmt: skip
+        return
     # before the --force check: an output in the model folder must never be offered --force
     check_outputs(
         [model_dir, data, Path(tokenizer) if tokenizer else None],

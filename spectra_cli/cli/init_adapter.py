@@ -30,6 +30,12 @@ Examples:
 
   spectra init-adapter base/ --method extract --tuned finetuned/ --energy 0.9 --out extracted/
 
+  spectra init-adapter model/ --method mica --rank 8 --out mica/
+
+  spectra init-adapter model/ --method loftq --bits 4 --loftq-iter 5 --rank 16 --out loftq/
+
+  spectra init-adapter model/ --method eora --compressed model-4bit/ --activations acts.safetensors --rank 16 --out eora/
+
 Writes OUT/adapter/ (load with peft.PeftModel.from_pretrained), OUT/residual/ for methods that change the
 base (use it in place of the original model), OUT/README.md and OUT/spectra_run.json.
 `spectra init-adapter --list-methods` lists the methods with their papers.
@@ -42,9 +48,11 @@ _METHOD_HELP = "Initialisation method (see Methods below, or --list-methods)."
 def _method_lines() -> list[str]:
     lines = []
     for name, m in sorted(_registry().items()):
-        needs = [w for w, f in (("--activations", m.needs_activations), ("--tuned", m.needs_tuned)) if f]
+        needs = [w for w, f in (("--activations", m.needs_activations), ("--tuned", m.needs_tuned),
+                                 ("--compressed", m.needs_compressed), ("--gradients", m.needs_gradients)) if f]  # fmt: skip
         extra = f" (needs {', '.join(needs)})" if needs else ""  # not [..]: rich would read it as markup
-        lines.append(f"{name}: {m.summary.rstrip('. ')}{extra}. {m.reference}")
+        params = f" Parameters: {m.parameters}." if m.parameters else ""
+        lines.append(f"{name}: {m.summary.rstrip('. ')}{extra}.{params} {m.reference}")
     return lines
 
 
@@ -198,6 +206,45 @@ def init_adapter_cmd(
     whiten: Annotated[
         bool, typer.Option("--whiten", help="eva: whiten A by 1/√σ.", rich_help_panel="Method")
     ] = False,
+    compressed: Annotated[
+        Path | None,
+        typer.Option(
+            "--compressed",
+            metavar="CKPT",
+            help="eora: the compressed model (quantised-and-dequantised or pruned), a normal checkpoint.",
+            rich_help_panel="Method",
+        ),
+    ] = None,
+    gradients: Annotated[
+        Path | None,
+        typer.Option(
+            "--gradients",
+            metavar="FILE",
+            help="lora-ga: each target weight's mean gradient, a safetensors file with the model's tensor names.",
+            rich_help_panel="Method",
+        ),
+    ] = None,
+    bits: Annotated[
+        int | None,
+        typer.Option(
+            "--bits", metavar="4|8", help="loftq: NF4 (4) or int8 (8) quantisation (default 4).",
+            rich_help_panel="Method",
+        ),
+    ] = None,
+    loftq_iter: Annotated[
+        int | None,
+        typer.Option(
+            "--loftq-iter", metavar="N", help="loftq: alternating quantisation/SVD steps (default 1, as PEFT).",
+            rich_help_panel="Method",
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            "--seed", metavar="N", help="orthogonal, lora-ga: seed of the random draws (default 0).",
+            rich_help_panel="Method",
+        ),
+    ] = None,
     dtype: Annotated[
         str | None,
         typer.Option(
@@ -236,8 +283,8 @@ def init_adapter_cmd(
     wide: o.WideOpt = False,
     quiet: o.QuietOpt = False,
 ) -> None:
-    """Export a PiSSA / MiLoRA / OLoRA / CorDA / EVA initialised LoRA adapter and its residual base, or extract
-    a LoRA adapter from a fine-tune. By default every linear weight but embeddings and the output head is a
+    """Export a PiSSA / MiLoRA / OLoRA / CorDA / EVA / MiCA / orthogonal / LoftQ / EoRA initialised LoRA adapter
+    and its residual base, or extract a LoRA adapter from a fine-tune. By default every linear weight but embeddings and the output head is a
     target."""
     from spectra_cli.cli.outputs import check_outputs
     from spectra_cli.flows.init_adapter import InitOptions, run_init
@@ -251,13 +298,16 @@ def init_adapter_cmd(
         m_opts["rho"] = rho
     if whiten:
         m_opts["whiten"] = True
+    for key, value in (("bits", bits), ("loftq_iter", loftq_iter), ("seed", seed)):
+        if value is not None:
+            m_opts[key] = value
     opts = o.build(
         InitOptions, o.selection(include, exclude, kinds, min_dim), o.compute(device, precision, backend, max_memory),
         method=method, rank=rank, alpha=alpha, rslora=rslora, ranks_file=ranks, allocate=allocate,
         budget_rank=budget_rank, tuned=tuned, energy=energy, fast=fast, activations=activations,
-        method_options=m_opts, dtype=dtype, force=force,
+        method_options=m_opts, dtype=dtype, force=force, compressed=compressed, gradients=gradients,
     )  # fmt: skip
-    check_outputs([ckpt, tuned, activations, ranks], {"--output": output, "--html": html}, folders={"--out": out})
+    check_outputs([ckpt, tuned, activations, ranks, compressed, gradients], {"--output": output, "--html": html}, folders={"--out": out})
     with progress_bar(f"init-adapter {method}", quiet) as update:
         result = run_init(ckpt, out, opts, progress=update, argv=sys.argv)
     s = result.summary

@@ -29,18 +29,15 @@ from spectra_cli.checkpoint.finetune import open_finetune, untracked_changes
 from spectra_cli.checkpoint.loader import MatrixLoader, prefetched
 from spectra_cli.checkpoint.lora_targets import (
     Target,
-    file_ranks,
-    lora_scale,
     ranks_file_targets,
     read_ranks_file,
     select_targets,
-    unit_alpha,
 )
-from spectra_cli.checkpoint.matrices import MatrixSpec
 from spectra_cli.checkpoint.naming import module_path
 from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
 from spectra_cli.checkpoint.tensors import DTYPE_CODES, TensorInfo
-from spectra_cli.errors import CheckpointError, SelectionError, ShapeMismatch, SpectraError
+from spectra_cli.errors import CheckpointError, SelectionError, SpectraError
+from spectra_cli.flows.init_plan import allocate_ranks, explicit_selection, method_options, plan_targets
 from spectra_cli.options import ComputeOptions, EngineOptions, SelectionOptions
 from spectra_cli.results import OMIT_NONE, RunResult, options_record, summary_dict
 from spectra_cli.spectral.engine import check_module_budget, resolve
@@ -71,6 +68,8 @@ class InitOptions(SelectionOptions, ComputeOptions):
     energy: float | None = None
     fast: int | None = None
     activations: Path | None = None
+    compressed: Path | None = None  # eora: the compressed checkpoint the adapter compensates
+    gradients: Path | None = None  # lora-ga: each target weight's mean gradient, under the weight's name
     method_options: Mapping[str, Any] = field(default_factory=dict)
     dtype: str | None = None
     force: bool = False
@@ -153,7 +152,7 @@ class InitPlan:
     @property
     def inputs(self) -> list[Path]:
         """The paths the output may not overwrite."""
-        return [Path(self.ckpt.path)] + ([Path(self.opts.tuned)] if self.opts.tuned else [])
+        return [Path(self.ckpt.path)] + [Path(q) for q in (self.opts.tuned, self.opts.compressed, self.opts.gradients) if q]
 
 
 @dataclass
@@ -168,91 +167,6 @@ class Factorised:
 
 
 # ---- the plan: targets, ranks, inputs ---------------------------------------------------------------------
-
-
-def _explicit(opts: InitOptions) -> bool:
-    return bool(opts.kinds or opts.include or opts.exclude)
-
-
-def plan_targets(
-    specs: Sequence[MatrixSpec],
-    opts: InitOptions,
-    method: InitMethod,
-    activations: Mapping[str, Any] | None,
-) -> tuple[list[Target], list[str]]:
-    """Each module's rank, α and scale; modules given rank 0 are dropped (returned second).
-    Raises :class:`ShapeMismatch` for a rank above min(out, in) before any work starts."""
-    paths = {s.name: module_path(s.tensor.name) for s in specs}
-    rslora = opts.rslora
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
-    if opts.ranks_file is not None or opts.ranks is not None:  # one source of ranks: InitOptions checks it
-        if opts.ranks_file is not None:
-            cfg = read_ranks_file(opts.ranks_file)
-            specs = ranks_file_targets(cfg, specs, paths, opts.ranks_file, _explicit(opts))
-            ranks, alphas = file_ranks(cfg, [paths[s.name] for s in specs], rslora, opts.alpha is not None)
-        else:
-            assert opts.ranks is not None
-            for s in specs:
-                p = paths[s.name]
-                ranks[p] = int(opts.ranks.get(p, 0))
-                if opts.alphas and p in opts.alphas:
-                    alphas[p] = float(opts.alphas[p])
-    elif opts.rank is not None:
-        ranks = {paths[s.name]: opts.rank for s in specs}
-        if method.plan_ranks is not None:
-            assert activations is not None
-            planned = method.plan_ranks({p: activations[p] for p in ranks}, opts.rank, _method_options(opts))
-            ranks = {p: int(planned.get(p, 0)) for p in ranks}
-    elif method.needs_tuned and opts.energy is not None:
-        ranks = {paths[s.name]: 0 for s in specs}  # chosen per module by the energy threshold
-    else:
-        raise SpectraError(
-            "give --rank R (or --ranks FILE / --allocate STRATEGY, or --energy τ with extract)"
-        )
-    targets: list[Target] = []
-    dropped: list[str] = []
-    too_big: list[str] = []
-    energy_mode = method.needs_tuned and opts.energy is not None
-    for s in specs:
-        p = paths[s.name]
-        r = ranks[p]
-        m, n = s.shape
-        if r < 0:
-            raise SpectraError(f"{p}: rank {r} is negative")
-        if r > min(m, n):
-            too_big.append(f"{p} ({m}×{n}, rank {r})")
-            continue
-        if r == 0 and not energy_mode:
-            dropped.append(p)
-            continue
-        base_r = max(r, 1)
-        if p in alphas and alphas[p] > 0:
-            alpha = alphas[p]
-        elif opts.alpha is None:
-            alpha = unit_alpha(base_r, rslora)
-        elif opts.rank is not None and base_r != opts.rank:  # keep α/r (α/√r) constant when ranks change
-            alpha = opts.alpha * (base_r / opts.rank if not rslora else math.sqrt(base_r / opts.rank))
-        else:
-            alpha = opts.alpha
-        targets.append(Target(s, p, r, alpha, lora_scale(alpha, base_r, rslora)))
-    if too_big:
-        more = f" and {len(too_big) - 3} more" if len(too_big) > 3 else ""
-        raise ShapeMismatch(
-            f"rank larger than min(out, in) for {', '.join(too_big[:3])}{more}; lower --rank (or the ranks file)"
-        )
-    if not targets:
-        raise SelectionError("every target module got rank 0; nothing to initialise")
-    return targets, dropped
-
-
-def _method_options(opts: InitOptions) -> dict[str, Any]:
-    out: dict[str, Any] = dict(opts.method_options)
-    if opts.fast is not None:
-        out["niter"] = opts.fast
-    if opts.energy is not None:
-        out["energy"] = opts.energy
-    return out
 
 
 def plan_init(path: str | Path, opts: InitOptions) -> InitPlan:
@@ -271,6 +185,16 @@ def plan_init(path: str | Path, opts: InitOptions) -> InitPlan:
         raise SpectraError(f"--energy is only used by extract, not {method.name}")
     if method.needs_tuned and opts.tuned is None:
         raise SpectraError(f"{method.name} needs the fine-tuned checkpoint: add --tuned TUNED")
+    if (opts.compressed is not None) != method.needs_compressed:
+        raise SpectraError(
+            f"{method.name} needs the compressed checkpoint: add --compressed CKPT" if method.needs_compressed
+            else f"--compressed is only used by eora, not {method.name}"
+        )
+    if (opts.gradients is not None) != method.needs_gradients:
+        raise SpectraError(
+            f"{method.name} needs the weights' gradients: add --gradients FILE" if method.needs_gradients
+            else f"--gradients is only used by lora-ga, not {method.name}"
+        )
     if opts.activations is not None and not method.needs_activations and opts.allocate is None:
         raise SpectraError(
             f"--activations is not used by {method.name} (only by methods that need them, and --allocate eva)"
@@ -280,13 +204,18 @@ def plan_init(path: str | Path, opts: InitOptions) -> InitPlan:
             f"{method.name} needs the inputs' statistics: capture them with `spectra capture` and pass "
             "--activations FILE"
         )
+    for key, flag, users in (("bits", "--bits", ("loftq",)), ("loftq_iter", "--loftq-iter", ("loftq",)),
+                             ("seed", "--seed", ("orthogonal", "lora-ga"))):  # fmt: skip
+        if key in opts.method_options and method.name not in users:
+            raise SpectraError(f"{flag} is only used by {' and '.join(users)}, not {method.name}")
     if opts.dtype is not None and not method.changes_base:
         raise SpectraError(f"--dtype sets the residual's dtype; {method.name} leaves the base unchanged")
     ckpt = open_checkpoint(path)
     specs = select_targets(ckpt, opts.selection(split_fused=False))
     if opts.ranks_file is not None:  # the file's target_modules narrow the selection before anything is read
         paths = {sp.name: module_path(sp.tensor.name) for sp in specs}
-        specs = ranks_file_targets(read_ranks_file(opts.ranks_file), specs, paths, opts.ranks_file, _explicit(opts))
+        cfg = read_ranks_file(opts.ranks_file)
+        specs = ranks_file_targets(cfg, specs, paths, opts.ranks_file, explicit_selection(opts))
     acts = None
     if opts.activations is not None and method.needs_activations:
         from spectra_cli.checkpoint.activations import read_activations
@@ -298,10 +227,12 @@ def plan_init(path: str | Path, opts: InitOptions) -> InitPlan:
         acts = acts_file.modules
     tuned_ckpt: Checkpoint | None = None
     tuned_infos: dict[str, TensorInfo] = {}
-    if opts.tuned is not None:
-        tuned_ckpt, tuned_infos = open_finetune(opts.tuned, specs)
+    second = opts.tuned or opts.compressed or opts.gradients  # the second tensor of each module (same shapes)
+    if second is not None:
+        role = "fine-tune" if opts.tuned else "compressed copy" if opts.compressed else "gradient file"
+        tuned_ckpt, tuned_infos = open_finetune(second, specs, role)
     if opts.allocate is not None:
-        opts = _allocate(path, opts)
+        opts = allocate_ranks(path, opts)
     targets, dropped = plan_targets(specs, opts, method, acts)
     eng = resolve(EngineOptions(opts.device, opts.precision, opts.backend, opts.max_memory, method="svd"))
     # W, the residual, s·B·A, the Gram route's float64 copy (2 more with a tuned weight and ΔW): one at a time
@@ -343,13 +274,14 @@ def run_init(
         got = factorise(p, writer, progress)
         if writer is not None:
             writer.finish()
-        base_for_adapter = (
-            str((out / "residual").resolve()) if writer is not None else str(Path(p.ckpt.path).resolve())
+        base_for_adapter = str(
+            (out / "residual").resolve() if writer is not None else Path(p.opts.compressed or p.ckpt.path).resolve()
         )
         write_lora_adapter(
             stage / "adapter",
             {m: LoraFactors(a, b, got.alphas[m]) for m, (a, b) in got.factors.items()},
             base=base_for_adapter, rslora=p.opts.rslora, fan_in_fan_out=bool(p.targets[0].spec.transposed),
+            init_lora_weights=p.method.peft_init,
         )  # fmt: skip
         summary = summarize(p, got, writer, round(time.perf_counter() - t0, 3))
         inputs = {
@@ -357,13 +289,17 @@ def run_init(
             "format": p.ckpt.format,
             "bytes": p.ckpt.total_bytes,
             "tuned": str(Path(p.opts.tuned).resolve()) if p.opts.tuned else None,
+            **{k: str(Path(v).resolve()) for k, v in (("compressed", p.opts.compressed),
+                                                      ("gradients", p.opts.gradients)) if v},
             "activations": str(Path(p.opts.activations).resolve()) if p.opts.activations else None,
             "ranks_file": str(Path(p.opts.ranks_file).resolve()) if p.opts.ranks_file else None,
         }
         opts_dict = options_record(p.opts)
         opts_dict["resolved"] = {"device": p.device, "precision": p.opts.precision}
         rank_counts = Counter(int(a.shape[0]) for a, _ in got.factors.values())
-        write_init_readme(stage, out, p.method.name, argv, rank_counts, writer is not None, base_for_adapter)
+        write_init_readme(
+            stage, out, p.method.name, argv, rank_counts, writer is not None, base_for_adapter, p.method.peft_init
+        )
         artifacts = ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "README.md"]
         if writer is not None:
             artifacts.append("residual/")
@@ -390,7 +326,7 @@ def factorise(p: InitPlan, writer: ResidualWriter | None,
     opts, method, device, acts, targets = p.opts, p.method, p.device, p.activations, p.targets
     cdtype, got, loader = torch_dtype(opts.precision), Factorised([], {}, {}, list(p.dropped)), MatrixLoader(p.ckpt)
     tuned_loader = MatrixLoader(p.tuned) if p.tuned is not None else None
-    m_opts = _method_options(opts)
+    m_opts = method_options(opts)
     # the next target is read (stored dtype, pinned for CUDA) on a background thread while this one computes
     read = lambda tg: (stage(loader.load(tg.spec), device), None if tuned_loader is None else  # noqa: E731
                        stage(tuned_loader.load(replace(tg.spec, tensor=p.tuned_infos[tg.spec.name])), device))
@@ -401,7 +337,7 @@ def factorise(p: InitPlan, writer: ResidualWriter | None,
         w = w.T if spec.transposed else w
         tw = upload(host_t, device, cdtype) if host_t is not None else None
         tuned_w = tw.T if tw is not None and spec.transposed else tw
-        for where, t in ((p.ckpt.path, w), (opts.tuned, tuned_w)):
+        for where, t in ((p.ckpt.path, w), (opts.tuned or opts.compressed or opts.gradients, tuned_w)):
             if t is not None and not bool(t.isfinite().all()):
                 raise CheckpointError(
                     f"{where}: {spec.tensor.name} holds NaN or infinite values; an adapter cannot be "
@@ -459,7 +395,7 @@ def summarize(p: InitPlan, got: Factorised, writer: ResidualWriter | None, secon
     import torch
 
     untracked = (
-        untracked_changes(p.ckpt, p.tuned, {t.spec.tensor.name for t in p.targets}) if p.tuned else []
+        untracked_changes(p.ckpt, p.tuned, {t.spec.tensor.name for t in p.targets}) if p.tuned and p.opts.tuned else []
     )
     rank_counts = Counter(int(a.shape[0]) for a, _ in got.factors.values())
     errs = [r["relative_error"] for r in got.rows if isinstance(r.get("relative_error"), float)]
@@ -480,20 +416,3 @@ def summarize(p: InitPlan, got: Factorised, writer: ResidualWriter | None, secon
         peak_gpu_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1) if p.device.startswith("cuda") else None,
         max_relative_error=max(errs) if errs else None,
     )
-
-
-def _allocate(path: str | Path, opts: InitOptions) -> InitOptions:
-    """Ranks and α from ``spectra allocate`` (strategy ``opts.allocate``, average rank ``opts.budget_rank``)."""
-    import dataclasses
-
-    from spectra_cli.flows.allocate import AllocateOptions, run_allocate
-
-    a_opts = AllocateOptions(
-        include=opts.include, exclude=opts.exclude, kinds=opts.kinds, min_dim=opts.min_dim,
-        strategy=opts.allocate or "energy", budget_rank=opts.budget_rank, lora_alpha=opts.alpha,
-        activations=opts.activations, device=opts.device, precision=opts.precision,
-    )  # fmt: skip
-    result = run_allocate(path, a_opts)
-    return dataclasses.replace(opts, ranks=dict(result.ranks), alphas=dict(result.alphas))
-
-

@@ -35,7 +35,7 @@ class InitInput:
     rank: int
     scale: float  # s = α/r
     activations: ModuleActivations | None = None
-    tuned: torch.Tensor | None = None  # out×in, for methods that start from a fine-tune
+    tuned: torch.Tensor | None = None  # out×in: the fine-tune (extract), compressed weight (eora), gradient (lora-ga)
     options: Mapping[str, Any] = field(default_factory=dict)  # method parameters (niter, mode, …)
     # where the top-k Gram route runs (None: where ``weight`` is); exact SVDs and QRs run where the weight is
     backend: Backend | None = None
@@ -72,6 +72,12 @@ class InitMethod:
     needs_activations: bool = False
     needs_tuned: bool = False
     plan_ranks: Callable[[Mapping[str, ModuleActivations], int, Mapping[str, Any]], dict[str, int]] | None = None
+    needs_compressed: bool = False  # EoRA: the compressed checkpoint (``InitInput.tuned`` holds its weight)
+    needs_gradients: bool = False  # LoRA-GA: the gradients file (``InitInput.tuned`` holds the gradient)
+    # what the adapter config's ``init_lora_weights`` says: True for an exported init, a PEFT variant's name
+    # where the name changes training (MiCA: "mica" makes PEFT freeze lora_B)
+    peft_init: bool | str = True
+    parameters: str = ""  # the method's own flags, for --list-methods and the docs
 
 
 _METHODS: dict[str, InitMethod] = {}
@@ -89,7 +95,14 @@ def methods() -> dict[str, InitMethod]:
     """All registered methods, name → method (imports the modules that define them)."""
     import importlib
 
-    for module in ("spectra_cli.spectral.init_svd", "spectra_cli.spectral.init_data"):
+    for module in (
+        "spectra_cli.spectral.init_svd",
+        "spectra_cli.spectral.init_data",
+        "spectra_cli.spectral.init_peft",
+        "spectra_cli.spectral.loftq",
+        "spectra_cli.spectral.eora",
+        "spectra_cli.spectral.lora_ga",
+    ):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:

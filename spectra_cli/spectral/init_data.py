@@ -209,6 +209,7 @@ register(
         "KPM the bottom r; residual base",
         reference="Yang et al. 2024, CorDA: Context-Oriented Decomposition Adaptation (arXiv:2406.05223)",
         factorize=corda_factorize,
+        parameters="--corda-mode ipm|kpm",
         changes_base=True,
         needs_activations=True,
     )
@@ -222,6 +223,7 @@ register(
         reference="Paischer et al. 2024, One Initialization to Rule them All: Fine-tuning via Explained "
         "Variance Adaptation (arXiv:2410.07170)",
         factorize=eva_factorize,
+        parameters="--rho RHO, --whiten, --no-redistribute",
         changes_base=False,
         needs_activations=True,
         plan_ranks=eva_plan_ranks,

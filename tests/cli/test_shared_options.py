@@ -84,7 +84,7 @@ def test_method_is_the_values_method_only_where_there_is_one() -> None:
         ("merge", "--max-memory", "Not used yet by merge"),
         ("capture", "--backend", "capture always runs the model in PyTorch"),
         ("capture", "--precision", "No effect yet for capture"),
-        ("capture", "--max-memory", "Not used yet by capture"),
+        ("capture", "--max-memory", "Not used yet by capture's statistics"),
         ("init-adapter", "--backend", "init-adapter always decomposes with PyTorch"),
         ("init-adapter", "--max-memory", "Not used yet by init-adapter"),
         ("rankme", "--precision", "No effect yet for rankme"),

@@ -678,7 +678,8 @@ def test_registry_metadata_imports_without_torch():
 
     code = (
         "import sys; from spectra_cli.spectral.init import methods; import spectra_cli.cli.init_adapter\n"
-        "names = sorted(methods()); assert names == ['corda', 'eva', 'extract', 'milora', 'olora', 'pissa'], names\n"
+        "names = sorted(methods()); assert names == ['corda', 'eora', 'eva', 'extract', 'loftq', 'lora-ga', 'mica', 'milora', 'olora', "
+        "'orthogonal', 'pissa'], names\n"
         "print('TORCH', 'torch' in sys.modules)"
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

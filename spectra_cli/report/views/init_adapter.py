@@ -25,6 +25,10 @@ _HEADERS = {
     "explained_variance": "expl. var.",
     "relative_residual": "residual ‖W_res‖/‖W‖",
     "damping": "damping λ",
+    "quant_error": "quant. error",
+    "first_error": "error (step 1)",
+    "recovered": "recovered (act.)",
+    "weight_recovered": "recovered (‖ΔW‖)",
 }
 
 
@@ -61,7 +65,8 @@ def notes(env: Env, out: str | Path | None = None) -> list[str]:
     if s["dropped"]:
         lines.append(f"modules without adapter (rank 0): {len(s['dropped'])}")
     if "max_relative_error" in s:
-        lines.append(f"max relative reconstruction error ‖ΔW − sBA‖/‖ΔW‖: {s['max_relative_error']:.3g}")
+        what = "‖W − Q − sBA‖/‖W‖" if s["method"] == "loftq" else "‖ΔW − sBA‖/‖ΔW‖"
+        lines.append(f"max relative reconstruction error {what}: {s['max_relative_error']:.3g}")
     lines.append(f"{s['seconds']:.2f} s on {s['device']}, peak RSS {s['peak_rss_mb']:.0f} MB")
     return lines
 
