@@ -49,12 +49,14 @@ RULES = ["rule", "limit", "checks", "passed", "failed", "skipped", "status"]
 TABLES: dict[str, tuple[str, list[str], list[str]]] = {
     "analyze": ("spectra analyze minilm", ANALYZE, [
         "40 of 40 matrices analysed, 22,682,112 parameters; 64 non-matrix tensors skipped",
-        "α: mean 4.12, 1 below 2 (over-trained), 4 above 6 (under-trained)",
+        "α: mean 4.12, 1 below 2 (over-trained), 0 above 6 (under-trained), 20 fitted on fewer than 50 tail "
+        "eigenvalues (small-tail: α not read)",
         "lowest α 1.55 in embeddings.position_embeddings.weight; highest α 12.35 in pooler.dense.weight",
         "no NaN/Inf weights", "2.50 s on cpu (numpy, gram, float32)"]),
     "analyze-kinds": ("spectra analyze minilm", ANALYZE, [
         "12 of 12 matrices analysed, 1,769,472 parameters",
-        "α: mean 4.19, 0 below 2 (over-trained), 2 above 6 (under-trained)",
+        "α: mean 4.19, 0 below 2 (over-trained), 0 above 6 (under-trained), 7 fitted on fewer than 50 tail "
+        "eigenvalues (small-tail: α not read)",
         "lowest α 2.46 in encoder.layer.0.attention.self.query.weight; highest α 8.44 in "
         "encoder.layer.4.attention.self.value.weight", "no NaN/Inf weights", "2.50 s on cpu (numpy, svd, float64)"]),
     "compare": ("spectra compare minilm", [*COMPARE, "intr@0.5", *COMPARE_TAIL], [
