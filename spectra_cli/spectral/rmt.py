@@ -89,7 +89,8 @@ def quarter_circle(x: np.ndarray, sigma: float) -> np.ndarray:
 def _objective(to_fit: np.ndarray, q: float) -> tuple[object, float]:
     """The squared residual as a function of σ (the density estimate computed once), and σ₀'s data max."""
     xde = np.linspace(0, float(np.max(to_fit)) + 0.5, GRID_POINTS)
-    yde = np.exp(np.log(linear_kde(to_fit, xde)))  # as score_samples → exp (0 stays 0)
+    with np.errstate(divide="ignore"):
+        yde = np.exp(np.log(linear_kde(to_fit, xde)))  # as score_samples → exp (0 stays 0)
     good = yde > DENSITY_FLOOR
     xg, yg = xde[good], yde[good]
     peak = float(xg[np.argmax(yg)]) if yg.size else 0.0
