@@ -137,7 +137,7 @@ def analyze_cmd(
     if plots:
         from spectra_cli.report.views.analyze import analyze_plots
 
-        figs = analyze_plots(result.rows, result.spectra, plots, plot_layers)
+        figs = analyze_plots(result.rows, result.spectra, plots, plot_layers, result.rand_spectra)
         figures_written("analyze", plots, figs, result, quiet)
     from spectra_cli.report.render import envelope
 

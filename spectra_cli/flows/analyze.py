@@ -93,6 +93,8 @@ class AnalysisResult(RunResult[AnalyzeSummary]):
     skipped: list[Skipped] = field(default_factory=list)
     spectra: dict[str, np.ndarray] = field(default_factory=dict)
     matrices: list[dict[str, Any]] = field(default_factory=list)
+    #: with ``--randomize``: the singular values of each matrix with its entries permuted
+    rand_spectra: dict[str, np.ndarray] = field(default_factory=dict)
 
     def save_spectra(self, path: str | Path) -> None:
         """Write every matrix's singular values (float64) to a safetensors file that ``analyze`` can read back."""
@@ -163,15 +165,15 @@ def run_analyze(
         return _from_saved(ckpt, opts, t0, progress)
     p = plan_analyze(ckpt, opts)
     got = measure(p, progress)
-    if opts.rmt is not None and opts.rmt.any:
-        _rmt(p, got, opts.rmt, progress)
+    rand = _rmt(p, got, opts.rmt, progress) if opts.rmt is not None and opts.rmt.any else {}
     summary = summarize(got.rows, len(p.skipped), engine_info(p.engine), round(time.perf_counter() - t0, 3),
                         round(got.decompose_seconds, 3))  # fmt: skip
     return AnalysisResult(got.rows, summary, checkpoint_inputs(ckpt), _options_dict(opts, p.engine), p.skipped,
-                          got.spectra, got.metas)  # fmt: skip
+                          got.spectra, got.metas, rand)  # fmt: skip
 
 
-def _rmt(p: AnalyzePlan, got: Measured, rmt: RMTOptions, progress: Callable[[int, int, str], None] | None) -> None:
+def _rmt(p: AnalyzePlan, got: Measured, rmt: RMTOptions, progress: Callable[[int, int, str], None] | None
+         ) -> dict[str, np.ndarray]:  # fmt: skip
     from spectra_cli.flows.analyze_rmt import add_rmt_columns, random_spectra
 
     rand: dict[str, np.ndarray] = {}
@@ -179,6 +181,7 @@ def _rmt(p: AnalyzePlan, got: Measured, rmt: RMTOptions, progress: Callable[[int
         rand, seconds = random_spectra(p.specs, p.engine, MatrixLoader(p.ckpt), rmt.seed, progress)
         got.decompose_seconds += seconds
     add_rmt_columns(got.rows, got.spectra, rand, rmt)
+    return rand
 
 
 def plan_analyze(ckpt: Checkpoint, opts: AnalyzeOptions) -> AnalyzePlan:

@@ -188,7 +188,7 @@ def _eval_traps(limit: Any, f: Facts) -> Outcome:
     if (bad := _unmeasured(f, "correlation traps")) is not None:
         return bad
     n = (f.tuned or {}).get("num_traps")
-    if not _finite(n):
+    if n is None or not _finite(n):
         return "skip", None, f"not measured: {f.note or 'no randomised spectrum'}"
     ok = n <= limit
     return ("pass" if ok else "fail"), int(n), f"{_n(int(n), 'correlation trap')} " + ("≤" if ok else ">") + f" {limit}"

@@ -5,13 +5,12 @@ and evaluated on MiniLM's own eigenvalues (SciPy's LAPACK SVD here, spectra's en
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import optimize, stats
 from safetensors import safe_open
+from scipy import optimize, stats
 
 from spectra_cli.checkpoint.demo import demo_checkpoint
 from spectra_cli.flows.analyze import AnalyzeOptions, run_analyze
@@ -47,10 +46,8 @@ def ww_mp_fit(evals: np.ndarray, n: int, m: int) -> tuple[float, float, float, i
             with np.errstate(invalid="ignore", divide="ignore"):
                 ymp = np.nan_to_num((1 / (2 * np.pi * sigma * sigma * xde * (1 / q))) * np.sqrt((b - xde) * (xde - a)))
             peak = xde[np.where(yde == max(yde))][0]
-            if (b < peak) | (b > max(xde)) | (a > peak):
-                r = np.zeros(len(yde)) + 1000
-            else:
-                r = ymp - yde
+            bad = (b < peak) | (b > max(xde)) | (a > peak)
+            r = np.zeros(len(yde)) + 1000 if bad else ymp - yde
         return float(np.sum(r**2))
 
     out = optimize.brute(resid, (slice(0.05 * s0, 2.0 * s0, 0.01 * s0),), full_output=True)
@@ -117,6 +114,8 @@ def test_randomized_matches_weightwatcher_on_the_same_permutation(minilm, name):
     s1, bmin, bmax, traps, soft = ww_mp_fit(rv, max(w.shape), min(w.shape))
     assert row["rand_sigma_mp"] == pytest.approx(s1, rel=1e-6)
     assert row["rand_bulk_max"] == pytest.approx(bmax, rel=1e-6)
+    assert row["rand_bulk_min"] == pytest.approx(bmin, rel=1e-6, abs=1e-300)
+    assert row["rand_mp_softrank"] == pytest.approx(soft, rel=1e-6)
     assert row["num_traps"] == traps
     assert row["correlation_trap"] is (traps > 0)
 
