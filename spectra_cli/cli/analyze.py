@@ -94,8 +94,13 @@ def analyze_cmd(
         bool, typer.Option("--detx", help="detX tail (WeightWatcher's detX_num, detX_val).",
                            rich_help_panel="Diagnostics")
     ] = False,
+    vectors: Annotated[
+        bool, typer.Option("--vectors", help="Eigenvector localisation (WeightWatcher's vectors=True): bulk/tail "
+                           "mean and variance of localisation ratio, participation ratio, vector entropy.",
+                           rich_help_panel="Diagnostics")
+    ] = False,
     all_diagnostics: Annotated[
-        bool, typer.Option("--all", help="--mp-fit --randomize --detx.", rich_help_panel="Diagnostics")
+        bool, typer.Option("--all", help="--mp-fit --randomize --detx --vectors.", rich_help_panel="Diagnostics")
     ] = False,
     seed: Annotated[
         int, typer.Option("--seed", help="Seed of the --randomize permutations.", rich_help_panel="Diagnostics")
@@ -113,7 +118,8 @@ def analyze_cmd(
         )
     from spectra_cli.spectral.rmt import RMTOptions
 
-    rmt = RMTOptions(mp_fit or all_diagnostics, randomize or all_diagnostics, detx or all_diagnostics, seed)
+    rmt = RMTOptions(mp_fit or all_diagnostics, randomize or all_diagnostics, detx or all_diagnostics, seed,
+                     vectors or all_diagnostics)
     opts = o.build(AnalyzeOptions, o.selection(include, exclude, kinds, min_dim, split_fused),
                    o.engine(device, precision, backend, max_memory, method), rmt=rmt if rmt.any else None)  # fmt: skip
     if demo:

@@ -181,6 +181,10 @@ def _rmt(p: AnalyzePlan, got: Measured, rmt: RMTOptions, progress: Callable[[int
         rand, seconds = random_spectra(p.specs, p.engine, MatrixLoader(p.ckpt), rmt.seed, progress)
         got.decompose_seconds += seconds
     add_rmt_columns(got.rows, got.spectra, rand, rmt)
+    if rmt.vectors:
+        from spectra_cli.flows.analyze_rmt import add_vector_columns
+
+        add_vector_columns(got.rows, p.specs, MatrixLoader(p.ckpt), p.engine)
     return rand
 
 
@@ -235,8 +239,8 @@ def _from_saved(
         if progress:
             progress(i + 1, len(chosen), m["name"])
     if opts.rmt is not None and opts.rmt.any:
-        if opts.rmt.randomize:
-            raise SelectionError(f"{ckpt.path}: --randomize needs the weights, not saved spectra; "
+        if opts.rmt.randomize or opts.rmt.vectors:
+            raise SelectionError(f"{ckpt.path}: --randomize and --vectors need the weights, not saved spectra; "
                                  "run it on the checkpoint")  # fmt: skip
         from spectra_cli.flows.analyze_rmt import add_rmt_columns
 

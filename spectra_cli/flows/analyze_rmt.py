@@ -15,7 +15,7 @@ import numpy as np
 
 from spectra_cli.checkpoint.loader import MatrixLoader
 from spectra_cli.checkpoint.matrices import MatrixSpec
-from spectra_cli.checkpoint.tensors import RawTensor
+from spectra_cli.checkpoint.tensors import RawTensor, to_float
 from spectra_cli.spectral.engine import ResolvedEngine, singular_values
 from spectra_cli.spectral.rmt import RMTOptions, permute, rmt_columns
 
@@ -71,3 +71,16 @@ def add_rmt_columns(
         xmin = r.get("alpha_xmin")
         lam = np.asarray(values, dtype=np.float64) ** 2
         r["num_pl_spikes"] = int(np.count_nonzero(lam >= xmin)) if xmin is not None and np.isfinite(xmin) else 0
+
+
+def add_vector_columns(rows: list[dict[str, Any]], specs: list[MatrixSpec], loader: MatrixLoader,
+                       eng: ResolvedEngine) -> None:  # fmt: skip
+    """``--vectors``: the eigenvector metrics of each decomposed matrix (read again, one at a time)."""
+    from spectra_cli.spectral.rmt_vectors import vector_columns
+
+    by_name = {r["name"]: r for r in rows}
+    for spec in specs:
+        r = by_name.get(spec.name)
+        if r is None or r["status"] != "ok":
+            continue
+        r.update(vector_columns(to_float(loader.load(spec)), int(r.get("num_pl_spikes", 0)), eng.compute))

@@ -213,10 +213,11 @@ class RMTOptions:
     randomize: bool = False
     detx: bool = False
     seed: int = 0
+    vectors: bool = False
 
     @property
     def any(self) -> bool:
-        return self.mp_fit or self.randomize or self.detx
+        return self.mp_fit or self.randomize or self.detx or self.vectors
 
 
 def rmt_columns(

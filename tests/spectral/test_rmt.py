@@ -80,7 +80,7 @@ def minilm() -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     path = ckpt if ckpt.is_file() else next(ckpt.glob("*.safetensors"))
     with safe_open(str(path), "numpy") as f:
         weights = {k: f.get_tensor(k).astype(np.float64) for k in NAMES}
-    opts = AnalyzeOptions(include=tuple(NAMES), rmt=RMTOptions(True, True, True, seed=7), precision="float64")
+    opts = AnalyzeOptions(include=tuple(NAMES), rmt=RMTOptions(True, True, True, seed=7, vectors=True), precision="float64")
     res = run_analyze(ckpt, opts)
     return weights, {r["name"]: r for r in res.rows}
 
@@ -140,3 +140,41 @@ def test_default_run_has_no_rmt_columns():
     res = run_analyze(demo_checkpoint(), AnalyzeOptions(include=(NAMES[0],)))
     assert "sigma_mp" not in res.rows[0] and "num_traps" not in res.rows[0]
     assert res.summary.correlation_traps is None and "rmt" not in res.options
+
+
+def ww_vector_stats(w: np.ndarray, n_tail: int) -> dict[str, float]:
+    """apply_analyze_eigenvectors: eig of the smaller Gram matrix, RMT_Util's three vector metrics per column,
+    bulk/tail split at the PL xmin (here: the tail is the n_tail largest eigenvalues, λ ≥ xmin)."""
+    x = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+    evals, v = np.linalg.eig(x)
+    evals, v = evals.real, v.real
+    ent, loc, part = [], [], []
+    for col in range(v.shape[1]):
+        vec = v[:, col]
+        a = np.absolute(vec)
+        a = a - np.mean(a)
+        p = np.array(np.histogram(a, density=True, bins=100)[0]) + 1e-10
+        p = p / np.sqrt(2 * np.pi)
+        p = p / np.sum(p)
+        ent.append(-np.sum(p * np.log(p)))
+        loc.append(np.linalg.norm(vec, ord=1) / np.linalg.norm(vec, ord=np.inf))
+        part.append(np.linalg.norm(vec, ord=2) / np.linalg.norm(vec, ord=4))
+    xmin = np.sort(evals)[::-1][n_tail - 1]
+    out = {}
+    for name, arr in (("vec_entropy", ent), ("loc_ratio", loc), ("part_ratio", part)):
+        arr = np.array(arr)
+        for side, mask in (("bulk", evals < xmin), ("tail", evals >= xmin)):
+            out[f"{side}_mean_{name}"] = np.mean(arr[mask])
+            out[f"{side}_var_{name}"] = np.var(arr[mask])
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_vector_metrics_match_weightwatcher(minilm, name):
+    weights, rows = minilm
+    ev = np.sort(np.linalg.svd(weights[name], compute_uv=False) ** 2)
+    n_tail = int(np.count_nonzero(ev >= rows[name]["alpha_xmin"] * (1 - 1e-9)))
+    assert rows[name]["num_pl_spikes"] == n_tail
+    expected = ww_vector_stats(weights[name], n_tail)
+    for key, value in expected.items():
+        assert rows[name][key] == pytest.approx(value, rel=1e-6), key
