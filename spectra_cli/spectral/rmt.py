@@ -32,7 +32,6 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import optimize
 
 #: WeightWatcher's KDE bandwidth, density floor and evaluation grid
 BANDWIDTH = 0.1
@@ -112,6 +111,8 @@ def _objective(to_fit: np.ndarray, q: float) -> tuple[object, float]:
 
 def mp_fit(evals: np.ndarray, shape: tuple[int, int]) -> MPFit:
     """WeightWatcher's Marchenko–Pastur fit of the ESD ``evals`` (σ², all M of them) of an m×n matrix."""
+    from scipy import optimize  # only here: a default analyze run does not import SciPy
+
     ev = np.sort(np.asarray(evals, dtype=np.float64))
     big, small = max(shape), min(shape)
     if ev.size < 2 or not np.all(np.isfinite(ev)) or float(np.sum(ev)) <= 0:
