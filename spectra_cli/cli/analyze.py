@@ -29,6 +29,8 @@ Examples:
 
   spectra analyze --demo --plots demo-plots/
 
+  spectra analyze --demo --mp-fit --randomize --plots rmt-plots/   # WeightWatcher's RMT diagnostics
+
   spectra analyze model.safetensors --html report.html   # one self-contained page (see spectra report)
 """
 
@@ -82,6 +84,30 @@ def analyze_cmd(
     ] = None,
     columns: o.ColumnsOpt = None,
     wide: o.WideOpt = False,
+    mp_fit: Annotated[
+        bool, typer.Option("--mp-fit", help="Marchenko–Pastur fit of each ESD's bulk (WeightWatcher's mp_fit): "
+                           "sigma_mp, bulk_min/bulk_max, num_spikes, mp_softrank.", rich_help_panel="Diagnostics")
+    ] = False,
+    randomize: Annotated[
+        bool, typer.Option("--randomize", help="Also decompose each matrix with its entries permuted (seeded): "
+                           "max_rand_eval, rand_distance, ww_softrank, num_traps (correlation traps).",
+                           rich_help_panel="Diagnostics")
+    ] = False,
+    detx: Annotated[
+        bool, typer.Option("--detx", help="detX tail (WeightWatcher's detX_num, detX_val).",
+                           rich_help_panel="Diagnostics")
+    ] = False,
+    vectors: Annotated[
+        bool, typer.Option("--vectors", help="Eigenvector localisation (WeightWatcher's vectors=True): bulk/tail "
+                           "mean and variance of localisation ratio, participation ratio, vector entropy.",
+                           rich_help_panel="Diagnostics")
+    ] = False,
+    all_diagnostics: Annotated[
+        bool, typer.Option("--all", help="--mp-fit --randomize --detx --vectors.", rich_help_panel="Diagnostics")
+    ] = False,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the --randomize permutations.", rich_help_panel="Diagnostics")
+    ] = 0,
     quiet: o.QuietOpt = False,
 ) -> None:
     """Per-matrix spectra: norms, stable and effective rank, heavy-tail α, entropy, NaN/Inf; and a summary."""
@@ -93,8 +119,12 @@ def analyze_cmd(
         raise typer.BadParameter(
             "missing CKPT (a checkpoint path); try `spectra analyze --demo`", param_hint="CKPT"
         )
+    from spectra_cli.spectral.rmt import RMTOptions
+
+    rmt = RMTOptions(mp_fit or all_diagnostics, randomize or all_diagnostics, detx or all_diagnostics, seed,
+                     vectors or all_diagnostics)
     opts = o.build(AnalyzeOptions, o.selection(include, exclude, kinds, min_dim, split_fused),
-                   o.engine(device, precision, backend, max_memory, method))  # fmt: skip
+                   o.engine(device, precision, backend, max_memory, method), rmt=rmt if rmt.any else None)  # fmt: skip
     if demo:
         from spectra_cli.checkpoint.demo import demo_checkpoint
 
@@ -121,7 +151,7 @@ def analyze_cmd(
             warn(f"--plot-layers {plot_layers} matches no analysed matrix: no ESD figure drawn (names look like "
                  f"{result.rows[0]['name'] if result.rows else '?'})", quiet)  # fmt: skip
         warn(f"drawing figures into {plots}/ …", quiet)
-        figs = analyze_plots(result.rows, result.spectra, plots, plot_layers)
+        figs = analyze_plots(result.rows, result.spectra, plots, plot_layers, result.rand_spectra)
         figures_written("analyze", plots, figs, result, quiet)
     from spectra_cli.report.render import envelope
 

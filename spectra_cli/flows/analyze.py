@@ -26,6 +26,7 @@ from spectra_cli.options import EngineOptions, SelectionOptions
 from spectra_cli.results import OMIT_NONE, RunResult, options_record
 from spectra_cli.spectral.engine import ResolvedEngine, engine_info, resolve, singular_values
 from spectra_cli.spectral.metrics import compute_metrics
+from spectra_cli.spectral.rmt import RMTOptions
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class AnalyzeOptions(SelectionOptions, EngineOptions):
     """Options of ``analyze`` (the CLI flags of the same names; ``.engine`` gives the compute ones)."""
 
     split_fused: bool = False
+    #: the opt-in random-matrix diagnostics (``--mp-fit``, ``--randomize``, ``--detx``, ``--seed``); None: none
+    rmt: RMTOptions | None = None
 
 
 class KindStats(TypedDict):
@@ -77,6 +80,11 @@ class AnalyzeSummary:
     engine: dict[str, Any]
     seconds: float
     decompose_seconds: float | None = field(default=None, metadata=OMIT_NONE)
+    #: with ``--mp-fit``: matrices with spikes above the MP edge; with ``--randomize``: matrices with correlation
+    #: traps and the traps in all
+    spiked: int | None = field(default=None, metadata=OMIT_NONE)
+    trapped: int | None = field(default=None, metadata=OMIT_NONE)
+    correlation_traps: int | None = field(default=None, metadata=OMIT_NONE)
 
 
 @dataclass
@@ -86,6 +94,8 @@ class AnalysisResult(RunResult[AnalyzeSummary]):
     skipped: list[Skipped] = field(default_factory=list)
     spectra: dict[str, np.ndarray] = field(default_factory=dict)
     matrices: list[dict[str, Any]] = field(default_factory=list)
+    #: with ``--randomize``: the singular values of each matrix with its entries permuted
+    rand_spectra: dict[str, np.ndarray] = field(default_factory=dict)
 
     def save_spectra(self, path: str | Path) -> None:
         """Write every matrix's singular values (float64) to a safetensors file that ``analyze`` can read back."""
@@ -156,10 +166,27 @@ def run_analyze(
         return _from_saved(ckpt, opts, t0, progress)
     p = plan_analyze(ckpt, opts)
     got = measure(p, progress)
+    rand = _rmt(p, got, opts.rmt, progress) if opts.rmt is not None and opts.rmt.any else {}
     summary = summarize(got.rows, len(p.skipped), engine_info(p.engine), round(time.perf_counter() - t0, 3),
                         round(got.decompose_seconds, 3))  # fmt: skip
     return AnalysisResult(got.rows, summary, checkpoint_inputs(ckpt), _options_dict(opts, p.engine), p.skipped,
-                          got.spectra, got.metas)  # fmt: skip
+                          got.spectra, got.metas, rand)  # fmt: skip
+
+
+def _rmt(p: AnalyzePlan, got: Measured, rmt: RMTOptions, progress: Callable[[int, int, str], None] | None
+         ) -> dict[str, np.ndarray]:  # fmt: skip
+    from spectra_cli.flows.analyze_rmt import add_rmt_columns, random_spectra
+
+    rand: dict[str, np.ndarray] = {}
+    if rmt.randomize:
+        rand, seconds = random_spectra(p.specs, p.engine, MatrixLoader(p.ckpt), rmt.seed, progress)
+        got.decompose_seconds += seconds
+    add_rmt_columns(got.rows, got.spectra, rand, rmt)
+    if rmt.vectors:
+        from spectra_cli.flows.analyze_rmt import add_vector_columns
+
+        add_vector_columns(got.rows, p.specs, MatrixLoader(p.ckpt), p.engine)
+    return rand
 
 
 def plan_analyze(ckpt: Checkpoint, opts: AnalyzeOptions) -> AnalyzePlan:
@@ -190,6 +217,8 @@ def measure(p: AnalyzePlan, progress: Callable[[int, int, str], None] | None = N
 
 def _options_dict(opts: AnalyzeOptions, eng: ResolvedEngine | None) -> dict[str, Any]:
     d = options_record(opts)
+    if d.get("rmt") is None:
+        d.pop("rmt", None)
     if eng is not None:
         d["resolved"] = engine_info(eng)
     return d
@@ -210,6 +239,13 @@ def _from_saved(
         loader_rows.append(_row(m, values, int(m.get("nan_count", 0)), int(m.get("inf_count", 0)), precision))
         if progress:
             progress(i + 1, len(chosen), m["name"])
+    if opts.rmt is not None and opts.rmt.any:
+        if opts.rmt.randomize or opts.rmt.vectors:
+            raise SelectionError(f"{ckpt.path}: --randomize and --vectors need the weights, not saved spectra; "
+                                 "run it on the checkpoint")  # fmt: skip
+        from spectra_cli.flows.analyze_rmt import add_rmt_columns
+
+        add_rmt_columns(loader_rows, spectra, {}, opts.rmt)
     summary = summarize(
         loader_rows, int(ckpt.metadata.get("skipped_tensors", "0") or 0),
         {"source": "saved spectra", **saved_opts.get("resolved", {})}, round(time.perf_counter() - t0, 3),
@@ -284,6 +320,9 @@ def summarize(rows: list[dict[str, Any]], skipped_tensors: int, engine: dict[str
         engine=engine,
         seconds=seconds,
         decompose_seconds=decompose_seconds,
+        spiked=sum(1 for r in ok if r.get("num_spikes", 0) > 0) if any("num_spikes" in r for r in ok) else None,
+        trapped=sum(1 for r in ok if r.get("num_traps", 0) > 0) if any("num_traps" in r for r in ok) else None,
+        correlation_traps=sum(int(r.get("num_traps", 0)) for r in ok) if any("num_traps" in r for r in ok) else None,
     )
 
 

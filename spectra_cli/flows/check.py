@@ -228,26 +228,28 @@ def _from_compare(ckpt: str | Path, policy: Policy, opts: CheckOptions, progress
     return facts, {"inputs": inputs, "seconds": res.summary.seconds}
 
 
-def _analyze(path: str | Path, opts: CheckOptions, progress: Progress | None) -> Any:
+def _analyze(path: str | Path, opts: CheckOptions, progress: Progress | None, rmt: Any = None) -> Any:
     from spectra_cli.flows.analyze import AnalyzeOptions, run_analyze
 
     aopts = AnalyzeOptions(
         include=opts.include, exclude=opts.exclude, kinds=opts.kinds, min_dim=opts.min_dim,
-        device=opts.device, precision=opts.precision, backend=opts.backend, max_memory=opts.max_memory,
+        device=opts.device, precision=opts.precision, backend=opts.backend, max_memory=opts.max_memory, rmt=rmt,
     )  # fmt: skip
     return run_analyze(path, aopts, progress=progress)
 
 
 def _from_analyze(ckpt: str | Path, needs: set[str], opts: CheckOptions, progress: Progress | None
                   ) -> tuple[dict[str, Facts], dict[str, Any]]:  # fmt: skip
-    res = _analyze(ckpt, opts, progress)
+    from spectra_cli.spectral.rmt import RMTOptions
+
+    rmt = RMTOptions(mp_fit="mp_fit" in needs, randomize="randomize" in needs)
+    res = _analyze(ckpt, opts, progress, rmt if rmt.any else None)
     facts: dict[str, Facts] = {}
+    keys = ("spectral_norm", "effective_rank", "stable_rank", "alpha", "num_spikes", "spikes_ratio", "num_traps")
     for row in res.rows:
         f = Facts(row["name"], row.get("kind"), nonfinite=int(row["nan_count"]) + int(row["inf_count"]))
         if row["status"] == "ok":
-            f.tuned = {
-                k: row[k] for k in ("spectral_norm", "effective_rank", "stable_rank", "alpha") if k in row
-            }
+            f.tuned = {k: row[k] for k in keys if k in row}
         facts[f.name] = f  # names are unique: the reader refuses a tensor held twice
     inputs: dict[str, Any] = {"checkpoint": str(ckpt), "analyze": res.inputs}
     if "base_spectra" in needs:

@@ -15,6 +15,10 @@ What each rule's value means (W is out×in, σ its singular values, ΔW = W_tune
 - ``max_relative_delta = d``: ‖ΔW‖_F / ‖W_base‖_F ≤ d.
 - ``max_spectral_norm = s``: σ₁(W_tuned) ≤ s.
 - ``max_drift_pct = p``: every drift metric (:data:`DRIFT_METRICS`) is within p % of the baseline's value.
+- ``max_spikes_ratio = r``: the module's Marchenko–Pastur spikes (eigenvalues above the fitted bulk edge, as
+  ``analyze --mp-fit`` counts them) divided by min(out, in) is ≤ r.
+- ``max_correlation_traps = N``: the module's correlation traps (spikes of the ESD of W with its entries
+  permuted, as ``analyze --randomize`` counts them) are ≤ N.
 
 Any rule set to ``false`` is off (useful in an override to exempt some modules).
 """
@@ -179,6 +183,27 @@ def _eval_spectral_norm(limit: Any, f: Facts) -> Outcome:
     return ("pass" if ok else "fail"), s, f"σ₁ = {s:.4g} " + ("≤" if ok else ">") + f" {limit:g}"
 
 
+def _eval_spikes_ratio(limit: Any, f: Facts) -> Outcome:
+    if (bad := _unmeasured(f, "the MP spikes")) is not None:
+        return bad
+    r = (f.tuned or {}).get("spikes_ratio")
+    if not _finite(r):
+        return "skip", None, f"not measured: {f.note or 'no Marchenko–Pastur fit'}"
+    n = (f.tuned or {}).get("num_spikes")
+    ok = r <= limit
+    return ("pass" if ok else "fail"), r, f"{n} spikes, ratio {r:.3g} " + ("≤" if ok else ">") + f" {limit:g}"
+
+
+def _eval_traps(limit: Any, f: Facts) -> Outcome:
+    if (bad := _unmeasured(f, "correlation traps")) is not None:
+        return bad
+    n = (f.tuned or {}).get("num_traps")
+    if n is None or not _finite(n):
+        return "skip", None, f"not measured: {f.note or 'no randomised spectrum'}"
+    ok = n <= limit
+    return ("pass" if ok else "fail"), int(n), f"{_n(int(n), 'correlation trap')} " + ("≤" if ok else ">") + f" {limit}"
+
+
 def _eval_erank_ratio(limit: Any, f: Facts) -> Outcome:
     if (bad := _unmeasured(f, "the effective rank")) is not None:
         return bad
@@ -311,6 +336,10 @@ RULES: dict[str, Rule] = {
         Rule("max_drift_pct", "baseline",
              "spectral norm, effective rank and α each within this many % of the baseline file", "10.0",
              lambda n, v: _number(n, v, minimum=0.0), _eval_drift),
+        Rule("max_spikes_ratio", "mp_fit", "Marchenko–Pastur spikes / min(out, in) is at most this", "0.05",
+             lambda n, v: _number(n, v, minimum=0.0), _eval_spikes_ratio),
+        Rule("max_correlation_traps", "randomize", "correlation traps (spikes of the permuted W's ESD) at most N",
+             "0", _count, _eval_traps),
     )
 }  # fmt: skip
 

@@ -793,3 +793,13 @@ def test_init_into_a_missing_folder_names_the_file(tmp_path: Path) -> None:
         f"Error: {tmp_path / 'nodir' / 'spectra.toml'}: cannot write (No such file or directory); "
         "its folder does not exist; create it first"
     )
+
+
+def test_rmt_rules_end_to_end(models: dict[str, Generated], tmp_path: Path) -> None:
+    text = "[rules]\nmax_spikes_ratio = 1.0\nmax_correlation_traps = 1000\n"
+    env = verdicts(tmp_path, text, models["healthy"].path, code=0)
+    assert set(by(env, "max_spikes_ratio")) == set(ALL) and set(by(env, "max_correlation_traps")) == set(ALL)
+    assert all(v["status"] == "pass" for v in env["rows"])
+    env = verdicts(tmp_path, "[rules]\nmax_spikes_ratio = 0.0\n", models["intruders"].path)
+    spiked = [m for m, v in by(env, "max_spikes_ratio").items() if v["value"] > 0]
+    assert all(by(env, "max_spikes_ratio")[m]["status"] == "fail" for m in spiked)

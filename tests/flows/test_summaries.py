@@ -37,6 +37,7 @@ SUMMARIES: dict[str, type] = {
 #: optional keys that no recorded example has, each with why
 NOT_RECORDED = {
     "allocate": {"components"},  # only --strategy eva
+    "analyze": {"spiked", "trapped", "correlation_traps"},  # only --mp-fit / --randomize (tests/spectral/test_rmt.py)
     "init-adapter": {"peak_gpu_mb"},  # only on CUDA
     "merge": {
         "adapter_base_names",

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spectra_cli.report.render import Column, plural
+from spectra_cli.report.views.analyze_rmt import plot_rmt, rmt_columns, rmt_notes
 from spectra_cli.report.views.common import Card, Env, Row, dash, num, number
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ def columns(env: Env) -> list[Column]:
         Column("alpha_flag", "α reading", lambda x: x or "-", "left"),
         Column("entropy", "entropy", number(), default=False),
         Column("status", "status", lambda x: x or "-", "left"),
+        *rmt_columns(env),  # opt-in: only when --mp-fit/--randomize/--detx computed them
     ]
 
 
@@ -79,7 +81,7 @@ def notes(env: Env) -> list[str]:
         )
     else:
         lines.append(f"{s['seconds']:.2f} s from saved spectra")
-    return lines
+    return lines + rmt_notes(env)
 
 
 def cards(env: Env) -> list[Card]:
@@ -230,7 +232,8 @@ def plot_esd(row: dict[str, Any], values: np.ndarray, path: Path) -> None:
 
 
 def analyze_plots(rows: list[dict[str, Any]], spectra: dict[str, np.ndarray], out: Path,
-                  layers_pattern: str | None = None) -> list[Path]:  # fmt: skip
+                  layers_pattern: str | None = None, rand: dict[str, np.ndarray] | None = None
+                  ) -> list[Path]:  # fmt: skip
     """Write every ``analyze`` figure into ``out``: the ESD of the chosen layers (``layers_pattern``, else
     the most extreme few; they need the singular values ``spectra``), metrics by depth and two heatmaps.
     Return the paths written."""
@@ -244,6 +247,10 @@ def analyze_plots(rows: list[dict[str, Any]], spectra: dict[str, np.ndarray], ou
             p = out / f"esd_{safe_name(name)}.png"
             plot_esd(by_name[name], spectra[name], p)
             written.append(p)
+            p = out / f"mp_{safe_name(name)}.png"  # with --mp-fit / --randomize: MP fit and randomised ESD
+            if ("sigma_mp" in by_name[name] or rand) and plot_rmt(by_name[name], spectra[name],
+                                                                  (rand or {}).get(name), p):  # fmt: skip
+                written.append(p)
     p = out / "metrics_by_depth.png"
     if plot_by_depth(rows, p):
         written.append(p)

@@ -1,0 +1,86 @@
+"""``analyze --mp-fit / --randomize / --detx``: the opt-in columns, notes and figure of the random-matrix
+diagnostics (shown only when a run computed them; the default table is unchanged)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from spectra_cli.report.render import Column
+from spectra_cli.report.views.common import Env, dash, number
+
+if TYPE_CHECKING:
+    import numpy as np
+
+#: (row key, header, formatter) of each opt-in column, in table order
+RMT_COLUMNS = (
+    ("num_pl_spikes", "PL tail n", dash),
+    ("sigma_mp", "σ_MP", number()),
+    ("bulk_max", "λ+ (MP)", number()),
+    ("num_spikes", "spikes", dash),
+    ("mp_softrank", "MP softrank", number()),
+    ("max_rand_eval", "rand λmax", number()),
+    ("rand_distance", "rand dist.", number()),
+    ("ww_softrank", "ww softrank", number()),
+    ("num_traps", "traps", dash),
+    ("detX_num", "detX n", dash),
+)
+
+
+def rmt_columns(env: Env) -> list[Column]:
+    """The opt-in columns that the rows hold."""
+    keys = set().union(*(r.keys() for r in env["rows"])) if env["rows"] else set()
+    return [Column(k, h, f) for k, h, f in RMT_COLUMNS if k in keys]
+
+
+def rmt_notes(env: Env) -> list[str]:
+    s = env["summary"]
+    lines = []
+    if s.get("spiked") is not None:
+        lines.append(f"Marchenko–Pastur fit: {s['spiked']} of {s['analysed']} matrices have spikes above the bulk edge")
+    if s.get("trapped") is not None:
+        lines.append(f"randomised ESD: {s['correlation_traps']} correlation traps in {s['trapped']} matrices "
+                     f"(seed {env.get('options', {}).get('rmt', {}).get('seed', 0)})")  # fmt: skip
+    return lines
+
+
+def plot_rmt(row: dict[str, Any], values: np.ndarray, rand: np.ndarray | None, path: Path) -> bool:
+    """The ESD rescaled to mean 1 (WeightWatcher's mp_fit scale) with the fitted MP density and its edge, and the
+    randomised ESD (same rescaling of its own) overlaid."""
+    import numpy as np
+
+    from spectra_cli.report.plots import pyplot
+    from spectra_cli.spectral.rmt import mp_density, rescale
+
+    sigma = row.get("sigma_mp")
+    lam = np.sort(np.asarray(values, dtype=np.float64) ** 2)
+    if lam.size < 2 or float(lam.sum()) <= 0:
+        return False
+    r, _ = rescale(lam)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    top = float(np.quantile(r, 0.99)) * 1.5 if r.size > 20 else float(r.max())
+    bins = np.linspace(0, max(top, 1e-12), 80)
+    ax.hist(np.clip(r, 0, top), bins=bins, density=True, color="#4C72B0", alpha=0.6, label="ESD (λ·M/Σλ)")
+    if rand is not None:
+        rr, _ = rescale(np.sort(np.asarray(rand, dtype=np.float64) ** 2))
+        ax.hist(np.clip(rr, 0, top), bins=bins, density=True, color="#8172B3", alpha=0.45, label="randomised ESD")
+    m, n = (int(x) for x in str(row["shape"]).split("x"))
+    q = max(m, n) / min(m, n)
+    if isinstance(sigma, float) and math.isfinite(sigma):  # for Q = 1 σ_MP comes from the quarter-circle fit
+        xs = np.linspace(top / 2000, top, 600)
+        y, _, b = mp_density(xs, q, sigma)
+        ax.plot(xs, y, color="#C44E52", lw=1.8, label=f"MP fit σ_MP = {sigma:.3g}, Q = {q:.3g}")
+        ax.axvline(b, color="#C44E52", ls="--", lw=1, label=f"bulk edge λ+ = {b:.3g}")
+        ax.set_ylim(0, ax.get_ylim()[1] if q != 1 else min(ax.get_ylim()[1], 3.0))
+    ax.set_xlabel("eigenvalue λ, rescaled to mean 1 (largest values clipped into the last bin)")
+    ax.set_ylabel("density")
+    extra = f", {row['num_spikes']} spikes" if "num_spikes" in row else ""
+    extra += f", {row['num_traps']} traps" if "num_traps" in row else ""
+    ax.set_title(f"{row['name']}\n{row['shape']}{extra}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
