@@ -42,7 +42,7 @@ base (use it in place of the original model), OUT/README.md and OUT/spectra_run.
 """
 
 _METHOD_NAMES = sorted(_registry())
-_METHOD_HELP = "Initialisation method (see Methods below, or --list-methods)."
+_METHOD_HELP = f"Initialisation method: {', '.join(_METHOD_NAMES)} (see Methods below, or --list-methods)."
 
 
 def _method_lines() -> list[str]:
@@ -86,7 +86,7 @@ def init_adapter_cmd(
         typer.Option(
             "--method",
             "-m",
-            metavar="[" + "|".join(_METHOD_NAMES) + "]",
+            metavar="METHOD",
             help=_METHOD_HELP,
         ),
     ] = "pissa",
@@ -227,7 +227,7 @@ def init_adapter_cmd(
     bits: Annotated[
         int | None,
         typer.Option(
-            "--bits", metavar="4|8", help="loftq: NF4 (4) or int8 (8) quantisation (default 4).",
+            "--bits", metavar="[4|8]", help="loftq: NF4 (4) or int8 (8) quantisation (default 4).",
             rich_help_panel="Method",
         ),
     ] = None,
