@@ -209,7 +209,7 @@ register(
         "KPM the bottom r; residual base",
         reference="Yang et al. 2024, CorDA: Context-Oriented Decomposition Adaptation (arXiv:2406.05223)",
         factorize=corda_factorize,
-        parameters="--corda-mode ipm|kpm",
+        parameters="--corda-mode [ipm|kpm]",
         changes_base=True,
         needs_activations=True,
     )

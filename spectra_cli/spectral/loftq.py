@@ -72,6 +72,6 @@ LOFTQ = register(
         summary="quantised base (NF4 or int8, spectra's own) + the rank-r SVD of its error, alternated",
         reference="Li et al. 2023, LoftQ, arXiv:2310.08659; PEFT init_lora_weights='loftq' (needs bitsandbytes)",
         factorize=loftq,
-        parameters="--bits 4|8, --loftq-iter N",
+        parameters="--bits [4|8], --loftq-iter N",
     )
 )
