@@ -73,8 +73,9 @@ def table_width(file: IO[str] | None = None) -> int:
 def shorten_name(name: str, width: int) -> str:
     """``name`` in at most ``width`` characters, shortened in the middle with an ellipsis: the dotted parts up to
     the first number (the layer) and as many trailing parts (the module kind) as fit stay whole —
-    ``encoder.layer.3.attention.self.value.weight`` → ``encoder.layer.3.…self.value`` (a trailing ``weight`` or
-    ``bias`` goes first, without an ellipsis, when space is short); a name with no such shape keeps its first and last characters."""
+    ``encoder.layer.3.attention.self.value.weight`` → ``encoder.layer.3.…self.value``, or ``…layer.3.…self.value``
+    when dropping the head's leading parts keeps more of the kind (a trailing ``weight`` or ``bias`` goes first,
+    without an ellipsis, when space is short); a name with no such shape keeps its first and last characters."""
     if len(name) <= width:
         return name
     width = max(width, 5)
@@ -85,19 +86,27 @@ def shorten_name(name: str, width: int) -> str:
             return ".".join(parts)
     layer = next((i for i, p in enumerate(parts) if re.fullmatch(r"\d+", p)), None)
     if layer is not None and layer < len(parts) - 1:
-        head = ".".join(parts[: layer + 1]) + "."
-        tail = parts[-1]
-        for p in reversed(parts[layer + 1 : -1]):
-            if len(head) + len(ELLIPSIS) + len(p) + 1 + len(tail) > width:
-                break
-            tail = f"{p}.{tail}"
-        if len(head) + len(ELLIPSIS) + len(tail) <= width:
-            return head + ELLIPSIS + tail
-        # the head is too long: keep the layer number and the kind, shorten what comes before
-        keep = f"{parts[layer]}.{ELLIPSIS}{parts[-1]}"
-        room = width - len(keep) - len(ELLIPSIS)
-        if room >= 1:
-            return ".".join(parts[:layer])[:room] + ELLIPSIS + keep
+        # candidates: the whole head (``encoder.layer.3.``), then heads without their leading parts
+        # (``…layer.3.``); each keeps as many trailing parts (the kind) as fit; the one keeping most of the kind
+        # wins, the whole head on a tie
+        best: tuple[int, str] | None = None
+        for k in range(max(layer, 1)):  # keep the part before the number (``layer.3``)
+            head = ("" if k == 0 else ELLIPSIS) + ".".join(parts[k : layer + 1]) + "."
+            rest = parts[layer + 1 :]
+            kept = 0
+            while kept < len(rest):
+                tail = ".".join(rest[len(rest) - kept - 1 :])
+                gap = "" if kept + 1 == len(rest) else ELLIPSIS
+                if len(head) + len(gap) + len(tail) > width:
+                    break
+                kept += 1
+            if kept:
+                gap = "" if kept == len(rest) else ELLIPSIS
+                cand = head + gap + ".".join(rest[len(rest) - kept :])
+                if best is None or kept > best[0]:
+                    best = (kept, cand)
+        if best is not None:
+            return best[1]
     left = (width - 1) // 2
     return name[:left] + ELLIPSIS + name[len(name) - (width - 1 - left) :]
 

@@ -18,10 +18,13 @@ GOLDEN = Path(__file__).parents[1] / "golden"
     ("name", "width", "expected"),
     [
         ("encoder.layer.3.attention.self.value.weight", 27, "encoder.layer.3.…self.value"),
-        ("encoder.layer.3.attention.self.value.weight", 22, "encoder.layer.3.…value"),
+        ("encoder.layer.3.attention.self.value.weight", 22, "…layer.3.…self.value"),
         ("encoder.layer.0.output.dense.weight", 30, "encoder.layer.0.output.dense"),
         ("short.name", 20, "short.name"),
-        ("model.language_model.layers.17.mlp.down_proj", 24, "model.lang…17.…down_proj"),
+        ("model.language_model.layers.17.mlp.down_proj", 24, "…layers.17.mlp.down_proj"),
+        # dropping the head's first part keeps the whole kind: intermediate.dense is not output.dense
+        ("encoder.layer.0.intermediate.dense.weight", 33, "…layer.0.intermediate.dense"),
+        ("encoder.layer.0.attention.self.value.weight", 20, "…layer.0.…self.value"),
         ("abcdefghijklmnopqrstuvwxyz", 9, "abcd…wxyz"),
     ],
 )

@@ -38,7 +38,7 @@ def columns(env: Env) -> list[Column]:
         Column("name", "name", str, "left", shorten=True),
         Column("kind", "kind", str, "left", default=False),
         Column("depth", "depth", dash, default=False),
-        Column("shape", "shape"),
+        Column("shape", "shape", default=False),  # the base's shape: the name says which matrix
     ]
     # the first two ε by default (and overlap@k with one ε only), the others with --wide: fits 100 columns
     eps = epsilons(env)
