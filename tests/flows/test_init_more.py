@@ -14,32 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
-from typer.testing import CliRunner
 
 from fixtures import init_models as im
-from spectra_cli.cli.app import app
-
-runner = CliRunner()
-
-
-def run(*args: str | Path) -> Any:
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def init(ckpt: Path, out: Path, *args: str | Path) -> dict[str, Any]:
-    r = run("init-adapter", ckpt, "--out", out, "-f", "json", "-q", *args)
-    assert r.exit_code == 0, r.stderr + (r.stdout or "")
-    return json.loads(r.stdout)
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as g:
-            for k in g.keys():  # noqa: SIM118 - safe_open has no __iter__
-                out[k] = g.get_tensor(k)
-    return out
+from tests.flows.test_init_adapter import init, run, tensors
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +108,8 @@ def test_orthogonal_equals_peft_with_the_module_seed(llama, tmp_path):
 
 
 def test_orthogonal_refuses_an_odd_rank(llama, tmp_path):
-    r = runner.invoke(app, ["init-adapter", str(llama), "--out", str(tmp_path / "o"), "--method", "orthogonal",
-                            "--rank", "3", "-q"])  # fmt: skip
+    r = run("init-adapter", llama, "--out", tmp_path / "o", "--method", "orthogonal", "--rank", "3", "-q",
+            catch=True)  # fmt: skip
     assert r.exit_code != 0 and "even rank" in r.stderr
 
 
@@ -296,7 +273,7 @@ def test_analyze_and_compare_read_what_the_new_methods_write(llama, tmp_path):
     ],
 )
 def test_bad_options_are_one_line_errors(llama, tmp_path, args, message):
-    r = runner.invoke(app, ["init-adapter", str(llama), "--out", str(tmp_path / "o"), "-q", *args])
+    r = run("init-adapter", llama, "--out", tmp_path / "o", "-q", *args, catch=True)
     assert r.exit_code != 0 and message in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
 
