@@ -131,7 +131,8 @@ def capture_cmd(
     device: o.DeviceOpt = "auto",
     precision: Annotated[o.Precision, o.precision_option("No effect yet for capture: the statistics are always "
                                                          "accumulated in float64.")] = o.Precision.float32,
-    backend: Annotated[o.Backend, o.backend_option("capture always runs the model in PyTorch (on --device).")
+    backend: Annotated[o.Backend, o.backend_option("The model always runs in PyTorch (on --device); --backend picks where the PCA's "
+                                                   "eigensolve runs.")
                        ] = o.Backend.auto,
     max_memory: Annotated[int | None, o.max_memory_option(
         "Not used yet by capture's statistics: their memory follows --batch-size, --max-length and --components. "

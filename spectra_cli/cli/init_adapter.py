@@ -272,10 +272,12 @@ def init_adapter_cmd(
     min_dim: o.MinDimOpt = 1,
     device: o.DeviceOpt = "auto",
     precision: o.PrecisionOpt = o.Precision.float32,
-    backend: Annotated[o.Backend, o.backend_option("init-adapter always decomposes with PyTorch (on --device).")
+    backend: Annotated[o.Backend, o.backend_option("The top-r Gram route (pissa, extract) runs there; the exact "
+                                                   "SVDs and QRs always run in PyTorch (on --device).")
                        ] = o.Backend.auto,
-    max_memory: Annotated[int | None, o.max_memory_option("Not used yet by init-adapter: each target matrix "
-                                                          "is decomposed whole.")] = None,
+    max_memory: Annotated[int | None, o.max_memory_option("Each target matrix is decomposed whole: a target "
+                                                          "whose working memory exceeds this is refused before "
+                                                          "anything is written.")] = None,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
     html: o.HtmlOpt = None,

@@ -32,7 +32,9 @@ Examples:
   spectra reconstruct bundle/ --task b --out ft-b-rebuilt/
 """
 
-_NUMPY_ONLY = "Not used yet by merge, which computes with NumPy on the CPU."
+_DECOMPOSITIONS = ("merge runs its decompositions (SVDs, QRs, the rmm basis) there; the task updates and "
+                   "elementwise methods are computed with NumPy on the CPU.")
+_NO_BUDGET = "Not used yet by merge: one module of every input is in memory at a time."
 
 
 def _method_help() -> str:
@@ -188,10 +190,10 @@ def merge_cmd(
     exclude: o.ExcludeOpt = None,
     kinds: o.KindsOpt = None,
     min_dim: o.MinDimOpt = 1,
-    device: Annotated[str, o.device_option(_NUMPY_ONLY)] = "auto",
+    device: Annotated[str, o.device_option(_DECOMPOSITIONS)] = "auto",
     precision: o.PrecisionOpt = o.Precision.float32,
-    backend: Annotated[o.Backend, o.backend_option(_NUMPY_ONLY)] = o.Backend.auto,
-    max_memory: Annotated[int | None, o.max_memory_option(_NUMPY_ONLY)] = None,
+    backend: Annotated[o.Backend, o.backend_option(_DECOMPOSITIONS)] = o.Backend.auto,
+    max_memory: Annotated[int | None, o.max_memory_option(_NO_BUDGET)] = None,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
     html: o.HtmlOpt = None,

@@ -79,14 +79,14 @@ def test_method_is_the_values_method_only_where_there_is_one() -> None:
 @pytest.mark.parametrize(
     ("command", "flag", "note"),
     [
-        ("merge", "--device", "Not used yet by merge"),
-        ("merge", "--backend", "Not used yet by merge"),
+        ("merge", "--device", "task updates and elementwise methods are computed with NumPy"),
+        ("merge", "--backend", "task updates and elementwise methods are computed with NumPy"),
         ("merge", "--max-memory", "Not used yet by merge"),
-        ("capture", "--backend", "capture always runs the model in PyTorch"),
+        ("capture", "--backend", "The model always runs in PyTorch"),
         ("capture", "--precision", "No effect yet for capture"),
         ("capture", "--max-memory", "Not used yet by capture's statistics"),
-        ("init-adapter", "--backend", "init-adapter always decomposes with PyTorch"),
-        ("init-adapter", "--max-memory", "Not used yet by init-adapter"),
+        ("init-adapter", "--backend", "exact SVDs and QRs always run in PyTorch"),
+        ("init-adapter", "--max-memory", "is refused before anything is written"),
         ("rankme", "--precision", "No effect yet for rankme"),
     ],
 )
