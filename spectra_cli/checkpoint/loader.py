@@ -101,7 +101,7 @@ class MatrixLoader:
         (axis "cols": accumulate XXᵀ), cut along its longer side."""
         if spec.part_index is not None:
             whole = self.load(spec)
-            yield from _split(whole, lines)
+            yield from split_lines(whole, lines)
             return
         r0, r1, c0, c1 = self._region(spec)
         if r1 - r0 >= c1 - c0:
@@ -117,7 +117,8 @@ class MatrixLoader:
                 yield raw, "cols"
 
 
-def _split(raw: RawTensor, lines: int) -> Iterator[tuple[RawTensor, str]]:
+def split_lines(raw: RawTensor, lines: int) -> Iterator[tuple[RawTensor, str]]:
+    """A matrix in blocks of ``lines`` rows (tall) or columns (wide), as the engine's chunked route takes them."""
     rows, cols = raw.data.shape
     if rows >= cols:
         for a in range(0, rows, lines):

@@ -13,7 +13,7 @@ from spectra_cli.cli import options as o
 from spectra_cli.cli.emit import emit
 from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.progress import progress_bar, warn
-from spectra_cli.spectral.init import methods as _registry  # metadata only: no PyTorch import
+from spectra_cli.spectral.init import methods  # metadata only: no PyTorch import
 
 EPILOG = """\
 Examples:
@@ -41,13 +41,13 @@ base (use it in place of the original model), OUT/README.md and OUT/spectra_run.
 `spectra init-adapter --list-methods` lists the methods with their papers.
 """
 
-_METHOD_NAMES = sorted(_registry())
+_METHOD_NAMES = sorted(methods())
 _METHOD_HELP = f"Initialisation method: {', '.join(_METHOD_NAMES)} (see Methods below, or --list-methods)."
 
 
 def _method_lines() -> list[str]:
     lines = []
-    for name, m in sorted(_registry().items()):
+    for name, m in sorted(methods().items()):
         needs = [w for w, f in (("--activations", m.needs_activations), ("--tuned", m.needs_tuned),
                                  ("--compressed", m.needs_compressed), ("--gradients", m.needs_gradients)) if f]  # fmt: skip
         extra = f" (needs {', '.join(needs)})" if needs else ""  # not [..]: rich would read it as markup

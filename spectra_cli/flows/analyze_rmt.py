@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from spectra_cli.checkpoint.loader import MatrixLoader
+from spectra_cli.checkpoint.loader import MatrixLoader, split_lines
 from spectra_cli.checkpoint.matrices import MatrixSpec
 from spectra_cli.checkpoint.tensors import RawTensor, to_float
 from spectra_cli.spectral.engine import ResolvedEngine, singular_values
@@ -31,15 +31,7 @@ class PermutedLoader:
         return RawTensor(permute(raw.data, self.seed, spec.name), raw.dtype)
 
     def chunks(self, spec: MatrixSpec, lines: int) -> Iterator[tuple[RawTensor, str]]:
-        whole = self.load(spec)
-        rows, cols = whole.data.shape
-        if rows >= cols:
-            for a in range(0, rows, lines):
-                yield RawTensor(whole.data[a : a + lines], whole.dtype), "rows"
-        else:
-            for a in range(0, cols, lines):
-                yield RawTensor(whole.data[:, a : a + lines], whole.dtype), "cols"
-
+        return split_lines(self.load(spec), lines)
 
 def random_spectra(
     specs: list[MatrixSpec], eng: ResolvedEngine, loader: MatrixLoader, seed: int,
