@@ -72,3 +72,12 @@ class InProcess:
 
     def close(self) -> None:
         return None
+
+
+def open_executor(ray: str | None) -> Executor:
+    """The executor for ``--ray``: None → :class:`InProcess`; ``local``, ``auto`` or an address → Ray."""
+    if ray is None:
+        return InProcess()
+    from spectra_cli.flows.ray_executor import RayExecutor
+
+    return RayExecutor(ray)
