@@ -42,7 +42,7 @@ class Executor(Protocol):
         specs: Sequence[T],
         labels: Sequence[str],
         *,
-        resources: TaskResources = TaskResources(),
+        resources: TaskResources | None = None,
         progress: TaskProgress | None = None,
     ) -> list[R]: ...
 
@@ -60,7 +60,7 @@ class InProcess:
         specs: Sequence[T],
         labels: Sequence[str],
         *,
-        resources: TaskResources = TaskResources(),
+        resources: TaskResources | None = None,
         progress: TaskProgress | None = None,
     ) -> list[R]:
         out: list[R] = []

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from spectra_cli.errors import SpectraError
-from spectra_cli.flows.executor import TaskProgress, TaskResources
+
+if TYPE_CHECKING:
+    from spectra_cli.flows.executor import TaskProgress, TaskResources
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -24,7 +26,7 @@ class RayExecutor:
         specs: Sequence[T],
         labels: Sequence[str],
         *,
-        resources: TaskResources = TaskResources(),
+        resources: TaskResources | None = None,
         progress: TaskProgress | None = None,
     ) -> list[R]:
         raise SpectraError("--ray is not available in this build yet")
