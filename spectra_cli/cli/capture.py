@@ -127,6 +127,7 @@ def capture_cmd(
     include: o.IncludeOpt = None,
     exclude: o.ExcludeOpt = None,
     kinds: o.KindsOpt = None,
+    roles: o.RolesOpt = None,
     min_dim: o.MinDimOpt = 1,
     device: o.DeviceOpt = "auto",
     precision: Annotated[o.Precision, o.precision_option("No effect yet for capture: the statistics are always "
@@ -154,7 +155,7 @@ def capture_cmd(
     from spectra_cli.flows.capture_grad import run_capture_gradients
 
     opts = o.build(
-        CaptureOptions, o.selection(include, exclude, kinds, min_dim), o.compute(device, precision, backend, max_memory),
+        CaptureOptions, o.selection(include, exclude, kinds, min_dim, roles=roles), o.compute(device, precision, backend, max_memory),
         text_field=text_field, max_tokens=max_tokens, batch_size=batch_size, max_length=max_length,
         components=components, stats=stats.value, tau=tau, tokenizer=str(tokenizer) if tokenizer else None,
     )  # fmt: skip
