@@ -16,6 +16,7 @@ from spectra_cli.cli.emit import emit
 from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.progress import progress_bar, warn
 from spectra_cli.errors import SpectraError
+from spectra_cli.report.render import plural
 
 EPILOG = """\
 Examples:
@@ -31,6 +32,8 @@ Examples:
   spectra capture model/ --data train.txt --gradients --batches 8 --kinds q_proj,v_proj --out grads/
 
   spectra init-adapter model/ --method lora-ga --gradients grads/ --rank 8 --kinds q_proj,v_proj --out lora-ga/
+
+  spectra capture bert-mlm/ --data train.txt --gradients --batches 8 --seed 0 --kinds query,value --out grads/
 """
 
 
@@ -116,14 +119,17 @@ def capture_cmd(
         bool,
         typer.Option(
             "--gradients",
-            help="Instead of input statistics, write each selected weight's mean causal-LM gradient over --batches "
-            "batches into the folder --out, streamed in groups of modules (for init-adapter --method lora-ga "
-            "--gradients).",
+            help="Instead of input statistics, write each selected weight's mean gradient of the model's LM loss "
+            "(causal LM, or masked LM with BERT's 15% masking) over --batches batches into the folder --out, "
+            "streamed in groups of modules (for init-adapter --method lora-ga --gradients).",
         ),
     ] = False,
     batches: Annotated[
         int, typer.Option("--batches", metavar="N", help="--gradients: batches of --batch-size examples.")
     ] = 1,
+    seed: Annotated[
+        int, typer.Option("--seed", metavar="N", help="--gradients on a masked LM: the seed of the masking.")
+    ] = 0,
     include: o.IncludeOpt = None,
     exclude: o.ExcludeOpt = None,
     kinds: o.KindsOpt = None,
@@ -162,11 +168,14 @@ def capture_cmd(
     if gradients:
         check_outputs([model_dir, data], {"--output": output, "--html": html}, folders={"--out": out})
         with progress_bar("gradients", quiet) as update:
-            g = run_capture_gradients(model_dir, data, out, opts, batches, max_memory, progress=update)
+            g = run_capture_gradients(model_dir, data, out, opts, batches, max_memory, progress=update, seed=seed)
         if fmt == o.Format.json:
             typer.echo(json.dumps({"command": "capture", "summary": dataclasses.asdict(g)}))
-        warn(f"wrote {g.modules} gradients ({g.batches} batches, {g.tokens} tokens, {g.groups} groups) to {out} "
-             f"in {g.seconds:.2f} s, peak RSS {g.peak_rss_mb:.0f} MB", quiet)  # fmt: skip
+        targets = "masked tokens" if g.loss == "masked-lm" else "tokens"
+        warn(f"wrote {plural(g.modules, 'gradient', 'gradients')} of the {g.loss} loss "
+             f"({plural(g.batches, 'batch', 'batches')}, {g.tokens:,} {targets}, "
+             f"{plural(g.groups, 'group', 'groups')}) to {out} in {g.seconds:.2f} s, "
+             f"peak RSS {g.peak_rss_mb:.0f} MB", quiet)  # fmt: skip
         return
     # before the --force check: an output in the model folder must never be offered --force
     check_outputs(
