@@ -171,6 +171,9 @@ def capture_cmd(
             g = run_capture_gradients(model_dir, data, out, opts, batches, max_memory, progress=update, seed=seed)
         if fmt == o.Format.json:
             typer.echo(json.dumps({"command": "capture", "summary": dataclasses.asdict(g)}))
+        if g.batches < batches:
+            warn(f"only {g.batches} of the {batches} batches were used: the data ran out"
+                 + (", or a batch's masking drew no target" if g.loss == "masked-lm" else ""), quiet)
         targets = "masked tokens" if g.loss == "masked-lm" else "tokens"
         warn(f"wrote {plural(g.modules, 'gradient', 'gradients')} of the {g.loss} loss "
              f"({plural(g.batches, 'batch', 'batches')}, {g.tokens:,} {targets}, "

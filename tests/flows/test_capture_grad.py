@@ -178,3 +178,13 @@ def test_cli_masked_lm_gradients_feed_lora_ga_that_peft_loads(tmp_path):
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     lora = [n for n, _ in peft.named_parameters() if "lora_A" in n]
     assert len(lora) == 4  # query and value in both layers carry the adapter
+
+
+def test_fewer_batches_than_asked_are_said(tmp_path):
+    model_dir = tiny_llama(tmp_path / "llama")
+    data = text_file(tmp_path / "d.txt")  # 12 lines: 3 batches of 4
+    r = runner.invoke(app, ["capture", str(model_dir), "--data", str(data), "--gradients", "--batches", "5",
+                            "--batch-size", "4", "--kinds", "v_proj", "--out", str(tmp_path / "g")])  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    assert "only 3 of the 5 batches were used: the data ran out\n" in r.stderr
+    assert "wrote 2 gradients of the causal-lm loss (3 batches," in r.stderr
