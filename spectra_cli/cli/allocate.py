@@ -209,7 +209,8 @@ def allocate_cmd(
         result = run_allocate(ckpt, opts, progress=update)
     s = result.summary
     if s.dropped:
-        warn(f"{len(s.dropped)} modules get rank 0 and no adapter", quiet)
+        warn(f"{len(s.dropped)} {'module gets' if len(s.dropped) == 1 else 'modules get'} rank 0 and no adapter",
+             quiet)  # fmt: skip
     if peft_config:
         result.write_peft_config(peft_config)
         warn(f"wrote the PEFT config ({s.adapted} target modules) to {peft_config}", quiet)

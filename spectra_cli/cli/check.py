@@ -207,7 +207,7 @@ def _check(ckpt: Path | None, policy: Path | None, base: Path | None, base_spect
     title = f"spectra check {ckpt}"
     if update_baseline is not None:
         n = write_baseline(update_baseline, result)
-        warn(f"wrote the baseline of {n} modules to {update_baseline}", quiet)
+        warn(f"wrote the baseline of {n} {'module' if n == 1 else 'modules'} to {update_baseline}", quiet)
     if junit is not None:
         write_junit(junit, result.verdicts, title, result.summary.seconds, policy_name)
     md = markdown_summary(result.verdicts, result.summary, str(ckpt), policy_name)

@@ -133,7 +133,8 @@ def compare_cmd(
             for name, path in written.items():
                 n = len(remover.changed.get(name, []))
                 warn(
-                    f"wrote {name} with intruders removed from {n} matrices (λ = {remove_intruders:g}) to {path}",
+                    f"wrote {name} with intruders removed from {n} {'matrix' if n == 1 else 'matrices'} "
+                    f"(λ = {remove_intruders:g}) to {path}",
                     quiet,
                 )
     except BaseException:

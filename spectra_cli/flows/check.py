@@ -366,7 +366,8 @@ def measure(ckpt: str | Path, policy: Policy, opts: CheckOptions, p: CheckPlan,
             f.baseline = base_modules.get(name)
         missing = sorted(set(base_modules) - set(facts))
         if missing:
-            notes.append(f"{len(missing)} modules of the baseline were not measured now (selection changed?)")
+            notes.append(f"{len(missing)} {'module' if len(missing) == 1 else 'modules'} of the baseline "
+                         f"{'was' if len(missing) == 1 else 'were'} not measured now (selection changed?)")  # fmt: skip
     rewriting = (
         baseline_file is not None
         and opts.update_baseline is not None

@@ -82,7 +82,7 @@ TABLES: dict[str, tuple[str, list[str], list[str]]] = {
         "below t)", "PEFT config: r = 11 (the most common rank; the others in rank_pattern), lora_alpha = 11 (scale); 2.50 s"]),
     "capture": ("spectra capture minilm", ["module", "in", "tokens", "shares input with", "k", "expl. var (k)",
                                            "top ratio", "converged"], [
-        "18 modules (6 distinct inputs) over 9100 tokens from 600 examples, written to acts.safetensors",
+        "18 modules (6 distinct inputs) over 9,100 tokens from 600 examples, written to acts.safetensors",
         "6 inputs have components whose last update moved them (cosine < τ = 0.99); more data (--max-tokens) "
         "makes the PCA steadier", "2.50 s"]),
     "init-pissa": ("spectra init-adapter minilm --method pissa", ["module", "shape", "rank", "alpha", "energy",

@@ -148,7 +148,7 @@ def alpha_histogram(rows: list[Row], path: Any) -> bool:
     ax.legend(fontsize=8)
     ax.set_xlabel("power-law α of the ESD tail")
     ax.set_ylabel("matrices")
-    ax.set_title(f"α over {len(alphas)} matrices")
+    ax.set_title(f"α over {plural(len(alphas), 'matrix', 'matrices')}")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
