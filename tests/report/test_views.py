@@ -110,7 +110,7 @@ TABLES: dict[str, tuple[str, list[str], list[str]]] = {
         "method rmm (Reversible Model Merging (RMM), 2025: a shared per-module basis with per-task coefficients); "
         "12 modules × 3 tasks", "mean relative error per task: a 4.14e-09, b 4.14e-09, c 4.14e-09",
         "storage: the bundle holds 663,624 numbers, 3× the 221,184 of the 3 inputs (the merged matrices alone: 3×) "
-        "and 0.125× 3 dense updates; overall relative error 6.74e-09",
+        "and 0.125× the 3 dense updates; overall relative error 6.74e-09",
         "interference: mean |cos| between task updates 0.000426, max 0.00068",
         "sweep (merged matrices): p=1: err 0.576, storage 2; p=2: err 6.74e-09, storage 3; p=3: err 0, storage 3",
         "wrote bundle bundle in 2.50 s"]),

@@ -54,7 +54,7 @@ def notes(env: Env) -> list[str]:
         lines.append(
             f"storage: the bundle holds {s['stored_numbers']:,} numbers, {s['storage']:.3g}× the "
             f"{s['raw_numbers']:,} of the {n} inputs (the merged matrices alone: {s['matrix_storage']:.3g}×) and "
-            f"{s['storage_vs_dense']:.3g}× {n} dense updates; overall relative error {s['overall_error']:.3g}"
+            f"{s['storage_vs_dense']:.3g}× the {n} dense updates; overall relative error {s['overall_error']:.3g}"
         )
     off = _off_diagonal(s["cosine"])
     if off:
