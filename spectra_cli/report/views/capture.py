@@ -20,7 +20,7 @@ def columns(env: Env) -> list[Column]:
     return [
         Column("name", "module", str, "left", shorten=True),
         Column("in_features", "in"),
-        Column("tokens", "tokens"),
+        Column("tokens", "tokens", lambda x: f"{x:,}" if isinstance(x, int) else dash(x)),
         Column("alias_of", "shares input with", lambda x: x or "-", "left", shorten=True),
         Column("components", "k"),
         Column("explained_variance", "expl. var (k)", fmt_num),
