@@ -151,10 +151,13 @@ def capture_cmd(
     wide: o.WideOpt = False,
     quiet: o.QuietOpt = False,
 ) -> None:
-    """Run a Hugging Face model over text and write per-module input statistics (CorDA, EVA).
+    """Run a Hugging Face model over text and write per-module input statistics (CorDA, EVA, EoRA),
+    or with --gradients each weight's gradient of the model's LM loss (LoRA-GA).
 
-    The statistics stream: activations are never stored. q/k/v (and gate/up) projections that share their
-    input are computed once. Needs transformers (pip install 'spectra-cli[hf]').
+    The statistics stream: activations are never stored. q/k/v (and gate/up) projections that
+    share their input are computed once. Gradients: the causal-LM loss for a …ForCausalLM, BERT's
+    masked-LM loss (15% of the tokens, drawn from --seed) for a …ForMaskedLM; a model without an
+    LM head is refused. Needs transformers (pip install 'spectra-cli\\[hf]').
     """  # fmt: skip
     from spectra_cli.cli.outputs import check_outputs
     from spectra_cli.flows.capture import CaptureOptions, run_capture
