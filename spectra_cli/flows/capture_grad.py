@@ -94,9 +94,9 @@ def lm_loss_kind(model: Any, model_dir: Path) -> str:
     if cls in names(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES) or cls.endswith("ForMaskedLM"):
         return "masked-lm"
     raise SpectraError(
-        f"{model_dir}: config.json's architectures is {cls}, which has no language-model head; gradients are "
-        "taken of the loss the head was trained with, and a head initialised at random would give gradients of "
-        "noise. Give the model with its head (…ForMaskedLM such as BertForMaskedLM, or …ForCausalLM)"
+        f"{model_dir}: config.json's architectures is {cls}, neither a causal LM (…ForCausalLM) nor a masked LM "
+        "(…ForMaskedLM); gradients are taken of the loss of the model's own LM head (a head added at random would "
+        "give gradients of noise): give the checkpoint with its head, e.g. BertForMaskedLM for a BERT encoder"
     )
 
 

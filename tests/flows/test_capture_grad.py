@@ -148,8 +148,8 @@ def test_a_model_without_an_lm_head_is_refused(tmp_path):
     from spectra_cli.errors import SpectraError
 
     model_dir = tiny_bert_mlm(tmp_path / "enc", head=False)  # BertModel: the encoder alone
-    with pytest.raises(SpectraError, match=r"architectures is BertModel, which has no language-model head.*"
-                                           r"BertForMaskedLM"):  # fmt: skip
+    with pytest.raises(SpectraError, match=r"architectures is BertModel, neither a causal LM \(…ForCausalLM\) nor "
+                                           r"a masked LM \(…ForMaskedLM\).*e\.g\. BertForMaskedLM"):  # fmt: skip
         run_capture_gradients(model_dir, text_file(tmp_path / "d.txt"), tmp_path / "g", CaptureOptions(kinds=("query",)))
     assert not (tmp_path / "g").exists() and not (tmp_path / "g.partial").exists()
 
