@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spectra_cli.checkpoint.matrices import MatrixSpec
 from spectra_cli.checkpoint.run_folder import RunCheckpoint, discover, file_identity, resolve_inputs
 from spectra_cli.checkpoint.source import open_checkpoint
+from spectra_cli.checkpoint.tuned import open_tuned
 from spectra_cli.checkpoint.spectra_cache import CachedMatrix, SpectraCache, identity_key
 from spectra_cli.errors import SelectionError, SpectraError
 from spectra_cli.flows.analyze import matrix_row
@@ -130,7 +132,10 @@ class Tracker:
         if (ck.name, key) in self.opened:
             return self.opened[(ck.name, key)]
         try:
-            specs = pick(open_checkpoint(ck.path), self.opts.selection(self.opts.split_fused))
+            if ck.layout == "peft":
+                specs = self._adapter_specs(ck)
+            else:
+                specs = pick(open_checkpoint(ck.path), self.opts.selection(self.opts.split_fused))
         except SpectraError as e:
             self._skip(ck, str(e))
             return None
@@ -138,9 +143,18 @@ class Tracker:
         for s in specs.values():
             shards.setdefault(str(s.tensor.file), []).append(s.name)
         meta = {n: {"depth": s.depth, "kind": s.kind, "role": s.role} for n, s in specs.items()}
-        got = _Opened(ck, Source(ck.name, str(ck.path), key), list(specs), shards, meta)
+        got = _Opened(ck, Source(ck.name, str(ck.path), key, ck.layout == "peft"), list(specs), shards, meta)
         self.opened[(ck.name, key)] = got
         return got
+
+    def _adapter_specs(self, ck: RunCheckpoint) -> dict[str, MatrixSpec]:
+        """The base matrices a PEFT adapter checkpoint changes (its matrices are W₀ + s·B·A)."""
+        if self.base is None:
+            raise SelectionError(f"{ck.path}: a PEFT adapter checkpoint; give the model it adapts with --base BASE")
+        base = open_checkpoint(self.base.path)
+        specs = pick(base, self.opts.selection(self.opts.split_fused))
+        t = open_tuned(ck.name, ck.path, base, list(specs.values()), True)
+        return {n: s for n, s in specs.items() if t.covers(n)}
 
     def _skip(self, ck: RunCheckpoint, reason: str) -> None:
         if not any(s["name"] == ck.name for s in self.skipped):
