@@ -20,8 +20,8 @@ from typing import Any
 from spectra_cli.checkpoint.matrices import MatrixSpec
 from spectra_cli.checkpoint.run_folder import RunCheckpoint, discover, file_identity, resolve_inputs
 from spectra_cli.checkpoint.source import open_checkpoint
-from spectra_cli.checkpoint.tuned import open_tuned
 from spectra_cli.checkpoint.spectra_cache import CachedMatrix, SpectraCache, identity_key
+from spectra_cli.checkpoint.tuned import open_tuned
 from spectra_cli.errors import SelectionError, SpectraError
 from spectra_cli.flows.analyze import matrix_row
 from spectra_cli.flows.executor import Executor, TaskResources, open_executor
@@ -37,8 +37,6 @@ from spectra_cli.flows.track_tasks import (
 )
 from spectra_cli.options import EngineOptions, SelectionOptions
 from spectra_cli.results import RunResult, options_record
-
-AGAINST = ("base", "previous")
 
 
 @dataclass(frozen=True)
