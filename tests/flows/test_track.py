@@ -307,3 +307,31 @@ def test_cli_watch_stops_cleanly_on_ctrl_c_with_the_rows_so_far(tmp_path: Path) 
     env = json.loads(out.read_text())
     assert [r["step"] for r in env["rows"]] == [500] * 7 + [1000] * 7
     assert "2 checkpoints tracked (last: checkpoint-1000)" in err
+
+
+def test_findings_state_alpha_crossing_two_and_nonfinite_matrices() -> None:
+    from spectra_cli.flows.track_findings import findings, spans
+
+    assert spans([7, 3, 4, 5]) == "3–5, 7" and spans([2]) == "2"
+    runs = [{"name": f"c{s}", "step": s} for s in (1000, 2000, 3000, 4000)]
+    # six mlp matrices: α 4.1 → 2.3 on average; four cross 2 at step 3000, two at 4000; attention flat at 3
+    alphas = {0: (4.1, 3.0, 1.9, 1.5), 1: (4.1, 3.0, 1.9, 1.5), 2: (4.1, 3.0, 1.9, 1.5), 3: (4.1, 3.0, 1.9, 1.5),
+              4: (4.1, 3.5, 2.5, 1.9), 5: (4.1, 3.5, 2.5, 1.9)}  # fmt: skip
+    rows = []
+    for i, run in enumerate(runs):
+        for d, series in alphas.items():
+            rows.append({"checkpoint": run["name"], "step": run["step"], "name": f"l{d}.mlp", "depth": d,
+                         "kind": "up_proj", "role": "mlp", "status": "ok", "alpha": series[i],
+                         "effective_rank_ratio": 0.5})  # fmt: skip
+            rows.append({"checkpoint": run["name"], "step": run["step"], "name": f"l{d}.attn", "depth": d,
+                         "kind": "q_proj", "role": "attention", "status": "ok", "alpha": 3.0,
+                         "effective_rank_ratio": 0.5})  # fmt: skip
+    rows.append({"checkpoint": "c4000", "step": 4000, "name": "l9.attn", "depth": 9, "kind": "q_proj",
+                 "role": "attention", "status": "nonfinite"})  # fmt: skip
+    text = findings(rows, runs, TrackOptions())
+    mean_last = sum(s[3] for s in alphas.values()) / 6
+    assert text == [
+        "mean α of attention stayed near 3",
+        f"mean α of mlp fell from 4.1 to {mean_last:.2g}; 6 matrices crossed 2 between step 2000 and step 4000",
+        "1 matrix holds NaN/Inf (first at step 4000); not decomposed",
+    ]
