@@ -120,6 +120,14 @@ class Tracker:
         self.computed = 0
         self.from_cache = 0
         self.tasks = 0
+        self._owned = False
+
+    def close(self) -> None:
+        """Close the executor if this tracker opened it (a Ray connection is kept across ``--watch`` rounds)."""
+        if self._owned and self.executor is not None:
+            self.executor.close()
+            self.executor = None
+            self._owned = False
 
     def _open(self, ck: RunCheckpoint) -> _Opened | None:
         try:
@@ -189,14 +197,12 @@ class Tracker:
         specs, labels, fn = self._tasks(runs, missing)
         self.tasks += len(specs)
         if specs:
-            ex = self.executor or open_executor(self.opts.ray)
-            try:
-                gpus = 1.0 if self.opts.device.startswith("cuda") else 0.0
-                outs: list[TaskOutput] = ex.map(fn, specs, labels, progress=progress,
-                                                resources=TaskResources(gpus, self.opts.max_memory))  # fmt: skip
-            finally:
-                if self.executor is None:
-                    ex.close()
+            if self.executor is None:  # opened on first need (a rerun from the cache never connects to Ray)
+                self.executor = open_executor(self.opts.ray)
+                self._owned = True
+            gpus = 1.0 if self.opts.device.startswith("cuda") else 0.0
+            outs: list[TaskOutput] = self.executor.map(fn, specs, labels, progress=progress,
+                                                       resources=TaskResources(gpus, self.opts.max_memory))  # fmt: skip
             for out in outs:
                 for key, results in out.results.items():
                     have = self._results(key)
@@ -307,7 +313,11 @@ def run_track(
     """Track the checkpoints given as one run folder or (name, path) pairs (name None: from the path)."""
     opts = options or TrackOptions()
     cks = resolve_inputs([(n, Path(p)) for n, p in inputs], opts.steps)
-    return Tracker(opts, executor).update(cks, progress)
+    tracker = Tracker(opts, executor)
+    try:
+        return tracker.update(cks, progress)
+    finally:
+        tracker.close()
 
 
 def watch_track(
@@ -343,6 +353,8 @@ def watch_track(
             stop.wait(poll_seconds)
     except KeyboardInterrupt:
         pass
+    finally:
+        tracker.close()
     return last
 
 
