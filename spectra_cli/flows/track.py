@@ -118,7 +118,7 @@ class Tracker:
             open_checkpoint(bpath)  # a bad base stops the run at once
             self.base = Source("base", str(bpath), identity_key(file_identity(bpath)))
         self.computed = 0
-        self.from_cache = 0
+        self._disk: set[int] = set()  # ids of the results read back from the cache
         self.tasks = 0
         self._owned = False
 
@@ -169,7 +169,7 @@ class Tracker:
     def _results(self, key: str) -> dict[str, list[CachedMatrix]]:
         if key not in self.known:
             self.known[key] = self.cache.lookup(key) if self.cache else {}
-            self.from_cache += sum(1 for v in self.known[key].values() if v)
+            self._disk |= {id(r) for rs in self.known[key].values() for r in rs}
         return self.known[key]
 
     def _find(self, key: str, name: str, prev_key: str | None) -> CachedMatrix | None:
@@ -209,8 +209,8 @@ class Tracker:
                     for r in results:
                         have.setdefault(r.name, []).insert(0, r)
                         self.computed += 1
-        rows = self._rows(runs)
-        summary = summarize(rows, runs_info(runs), self.opts, self.skipped, self.computed, self.from_cache,
+        rows, from_cache = self._rows(runs)
+        summary = summarize(rows, runs_info(runs), self.opts, self.skipped, self.computed, from_cache,
                             self.tasks, round(time.perf_counter() - t0, 3))  # fmt: skip
         inputs = {"checkpoints": [{"name": o.ck.name, "path": str(o.ck.path), "step": o.ck.step,
                                    "layout": o.ck.layout} for o in runs],
@@ -256,8 +256,10 @@ class Tracker:
                   for t in ctasks]  # fmt: skip
         return ctasks, labels, compare_task
 
-    def _rows(self, runs: list[_Opened]) -> list[dict[str, Any]]:
+    def _rows(self, runs: list[_Opened]) -> tuple[list[dict[str, Any]], int]:
+        """The rows, and how many of them were read back from the cache."""
         rows: list[dict[str, Any]] = []
+        from_cache = 0
         against_prev = self.opts.against == "previous"
         for i, o in enumerate(runs):
             prev_key = runs[i - 1].source.key if against_prev and i > 0 else None
@@ -266,7 +268,8 @@ class Tracker:
                 if r is None:  # pragma: no cover - every missing result was computed above
                     raise SpectraError(f"{o.ck.name}: {n} was not computed (a task returned no result for it)")
                 rows.append(track_row(o.ck, r, self.opts))
-        return rows
+                from_cache += id(r) in self._disk
+        return rows, from_cache
 
 
 def runs_info(runs: Sequence[_Opened]) -> list[dict[str, Any]]:
