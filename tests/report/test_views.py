@@ -54,7 +54,7 @@ TABLES: dict[str, tuple[str, list[str], list[str]]] = {
         "lowest α 1.55 in embeddings.position_embeddings.weight; highest α 12.35 in pooler.dense.weight",
         "no NaN/Inf weights", "2.50 s on cpu (numpy, gram, float32)"]),
     "analyze-kinds": ("spectra analyze minilm", ANALYZE, [
-        "12 of 12 matrices analysed, 1,769,472 parameters",
+        "12 of 40 matrices analysed (28 excluded by --kinds query,value), 1,769,472 parameters",
         "α: mean 4.19, 0 below 2 (over-trained), 0 above 6 (under-trained), 7 fitted on fewer than 50 tail "
         "eigenvalues (small-tail: α not read)",
         "lowest α 2.46 in encoder.layer.0.attention.self.query.weight; highest α 8.44 in "
