@@ -122,11 +122,11 @@ class HostSide:
         self.w0: np.ndarray | None = None
         self.base_svd: SVD | None = None
 
-    def read(self, s: MatrixSpec) -> np.ndarray:
+    def read(self, s: MatrixSpec) -> Any:
         w = to_float(self.base.load(s), self.dtype).reshape(s.stored_2d)
         return w.T if s.transposed else w
 
-    def open(self, spec: MatrixSpec, w0: np.ndarray) -> tuple[int, np.ndarray | None]:
+    def open(self, spec: MatrixSpec, w0: Any) -> tuple[int, np.ndarray | None]:
         """Take the base's SVD; (NaN/Inf count, its singular values or None)."""
         bad0 = _nonfinite(w0)
         self.w0 = w0
@@ -190,7 +190,7 @@ class DeviceSide:
         self.base_svd: Any = None
 
     # on the prefetch thread
-    def read(self, s: MatrixSpec) -> Staged:
+    def read(self, s: MatrixSpec) -> Any:
         raw = self.base.load(s)
         out: dict[str, tuple[Any, ...]] = {}
         for t in self.tuned:
@@ -217,13 +217,13 @@ class DeviceSide:
             return linalg.gram_svd(w)
         return linalg.thin_svd(linalg.as_f64(w))
 
-    def open(self, spec: MatrixSpec, staged: Staged) -> tuple[int, np.ndarray | None]:
+    def open(self, spec: MatrixSpec, staged: Any) -> tuple[int, np.ndarray | None]:
         self.w0 = self._matrix(staged.base, spec, staged.base_f64)
         bad0 = _bad(self.w0)
         self.base_svd = self._svd(self.w0) if not bad0 else None
         return bad0, None if self.base_svd is None else linalg.to_numpy(self.base_svd.s)
 
-    def pair(self, t: Tuned, spec: MatrixSpec, staged: Staged) -> Pair:
+    def pair(self, t: Tuned, spec: MatrixSpec, staged: Any) -> Pair:
         import torch
 
         got = staged.tuned[t.name]
