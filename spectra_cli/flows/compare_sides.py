@@ -95,16 +95,16 @@ def check_budget(work: Sequence[MatrixSpec], n_tuned: int, eng: ResolvedEngine) 
             where = "GPU memory" if tt.is_cuda(eng.device) else "memory"
             if need > eng.budget:
                 raise BudgetError(
-                    f"{spec.name} ({m}×{n}) needs about {need / 2**20:.0f} MB of {where} on {eng.device} (the base "
-                    f"and one tuned matrix with their SVDs), over the budget of {eng.budget / 2**20:.0f} MB; raise "
+                    f"{spec.name} ({m}×{n}) needs about {_size(need)} of {where} on {eng.device} (the base "
+                    f"and one tuned matrix with their SVDs), over the budget of {_size(eng.budget)}; raise "
                     "--max-memory (on CUDA half the free GPU memory by default) or leave this kind out (--kinds)"
                 )
             continue
         need = host_bytes(spec, n_tuned)
         if need > eng.budget:
             raise BudgetError(
-                f"{spec.name} ({m}×{n}) needs about {need / 2**20:.0f} MB with {n_tuned} tuned input(s), over the "
-                f"memory budget of {eng.budget / 2**20:.0f} MB; raise --max-memory or compare fewer models at once"
+                f"{spec.name} ({m}×{n}) needs about {_size(need)} with {n_tuned} tuned input(s), over the "
+                f"memory budget of {_size(eng.budget)}; raise --max-memory or compare fewer models at once"
             )
 
 
@@ -266,3 +266,10 @@ def _bad(x: torch.Tensor) -> int:
     import torch
 
     return int((~torch.isfinite(x)).sum())
+
+
+def _size(n: int) -> str:
+    for unit, size in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"

@@ -65,8 +65,8 @@ def check_budget(work: Sequence[MatrixSpec], tuned: Sequence[Tuned], itemsize: i
             m, n = spec.shape
             where = f"GPU memory on {eng.device}" if on_cuda else "memory"
             raise BudgetError(
-                f"{spec.name} ({m}×{n}) needs about {need / 2**20:.0f} MB of {where} to merge {len(tuned)} "
-                f"inputs (W₀, the updates and the decomposition), over the budget of {budget / 2**20:.0f} MB; "
+                f"{spec.name} ({m}×{n}) needs about {_size(need)} of {where} to merge {len(tuned)} "
+                f"inputs (W₀, the updates and the decomposition), over the budget of {_size(budget)}; "
                 "raise --max-memory, merge fewer models at once, or leave this kind out (--kinds)"
             )
 
@@ -168,3 +168,10 @@ def host_fit(fit: RMMModule) -> RMMModule:
     """An rmm fit with its mean and basis copied back to NumPy (for the bundle writer)."""
     return dataclasses.replace(fit, mean=None if fit.mean is None else to_host(fit.mean),
                                basis=[to_host(b) for b in fit.basis])  # fmt: skip
+
+
+def _size(n: int) -> str:
+    for unit, size in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
