@@ -16,7 +16,9 @@ Nothing is downloaded. Steps:
 2. **Checks**: each command's numbers from the device run (``--device cuda``; with ``--cpu``: the PyTorch
    backend on the CPU) against the CPU's NumPy/LAPACK run, with the tolerances in :data:`TOLERANCES`:
    analyze's singular values (both methods), allocate's ranks, compare's intruder counts and drift,
-   init-adapter pissa's B·A and residual, merge tsv's merged tensors, rankme's scores.
+   init-adapter pissa's B·A and residual, merge tsv's and ties's merged tensors, rankme's scores. compare and
+   merge also check that the device route ran: every cosine matrix |U₀ᵀU_t| formed from device tensors, every
+   merge method given task updates built on the device and giving its result there.
 3. **Timings** (whole process, ``python -m spectra_cli …`` as a subprocess, page cache warm): analyze of the
    whole checkpoint; compare against one adapter; init-adapter pissa r=16 on every linear module; merge tsv of
    the four adapters; rankme of the embedding file. Each against the issue's target on the 7B.
@@ -28,6 +30,7 @@ check fails or a command fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -36,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,7 +236,36 @@ def check_allocate(ckpt: Path, dev: dict[str, Any]) -> Check:
                  TOLERANCES["allocate"], ok)  # fmt: skip
 
 
+def _is_tensor(x: Any) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+@contextlib.contextmanager
+def watching(owner: Any, name: str, on_device: Callable[..., bool]) -> Iterator[list[bool]]:
+    """Records, for each call of ``owner.name`` while the block runs, whether ``on_device(*args)`` held (its
+    arrays were torch tensors: the device route ran)."""
+    seen: list[bool] = []
+    real = getattr(owner, name)
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)
+        seen.append(bool(on_device(*args, out)))
+        return out
+
+    setattr(owner, name, spy)
+    try:
+        yield seen
+    finally:
+        setattr(owner, name, real)
+
+
+def _route(command: str, seen: list[bool], what: str) -> Check:
+    off = sum(1 for x in seen if not x) + (0 if seen else 1)
+    return Check(command, f"device route: {what} ({len(seen)} in all) not on the device", off, 0, off == 0)
+
+
 def check_compare(ckpt: Path, adapter: Path, dev: dict[str, Any]) -> list[Check]:
+    import spectra_cli.flows.compare_sides as sides
     from spectra_cli.flows.compare import CompareOptions, run_compare
 
     kinds = ("q_proj", "gate_proj", "down_proj")  # square, tall and wide: the CPU reference stays short
@@ -241,7 +273,9 @@ def check_compare(ckpt: Path, adapter: Path, dev: dict[str, Any]) -> list[Check]
     def rows(**o: Any) -> dict[str, dict[str, Any]]:
         return {r["name"]: r for r in run_compare(ckpt, [("a", adapter)], CompareOptions(kinds=kinds, **o)).rows}
 
-    ref, got = rows(device="cpu", backend="numpy"), rows(**dev)
+    ref = rows(device="cpu", backend="numpy")
+    with watching(sides, "max_abs_cosines", lambda u0, ut, out: _is_tensor(u0) and _is_tensor(ut)) as seen:
+        got = rows(**dev)
     # an intruder count may differ only where a max |cos| is within 1e-6 of ε (none expected)
     bad = sum(1 for n in ref if ref[n]["intruders"] != got[n]["intruders"]
               and min(abs(c - 0.5) for c in ref[n]["max_cos"]) > 1e-6)  # fmt: skip
@@ -256,6 +290,7 @@ def check_compare(ckpt: Path, adapter: Path, dev: dict[str, Any]) -> list[Check]
               bad, 0, bad == 0),
         Check("compare", "drift (relative_delta, subspace_overlap, erank change): max relative difference", drift,
               TOLERANCES["compare_drift"], drift <= TOLERANCES["compare_drift"]),
+        _route("compare", seen, "cosine matrices |U₀ᵀU_t|"),
     ]  # fmt: skip
 
 
@@ -281,18 +316,39 @@ def check_init(ckpt: Path, tmp: Path, dev: dict[str, Any]) -> list[Check]:
     ]  # fmt: skip
 
 
-def check_merge(ckpt: Path, adapters: list[Path], tmp: Path, dev: dict[str, Any]) -> Check:
-    from spectra_cli.flows.merge import MergeOptions, run_merge
+def _method_on_device(method: Any, updates: Any, *rest: Any) -> bool:
+    if updates[0].shape[0] == 1:  # a bias or norm, merged on the host by design
+        return True
+    out = rest[-1].update
+    arrays = [x for u in [*updates, out] for x in (u.dense, u.B, u.A) if x is not None]
+    return all(_is_tensor(x) for x in arrays)
 
-    outs = {}
-    for tag, o in (("cpu", {"device": "cpu", "backend": "numpy"}), ("dev", dev)):
-        outs[tag] = tmp / f"merge-{tag}"
-        run_merge(ckpt, [(p.name, p) for p in adapters], outs[tag], MergeOptions(method="tsv", **o), force=True)
-    base, mc, md = _tensors(ckpt), _tensors(outs["cpu"]), _tensors(outs["dev"])
-    changed = [n for n in base if not np.array_equal(mc[n], base[n])]
-    err = max(_rel(md[n], mc[n], mc[n] - base[n]) for n in changed)
-    return Check("merge", f"tsv of {len(adapters)} adapters, {len(changed)} tensors: max ‖ΔM‖_F/‖M−W₀‖_F", err,
-                 TOLERANCES["merge"], err <= TOLERANCES["merge"])  # fmt: skip
+
+def check_merge(ckpt: Path, adapters: list[Path], tmp: Path, dev: dict[str, Any]) -> list[Check]:
+    from spectra_cli.flows.merge import MergeOptions, run_merge
+    from spectra_cli.spectral.merge import MergeMethod
+
+    checks = []
+    seen: list[bool] = []
+    # tsv on every module (SVDs, Procrustes); ties on q_proj only (elementwise on the dense updates: the
+    # CPU reference of a whole 7B layer would take minutes)
+    for method, kinds in (("tsv", ()), ("ties", ("q_proj",))):
+        outs = {}
+        for tag, o in (("cpu", {"device": "cpu", "backend": "numpy"}), ("dev", dev)):
+            outs[tag] = tmp / f"merge-{method}-{tag}"
+            opts = MergeOptions(method=method, kinds=kinds, **o)
+            with watching(MergeMethod, "__call__", _method_on_device) as calls:
+                run_merge(ckpt, [(p.name, p) for p in adapters], outs[tag], opts, force=True)
+            if tag == "dev":
+                seen += calls
+        base, mc, md = _tensors(ckpt), _tensors(outs["cpu"]), _tensors(outs["dev"])
+        changed = [n for n in base if not np.array_equal(mc[n], base[n])]
+        err = max(_rel(md[n], mc[n], mc[n] - base[n]) for n in changed)
+        checks.append(Check("merge", f"{method} of {len(adapters)} adapters, {len(changed)} tensors: max "
+                                     "‖ΔM‖_F/‖M−W₀‖_F", err, TOLERANCES["merge"], err <= TOLERANCES["merge"]))  # fmt: skip
+        for tag in ("cpu", "dev"):
+            shutil.rmtree(outs[tag], ignore_errors=True)
+    return [*checks, _route("merge", seen, "merge calls given and giving device tensors")]
 
 
 def check_rankme(emb: Path, dev: dict[str, Any]) -> Check:

@@ -32,9 +32,11 @@ Examples:
   spectra reconstruct bundle/ --task b --out ft-b-rebuilt/
 """
 
-_DECOMPOSITIONS = ("merge runs its decompositions (SVDs, QRs, the rmm basis) there; the task updates and "
-                   "elementwise methods are computed with NumPy on the CPU.")
-_NO_BUDGET = "Not used yet by merge: one module of every input is in memory at a time."
+_DECOMPOSITIONS = ("With the torch backend (CUDA) the task updates are built there and every method computes "
+                   "there; biases and norms are merged on the CPU.")
+_NO_BUDGET = ("One module of every input is in memory at a time; a module whose working set (W₀, the updates, "
+              "the decomposition) is over the budget is refused before anything is written. Checked on CUDA "
+              "always, on the CPU when given.")
 
 
 def _method_help() -> str:

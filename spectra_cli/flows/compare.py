@@ -9,7 +9,6 @@ memory at a time. No printing.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections import defaultdict
@@ -20,30 +19,16 @@ from typing import Any, TypedDict
 
 import numpy as np
 
-from spectra_cli.checkpoint import torch_tensors as tt
 from spectra_cli.checkpoint.loader import MatrixLoader, prefetched
 from spectra_cli.checkpoint.matrices import MatrixSpec, select_matrices
 from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
-from spectra_cli.checkpoint.tensors import to_float
 from spectra_cli.checkpoint.tuned import Tuned, open_tuned
-from spectra_cli.errors import BudgetError, SelectionError, SpectraError
+from spectra_cli.errors import SelectionError, SpectraError
+from spectra_cli.flows.compare_sides import DeviceSide, HostSide, check_budget
 from spectra_cli.options import ComputeOptions, EngineOptions, SelectionOptions
 from spectra_cli.results import RunResult
-from spectra_cli.spectral.compare import (
-    SVD,
-    Intruders,
-    drift,
-    factored_values,
-    intruder_dimensions,
-    svd_function,
-)
-from spectra_cli.spectral.engine import (
-    ResolvedEngine,
-    blas_threads,
-    nonfinite_counts,
-    resolve,
-)
-from spectra_cli.spectral.linalg import NUMPY, Backend, singular_values
+from spectra_cli.spectral.compare import SVD, Intruders
+from spectra_cli.spectral.engine import ResolvedEngine, blas_threads, resolve
 
 
 @dataclass(frozen=True)
@@ -148,39 +133,6 @@ class ComparePlan:
         return sum(1 for s in self.work for t in self.tuned if t.covers(s.name))
 
 
-def _tuned_matrix(t: Tuned, spec: MatrixSpec, w0: np.ndarray, loaders: dict[str, MatrixLoader],
-                  dtype: type[np.floating], be: Backend = NUMPY) -> tuple[np.ndarray, Callable[[], np.ndarray], int]:  # fmt: skip
-    """(W_t in the logical orientation, a function giving σ(ΔW), NaN/Inf count of the tuned side).
-    ΔW's values come from the factors for adapters; nothing is decomposed before the finiteness check."""
-    if t.adapter is not None:
-        mod = t.modules[spec.name]
-        b, a = t.adapter.factors(mod)
-        bad = _nonfinite(b) + _nonfinite(a)
-        delta = mod.scale * (b @ a)
-        if mod.transposed != spec.transposed:
-            delta = delta.T
-        return (w0 + delta).astype(dtype, copy=False), lambda: factored_values(b, a, mod.scale, be), bad
-    info = t.tensors[spec.name]
-    wt = loaders[t.name].dense(dataclasses.replace(spec, tensor=info), dtype)
-    return wt, lambda: singular_values(wt.astype(np.float64) - w0.astype(np.float64), backend=be), _nonfinite(wt)
-
-
-def _check_budget(work: Sequence[MatrixSpec], n_tuned: int, budget: int) -> None:
-    """One module of every input is in memory at once, plus two thin SVDs' workspace."""
-    for spec in work:
-        m, n = spec.shape
-        need = 8 * m * n * (4 + n_tuned) + 16 * min(m, n) ** 2
-        if need > budget:
-            raise BudgetError(
-                f"{spec.name} ({m}×{n}) needs about {need / 2**20:.0f} MB with {n_tuned} tuned input(s), over the "
-                f"memory budget of {budget / 2**20:.0f} MB; raise --max-memory or compare fewer models at once"
-            )
-
-
-def _nonfinite(x: np.ndarray) -> int:
-    return sum(nonfinite_counts(x))
-
-
 OnModule = Callable[[Tuned, MatrixSpec, np.ndarray, SVD, Intruders], None]
 
 
@@ -247,7 +199,7 @@ def plan_compare(
     dtype: type[np.floating] = np.float64 if opts.precision == "float64" else np.float32
     eng = resolve(EngineOptions(device=opts.device, precision=opts.precision, method="svd", backend=opts.backend,
                                max_memory=opts.max_memory))  # fmt: skip
-    _check_budget(work, len(tuned), eng.budget)
+    check_budget(work, len(tuned), eng)
     return ComparePlan(base, tuned, work, eng, dtype)
 
 
@@ -259,54 +211,43 @@ def measure(
     on_module: OnModule | None = None,
 ) -> tuple[list[dict[str, Any]], list[ModuleResult]]:
     """Stream the planned matrices: each base matrix read and decomposed once, then every tuned input's version
-    of it; returns the rows (one per tuned × matrix) and the per-module results."""
-    svd = svd_function(p.engine.compute, p.engine.precision)
+    of it; returns the rows (one per tuned × matrix) and the per-module results. The numbers are done by
+    :class:`~spectra_cli.flows.compare_sides.HostSide` (NumPy) or, on the torch backend, on the device by
+    :class:`~spectra_cli.flows.compare_sides.DeviceSide`."""
     base_loader = MatrixLoader(p.base)
     loaders = {t.name: MatrixLoader(t.checkpoint) for t in p.tuned if t.checkpoint is not None}
+    side: HostSide | DeviceSide
+    if p.engine.backend == "torch":
+        side = DeviceSide(base_loader, loaders, p.tuned, p.engine, opts.top_k, opts.epsilons)
+    else:
+        side = HostSide(base_loader, loaders, p.engine, p.dtype, opts.top_k, opts.epsilons)
     rows: list[dict[str, Any]] = []
     kept: list[ModuleResult] = []
     total = p.pairs
     done = 0
-    on_torch = p.engine.backend == "torch"
-
-    def read(s: MatrixSpec) -> tuple[np.ndarray, Any]:  # the base, and on torch its stored bytes (pinned for CUDA)
-        raw = base_loader.load(s)
-        w = to_float(raw, p.dtype).reshape(s.stored_2d)
-        return (w.T if s.transposed else w), (tt.stage(raw, p.engine.device) if on_torch else None)
-
-    # the next base matrix is read on a background thread while this one is decomposed
-    for spec, (w0, host) in prefetched(p.work, read):
+    # the next module is read (and, on the device route, staged in pinned memory) while this one is computed
+    for spec, staged in prefetched(p.work, side.read):
         with blas_threads(spec.shape):  # see engine.SMALL_WORK
-            bad0 = _nonfinite(w0)
-            if host is not None and not bad0:  # moved in its stored dtype, upcast on the device
-                x = tt.upload(host, p.engine.device, tt.torch_dtype(p.engine.precision)).reshape(spec.stored_2d)
-                host = x.T if spec.transposed else x
-            base_svd = svd(w0 if host is None else host) if not bad0 else None
+            bad0, s_base = side.open(spec, staged)
             for t in p.tuned:
                 if not t.covers(spec.name):
                     continue
                 row = _meta(t, spec)
-                wt, delta_values, bad_t = _tuned_matrix(t, spec, w0, loaders, p.dtype, p.engine.compute)
-                if base_svd is None or bad_t:
-                    row.update(status="nonfinite", nonfinite_base=bad0, nonfinite_tuned=bad_t)
+                got = side.pair(t, spec, staged)
+                if s_base is None or got.bad:
+                    row.update(status="nonfinite", nonfinite_base=bad0, nonfinite_tuned=got.bad)
                 else:
-                    k = min(opts.top_k, base_svd.s.size)
-                    svd_t = svd(wt)
-                    intr = intruder_dimensions(base_svd.u, svd_t.u[:, :k], svd_t.s[:k], opts.epsilons)
-                    d = drift(base_svd.s, svd_t.s, delta_values(), base_svd.u[:, :k], svd_t.u[:, :k])
+                    intr, d, svd_t = got.intruders, got.drift, got.svd_top
+                    assert intr is not None and d is not None and svd_t is not None and got.tuned_matrix
                     row.update(intruder_fields(intr, opts.epsilons))
                     row.update(asdict(d))
                     if math.isinf(d.relative_delta):
                         row["note"] = "the base matrix is all zeros: ‖ΔW‖/‖W₀‖ is infinite"
                     row["status"] = "ok"
                     if on_module:
-                        on_module(t, spec, wt, svd_t, intr)
-                    top = (
-                        SVD(svd_t.u[:, :k], svd_t.s, svd_t.vt[:k])
-                        if keep_modules
-                        else SVD(np.empty((0, 0)), svd_t.s, np.empty((0, 0)))
-                    )
-                    kept.append(ModuleResult(t.name, spec, intr, top, base_svd.s))
+                        on_module(t, spec, got.tuned_matrix(), svd_t, intr)
+                    top = svd_t if keep_modules else SVD(np.empty((0, 0)), svd_t.s, np.empty((0, 0)))
+                    kept.append(ModuleResult(t.name, spec, intr, top, s_base))
                 rows.append(row)
                 done += 1
                 if progress:

@@ -28,7 +28,6 @@ from spectra_cli.checkpoint.loader import MatrixLoader, prefetched
 from spectra_cli.checkpoint.matrices import MatrixSpec, select_matrices
 from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
 from spectra_cli.checkpoint.task_updates import (
-    RestTensors,
     check_finite,
     check_full,
     check_update,
@@ -37,13 +36,18 @@ from spectra_cli.checkpoint.task_updates import (
 from spectra_cli.checkpoint.tuned import Tuned, open_tuned
 from spectra_cli.errors import SelectionError, SpectraError
 from spectra_cli.flows.merge_adapter import AdapterSink, check_adapter_targets
+from spectra_cli.flows.merge_device import DeviceUpdates, check_budget, host_fit
+from spectra_cli.flows.merge_rest import ELEMENTWISE, merge_rest
 from spectra_cli.flows.merge_rows import rows_for_module, task_means
 from spectra_cli.options import ComputeOptions, SelectionOptions
 from spectra_cli.results import OMIT_NONE, RunResult, flatten, jsonable, options_record, summary_dict
-from spectra_cli.spectral.engine import blas_threads, resolve
+from spectra_cli.spectral.arrays import as_f64, to_numpy
+from spectra_cli.spectral.engine import ResolvedEngine, blas_threads, resolve
 from spectra_cli.spectral.linalg import Backend
 from spectra_cli.spectral.merge import METHODS, MergeMethod, MergeOutcome, RMMModule, Update
 from spectra_cli.spectral.merge.peft_types import module_seed
+from spectra_cli.spectral.merge.updates import to_host
+from spectra_cli.spectral.merge.xp import zeros
 from spectra_cli.spectral.merge_stats import Sweep, SweepCurve, merge_errors, module_interference, rmm_live
 
 if TYPE_CHECKING:
@@ -51,8 +55,6 @@ if TYPE_CHECKING:
 
 RMM = "rmm"
 RMM_REFERENCE = "Reversible Model Merging (RMM), 2025: a shared per-module basis with per-task coefficients"
-#: methods whose rule is elementwise, so it applies as such to biases and other non-matrix tensors
-ELEMENTWISE = ("task-arithmetic", "ties")
 
 
 def method_names() -> list[str]:
@@ -194,6 +196,12 @@ class MergePlan:
     dtype: type[np.floating]
     backend: Backend
     fan_in_fan_out: bool = False
+    engine: ResolvedEngine | None = None
+
+    @property
+    def on_device(self) -> bool:
+        """Whether the updates are built and merged on the torch device (``--backend torch``; CUDA)."""
+        return self.engine is not None and self.engine.backend == "torch"
 
     @property
     def inputs(self) -> list[Path]:
@@ -276,8 +284,10 @@ def plan_merge(
     dtype: type[np.floating] = np.float64 if opts.precision == "float64" else np.float32
     method = None if opts.method == RMM else METHODS[opts.method]
     fan_in_fan_out = check_adapter_targets(work) if opts.to_adapter else False
-    return MergePlan(base, work, tuned, weights, method, opts.method_params(), dtype, resolve(opts.engine).compute,
-                     fan_in_fan_out)  # fmt: skip
+    eng = resolve(opts.engine)
+    check_budget(work, tuned, np.dtype(dtype).itemsize, eng, opts.max_memory)
+    return MergePlan(base, work, tuned, weights, method, opts.method_params(), dtype, eng.compute, fan_in_fan_out,
+                     eng)  # fmt: skip
 
 
 # ---- the run --------------------------------------------------------------------------------------------
@@ -349,14 +359,19 @@ def merge_modules(p: MergePlan, opts: MergeOptions, copy: PatchedCopy | None, bu
     loaders = {t.name: MatrixLoader(t.checkpoint) for t in p.tuned if t.checkpoint is not None}
     need_w0 = p.method is not None or bool(loaders)
     got = Merged([], np.zeros((n, n)), np.zeros((n, n)), np.zeros((n, n)), sweep=Sweep(n) if opts.sweep else None)
-    base_read = lambda s: base_loader.dense(s, p.dtype) if need_w0 else None  # noqa: E731
-    for done, (spec, w0) in enumerate(prefetched(p.work, base_read), 1):  # the next one read while this computes
+    # the torch route builds the updates on the device from inputs staged by the prefetch thread (merge_device)
+    dev = DeviceUpdates(base_loader, loaders, p.tuned, p.engine, p.dtype, p.base.path) if p.engine and p.on_device else None
+    base_read: Callable[[MatrixSpec], Any] = dev.read if dev else lambda s: base_loader.dense(s, p.dtype) if need_w0 else None
+    for done, (spec, read) in enumerate(prefetched(p.work, base_read), 1):  # the next one read while this computes
+        w0: Any = read
         with blas_threads(spec.shape):  # one BLAS thread for small modules (engine.SMALL_WORK)
-            if w0 is not None:
-                check_finite(w0, "base", spec.tensor.name, p.base.path)
-            updates = [
-                check_update(task_update(t, spec, w0, loaders.get(t.name), p.dtype), t, spec) for t in p.tuned
-            ]
+            if dev is not None:
+                w0, updates = dev.updates(spec, read)
+            else:
+                if w0 is not None:
+                    check_finite(w0, "base", spec.tensor.name, p.base.path)
+                updates = [check_update(task_update(t, spec, w0, loaders.get(t.name), p.dtype), t, spec)
+                           for t in p.tuned]  # fmt: skip
             # numbers the inputs hold: a full checkpoint always holds the matrix, an adapter only its own
             # modules (the zero placeholder of an adapter that leaves the module alone is not an input)
             raw = sum(
@@ -380,6 +395,7 @@ def merge_modules(p: MergePlan, opts: MergeOptions, copy: PatchedCopy | None, bu
                 got.sweep.add(spec.name, fit, updates, inter["norms"])
             if bundle is not None:
                 assert fit is not None
+                fit = host_fit(fit)
                 errs = [float(e) for e in fit.errors]
                 kept = [1.0 - e * e for e in errs]
                 covered = [t.name for t in p.tuned if t.covers(spec.name)]
@@ -390,59 +406,23 @@ def merge_modules(p: MergePlan, opts: MergeOptions, copy: PatchedCopy | None, bu
             else:
                 assert p.method is not None and w0 is not None
                 if not live.any():  # no task changed it (e.g. frozen embeddings): the base's stays
-                    outcome = MergeOutcome(Update(B=np.zeros((spec.shape[0], 1)), A=np.zeros((1, spec.shape[1]))))
+                    outcome = MergeOutcome(Update(B=zeros((spec.shape[0], 1), w0), A=zeros((1, spec.shape[1]), w0)))
                 else:
                     # random masks (DARE): module k draws from seed + k
                     outcome = p.method(updates, p.weights, module_seed(p.params, done - 1), p.backend)
-                    if copy is not None:
-                        w_new = w0.astype(np.float64) + outcome.update.to_dense()
+                    if copy is not None:  # summed where the update is; the patched matrix comes back in float64
+                        w_new = to_numpy(as_f64(w0) + outcome.update.to_dense())
                         copy.patch(spec.tensor, w_new.T if spec.transposed else w_new)
                 errs, kept = merge_errors(outcome.update, updates, inter["norms"])
                 if outcome.stats:
                     got.module_stats[spec.name] = jsonable(outcome.stats)
                 extra = {"energy_kept": outcome.stats.get("energy_kept")}
                 if sink is not None:
-                    extra.update(sink.add(spec, outcome.update))
+                    extra.update(sink.add(spec, to_host(outcome.update)))
             got.rows.extend(rows_for_module(spec, p.tuned, updates, p.weights, inter, errs, kept, extra))
             if progress:
                 progress(done, len(p.work), spec.name)
     return got
-
-
-def merge_rest(p: MergePlan, copy: PatchedCopy | None, bundle: BundleWriter | None) -> int:
-    """Tensors outside the merged matrices. rmm: every full task's changed tensors are stored exactly in the
-    bundle (adapters: their non-LoRA tensors). Other methods: task-arithmetic and TIES apply their elementwise
-    rule; the rest take the weighted mean θ₀ + Σwᵢ·Δᵢ / Σwᵢ (as TSV does for 1-D parameters). Returns how many
-    tensors were changed/stored."""
-    changed = 0
-    rest = RestTensors(p.base, p.work, p.tuned)
-    if bundle is not None:
-        for t in p.tuned:
-            if t.adapter is not None:
-                for name in t.adapter.ignored:
-                    bundle.add_task_tensor(t.name, name, t.adapter.checkpoint.read(t.adapter.checkpoint.info(name)))
-                    changed += 1
-    for info in rest.infos:
-        got = rest.deltas(info)
-        if got is None:
-            continue
-        w0, ds, raws = got
-        changed += 1
-        if bundle is not None:  # stored as read above, not read again
-            for t, d, raw in zip(rest.full, ds, raws, strict=True):
-                if np.any(d != 0):
-                    bundle.add_task_tensor(t.name, info.name, raw)
-            continue
-        assert p.method is not None
-        if copy is None:  # --to-adapter: a LoRA adapter holds no other tensors (counted, reported)
-            continue
-        if p.method.name in ELEMENTWISE:
-            ups = [Update(dense=d.reshape(1, -1)) for d in ds]
-            merged: np.ndarray = p.method(ups, p.weights, p.params).update.to_dense().reshape(w0.shape)
-        else:
-            merged = np.sum([w * d for w, d in zip(p.weights, ds, strict=True)], axis=0) / sum(p.weights)
-        copy.patch(info, w0 + merged)
-    return changed
 
 
 def summarize(p: MergePlan, got: Merged, bundle: BundleWriter | None, rest_changed: int, out: Path,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from spectra_cli.spectral.linalg import SVD, Backend, factored_values
 from spectra_cli.spectral.metrics import effective_rank, stable_rank
 
 __all__ = ["SVD", "Drift", "Intruders", "drift", "factored_values", "intruder_dimensions", "intruder_update",
-           "subspace_overlap", "svd_function"]  # fmt: skip
+           "intruders_from_cosines", "max_abs_cosines", "subspace_overlap", "svd_function"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -35,16 +36,30 @@ class Intruders:
         return len(self.ranks[eps])
 
 
-def intruder_dimensions(u_base: np.ndarray, u_tuned_top: np.ndarray, s_tuned_top: np.ndarray,
-                        epsilons: Sequence[float]) -> Intruders:  # fmt: skip
-    """``u_base`` m×r₀ (all base left singular vectors), ``u_tuned_top`` m×k; see the module docstring."""
-    cos = np.abs(u_base.T @ u_tuned_top)  # r₀×k
-    max_cos = cos.max(axis=0) if cos.size else np.zeros(u_tuned_top.shape[1])
+def max_abs_cosines(u_base: Any, u_tuned_top: Any) -> Any:
+    """max_i |⟨U₀[:, i], U_t[:, j]⟩| for each of the k tuned columns: the r₀×k cosine matrix |U₀ᵀU_t| is formed
+    where the vectors are (NumPy, or a torch device) and only its k column maxima are returned, of the same
+    kind (zeros when the base has no vector)."""
+    cos = abs(u_base.T @ u_tuned_top)  # r₀×k
+    if linalg.is_torch(cos):
+        return cos.amax(dim=0) if cos.numel() else cos.new_zeros(u_tuned_top.shape[1])
+    return cos.max(axis=0) if cos.size else np.zeros(u_tuned_top.shape[1])
+
+
+def intruders_from_cosines(max_cos: np.ndarray, s_tuned_top: np.ndarray, epsilons: Sequence[float]) -> Intruders:
+    """:class:`Intruders` from the k best cosines (:func:`max_abs_cosines`) and the tuned top-k σ."""
     eps = tuple(float(e) for e in epsilons)
+    max_cos = np.asarray(max_cos)
     ranks = {e: [int(j) + 1 for j in np.flatnonzero(max_cos < e)] for e in eps}
     return Intruders(
         max_cos=max_cos, sigma=np.asarray(s_tuned_top, dtype=np.float64), epsilons=eps, ranks=ranks
     )
+
+
+def intruder_dimensions(u_base: np.ndarray, u_tuned_top: np.ndarray, s_tuned_top: np.ndarray,
+                        epsilons: Sequence[float]) -> Intruders:  # fmt: skip
+    """``u_base`` m×r₀ (all base left singular vectors), ``u_tuned_top`` m×k; see the module docstring."""
+    return intruders_from_cosines(max_abs_cosines(u_base, u_tuned_top), s_tuned_top, epsilons)
 
 
 def subspace_overlap(u_base_top: np.ndarray, u_tuned_top: np.ndarray) -> tuple[float, float]:

@@ -31,6 +31,11 @@ def test_gpu_check_cpu_small_runs_every_step_and_passes(tmp_path):
     assert {c["command"] for c in got["checks"]} == {*COMMANDS, "allocate"}
     for c in got["checks"]:
         assert c["passed"] and c["measured"] <= c["tolerance"], c
+    # compare and merge prove their device route ran (cosines and merge calls on torch tensors)
+    routes = {c["command"] for c in got["checks"] if c["what"].startswith("device route")}
+    assert routes == {"compare", "merge"}
+    assert {c["what"].split(" of ")[0] for c in got["checks"] if c["command"] == "merge" and "route" not in c["what"]} \
+        == {"tsv", "ties"}
     values = [c for c in got["checks"] if c["command"] == "analyze"]
     assert len(values) == 2 and values[0]["tolerance"] == 1e-9
     # every step timed as its own process, and it succeeded

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import spectra_cli.flows.compare as comparison
+import spectra_cli.flows.compare_sides as sides
 from fixtures import checkpoints as fx
 from spectra_cli.cli.app import app
 
@@ -101,7 +101,7 @@ def test_several_tuned_one_row_each_and_the_base_decomposed_once(cases, tmp_path
         for i in (2, 3)
     }
     seen: list[np.ndarray] = []
-    original = comparison.svd_function
+    original = sides.svd_function
 
     def counting(*args: Any, **kwargs: Any):
         inner = original(*args, **kwargs)
@@ -112,7 +112,7 @@ def test_several_tuned_one_row_each_and_the_base_decomposed_once(cases, tmp_path
 
         return svd_counted
 
-    monkeypatch.setattr(comparison, "svd_function", counting)
+    monkeypatch.setattr(sides, "svd_function", counting)
     env = ok_json(base.path, f"n1={cases['noise'].path}", *(f"{k}={v.path}" for k, v in extra.items()))
     n = len(base.matrices)
     assert len(env["rows"]) == 3 * n
@@ -463,7 +463,7 @@ def test_out_inside_an_input_is_refused(cases, sharded_pair):
 
 
 def _raising_svd(after: int, exc: BaseException):
-    original = comparison.svd_function
+    original = sides.svd_function
 
     def factory(*args: Any, **kwargs: Any):
         inner = original(*args, **kwargs)
@@ -487,9 +487,9 @@ def test_an_interrupted_run_leaves_nothing_behind(sharded_pair, tmp_path, monkey
     base, tuned = sharded_pair
     before = digests(tuned.path)
     if failure == "error during the run":
-        monkeypatch.setattr(comparison, "svd_function", _raising_svd(5, RuntimeError("disk on fire")))
+        monkeypatch.setattr(sides, "svd_function", _raising_svd(5, RuntimeError("disk on fire")))
     elif failure == "interrupt during the run":
-        monkeypatch.setattr(comparison, "svd_function", _raising_svd(5, KeyboardInterrupt()))
+        monkeypatch.setattr(sides, "svd_function", _raising_svd(5, KeyboardInterrupt()))
     else:
         import spectra_cli.checkpoint.provenance
 
@@ -512,7 +512,7 @@ def test_an_interrupted_run_leaves_nothing_behind(sharded_pair, tmp_path, monkey
 
 
 def test_an_interrupted_run_with_several_tuned_leaves_nothing_behind(cases, tmp_path, monkeypatch):
-    monkeypatch.setattr(comparison, "svd_function", _raising_svd(5, RuntimeError("disk on fire")))
+    monkeypatch.setattr(sides, "svd_function", _raising_svd(5, RuntimeError("disk on fire")))
     out = tmp_path / "out"
     r = run("compare", cases["base"].path, f"a={cases['intruders'].path}", f"b={cases['noise'].path}",
             "--remove-intruders", LAM, "--out", out, catch=True)  # fmt: skip

@@ -79,9 +79,9 @@ def test_method_is_the_values_method_only_where_there_is_one() -> None:
 @pytest.mark.parametrize(
     ("command", "flag", "note"),
     [
-        ("merge", "--device", "task updates and elementwise methods are computed with NumPy"),
-        ("merge", "--backend", "task updates and elementwise methods are computed with NumPy"),
-        ("merge", "--max-memory", "Not used yet by merge"),
+        ("merge", "--device", "biases and norms are merged on the CPU"),
+        ("merge", "--backend", "biases and norms are merged on the CPU"),
+        ("merge", "--max-memory", "is refused before anything is written"),
         ("capture", "--backend", "The model always runs in PyTorch"),
         ("capture", "--precision", "No effect yet for capture"),
         ("capture", "--max-memory", "Not used yet by capture's statistics"),

@@ -293,7 +293,7 @@ def _merge_methods() -> list[str]:
 
 @pytest.mark.parametrize("method", _merge_methods())
 @pytest.mark.parametrize("case", ["full", "lora"])
-def test_merge(world: dict[str, Any], case: str, method: str) -> None:
+def test_merge(world: dict[str, Any], case: str, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from spectra_cli.flows.merge import MergeOptions, run_merge
     from spectra_cli.spectral.merge import MergeError
     from spectra_cli.spectral.merge.peft_types import FACTOR_TYPES, SVD_TYPES
@@ -312,7 +312,42 @@ def test_merge(world: dict[str, Any], case: str, method: str) -> None:
         with pytest.raises(MergeError, match="LoRA adapters"):
             run("numpy")
         return
-    assert_same(_both(run), GRAM)
+    with merge_arrays(monkeypatch) as kinds:
+        results = _both(run)
+    # the torch run's task updates (and what the method made of them) were tensors: its arithmetic ran in torch
+    assert kinds["torch"] and all(kinds["torch"]), method
+    assert kinds["numpy"] and not any(kinds["numpy"]), method
+    assert_same(results, GRAM)
+
+
+@contextlib.contextmanager
+def merge_arrays(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, list[bool]]]:
+    """Records, per backend, whether each array a merge method was given or gave back (or an rmm basis element)
+    was a torch tensor; the norms and biases merged on the host (1×N) are left out."""
+    import spectra_cli.flows.merge as flow
+    from spectra_cli.spectral.merge import MergeMethod
+
+    kinds: dict[str, list[bool]] = {"numpy": [], "torch": []}
+    call, fit = MergeMethod.__call__, flow.host_fit
+
+    def record(updates: Any) -> None:
+        arrays = [x for u in updates for x in (u.dense, u.B, u.A) if x is not None]
+        torch_run = any(type(x).__module__.startswith("torch") for x in arrays)
+        kinds["torch" if torch_run else "numpy"].extend(type(x).__module__.startswith("torch") for x in arrays)
+
+    def spy_call(self: Any, updates: Any, *args: Any, **kwargs: Any) -> Any:
+        out = call(self, updates, *args, **kwargs)
+        if updates[0].shape[0] > 1:
+            record([*updates, out.update])
+        return out
+
+    def spy_fit(f: Any) -> Any:
+        record([*([f.mean] if f.mean is not None else []), *f.basis])
+        return fit(f)
+
+    monkeypatch.setattr(MergeMethod, "__call__", spy_call)
+    monkeypatch.setattr(flow, "host_fit", spy_fit)
+    yield kinds
 
 
 POLICY = """\

@@ -261,7 +261,8 @@ def test_compare_moves_the_base_in_bf16_and_agrees_with_numpy(tmp_path, monkeypa
     ref = run_compare(ckpt, [("a", adapter)], CompareOptions(device="cpu", backend="numpy")).rows
     seen = _record_uploads(monkeypatch)
     got = run_compare(ckpt, [("a", adapter)], CompareOptions(device="cpu", backend="torch")).rows
-    assert seen == [torch.bfloat16, torch.bfloat16]
+    # per module the bf16 base, then the adapter's lora_B and lora_A as stored (the fixture wrote float64)
+    assert seen == [torch.bfloat16, torch.float64, torch.float64] * 2
     assert [r["name"] for r in got] == [r["name"] for r in ref]
     for a, b in zip(got, ref, strict=True):
         assert a["intruders"] == b["intruders"]

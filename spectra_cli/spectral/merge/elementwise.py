@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from spectra_cli.spectral.linalg import NUMPY, Backend
+from spectra_cli.spectral.merge import xp
 from spectra_cli.spectral.merge.updates import (
     CHUNK,
     MergeOutcome,
@@ -36,7 +37,7 @@ def merge_task_arithmetic(
     if all(u.is_factored for u in updates):
         b, a = stack_factors(updates, w)
         return MergeOutcome(as_factored(b, a, dtype, backend), {"energy_kept": 1.0})
-    return MergeOutcome(Update(dense=weighted_dense(updates, w).astype(dtype)), {"energy_kept": 1.0})
+    return MergeOutcome(Update(dense=xp.astype(weighted_dense(updates, w), dtype)), {"energy_kept": 1.0})
 
 
 def _keep_count(d: int, density: float) -> int:
@@ -47,7 +48,9 @@ def _keep_count(d: int, density: float) -> int:
 
 def _threshold(values: np.ndarray, keep: int) -> tuple[float, int]:
     """(t, q) such that the top ``keep`` magnitudes of ``values`` are those > t plus the first q (in storage
-    order) equal to t. t = -1 keeps everything, t = inf nothing."""
+    order) equal to t. t = -1 keeps everything, t = inf nothing. (A tensor: ``torch.kthvalue`` where it is.)"""
+    if xp.is_torch(values):
+        return _threshold_torch(values, keep)
     mag = np.abs(values).reshape(-1)
     if keep >= mag.size:
         return -1.0, 0
@@ -117,6 +120,73 @@ class _Ties:
         return self.kept / self.total if self.total > 0 else 1.0
 
 
+def _threshold_torch(values: Any, keep: int) -> tuple[float, int]:
+    mag = values.abs().reshape(-1)
+    size = int(mag.numel())
+    if keep >= size:
+        return -1.0, 0
+    if keep <= 0:
+        return math.inf, 0
+    t = float(mag.kthvalue(size - keep + 1).values)  # the (size − keep)-th smallest, from 0: np.partition's
+    return t, keep - int((mag > t).sum())
+
+
+class _TorchTies:
+    """:class:`_Ties` on torch tensors, where they are (the merge's torch route): the same trimming, election
+    and disjoint mean; the entries whose elected sign is an exact zero are resolved at the end the same way."""
+
+    def __init__(self, weights: Sequence[float], thresholds: Sequence[tuple[float, int]], ref: Any) -> None:
+        self.w = xp.values(weights, ref)[:, None]
+        self.t = xp.values([t for t, _ in thresholds], ref)[:, None]
+        self.quota = [q for _, q in thresholds]
+        self.kept = self.total = self.sign_sum = 0.0
+        self.offset = 0
+        self.pending: list[tuple[Any, Any, Any]] = []  # (indices, means if +, means if −)
+
+    def chunk(self, x: Any) -> Any:
+        import torch
+
+        x = xp.as_f64(x)
+        mag = x.abs()
+        mask = mag > self.t
+        for i, q in enumerate(self.quota):
+            if q > 0:
+                eq = torch.nonzero(mag[i] == self.t[i, 0]).reshape(-1)[:q]
+                mask[i, eq] = True
+                self.quota[i] -= int(eq.numel())
+        trimmed = torch.where(mask, x, torch.zeros_like(x))
+        self.total += float((x * x).sum())
+        self.kept += float((trimmed * trimmed).sum())
+        weighted = self.w * trimmed
+        sign = torch.sign(weighted.sum(dim=0))
+        self.sign_sum += float(sign.sum())
+        wsign = torch.sign(weighted)
+        wmat = self.w.expand_as(x)
+
+        def mean_for(sg: Any) -> Any:
+            agree = (wsign == sg) & (wsign != 0)
+            num = torch.where(agree, weighted, 0.0).sum(dim=0)
+            den = torch.where(agree, wmat, 0.0).sum(dim=0)
+            return torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
+
+        merged = mean_for(sign[None, :])
+        zero = torch.nonzero((sign == 0) & (wsign != 0).any(dim=0)).reshape(-1)
+        if zero.numel():
+            self.pending.append((zero + self.offset, mean_for(1.0)[zero], mean_for(-1.0)[zero]))
+        self.offset += x.shape[1]
+        return merged
+
+    def finish(self, merged_flat: Any) -> float:
+        majority = 1.0 if self.sign_sum >= 0 else -1.0
+        for idx, pos, neg in self.pending:
+            merged_flat[idx] = pos if majority > 0 else neg
+        return self.kept / self.total if self.total > 0 else 1.0
+
+
+def _ties_for(weights: Sequence[float], thresholds: Sequence[tuple[float, int]], ref: Any) -> Any:
+    return _TorchTies(weights, thresholds, ref) if xp.is_torch(ref) else _Ties(weights, thresholds)
+
+
 def ties_combine(x: np.ndarray, weights: Sequence[float], density: float) -> tuple[np.ndarray, float]:
     """TIES on the rows of x (n×d, one task a row): trim each row to its top ⌊density·d⌋ magnitudes (ties at
     the threshold broken by position), elect a sign per entry from the summed weighted mass Σ wᵢxᵢ (an exact
@@ -126,7 +196,7 @@ def ties_combine(x: np.ndarray, weights: Sequence[float], density: float) -> tup
 
     Returns (merged d-vector, fraction of the rows' squared mass kept by the trimming)."""
     keep = _keep_count(x.shape[1], density)
-    ties = _Ties(weights, [_threshold(row, keep) for row in x])
+    ties = _ties_for(weights, [_threshold(row, keep) for row in x], x)
     merged = ties.chunk(x)
     return merged, ties.finish(merged)
 
@@ -142,7 +212,8 @@ def _rows(u: Update, r0: int, r1: int) -> np.ndarray:
 def merge_ties(
     updates: Sequence[Update], weights: Sequence[float], params: Mapping[str, Any], backend: Backend = NUMPY
 ) -> MergeOutcome:
-    """TIES on the entries of the dense updates, row block by row block (no decomposition: ``backend`` unused)."""
+    """TIES on the entries of the dense updates, row block by row block, where the updates are (no
+    decomposition: ``backend`` unused)."""
     lam = param_float(params, "scale")
     density = param_float(params, "density", 0.0, 1.0)
     out, inn = updates[0].shape
@@ -151,17 +222,18 @@ def merge_ties(
     # thresholds from the very same row blocks as the merge below (a factored B[r0:r1]·A may round
     # differently from the whole B·A), one task's dense update at a time
     thresholds = [
-        _threshold(np.concatenate([_rows(u, r0, min(out, r0 + step)) for r0 in range(0, out, step)]), keep)
+        _threshold(xp.concat([_rows(u, r0, min(out, r0 + step)) for r0 in range(0, out, step)]), keep)
         for u in updates
     ]
-    ties = _Ties(weights, thresholds)
-    result = np.empty(out * inn)
+    first = updates[0].dense if updates[0].dense is not None else updates[0].B
+    ties = _ties_for(weights, thresholds, first)
+    result = xp.zeros((out * inn,), first)
     for r0 in range(0, out, step):
         r1 = min(out, r0 + step)
-        block = np.stack([_rows(u, r0, r1).reshape(-1) for u in updates])
+        block = xp.stack([_rows(u, r0, r1).reshape(-1) for u in updates])
         result[r0 * inn : r1 * inn] = ties.chunk(block)
     kept = ties.finish(result)
     return MergeOutcome(
-        Update(dense=(lam * result).reshape(out, inn).astype(out_dtype(updates))),
+        Update(dense=xp.astype((lam * result).reshape(out, inn), out_dtype(updates))),
         {"energy_kept": kept, "density": density},
     )

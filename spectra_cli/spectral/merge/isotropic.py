@@ -24,6 +24,7 @@ import numpy as np
 
 from spectra_cli.spectral import linalg
 from spectra_cli.spectral.linalg import NUMPY, Backend
+from spectra_cli.spectral.merge import xp
 from spectra_cli.spectral.merge.updates import (
     RANK_RTOL,
     MergeError,
@@ -38,13 +39,15 @@ from spectra_cli.spectral.merge.updates import (
 
 
 def _numerical(s: np.ndarray) -> int:
-    return int(np.sum(s > RANK_RTOL * s[0])) if s.size and s[0] > 0 else 0
+    return int((s > RANK_RTOL * s[0]).sum()) if xp.nelem(s) and s[0] > 0 else 0
 
 
 def _zero(updates: Sequence[Update]) -> MergeOutcome:
     out, inn = updates[0].shape
     dtype = out_dtype(updates)
-    return MergeOutcome(Update(B=np.zeros((out, 1), dtype), A=np.zeros((1, inn), dtype)), {"energy_kept": 1.0})
+    ref = updates[0].dense if updates[0].dense is not None else updates[0].B
+    return MergeOutcome(Update(B=xp.zeros((out, 1), ref, dtype), A=xp.zeros((1, inn), ref, dtype)),
+                        {"energy_kept": 1.0})  # fmt: skip
 
 
 def merge_iso_c(
@@ -55,7 +58,7 @@ def merge_iso_c(
     r = _numerical(s)
     if r == 0:
         return _zero(updates)
-    mean = float(np.mean(s[:r]))
+    mean = float(s[:r].mean())
     return MergeOutcome(
         dense_or_factored(alpha * mean * u[:, :r], vt[:r], out_dtype(updates)),
         {"rank": float(r), "flat_sigma": mean},
@@ -95,13 +98,13 @@ def merge_iso_cts(
         us.append(svd.u[:, :per_task])
         ss.append(svd.s[:per_task])
         vts.append(svd.vt[:per_task])
-    u_all = np.concatenate([*us, uc], axis=1)
-    vt_all = np.concatenate([*vts, vtc], axis=0)
-    s_all = np.concatenate([*ss, sc])
-    mean = float(np.mean(s_all))
+    u_all = xp.concat([*us, uc], 1)
+    vt_all = xp.concat([*vts, vtc], 0)
+    s_all = xp.concat([*ss, sc])
+    mean = float(s_all.mean())
     u_orth = linalg.procrustes(u_all, backend)
     vt_orth = linalg.procrustes(vt_all, backend)
     return MergeOutcome(
         dense_or_factored(alpha * mean * u_orth, vt_orth, out_dtype(updates)),
-        {"rank": float(s_all.size), "common": float(k), "per_task": float(per_task), "flat_sigma": mean},
+        {"rank": float(xp.nelem(s_all)), "common": float(k), "per_task": float(per_task), "flat_sigma": mean},
     )

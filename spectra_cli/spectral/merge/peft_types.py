@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from spectra_cli.spectral.linalg import NUMPY, Backend
+from spectra_cli.spectral.merge import xp
 from spectra_cli.spectral.merge.updates import (
     MergeError,
     MergeOutcome,
@@ -54,9 +55,9 @@ def _live(updates: Sequence[Update], weights: Sequence[float]) -> list[tuple[Upd
     for u, w in zip(updates, weights, strict=True):
         if u.is_factored:
             assert u.B is not None and u.A is not None
-            if not (np.any(u.B) and np.any(u.A)):
+            if not (xp.any_nonzero(u.B) and xp.any_nonzero(u.A)):
                 continue
-        elif not np.any(u.to_dense()):
+        elif not xp.any_nonzero(u.to_dense()):
             continue
         out.append((u, float(w)))
     return out
@@ -69,7 +70,7 @@ def _raw(u: Update, what: str) -> tuple[np.ndarray, np.ndarray, float]:
                          "adapters only, or use task-arithmetic / svd for full fine-tunes")  # fmt: skip
     assert u.B is not None and u.A is not None
     s = float(u.lora_scale)
-    return (u.B / s).astype(u.B.dtype, copy=False), u.A, s
+    return xp.astype(u.B / s, u.dtype), u.A, s
 
 
 # ---- PEFT's elementwise pieces (merge_utils), in torch -----------------------------------------------------
@@ -85,7 +86,8 @@ def _prune(x: torch.Tensor, density: float, how: str, gen: torch.Generator | Non
         top = torch.topk(x.abs().reshape(-1), k=int(density * x.numel()), largest=True)
         mask[top[1]] = 1
         return x * mask.reshape(x.shape)
-    mask = torch.bernoulli(torch.full_like(x, density), generator=gen)
+    # drawn on the CPU generator whatever the device, so every backend draws the same masks
+    mask = torch.bernoulli(torch.full(tuple(x.shape), density, dtype=x.dtype), generator=gen).to(x.device)
     return x * mask / density
 
 
@@ -99,7 +101,7 @@ def _combine(kind: str, xs: list[torch.Tensor], w: list[float], density: float,
     elif kind in ("magnitude_prune", "ties"):
         xs = [_prune(x, density, "magnitude", None) for x in xs]
     stacked = torch.stack(xs, dim=0)
-    wt = torch.tensor(w, dtype=stacked.dtype).view((-1,) + (1,) * (stacked.dim() - 1))
+    wt = torch.tensor(w, dtype=stacked.dtype, device=stacked.device).view((-1,) + (1,) * (stacked.dim() - 1))
     weighted = stacked * wt
     if kind in ("ties", "dare_ties"):
         majority = torch.where(stacked.sum(dim=0) >= 0, 1, -1)
@@ -133,7 +135,9 @@ def module_seed(params: Mapping[str, Any], k: int) -> dict[str, Any]:
 def _zero(updates: Sequence[Update]) -> MergeOutcome:
     out, inn = updates[0].shape
     dtype = out_dtype(updates)
-    return MergeOutcome(Update(B=np.zeros((out, 1), dtype), A=np.zeros((1, inn), dtype)), {"energy_kept": 1.0})
+    ref = updates[0].dense if updates[0].dense is not None else updates[0].B
+    return MergeOutcome(Update(B=xp.zeros((out, 1), ref, dtype), A=xp.zeros((1, inn), ref, dtype)),
+                        {"energy_kept": 1.0})  # fmt: skip
 
 
 # ---- the methods --------------------------------------------------------------------------------------------
@@ -144,7 +148,6 @@ def merge_factorwise(kind: str):  # type: ignore[no-untyped-def]
 
     def merge(updates: Sequence[Update], weights: Sequence[float], params: Mapping[str, Any],
               backend: Backend = NUMPY) -> MergeOutcome:  # fmt: skip
-        import torch
 
         live = _live(updates, weights)
         if not live:
@@ -160,10 +163,12 @@ def merge_factorwise(kind: str):  # type: ignore[no-untyped-def]
             wa.append(math.sqrt(abs(ws)) * (1 if ws >= 0 else -1))
             wb.append(math.sqrt(abs(ws)))
         density, gen = _density(kind, params), _generator(kind, params)
-        a = _combine(kind, [torch.from_numpy(np.ascontiguousarray(x)) for _, x, _, _ in raws], wa, density, gen)
-        b = _combine(kind, [torch.from_numpy(np.ascontiguousarray(x)) for x, _, _, _ in raws], wb, density, gen)
+        a = _combine(kind, [_tensor(x) for _, x, _, _ in raws], wa, density, gen)
+        b = _combine(kind, [_tensor(x) for x, _, _, _ in raws], wb, density, gen)
         dtype = out_dtype(updates)
-        return MergeOutcome(Update(B=b.numpy().astype(dtype), A=a.numpy().astype(dtype)), {"rank": float(a.shape[0])})
+        on_device = xp.is_torch(raws[0][0])  # the torch route: the result stays where the inputs are
+        b_out, a_out = (b, a) if on_device else (b.numpy(), a.numpy())
+        return MergeOutcome(Update(B=xp.astype(b_out, dtype), A=xp.astype(a_out, dtype)), {"rank": float(a.shape[0])})
 
     return merge
 
@@ -177,14 +182,20 @@ def _svd_rank(params: Mapping[str, Any], updates: Sequence[Update], kind: str) -
     return k
 
 
+def _tensor(x: Any) -> torch.Tensor:
+    """A tensor of x: itself on the torch route, a CPU tensor sharing a NumPy array's memory otherwise."""
+    import torch
+
+    return x if xp.is_torch(x) else torch.from_numpy(np.ascontiguousarray(x))
+
+
 def _delta(u: Update) -> torch.Tensor:
     """ΔW as PEFT's get_delta_weight forms it: (lora_B @ lora_A)·s, in the adapter's dtype."""
-    import torch
 
     if u.is_factored and u.lora_scale is not None:
         b, a, s = _raw(u, "svd")
-        return (torch.from_numpy(np.ascontiguousarray(b)) @ torch.from_numpy(np.ascontiguousarray(a))) * s
-    return torch.from_numpy(np.ascontiguousarray(u.to_dense()))
+        return (_tensor(b) @ _tensor(a)) * s
+    return _tensor(u.to_dense())
 
 
 def merge_svd_type(kind: str):  # type: ignore[no-untyped-def]
@@ -206,15 +217,14 @@ def merge_svd_type(kind: str):  # type: ignore[no-untyped-def]
         else:
             d = _combine(inner_kind, [_delta(u) for u, _ in live], [w for _, w in live], _density(kind, params),
                          _generator(kind, params))  # fmt: skip
-            svd = linalg.thin_svd(d.numpy().astype(np.float64), backend)
+            on_device = xp.is_torch(live[0][0].dense if live[0][0].dense is not None else live[0][0].B)
+            svd = linalg.thin_svd(xp.as_f64(d) if on_device else d.numpy().astype(np.float64), backend)
             uu, s, vt = svd.u, svd.s, svd.vt
-        total = float(np.sum(s**2))
-        kept = float(np.sum(s[:k] ** 2)) / total if total > 0 else 1.0
-        b, a = uu[:, :k] * s[:k], vt[:k]
-        if b.shape[1] < k:  # PEFT keeps k columns even past the rank: zeros change nothing
-            b = np.pad(b, ((0, 0), (0, k - b.shape[1])))
-            a = np.pad(a, ((0, k - a.shape[0]), (0, 0)))
-        return MergeOutcome(Update(B=b.astype(dtype), A=a.astype(dtype)), {"energy_kept": kept, "rank": float(k)})
+        total = xp.total(s**2)
+        kept = xp.total(s[:k] ** 2) / total if total > 0 else 1.0
+        # PEFT keeps k columns even past the rank: zeros change nothing
+        b, a = xp.pad_rank(uu[:, :k] * s[:k], vt[:k], k)
+        return MergeOutcome(Update(B=xp.astype(b, dtype), A=xp.astype(a, dtype)), {"energy_kept": kept, "rank": float(k)})
 
     return merge
 
@@ -230,4 +240,4 @@ def merge_cat(
         _raw(u, "cat")
     b, a = stack_factors([u for u, _ in live], [w for _, w in live])
     dtype = out_dtype(updates)
-    return MergeOutcome(Update(B=b.astype(dtype), A=a.astype(dtype)), {"energy_kept": 1.0, "rank": float(a.shape[0])})
+    return MergeOutcome(Update(B=xp.astype(b, dtype), A=xp.astype(a, dtype)), {"energy_kept": 1.0, "rank": float(a.shape[0])})

@@ -17,6 +17,7 @@ import numpy as np
 from spectra_cli.errors import BudgetError, ShapeMismatch, SpectraError
 from spectra_cli.spectral import linalg
 from spectra_cli.spectral.linalg import NUMPY, Backend
+from spectra_cli.spectral.merge import xp
 from spectra_cli.spectral.merge.updates import (
     GRAM_RTOL,
     RANK_RTOL,
@@ -151,23 +152,24 @@ def rmm_fit(
         qa, ra = linalg.qr(a_cat.T, backend)
 
         def element(c: np.ndarray) -> Update:
-            svd = linalg.thin_svd((rb * c[owner]) @ ra.T, backend)
+            svd = linalg.thin_svd((rb * xp.values(c[owner], rb)) @ ra.T, backend)
             u, s, vt = svd.u, svd.s, svd.vt
-            keep = max(1, int(np.sum(s > RANK_RTOL * s[0]))) if s.size and s[0] > 0 else 1
-            return Update(B=((qb @ u[:, :keep]) * s[:keep]).astype(dtype), A=(vt[:keep] @ qa.T).astype(dtype))
+            keep = max(1, int((s > RANK_RTOL * s[0]).sum())) if xp.nelem(s) and s[0] > 0 else 1
+            return Update(B=xp.astype((qb @ u[:, :keep]) * s[:keep], dtype), A=xp.astype(vt[:keep] @ qa.T, dtype))
 
         if center:
             mean = element(np.full(n, 1.0 / n))
         elements = [element(a[:, j]) for j in range(p)]
     else:
         if center:
-            mean = Update(dense=weighted_dense(updates, [1.0 / n] * n).astype(dtype))
+            mean = Update(dense=xp.astype(weighted_dense(updates, [1.0 / n] * n), dtype))
         for j in range(p):
-            elements.append(Update(dense=weighted_dense(updates, a[:, j]).astype(dtype)))
+            elements.append(Update(dense=xp.astype(weighted_dense(updates, a[:, j]), dtype)))
     if p == 0 and mean is None:
         # every update is zero: keep one zero element (rank 1) so the module still knows its shape
         out, inn = updates[0].shape
-        elements = [Update(B=np.zeros((out, 1), dtype), A=np.zeros((1, inn), dtype))]
+        ref = updates[0].dense if updates[0].dense is not None else updates[0].B
+        elements = [Update(B=xp.zeros((out, 1), ref, dtype), A=xp.zeros((1, inn), ref, dtype))]
         coeff = np.zeros((n, 1))
 
     norms = np.sqrt(np.clip(np.diag(g), 0.0, None))
@@ -201,7 +203,7 @@ def rmm_reconstruct(m: RMMModule, task: int, backend: Backend = NUMPY) -> Update
     if all(e.is_factored for e, _ in parts):
         b, a = stack_factors([e for e, _ in parts], [c for _, c in parts])
         return as_factored(b, a, dtype, backend)
-    return Update(dense=weighted_dense([e for e, _ in parts], [c for _, c in parts]).astype(dtype))
+    return Update(dense=xp.astype(weighted_dense([e for e, _ in parts], [c for _, c in parts]), dtype))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -216,11 +218,11 @@ def _top_left(u: Update, k: int, backend: Backend) -> np.ndarray:
     30522×384 embedding update cost seconds per task."""
     if u.is_factored:
         uu, s, _ = factored_svd([u], None, min(k, u.rank), backend)
-        keep = int(np.sum(s > RANK_RTOL * s[0])) if s.size and s[0] > 0 else 0
+        keep = int((s > RANK_RTOL * s[0]).sum()) if xp.nelem(s) and s[0] > 0 else 0
         return uu[:, :keep]
     svd = linalg.gram_svd(f64(u.to_dense()), top=k, backend=backend)
-    keep = int(np.sum(svd.s > GRAM_RTOL * svd.s[0])) if svd.s.size and svd.s[0] > 0 else 0
-    return np.ascontiguousarray(svd.u[:, :keep])
+    keep = int((svd.s > GRAM_RTOL * svd.s[0]).sum()) if xp.nelem(svd.s) and svd.s[0] > 0 else 0
+    return xp.contiguous(svd.u[:, :keep])
 
 
 def interference(updates: Sequence[Update], k: int = 8, backend: Backend = NUMPY) -> dict[str, np.ndarray]:
@@ -236,7 +238,7 @@ def interference(updates: Sequence[Update], k: int = 8, backend: Backend = NUMPY
     denom = np.outer(norms, norms)
     cosine = np.divide(g, denom, out=np.zeros_like(g), where=denom > 0)
     subspaces = [
-        _top_left(u, k, backend) if nrm > 0 else np.zeros((u.shape[0], 0))
+        _top_left(u, k, backend) if nrm > 0 else xp.zeros((u.shape[0], 0), u.dense if u.dense is not None else u.B)
         for u, nrm in zip(updates, norms, strict=True)
     ]
     n = len(updates)
@@ -246,5 +248,5 @@ def interference(updates: Sequence[Update], k: int = 8, backend: Backend = NUMPY
             kk = min(subspaces[i].shape[1], subspaces[j].shape[1])
             if kk:
                 m = subspaces[i].T @ subspaces[j]
-                overlap[i, j] = overlap[j, i] = min(1.0, float(np.sum(m * m)) / kk)
+                overlap[i, j] = overlap[j, i] = min(1.0, xp.total(m * m) / kk)
     return {"cosine": np.clip(cosine, -1.0, 1.0), "overlap": overlap, "norms": norms, "gram": g}

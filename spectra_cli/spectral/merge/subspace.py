@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from spectra_cli.spectral import linalg
+from spectra_cli.spectral.arrays import sqrt0
 from spectra_cli.spectral.linalg import NUMPY, Backend
+from spectra_cli.spectral.merge import xp
 from spectra_cli.spectral.merge.elementwise import ties_combine
 from spectra_cli.spectral.merge.updates import (
     GRAM_RTOL,
@@ -53,26 +55,27 @@ def merge_tsv(
     us, ss, vts, kept = [], [], [], []
     for u, w in zip(updates, weights, strict=True):
         total = inner(u, u)  # ‖ΔW‖_F², one pass
+        ref = u.dense if u.dense is not None else u.B
         if total <= 0:  # a task that left the module alone contributes no triplet (skip its SVD)
             kept.append(1.0)
-            us.append(np.zeros((u.shape[0], 0)))
-            ss.append(np.zeros(0))
-            vts.append(np.zeros((0, u.shape[1])))
+            us.append(xp.zeros((u.shape[0], 0), ref))
+            ss.append(xp.zeros((0,), ref))
+            vts.append(xp.zeros((0, u.shape[1]), ref))
             continue
         uu, s, vt = factored_svd([u], None, tsv_rank(u.shape, n, u.rank), backend)
-        keep = int(np.sum(s > GRAM_RTOL * s[0])) if s.size and s[0] > 0 else 0
-        kept.append(float(np.sum(s[:keep] ** 2)) / total)
+        keep = int((s > GRAM_RTOL * s[0]).sum()) if xp.nelem(s) and s[0] > 0 else 0
+        kept.append(xp.total(s[:keep] ** 2) / total)
         us.append(uu[:, :keep])
         ss.append(s[:keep] * w)
         vts.append(vt[:keep])
-    u_cat = np.concatenate(us, axis=1)
-    vt_cat = np.concatenate(vts, axis=0)
-    s_cat = np.concatenate(ss)
+    u_cat = xp.concat(us, 1)
+    vt_cat = xp.concat(vts, 0)
+    s_cat = xp.concat(ss)
     dtype = out_dtype(updates)
-    stats = {"energy_kept": float(np.mean(kept)), "rank": float(s_cat.size)}
-    if s_cat.size == 0:  # every update is zero
+    stats = {"energy_kept": float(np.mean(kept)), "rank": float(xp.nelem(s_cat))}
+    if xp.nelem(s_cat) == 0:  # every update is zero
         out, inn = updates[0].shape
-        return MergeOutcome(Update(B=np.zeros((out, 1), dtype), A=np.zeros((1, inn), dtype)), stats)
+        return MergeOutcome(Update(B=xp.zeros((out, 1), u_cat, dtype), A=xp.zeros((1, inn), u_cat, dtype)), stats)
     u_orth = linalg.procrustes(u_cat, backend)
     vt_orth = linalg.procrustes(vt_cat, backend)
     return MergeOutcome(dense_or_factored(alpha * u_orth * s_cat, vt_orth, dtype), stats)
@@ -111,16 +114,16 @@ def knots_svd(
     if out <= len(updates) * inn:
         # U from the out×out Gram Σ ΔWᵢΔWᵢᵀ (float64), and diag(s)·Vᵢᵀ = Uᵀ·ΔWᵢ: no out×T·in matrix and no
         # division by small σ; σ is resolved to ~1e-8·σ₁, far inside the 1e-5·σ₁ cut-off
-        g = np.zeros((out, out))
+        g = xp.zeros((out, out), updates[0].to_dense())
         for u in updates:
             d = f64(u.to_dense())
             g += d @ d.T
         lam, vec = linalg.eigh(g, backend=backend)
-        s = np.sqrt(np.clip(lam, 0.0, None))
+        s = sqrt0(lam)
         keep = _knots_keep(s)
-        uu = np.ascontiguousarray(vec[:, :keep])
+        uu = xp.contiguous(vec[:, :keep])
         return uu, s[:keep], [uu.T @ f64(u.to_dense()) for u in updates]
-    cat = np.concatenate([f64(u.to_dense()) for u in updates], axis=1)
+    cat = xp.concat([f64(u.to_dense()) for u in updates], 1)
     svd = linalg.thin_svd(cat, backend)
     uu, s, vt = svd.u, svd.s, svd.vt
     keep = _knots_keep(s)
@@ -129,13 +132,13 @@ def knots_svd(
 
 
 def _knots_keep(s: np.ndarray) -> int:
-    return int(np.sum(s > 1e-5 * s[0])) if s.size and s[0] > 0 else 0
+    return int((s > 1e-5 * s[0]).sum()) if xp.nelem(s) and s[0] > 0 else 0
 
 
 def _block_diag(blocks: Sequence[np.ndarray]) -> np.ndarray:
     rows = sum(b.shape[0] for b in blocks)
     cols = sum(b.shape[1] for b in blocks)
-    out = np.zeros((rows, cols))
+    out = xp.zeros((rows, cols), blocks[0])
     r = c = 0
     for b in blocks:
         out[r : r + b.shape[0], c : c + b.shape[1]] = b
@@ -150,20 +153,20 @@ def merge_knots(
     lam = param_float(params, "scale")
     combine = str(params["combine"])
     u, s, reps = knots_svd(updates, backend)
-    x = np.stack([r.reshape(-1) for r in reps])
+    x = xp.stack([r.reshape(-1) for r in reps])
     if combine == "linear":
-        merged = np.asarray(weights, dtype=np.float64) @ x
+        merged = xp.values(weights, x) @ x
         kept = 1.0
     elif combine == "ties":
         merged, kept = ties_combine(x, weights, param_float(params, "density", 0.0, 1.0))
     else:
         raise MergeError(f"knots combine={combine!r} is unknown; use 'linear' or 'ties'")
-    if s.size == 0:  # every update is zero
+    if xp.nelem(s) == 0:  # every update is zero
         out, inn = updates[0].shape
         dtype = out_dtype(updates)
         return MergeOutcome(
-            Update(B=np.zeros((out, 1), dtype), A=np.zeros((1, inn), dtype)), {"energy_kept": 1.0}
+            Update(B=xp.zeros((out, 1), u, dtype), A=xp.zeros((1, inn), u, dtype)), {"energy_kept": 1.0}
         )
-    rep = merged.reshape(s.size, -1)
+    rep = merged.reshape(xp.nelem(s), -1)
     update = dense_or_factored(lam * u, rep, out_dtype(updates))
-    return MergeOutcome(update, {"energy_kept": kept, "rank": float(s.size)})
+    return MergeOutcome(update, {"energy_kept": kept, "rank": float(xp.nelem(s))})

@@ -13,7 +13,9 @@ import numpy as np
 
 from spectra_cli.errors import BudgetError, ShapeMismatch, SpectraError
 from spectra_cli.spectral import linalg
+from spectra_cli.spectral.arrays import Array
 from spectra_cli.spectral.linalg import NUMPY, Backend
+from spectra_cli.spectral.merge import xp
 
 # Singular values below RANK_RTOL·σ₁ are treated as zero when a factored form is compressed to its numerical
 # rank (float64 QR/SVD noise is ~1e-15·σ₁; this keeps a wide margin and changes nothing measurable).
@@ -48,13 +50,13 @@ class MergeError(SpectraError):
 class Update:
     """One task's update ΔW of one module (out×in): dense, or factored as ΔW = B·A (B out×r, A r×in).
 
-    Exactly one of ``dense`` or the pair ``B``/``A`` is given. Arrays are float32 or float64; nothing is
-    copied or modified.
+    Exactly one of ``dense`` or the pair ``B``/``A`` is given. Arrays are float32 or float64, NumPy arrays or
+    torch tensors (all of one kind, on one device: the merge's torch route); nothing is copied or modified.
     """
 
-    dense: np.ndarray | None = None
-    B: np.ndarray | None = None
-    A: np.ndarray | None = None
+    dense: Array | None = None
+    B: Array | None = None
+    A: Array | None = None
     #: a LoRA adapter's scale s = α/r already folded into B (B = s·lora_B); None when not an adapter's factors.
     #: PEFT's factor-wise combinations (:mod:`.peft_types`) need the stored factors back.
     lora_scale: float | None = None
@@ -99,15 +101,15 @@ class Update:
     def dtype(self) -> np.dtype:
         arr = self.dense if self.dense is not None else self.B
         assert arr is not None
-        return arr.dtype
+        return xp.np_dtype(arr)
 
     @property
     def size(self) -> int:
         """Numbers stored: out·in dense, r·(out + in) factored."""
         if self.dense is not None:
-            return int(self.dense.size)
+            return xp.nelem(self.dense)
         assert self.B is not None and self.A is not None
-        return int(self.B.size + self.A.size)
+        return xp.nelem(self.B) + xp.nelem(self.A)
 
     def to_dense(self) -> np.ndarray:
         """ΔW as an out×in array (B·A for a factored update), in the update's dtype."""
@@ -129,7 +131,15 @@ class Update:
 
 
 def f64(x: np.ndarray) -> np.ndarray:
-    return np.asarray(x, dtype=np.float64)
+    """x in float64, of its own kind (NumPy array or tensor on its device)."""
+    return xp.as_f64(x)
+
+
+def to_host(u: Update) -> Update:
+    """The update with NumPy arrays (copied back from a device; a NumPy update as it is)."""
+    if not any(xp.is_torch(x) for x in (u.dense, u.B, u.A) if x is not None):
+        return u
+    return replace(u, dense=xp.to_host(u.dense), B=xp.to_host(u.B), A=xp.to_host(u.A))
 
 
 def inner(u: Update, v: Update) -> float:
@@ -141,16 +151,17 @@ def inner(u: Update, v: Update) -> float:
         )
     if u.is_factored and v.is_factored:
         assert u.B is not None and u.A is not None and v.B is not None and v.A is not None
-        return float(np.sum((f64(u.B).T @ f64(v.B)) * (f64(u.A) @ f64(v.A).T)))
+        return xp.total((f64(u.B).T @ f64(v.B)) * (f64(u.A) @ f64(v.A).T))
     if u.is_factored or v.is_factored:
         f, d = (u, v) if u.is_factored else (v, u)
         assert f.B is not None and f.A is not None and d.dense is not None
-        return float(np.sum(f64(f.B) * (f64(d.dense) @ f64(f.A).T)))
+        return xp.total(f64(f.B) * (f64(d.dense) @ f64(f.A).T))
     assert u.dense is not None and v.dense is not None
     a, b = u.dense.reshape(-1), v.dense.reshape(-1)
     total = 0.0
-    for i in range(0, a.size, CHUNK):
-        total += float(np.dot(f64(a[i : i + CHUNK]), f64(b[i : i + CHUNK])))
+    dot = (lambda x, y: x @ y) if xp.is_torch(a) else np.dot
+    for i in range(0, xp.nelem(a), CHUNK):
+        total += float(dot(f64(a[i : i + CHUNK]), f64(b[i : i + CHUNK])))
     return total
 
 
@@ -161,9 +172,9 @@ def gram(updates: Sequence[Update]) -> np.ndarray:
     if all(not u.is_factored for u in updates):
         flats = [u.to_dense().reshape(-1) for u in updates]
         g = np.zeros((n, n))
-        for i in range(0, flats[0].size, CHUNK):
-            block = np.stack([f64(f[i : i + CHUNK]) for f in flats])
-            g += block @ block.T
+        for i in range(0, xp.nelem(flats[0]), CHUNK):
+            block = xp.stack([f64(f[i : i + CHUNK]) for f in flats])
+            g += xp.to_numpy(block @ block.T)
         return g
     g = np.empty((n, n))
     for i in range(n):
@@ -196,12 +207,13 @@ def stack_factors(updates: Sequence[Update], weights: Sequence[float]) -> tuple[
         assert u.B is not None and u.A is not None
         bs.append(f64(u.B) * float(w))
         as_.append(f64(u.A))
-    return np.concatenate(bs, axis=1), np.concatenate(as_, axis=0)
+    return xp.concat(bs, 1), xp.concat(as_, 0)
 
 
 def weighted_dense(updates: Sequence[Update], weights: Sequence[float] | np.ndarray) -> np.ndarray:
     """Σ wᵢΔWᵢ as a dense float64 out×in array, accumulated one update at a time."""
-    out = np.zeros(updates[0].shape)
+    first = updates[0]
+    out = xp.zeros(first.shape, first.dense if first.dense is not None else first.B)
     for u, w in zip(updates, weights, strict=True):
         if w != 0.0:
             out += float(w) * f64(u.to_dense())
@@ -222,9 +234,9 @@ def as_factored(B: np.ndarray, A: np.ndarray, dtype: np.dtype, backend: Backend 
     """B·A compressed to its numerical rank (at least 1: a zero product stays a zero rank-1 pair), the
     singular values folded into B."""
     u, s, vt = compress(B, A, backend=backend)
-    if s.size == 0:
-        return Update(B=np.zeros((B.shape[0], 1), dtype), A=np.zeros((1, A.shape[1]), dtype))
-    return Update(B=(u * s).astype(dtype, copy=False), A=vt.astype(dtype, copy=False))
+    if xp.nelem(s) == 0:
+        return Update(B=xp.zeros((B.shape[0], 1), B, dtype), A=xp.zeros((1, A.shape[1]), A, dtype))
+    return Update(B=xp.astype(u * s, dtype), A=xp.astype(vt, dtype))
 
 
 def _dense_svd(x: np.ndarray, k: int | None, backend: Backend) -> linalg.SVD:
@@ -297,5 +309,5 @@ def dense_or_factored(B: np.ndarray, A: np.ndarray, dtype: np.dtype) -> Update:
     """B·A kept factored when that is smaller than out×in, else dense."""
     out, inn = B.shape[0], A.shape[1]
     if B.shape[1] * (out + inn) < out * inn:
-        return Update(B=B.astype(dtype, copy=False), A=A.astype(dtype, copy=False))
-    return Update(dense=(B @ A).astype(dtype, copy=False))
+        return Update(B=xp.astype(B, dtype), A=xp.astype(A, dtype))
+    return Update(dense=xp.astype(B @ A, dtype))
