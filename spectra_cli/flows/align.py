@@ -25,9 +25,9 @@ from spectra_cli.checkpoint.source import Checkpoint, checkpoint_inputs, open_ch
 from spectra_cli.checkpoint.tensors import RawTensor, from_float, to_float
 from spectra_cli.errors import CheckpointError, SelectionError, ShapeMismatch, SpectraError
 from spectra_cli.results import RunResult, options_record
-from spectra_cli.spectral.align import Heads, LayerWeights, Matching, apply_layer, weight_matching
+from spectra_cli.spectral.align import Heads, LayerPerm, LayerWeights, Matching, apply_layer, weight_matching
 from spectra_cli.spectral.align_arch import Arch, Slot, detect
-from spectra_cli.spectral.align_report import agreement, finding, rel_distance
+from spectra_cli.spectral.align_report import agreement_of, finding, permuted, rel_distance, top_vectors
 
 
 @dataclass(frozen=True)
@@ -229,7 +229,7 @@ def run_align(a_path: str | Path, b_path: str | Path, out: str | Path, opts: Ali
         for i in range(arch.layers):
             wa, wb = ra.layer(i), rb.layer(i)
             pb = apply_layer(wb, matching.perms[i], heads)
-            rows += _layer_rows(i, wa, wb, pb, slots[i], opts.top_k, sq)
+            rows += _layer_rows(i, wa, wb, pb, slots[i], _indices(matching.perms[i], heads), opts.top_k, sq)
             patched.update(stored_tensors(pb, rb.slots(i)))
             if progress:
                 progress(i + 1, arch.layers, f"report layer {i}")
@@ -266,8 +266,13 @@ def permutations_record(matching: Matching, h: Heads) -> list[dict[str, Any]]:
 _ORDER = ("q", "k", "v", "o", "mlp_in", "mlp_out")
 
 
-def _layer_rows(i: int, wa: LayerWeights, wb: LayerWeights, pb: LayerWeights, slots: list[Slot], k: int,
-                sq: dict[str, float]) -> list[dict[str, Any]]:  # fmt: skip
+def _indices(perm: LayerPerm, h: Heads) -> dict[str, np.ndarray]:
+    """Per role, the index the permutation takes B's rows (q, k, v, mlp_in) or columns (o, mlp_out) at."""
+    return {**perm.heads.indices(h), "mlp_in": perm.mlp, "mlp_out": perm.mlp}
+
+
+def _layer_rows(i: int, wa: LayerWeights, wb: LayerWeights, pb: LayerWeights, slots: list[Slot],
+                index: dict[str, np.ndarray], k: int, sq: dict[str, float]) -> list[dict[str, Any]]:  # fmt: skip
     rows = []
     for s in sorted(slots, key=lambda s: _ORDER.index(s.key.partition(".")[0]) if s.side != "bias" else -1):
         if s.side == "bias":
@@ -276,14 +281,16 @@ def _layer_rows(i: int, wa: LayerWeights, wb: LayerWeights, pb: LayerWeights, sl
         sq["before"] += float(np.sum((xa - xb) ** 2))
         sq["after"] += float(np.sum((xa - xp) ** 2))
         sq["norm"] += float(np.sum(xa**2))
-        before, after = agreement(xa, xb, k), agreement(xa, xp, k)
         side = s.side
+        role = s.key.partition(".")[0]
+        sa, sb = top_vectors(xa, k), top_vectors(xb, k)
+        before, after = agreement_of(sa, sb), agreement_of(sa, permuted(sb, index[role], side))
         other = "right" if side == "left" else "left"
         cb, ob = before.side(side)
         ca, oa = after.side(side)
         module = s.tensor + (f"[{'qkv'[s.part]}]" if s.part is not None else "")
         rows.append({
-            "layer": i, "module": module, "role": s.key.partition(".")[0],
+            "layer": i, "module": module, "role": role,
             "shape": f"{xa.shape[0]}x{xa.shape[1]}", "permuted_side": side,
             "rel_distance_before": rel_distance(xa, xb), "rel_distance_after": rel_distance(xa, xp),
             "agreement_before": float(np.mean(cb)), "agreement_after": float(np.mean(ca)),

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spectra_cli.spectral.linalg import top_k
+from spectra_cli.spectral.linalg import SVD, top_k
 
 
 @dataclass(frozen=True)
@@ -40,14 +40,31 @@ class Agreement:
         return (self.u_cos, self.u_overlap) if side == "left" else (self.v_cos, self.v_overlap)
 
 
-def agreement(a: np.ndarray, b: np.ndarray, k: int) -> Agreement:
-    """The agreement of A's and B's top-``k`` singular vectors (k capped at the smaller side)."""
-    k = max(1, min(k, *a.shape))
-    sa, sb = top_k(np.asarray(a, dtype=np.float64), k), top_k(np.asarray(b, dtype=np.float64), k)
-    mu = sa.u.T @ sb.u
-    mv = sa.vt @ sb.vt.T
+def top_vectors(x: np.ndarray, k: int) -> SVD:
+    """The top-``k`` singular triplets of x (k capped at the smaller side), in float64."""
+    return top_k(np.asarray(x, dtype=np.float64), max(1, min(k, *x.shape)))
+
+
+def permuted(svd: SVD, index: np.ndarray, side: str) -> SVD:
+    """The top triplets of B[index] (``left``: rows permuted) or B[:, index] (``right``) from B's own: the
+    permuted side's singular vectors are B's with their entries permuted, the values and the other side stay."""
+    if side == "left":
+        return SVD(svd.u[index], svd.s, svd.vt)
+    return SVD(svd.u, svd.s, svd.vt[:, index])
+
+
+def agreement_of(sa: SVD, sb: SVD) -> Agreement:
+    """The agreement of two sets of top-k triplets (:func:`top_vectors`)."""
+    k = min(len(sa.s), len(sb.s))
+    mu = sa.u[:, :k].T @ sb.u[:, :k]
+    mv = sa.vt[:k] @ sb.vt[:k].T
     return Agreement(np.abs(np.diag(mu)), np.abs(np.diag(mv)),
                      float(np.sum(mu**2) / k), float(np.sum(mv**2) / k))  # fmt: skip
+
+
+def agreement(a: np.ndarray, b: np.ndarray, k: int) -> Agreement:
+    """The agreement of A's and B's top-``k`` singular vectors (k capped at the smaller side)."""
+    return agreement_of(top_vectors(a, k), top_vectors(b, k))
 
 
 def rel_distance(a: np.ndarray, b: np.ndarray) -> float:

@@ -209,3 +209,18 @@ def test_detect_names_the_supported_architectures():
         detect(["conv.weight"])
     with pytest.raises(SelectionError, match="layer 1 is missing"):
         detect(["layers.0.self_attn.q_proj.weight", "layers.2.self_attn.q_proj.weight"])
+
+
+def test_the_permuted_side_comes_from_bs_own_vectors():
+    """agreement_of(A, permuted(B's triplets)) equals the agreement with the SVD of the permuted matrix."""
+    from spectra_cli.spectral.align_report import agreement_of, permuted, top_vectors
+
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(30, 12)), rng.normal(size=(30, 12))
+    rows, cols = rng.permutation(30), rng.permutation(12)
+    for side, pb, idx in (("left", b[rows], rows), ("right", b[:, cols], cols)):
+        fast = agreement_of(top_vectors(a, 4), permuted(top_vectors(b, 4), idx, side))
+        slow = agreement(a, pb, 4)
+        np.testing.assert_allclose(fast.u_cos, slow.u_cos, atol=1e-9)
+        np.testing.assert_allclose(fast.v_cos, slow.v_cos, atol=1e-9)
+        assert fast.u_overlap == pytest.approx(slow.u_overlap) and fast.v_overlap == pytest.approx(slow.v_overlap)
