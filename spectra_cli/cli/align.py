@@ -23,13 +23,16 @@ Examples:
 
   spectra align seed0/ seed1/ --out seed1-aligned/ --top-k 16 --html align.html --plots plots/
 
+  spectra align seed0/ seed1/ --residual --max-iter 20 --seed 1 --out seed1-aligned/
+
   spectra align a.safetensors b.safetensors --heads 12 --out b-aligned/ --format json
 
 Supported: BERT (MiniLM naming), LLaMA-like (gate/up/down_proj, q/k/v/o_proj, grouped-query attention, rotary
 positions: q/k dimensions are not permuted) and GPT-2 (Conv1D, fused c_attn). Permuted: each layer's MLP
 hidden units (with their biases) and attention heads (key/value groups, query heads within a group, and the
 dimensions inside a head: q/k jointly where the positions allow, v/o jointly). The residual stream is not
-permuted, so the model's outputs, hidden states included, are unchanged. [Ainsworth, Hayase & Srinivasa
+permuted unless --residual, so the model's outputs, hidden states included, are unchanged; with --residual
+its logits are unchanged and the hidden states it returns come out permuted. [Ainsworth, Hayase & Srinivasa
 2023, Git Re-Basin: Merging Models modulo Permutation Symmetries, ICLR: weight matching]
 """
 
@@ -63,6 +66,11 @@ def align_cmd(
         typer.Option("--within-head/--no-within-head",
                      help="Also permute the dimensions inside each head (q/k jointly where allowed, v/o jointly)."),
     ] = True,
+    residual: Annotated[
+        bool,
+        typer.Option("--residual", help="Also permute the residual stream (embeddings, every norm, LM head): all layers "
+                     "then match in one basis; the hidden states B returns come out permuted, its logits do not."),
+    ] = False,
     force: o.ForceOutOpt = False,
     fmt: o.FormatOpt = o.Format.table,
     output: o.OutputOpt = None,
@@ -77,7 +85,7 @@ def align_cmd(
     from spectra_cli.report.render import envelope
 
     opts = o.build(AlignOptions, max_iter=max_iter, seed=seed, top_k=top_k, heads=heads, kv_heads=kv_heads,
-                   within_head=within_head)  # fmt: skip
+                   within_head=within_head, residual=residual)  # fmt: skip
     check_outputs([a, b], {"--output": output, "--html": html}, folders={"--out": out, "--plots": plots})
     with progress_bar("aligning", quiet) as update:
         result = run_align(a, b, out, opts, force=force, argv=sys.argv, progress=update)

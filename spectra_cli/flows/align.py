@@ -25,8 +25,9 @@ from spectra_cli.checkpoint.source import Checkpoint, checkpoint_inputs, open_ch
 from spectra_cli.checkpoint.tensors import RawTensor, from_float, to_float
 from spectra_cli.errors import CheckpointError, SelectionError, ShapeMismatch, SpectraError
 from spectra_cli.results import RunResult, options_record
-from spectra_cli.spectral.align import Heads, LayerPerm, LayerWeights, Matching, apply_layer, weight_matching
+from spectra_cli.spectral.align import Heads, LayerPerm, LayerWeights
 from spectra_cli.spectral.align_arch import Arch, Slot, detect
+from spectra_cli.spectral.align_descent import Globals, Matching, apply_b, weight_matching
 from spectra_cli.spectral.align_report import agreement_of, finding, permuted, rel_distance, top_vectors
 
 
@@ -35,7 +36,8 @@ class AlignOptions:
     """Options of ``align``: ``max_iter`` sweeps of the coordinate descent at most, its ``seed`` (the order
     the layers are visited), ``top_k`` singular vectors compared, ``heads``/``kv_heads`` when config.json does
     not give them, ``within_head``: also permute the dimensions inside a head (q/k jointly where the position
-    encoding allows, v/o jointly)."""
+    encoding allows, v/o jointly); ``residual``: also permute the residual stream (embeddings, norms, every
+    layer; the hidden states a model returns then come out permuted, its logits do not)."""
 
     max_iter: int = 10
     seed: int = 0
@@ -43,6 +45,7 @@ class AlignOptions:
     heads: int | None = None
     kv_heads: int | None = None
     within_head: bool = True
+    residual: bool = False
 
     def __post_init__(self) -> None:
         if self.max_iter < 1:
@@ -68,6 +71,8 @@ class AlignSummary:
     kv_heads: int
     head_dim: int
     qk_dims_permuted: bool
+    residual_permuted: bool
+    residual_moved: float | None
     sweeps: int
     converged: bool
     objective_before: float
@@ -136,12 +141,15 @@ class _Reader:
         return self.arch.slots(i, self.names)
 
     def tensor(self, s: Slot) -> np.ndarray:
-        info = self.ck.info(s.tensor)
+        return self.tensor_named(s.tensor)
+
+    def tensor_named(self, name: str) -> np.ndarray:
+        info = self.ck.info(name)
         if not info.is_float:
-            raise CheckpointError(f"{self.ck.path}: {s.tensor} is {info.dtype}, not a float tensor")
+            raise CheckpointError(f"{self.ck.path}: {name} is {info.dtype}, not a float tensor")
         x = to_float(self.ck.read(info), np.float64)
         if not np.all(np.isfinite(x)):
-            raise CheckpointError(f"{self.ck.path}: {s.tensor} holds NaN or Inf; align needs finite weights")
+            raise CheckpointError(f"{self.ck.path}: {name} holds NaN or Inf; align needs finite weights")
         return x
 
     def layer(self, i: int) -> LayerWeights:
@@ -163,7 +171,7 @@ class _Reader:
 def _put(w: LayerWeights, key: str, x: np.ndarray) -> None:
     base, _, idx = key.partition(".")
     if idx:
-        lst = w[base]
+        lst = w.setdefault(base, [])
         j = int(idx)
         while len(lst) <= j:
             lst.append(None)
@@ -219,20 +227,39 @@ def run_align(a_path: str | Path, b_path: str | Path, out: str | Path, opts: Ali
     if any(t.offset is None for t in b.tensors):
         raise CheckpointError(f"{b.path}: writing the permuted B needs safetensors input; convert it first (e.g. "
                               "save_pretrained(..., safe_serialization=True))")  # fmt: skip
+    axes: dict[str, int] = {}
+    globals_: tuple[Globals, Globals] | None = None
+    if opts.residual:
+        in_layers = {s.tensor for sl in slots for s in sl}
+        axes = arch.residual_axes([t.name for t in b.tensors if t.is_float], in_layers)
+        hidden = ra.layer(0)["q"].shape[1]
+        globals_ = ({}, {})
+        for name, axis in axes.items():
+            ia, ib = ta.get(name), tb.get(name)
+            if ia is None or ia.shape != tb[name].shape or tb[name].shape[axis] != hidden:
+                raise ShapeMismatch(f"--residual: {name} is {list(ib.shape) if ib else None} in B and "
+                                    f"{list(ia.shape) if ia else None} in A; it must be in both, with {hidden} "
+                                    "hidden coordinates")  # fmt: skip
+            for g, reader in zip(globals_, (ra, rb), strict=True):
+                g[name] = np.moveaxis(reader.tensor_named(name), axis, 0).reshape(hidden, -1)
     stage = prepare_output(Path(out), force, [Path(a.path), Path(b.path)])
     try:
         matching = weight_matching(lambda i: (ra.layer(i), rb.layer(i)), arch.layers, heads,
-                                   opts.max_iter, opts.seed, progress)  # fmt: skip
+                                   opts.max_iter, opts.seed, progress, globals_)  # fmt: skip
+        r = matching.residual
         rows: list[dict[str, Any]] = []
         patched: dict[str, np.ndarray] = {}
         sq = {"before": 0.0, "after": 0.0, "norm": 0.0}
         for i in range(arch.layers):
             wa, wb = ra.layer(i), rb.layer(i)
-            pb = apply_layer(wb, matching.perms[i], heads)
-            rows += _layer_rows(i, wa, wb, pb, slots[i], _indices(matching.perms[i], heads), opts.top_k, sq)
+            pb = apply_b(wb, matching.perms[i], heads, r)
+            rows += _layer_rows(i, wa, wb, pb, slots[i], _indices(matching.perms[i], heads), r, opts.top_k, sq)
             patched.update(stored_tensors(pb, rb.slots(i)))
             if progress:
                 progress(i + 1, arch.layers, f"report layer {i}")
+        if r is not None:
+            for name, axis in axes.items():
+                patched[name] = np.take(rb.tensor_named(name), r, axis=axis)
         writer = ResidualWriter(b, stage, None)
         try:
             for info in b.tensors:
@@ -260,7 +287,8 @@ def permutations_record(matching: Matching, h: Heads) -> list[dict[str, Any]]:
     """Per layer the permutations as lists (new position i takes B's old index), for ``spectra_run.json``."""
     return [{"layer": i, "mlp": p.mlp.tolist(), "kv_groups": p.heads.groups.tolist(),
              "query_heads": p.heads.queries.tolist(), "qk_dims": p.heads.qk.tolist(),
-             "vo_dims": p.heads.vo.tolist()} for i, p in enumerate(matching.perms)]  # fmt: skip
+             "vo_dims": p.heads.vo.tolist()} for i, p in enumerate(matching.perms)] + (
+        [] if matching.residual is None else [{"residual": matching.residual.tolist()}])  # fmt: skip
 
 
 _ORDER = ("q", "k", "v", "o", "mlp_in", "mlp_out")
@@ -272,20 +300,24 @@ def _indices(perm: LayerPerm, h: Heads) -> dict[str, np.ndarray]:
 
 
 def _layer_rows(i: int, wa: LayerWeights, wb: LayerWeights, pb: LayerWeights, slots: list[Slot],
-                index: dict[str, np.ndarray], k: int, sq: dict[str, float]) -> list[dict[str, Any]]:  # fmt: skip
+                index: dict[str, np.ndarray], r: np.ndarray | None, k: int,
+                sq: dict[str, float]) -> list[dict[str, Any]]:  # fmt: skip
     rows = []
-    for s in sorted(slots, key=lambda s: _ORDER.index(s.key.partition(".")[0]) if s.side != "bias" else -1):
-        if s.side == "bias":
+    for s in sorted(slots, key=lambda s: _ORDER.index(s.key.partition(".")[0]) if s.side in ("left", "right") else -1):
+        if s.side in ("bias", "res_bias"):
             continue
         xa, xb, xp = _get(wa, s.key), _get(wb, s.key), _get(pb, s.key)
         sq["before"] += float(np.sum((xa - xb) ** 2))
         sq["after"] += float(np.sum((xa - xp) ** 2))
         sq["norm"] += float(np.sum(xa**2))
         side = s.side
+        other = "right" if side == "left" else "left"
         role = s.key.partition(".")[0]
         sa, sb = top_vectors(xa, k), top_vectors(xb, k)
-        before, after = agreement_of(sa, sb), agreement_of(sa, permuted(sb, index[role], side))
-        other = "right" if side == "left" else "left"
+        sp = permuted(sb, index[role], side)
+        if r is not None:
+            sp = permuted(sp, r, other)
+        before, after = agreement_of(sa, sb), agreement_of(sa, sp)
         cb, ob = before.side(side)
         ca, oa = after.side(side)
         module = s.tensor + (f"[{'qkv'[s.part]}]" if s.part is not None else "")
@@ -295,7 +327,9 @@ def _layer_rows(i: int, wa: LayerWeights, wb: LayerWeights, pb: LayerWeights, sl
             "rel_distance_before": rel_distance(xa, xb), "rel_distance_after": rel_distance(xa, xp),
             "agreement_before": float(np.mean(cb)), "agreement_after": float(np.mean(ca)),
             "overlap_before": ob, "overlap_after": oa,
-            "other_side_overlap": before.side(other)[1],
+            "residual_agreement_before": float(np.mean(before.side(other)[0])),
+            "residual_agreement_after": float(np.mean(after.side(other)[0])),
+            "residual_overlap_before": before.side(other)[1], "residual_overlap_after": after.side(other)[1],
             "agreement_by_index_before": [float(x) for x in cb],
             "agreement_by_index_after": [float(x) for x in ca],
         })  # fmt: skip
@@ -315,7 +349,9 @@ def _summary(arch: Arch, h: Heads, m: Matching, rows: list[dict[str, Any]], sq: 
     mean = lambda key: float(np.mean([r[key] for r in rows])) if rows else 0.0  # noqa: E731
     return AlignSummary(
         architecture=arch.name, layers=arch.layers, heads=h.heads, kv_heads=h.kv_heads, head_dim=h.head_dim,
-        qk_dims_permuted=h.qk_dims, sweeps=m.sweeps, converged=m.converged,
+        qk_dims_permuted=h.qk_dims, residual_permuted=m.residual is not None,
+        residual_moved=None if m.residual is None else float(np.mean(m.residual != np.arange(m.residual.size))),
+        sweeps=m.sweeps, converged=m.converged,
         objective_before=m.objective[0] if m.objective else 0.0,
         objective_after=m.objective[-1] if m.objective else 0.0,
         rel_distance_before=math.sqrt(sq["before"]) / norm, rel_distance_after=math.sqrt(sq["after"]) / norm,

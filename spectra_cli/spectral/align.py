@@ -2,7 +2,7 @@
 Symmetries", ICLR, algorithm "weight matching"): the permutation of B's hidden units that brings B's weights
 closest to A's, ‖A − P(B)‖_F, without changing the function B computes.
 
-What is permuted, per transformer layer (the residual stream is *not* permuted; see below):
+What is permuted, per transformer layer, for a given residual stream:
 
 - **MLP hidden units**: one permutation p of the I hidden units; the rows (and biases) of every input
   projection (``up``/``gate``, BERT's ``intermediate.dense``, GPT-2's ``c_fc``) and the columns of the output
@@ -21,22 +21,19 @@ are found by alternating linear assignments (query heads given the dimension per
 v/o dimension permutations given the query heads; exact for multi-head attention, where a group is one
 head), giving a score S[i, j]; one more assignment on S matches the groups.
 
-Coordinate descent (the paper's outer loop): the coordinates are each layer's MLP and attention
-permutations, visited in a seeded random order, each solved given the others, sweeping until a sweep brings
-no improvement or ``max_iter`` sweeps. With the residual stream fixed the coordinates do not interact, so the
-second sweep confirms the first; a permuted residual stream (which couples every layer, and would need the
-norms, embeddings and any head reading the hidden states permuted too) is not done here.
+The coordinate descent over layers (the paper's outer loop) and the optional permutation of the residual
+stream are in :mod:`spectra_cli.spectral.align_descent`.
 
 All arrays are out×in (``nn.Linear``'s layout); the caller transposes GPT-2's ``Conv1D`` weights and splits
 its fused ``c_attn``. A layer's weights are a dict: ``mlp_in`` (list of I×H), ``mlp_in_bias`` (list of I or
 None), ``mlp_out`` (list of H×I); ``q`` (nh·dh×H), ``k``, ``v`` (nkv·dh×H), ``o`` (H×nh·dh), ``q_bias``,
-``k_bias``, ``v_bias`` (or None).
+``k_bias``, ``v_bias`` (or None); ``o_bias`` and ``mlp_out_bias`` (lists) live in the residual stream and
+are moved only by its permutation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -237,61 +234,3 @@ class LayerPerm:
 def apply_layer(w: LayerWeights, perm: LayerPerm, h: Heads) -> LayerWeights:
     """``w`` with both of its permutations applied."""
     return apply_heads(apply_mlp(w, perm.mlp), perm.heads, h)
-
-
-@dataclass
-class Matching:
-    """The result of :func:`weight_matching`: per layer its permutations, the sweeps run, the objective
-    Σ⟨A, P(B)⟩ after each sweep (starting with the identity's), and the coordinates' visiting order."""
-
-    perms: list[LayerPerm]
-    sweeps: int
-    objective: list[float]
-    order: list[list[tuple[int, str]]] = field(default_factory=list)
-    converged: bool = True
-
-
-def weight_matching(load: Callable[[int], tuple[LayerWeights, LayerWeights]], layers: int, heads: Heads,
-                    max_iter: int = 10, seed: int = 0,
-                    progress: Callable[[int, int, str], None] | None = None) -> Matching:  # fmt: skip
-    """Coordinate descent over the layers' permutations (see the module docstring). ``load(i)`` gives layer i's
-    weights of A and B (read again on each visit, so only one layer is in memory). A coordinate's new
-    permutation is kept only when it raises the objective, so the objective never falls."""
-    rng = np.random.default_rng(seed)
-    perms: list[LayerPerm | None] = [None] * layers
-    start = [0.0] * layers  # Σ⟨A, B⟩ of each layer, unpermuted
-    now = [0.0] * layers  # … under the current permutations
-    objective: list[float] = []
-    orders: list[list[tuple[int, str]]] = []
-    converged = False
-    coords = [(i, part) for i in range(layers) for part in ("mlp", "attn")]
-    step = 0
-    for _sweep in range(max_iter):
-        order = [coords[k] for k in rng.permutation(len(coords))]
-        orders.append(order)
-        improved = False
-        for i, part in order:
-            wa, wb = load(i)
-            perm = perms[i]
-            if perm is None:
-                perm = LayerPerm(np.arange(wb["mlp_in"][0].shape[0]), HeadPerm.identity(heads))
-                start[i] = now[i] = inner_product(wa, wb)
-            if part == "mlp":
-                cand = LayerPerm(match_mlp(wa, apply_heads(wb, perm.heads, heads)), perm.heads)
-            else:
-                cand = LayerPerm(perm.mlp, match_heads(wa, apply_mlp(wb, perm.mlp), heads))
-            after = inner_product(wa, apply_layer(wb, cand, heads))
-            if after > now[i] + 1e-12 * max(abs(now[i]), 1.0):
-                perm, now[i], improved = cand, after, True
-            perms[i] = perm
-            step += 1
-            if progress:
-                progress(step, len(coords) * (len(orders) + (0 if len(orders) >= max_iter else 1)), f"layer {i} {part}")
-        if not objective:
-            objective.append(sum(start))
-        objective.append(sum(now))
-        if not improved:
-            converged = True
-            break
-    done = [p if p is not None else LayerPerm(np.arange(0), HeadPerm.identity(heads)) for p in perms]
-    return Matching(done, len(orders), objective, orders, converged)

@@ -62,7 +62,9 @@ class Arch:
             out = [Slot("mlp_in.0", lay + "intermediate.dense.weight", "left"),
                    Slot("mlp_in_bias.0", lay + "intermediate.dense.bias", "bias"),
                    Slot("mlp_out.0", lay + "output.dense.weight", "right"),
-                   Slot("o", lay + "attention.output.dense.weight", "right")]  # fmt: skip
+                   Slot("o", lay + "attention.output.dense.weight", "right"),
+                   Slot("o_bias", lay + "attention.output.dense.bias", "res_bias"),
+                   Slot("mlp_out_bias.0", lay + "output.dense.bias", "res_bias")]  # fmt: skip
             for key, mod in (("q", "query"), ("k", "key"), ("v", "value")):
                 out += [Slot(key, f"{att}{mod}.weight", "left"), Slot(f"{key}_bias", f"{att}{mod}.bias", "bias")]
         elif self.name == "llama":
@@ -72,7 +74,9 @@ class Arch:
                    Slot("mlp_in_bias.0", lay + "mlp.gate_proj.bias", "bias"),
                    Slot("mlp_in_bias.1", lay + "mlp.up_proj.bias", "bias"),
                    Slot("mlp_out.0", lay + "mlp.down_proj.weight", "right"),
-                   Slot("o", lay + "self_attn.o_proj.weight", "right")]  # fmt: skip
+                   Slot("o", lay + "self_attn.o_proj.weight", "right"),
+                   Slot("o_bias", lay + "self_attn.o_proj.bias", "res_bias"),
+                   Slot("mlp_out_bias.0", lay + "mlp.down_proj.bias", "res_bias")]  # fmt: skip
             for key in "qkv":
                 out += [Slot(key, f"{lay}self_attn.{key}_proj.weight", "left"),
                         Slot(f"{key}_bias", f"{lay}self_attn.{key}_proj.bias", "bias")]  # fmt: skip
@@ -81,16 +85,48 @@ class Arch:
             out = [Slot("mlp_in.0", lay + "mlp.c_fc.weight", "left", transposed=True),
                    Slot("mlp_in_bias.0", lay + "mlp.c_fc.bias", "bias"),
                    Slot("mlp_out.0", lay + "mlp.c_proj.weight", "right", transposed=True),
-                   Slot("o", lay + "attn.c_proj.weight", "right", transposed=True)]  # fmt: skip
+                   Slot("o", lay + "attn.c_proj.weight", "right", transposed=True),
+                   Slot("o_bias", lay + "attn.c_proj.bias", "res_bias"),
+                   Slot("mlp_out_bias.0", lay + "mlp.c_proj.bias", "res_bias")]  # fmt: skip
             for part, key in enumerate("qkv"):
                 out += [Slot(key, lay + "attn.c_attn.weight", "left", transposed=True, part=part),
                         Slot(f"{key}_bias", lay + "attn.c_attn.bias", "bias", part=part)]  # fmt: skip
-        required = [s for s in out if s.side != "bias" or self.name != "llama"]
+        required = [s for s in out if s.side not in ("bias", "res_bias") or self.name != "llama"]
         missing = [s.tensor for s in required if s.tensor not in names]
         if missing:
             raise SelectionError(f"{self.name} layer {i}: no tensor {missing[0]}; the checkpoint looks like a "
                                  f"{self.name} model but is incomplete")  # fmt: skip
         return [s for s in out if s.tensor in names]
+
+
+    def residual_axes(self, names: Collection[str], in_layers: Collection[str]) -> dict[str, int]:
+        """For a permutation of the residual stream: every tensor outside the layers' slots (``in_layers``)
+        that reads or carries the hidden states, with the stored axis that indexes them (embeddings and
+        heads: 1; norms: 0). Buffers that do not (position ids, rotary frequencies, GPT-2's causal mask) are
+        left out; any other tensor is refused, since how it uses the hidden states is not known."""
+        p = re.escape(self.prefix)
+        n = r"\d+"
+        known = {
+            "bert": [(rf"{p}embeddings\.(word|position|token_type)_embeddings\.weight", 1),
+                     (rf"{p}embeddings\.LayerNorm\.(weight|bias)", 0),
+                     (rf"{p}encoder\.layer\.{n}\.(attention\.output|output)\.LayerNorm\.(weight|bias)", 0),
+                     (rf"{p}pooler\.dense\.weight", 1)],
+            "llama": [(rf"{p}embed_tokens\.weight", 1), (rf"{p}norm\.weight", 0), (r"lm_head\.weight", 1),
+                      (rf"{p}layers\.{n}\.(input_layernorm|post_attention_layernorm)\.weight", 0)],
+            "gpt2": [(rf"{p}(wte|wpe)\.weight", 1), (rf"{p}h\.{n}\.ln_[12]\.(weight|bias)", 0),
+                     (rf"{p}ln_f\.(weight|bias)", 0), (r"lm_head\.weight", 1)],
+        }[self.name]  # fmt: skip
+        ignored = re.compile(r".*(position_ids|inv_freq|\.attn\.bias|\.attn\.masked_bias|pooler\.dense\.bias)$")
+        out: dict[str, int] = {}
+        for name in names:
+            if name in in_layers or ignored.match(name):
+                continue
+            axis = next((ax for pat, ax in known if re.fullmatch(pat, name)), None)
+            if axis is None:
+                raise SelectionError(f"--residual: {name} is not a tensor align knows how to permute with the "
+                                     "hidden states; align without --residual, or drop that head")  # fmt: skip
+            out[name] = axis
+        return out
 
 
 def detect(names: Collection[str], config: dict[str, object] | None = None) -> Arch:

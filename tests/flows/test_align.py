@@ -6,6 +6,7 @@ inputs are refused with one line."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -256,3 +257,70 @@ def test_cli_json_html_plots_and_errors(pairs, tmp_path):
     assert r.exit_code == 0 and "spectra align seed0/ seed1/ --out seed1-aligned/" in r.stdout
     r = runner.invoke(app, ["align", str(a), str(b), "--out", str(tmp_path / "o"), "-q"])
     assert r.exit_code == 1 and "already exists" in r.stderr
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_residual_permutation_keeps_logits_and_permutes_hidden_states(pairs, kind, tmp_path):
+    a, b, b_model = pairs[kind]
+    res = run_align(a, b, tmp_path / "out", AlignOptions(residual=True, max_iter=4))
+    r = res.matching.residual
+    assert r is not None and sorted(r.tolist()) == list(range(32)) and (r != np.arange(32)).any()
+    assert res.summary.residual_permuted and res.summary.rel_distance_after < res.summary.rel_distance_before
+    c = type(b_model).from_pretrained(tmp_path / "out").eval()
+    ref = outputs(b_model)
+    got = outputs(c)
+    if kind == "bert":  # a headless encoder returns the hidden states: permuted by r; the pooler's output is not
+        got = got[..., np.argsort(r)]
+        ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(c(ids).pooler_output, b_model(ids).pooler_output, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+    obj = res.matching.objective
+    assert all(y >= x - 1e-9 * abs(x) for x, y in itertools.pairwise(obj))
+
+
+def test_planted_residual_permutation_is_recovered(tmp_path):
+    """GPT-2 with its residual stream permuted (every tensor that reads or writes it, listed here) on top of
+    planted MLP and head permutations: --residual recovers all of them."""
+    a_model = model("gpt2", 0, hidden=48)
+    a = save(a_model, tmp_path / "a")
+    b_model = model("gpt2", 0, hidden=48)
+    b_model.load_state_dict(a_model.state_dict())
+    planted = _plant(b_model, "gpt2", seed=5)
+    pi = torch.randperm(48, generator=torch.Generator().manual_seed(11))
+    sd = b_model.state_dict()
+    with torch.no_grad():
+        for name, t in sd.items():
+            if name.endswith(("wte.weight", "wpe.weight")):
+                t.copy_(t[:, pi])
+            elif ".ln_" in name or "ln_f" in name or name.endswith(
+                ("attn.c_proj.bias", "mlp.c_proj.bias", "attn.c_attn.weight", "mlp.c_fc.weight")
+            ):  # norms, the output biases, and Conv1D (in×out) inputs: their rows
+                t.copy_(t[pi])
+            elif name.endswith(("attn.c_proj.weight", "mlp.c_proj.weight")):  # columns write it
+                t.copy_(t[:, pi])
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(b_model(ids).logits, a_model(ids).logits, rtol=1e-4, atol=1e-5)
+    b = save(b_model, tmp_path / "b")
+    res = run_align(a, b, tmp_path / "out", AlignOptions(residual=True, top_k=6))
+    assert res.matching.residual.tolist() == np.argsort(pi.numpy()).tolist()
+    for i, p in enumerate(res.matching.perms):
+        assert p.mlp.tolist() == np.argsort(planted[i]).tolist()
+    assert res.summary.rel_distance_after < 1e-6 and res.summary.agreement_after > 0.999
+    assert all(r["residual_agreement_after"] > 0.999 for r in res.rows)
+
+
+def test_residual_refuses_a_tensor_it_cannot_place(pairs, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    a, b, _ = pairs["bert"]
+    for src, dst in ((a, tmp_path / "a"), (b, tmp_path / "b")):
+        dst.mkdir()
+        t = load_file(src / "model.safetensors")
+        t["classifier.weight"] = np.ones((2, 32), np.float32)
+        save_file(t, dst / "model.safetensors")
+        (dst / "config.json").write_text((src / "config.json").read_text())
+    with pytest.raises(SelectionError, match=r"--residual: classifier\.weight is not a tensor align knows"):
+        run_align(tmp_path / "a", tmp_path / "b", tmp_path / "o", AlignOptions(residual=True))
+    assert run_align(tmp_path / "a", tmp_path / "b", tmp_path / "o").summary.residual_permuted is False

@@ -18,9 +18,9 @@ from spectra_cli.spectral.align import (
     inner_product,
     match_heads,
     match_mlp,
-    weight_matching,
 )
 from spectra_cli.spectral.align_arch import detect
+from spectra_cli.spectral.align_descent import weight_matching
 from spectra_cli.spectral.align_report import agreement, finding, rel_distance
 
 H, N_UNITS = 24, 40

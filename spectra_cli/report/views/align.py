@@ -33,7 +33,8 @@ def columns(env: Env) -> list[Column]:
         Column("agreement_after", "|cos| after", fmt_num),
         Column("overlap_before", "overlap before", fmt_num, default=False),
         Column("overlap_after", "overlap after", fmt_num),
-        Column("other_side_overlap", "other side", fmt_num, default=False),
+        Column("residual_agreement_after", "residual |cos| after", fmt_num, default=False),
+        Column("residual_overlap_after", "residual overlap after", fmt_num, default=False),
     ]
 
 
@@ -42,7 +43,8 @@ def notes(env: Env) -> list[str]:
     dims = "q/k and v/o dimensions" if s["qk_dims_permuted"] else "v/o dimensions (q/k fixed: rotary or relative positions)"
     return [
         f"{s['architecture']}, {s['layers']} layers, {s['heads']} heads ({s['kv_heads']} key/value) of {s['head_dim']}; "
-        f"permuted: MLP units, heads, {dims}; residual stream not permuted",
+        f"permuted: MLP units, heads, {dims}; " + (f"residual stream permuted ({s['residual_moved']:.0%} of its "
+        "coordinates moved)" if s.get("residual_permuted") else "residual stream not permuted"),
         f"weight matching: {s['sweeps']} sweeps ({'converged' if s['converged'] else 'stopped at --max-iter'}), "
         f"Σ⟨A, P(B)⟩ {s['objective_before']:.4g} → {s['objective_after']:.4g}; moved {s['mlp_units_moved']:.0%} of "
         f"the MLP units and {s['heads_moved']:.0%} of the heads",
