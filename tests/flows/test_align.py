@@ -324,3 +324,22 @@ def test_residual_refuses_a_tensor_it_cannot_place(pairs, tmp_path):
     with pytest.raises(SelectionError, match=r"--residual: classifier\.weight is not a tensor align knows"):
         run_align(tmp_path / "a", tmp_path / "b", tmp_path / "o", AlignOptions(residual=True))
     assert run_align(tmp_path / "a", tmp_path / "b", tmp_path / "o").summary.residual_permuted is False
+
+
+def test_bfloat16_b_keeps_its_dtype_and_values(pairs, tmp_path):
+    """A bfloat16 B: the output is bfloat16 and each permuted tensor holds exactly B's values, reordered."""
+    from safetensors import safe_open
+
+    a, _, _ = pairs["llama"]
+    b_model = model("llama", 1).to(torch.bfloat16)
+    b = save(b_model, tmp_path / "b16")
+    run_align(a, b, tmp_path / "out")
+    with safe_open(b / "model.safetensors", "pt") as fb, safe_open(tmp_path / "out" / "model.safetensors", "pt") as fo:
+        assert set(fb.keys()) == set(fo.keys())
+        changed = 0
+        for name in fb.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            x, y = fb.get_tensor(name), fo.get_tensor(name)
+            assert y.dtype == torch.bfloat16 and y.shape == x.shape
+            assert torch.equal(x.flatten().sort().values, y.flatten().sort().values), name
+            changed += int(not torch.equal(x, y))
+    assert changed > 0
