@@ -71,6 +71,7 @@ class AlignSummary:
     kv_heads: int
     head_dim: int
     qk_dims_permuted: bool
+    vo_dims_permuted: bool
     residual_permuted: bool
     residual_moved: float | None
     sweeps: int
@@ -116,7 +117,7 @@ def _heads(arch: Arch, ck: Checkpoint, slots: list[Slot], opts: AlignOptions) ->
     krows = ck.info(k.tensor).shape[1 if k.transposed else 0] // (3 if k.part is not None else 1)
     if krows != kv * dh:
         raise ShapeMismatch(f"{k.tensor}: {krows} key rows, not {kv} key/value heads × {dh}; check --kv-heads")
-    return Heads(heads, kv, dh, qk_dims=opts.within_head and not arch.rope)
+    return Heads(heads, kv, dh, qk_dims=opts.within_head and not arch.rope, vo_dims=opts.within_head)
 
 
 def _check_pair(a: Checkpoint, b: Checkpoint) -> tuple[Arch, Arch]:
@@ -349,7 +350,7 @@ def _summary(arch: Arch, h: Heads, m: Matching, rows: list[dict[str, Any]], sq: 
     mean = lambda key: float(np.mean([r[key] for r in rows])) if rows else 0.0  # noqa: E731
     return AlignSummary(
         architecture=arch.name, layers=arch.layers, heads=h.heads, kv_heads=h.kv_heads, head_dim=h.head_dim,
-        qk_dims_permuted=h.qk_dims, residual_permuted=m.residual is not None,
+        qk_dims_permuted=h.qk_dims, vo_dims_permuted=h.vo_dims, residual_permuted=m.residual is not None,
         residual_moved=None if m.residual is None else float(np.mean(m.residual != np.arange(m.residual.size))),
         sweeps=m.sweeps, converged=m.converged,
         objective_before=m.objective[0] if m.objective else 0.0,

@@ -87,12 +87,14 @@ def apply_mlp(w: LayerWeights, perm: np.ndarray) -> LayerWeights:
 @dataclass(frozen=True)
 class Heads:
     """The attention geometry: ``heads`` query heads, ``kv_heads`` key/value heads of ``head_dim`` each;
-    ``qk_dims`` False where q/k dimensions may not be permuted (rotary embeddings)."""
+    ``qk_dims`` False where q/k dimensions may not be permuted (rotary embeddings), ``vo_dims`` False to keep
+    the v/o dimensions in place too."""
 
     heads: int
     kv_heads: int
     head_dim: int
     qk_dims: bool = True
+    vo_dims: bool = True
 
     @property
     def group(self) -> int:
@@ -168,7 +170,7 @@ def _inner(a: dict[str, np.ndarray], b: dict[str, np.ndarray], i: int, j: int, h
         cq = kk + qq[np.arange(g), t].sum(axis=0)
         cv = vv + oo[np.arange(g), t].sum(axis=0)
         qk = assign(cq) if h.qk_dims else ident
-        vo = assign(cv)
+        vo = assign(cv) if h.vo_dims else ident
         ct = qq[:, :, ident, qk].sum(axis=2) + oo[:, :, ident, vo].sum(axis=2)  # g × g
         t = assign(ct) if g > 1 else t
         score = float(kk[ident, qk].sum() + vv[ident, vo].sum() + ct[np.arange(g), t].sum())

@@ -343,3 +343,13 @@ def test_bfloat16_b_keeps_its_dtype_and_values(pairs, tmp_path):
             assert torch.equal(x.flatten().sort().values, y.flatten().sort().values), name
             changed += int(not torch.equal(x, y))
     assert changed > 0
+
+
+def test_no_within_head_keeps_every_head_dimension_in_place(pairs, tmp_path):
+    a, b, _ = pairs["bert"]
+    res = run_align(a, b, tmp_path / "out", AlignOptions(within_head=False))
+    for p in res.matching.perms:
+        assert (p.heads.qk == np.arange(DH)).all() and (p.heads.vo == np.arange(DH)).all()
+    assert not res.summary.qk_dims_permuted and not res.summary.vo_dims_permuted
+    r = runner.invoke(app, ["align", str(a), str(b), "--out", str(tmp_path / "o2"), "--no-within-head", "-q"])
+    assert r.exit_code == 0 and "no dimensions inside a head" in r.stdout

@@ -40,7 +40,12 @@ def columns(env: Env) -> list[Column]:
 
 def notes(env: Env) -> list[str]:
     s = env["summary"]
-    dims = "q/k and v/o dimensions" if s["qk_dims_permuted"] else "v/o dimensions (q/k fixed: rotary or relative positions)"
+    if s["qk_dims_permuted"]:
+        dims = "q/k and v/o dimensions"
+    elif s.get("vo_dims_permuted", True):
+        dims = "v/o dimensions (q/k fixed: rotary or relative positions)"
+    else:
+        dims = "no dimensions inside a head (--no-within-head)"
     return [
         f"{s['architecture']}, {s['layers']} layers, {s['heads']} heads ({s['kv_heads']} key/value) of {s['head_dim']}; "
         f"permuted: MLP units, heads, {dims}; " + (f"residual stream permuted ({s['residual_moved']:.0%} of its "
