@@ -103,7 +103,7 @@ def figures(env: Env) -> list[Figure]:
 
 def plot_agreement(before: list[float], after: list[float], rows: list[dict[str, Any]], path: Path) -> None:
     """Left: mean |cos| of the i-th singular vectors (permuted side) over all matrices, before and after.
-    Right: the same per role (q, k, v, o, mlp_in, mlp_out), after."""
+    Right: the same per role (q, k, v, o, mlp_in, mlp_out), after (solid) and before (dotted)."""
     import numpy as np
 
     from spectra_cli.report.plots import DPI, pyplot
@@ -115,20 +115,23 @@ def plot_agreement(before: list[float], after: list[float], rows: list[dict[str,
     a1.plot(idx, after, marker="o", color="#C44E52", label="after (A vs P(B))")
     a1.set_ylim(0, 1.02)
     a1.set_xlabel("singular-value index i (1 = largest σ)")
-    a1.set_ylabel("mean |⟨x_i^A, x_i^B⟩| (permuted side)")
+    a1.set_ylabel(r"mean $|\langle x_i^A, x_i^B \rangle|$ (permuted side)")
     a1.set_title("all matched matrices", fontsize=10)
     a1.legend(fontsize=8)
-    roles: dict[str, list[list[float]]] = {}
+    roles: dict[str, tuple[list[list[float]], list[list[float]]]] = {}
     for r in rows:
-        curve = r.get("agreement_by_index_after") or []
-        if len(curve) == len(after):
-            roles.setdefault(str(r.get("role")), []).append(curve)
-    for role, curves in roles.items():
-        a2.plot(idx, np.mean(curves, axis=0), marker=".", label=role)
+        curve, was = r.get("agreement_by_index_after") or [], r.get("agreement_by_index_before") or []
+        if len(curve) == len(was) == len(after):
+            pair = roles.setdefault(str(r.get("role")), ([], []))
+            pair[0].append(curve)
+            pair[1].append(was)
+    for role, (curves, olds) in roles.items():
+        (line,) = a2.plot(idx, np.mean(curves, axis=0), marker=".", label=role)
+        a2.plot(idx, np.mean(olds, axis=0), ls=":", lw=1, color=line.get_color(), alpha=0.7)
     a2.set_ylim(0, 1.02)
     a2.set_xlabel("singular-value index i")
-    a2.set_ylabel("mean |cos| after alignment")
-    a2.set_title("after, per role", fontsize=10)
+    a2.set_ylabel("mean |cos|")
+    a2.set_title("per role: after (solid), before (dotted)", fontsize=10)
     if roles:
         a2.legend(fontsize=8)
     fig.tight_layout()
