@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from spectra_cli.checkpoint.matrices import Selection
+from spectra_cli.checkpoint.naming import ROLES
 from spectra_cli.errors import SpectraError
 
 METHODS = ("auto", "svd", "gram")
@@ -22,24 +23,29 @@ class _Validated:
 
 @dataclass(frozen=True)
 class SelectionOptions(_Validated):
-    """Which matrices: ``--include``, ``--exclude``, ``--kinds``, ``--min-dim`` (every command that reads a
-    checkpoint). Strings and lists are normalised to tuples."""
+    """Which matrices: ``--include``, ``--exclude``, ``--kinds``, ``--roles``, ``--min-dim`` (every command that
+    reads a checkpoint). Strings and lists are normalised to tuples; ``roles`` must be values of
+    :data:`~spectra_cli.checkpoint.naming.ROLES`."""
 
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     kinds: tuple[str, ...] = ()
     min_dim: int = 1
+    roles: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("include", "exclude", "kinds"):
+        for name in ("include", "exclude", "kinds", "roles"):
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         if self.min_dim < 1:
             raise SpectraError(f"--min-dim {self.min_dim}: must be at least 1")
+        bad = [r for r in self.roles if r not in ROLES]
+        if bad:
+            raise SpectraError(f"--roles {','.join(bad)}: not a role; choose from {', '.join(ROLES)}")
 
     def selection(self, split_fused: bool = False) -> Selection:
-        return Selection(self.include, self.exclude, self.kinds, self.min_dim, split_fused)
+        return Selection(self.include, self.exclude, self.kinds, self.min_dim, split_fused, self.roles)
 
 
 @dataclass(frozen=True)

@@ -40,11 +40,11 @@ def select_targets(ckpt: Checkpoint, selection: Selection) -> list[MatrixSpec]:
     """The target weights: 2-D ``<module>.weight`` matrices passing the filters (``selection``, fused matrices
     whole), in read order.
 
-    With no ``--kinds``/``--include`` every linear weight but embeddings and the output head is a target
+    With no ``--kinds``/``--include``/``--roles`` every linear weight but embeddings and the output head is a target
     (PEFT's ``all-linear``). Every ``--kinds`` entry must match something; embeddings, conv kernels and fused
     parts cannot be targets (PEFT gives them other factor shapes)."""
     specs, _ = select_matrices(ckpt, selection)
-    explicit = bool(selection.kinds or selection.include)
+    explicit = bool(selection.kinds or selection.include or selection.roles)
     out: list[MatrixSpec] = []
     for s in specs:
         two_d = len(s.tensor.shape) == 2 and s.tensor.name.endswith(".weight")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from spectra_cli.checkpoint.naming import matches_kind, parse_names
+from spectra_cli.checkpoint.naming import ROLES, matches_kind, parse_names
 from spectra_cli.checkpoint.source import Checkpoint
 from spectra_cli.checkpoint.tensors import DTYPE_NAMES, SUPPORTED_FLOATS, TensorInfo
 from spectra_cli.errors import SelectionError
@@ -70,13 +70,40 @@ class Skipped:
 
 @dataclass(frozen=True)
 class Selection:
-    """Filters applied to the tensors of a checkpoint. Globs match tensor names (``fnmatch``)."""
+    """Filters applied to the tensors of a checkpoint. Globs match tensor names (``fnmatch``); ``roles`` are
+    values of :data:`~spectra_cli.checkpoint.naming.ROLES` (attention, mlp, embedding, …)."""
 
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     kinds: tuple[str, ...] = ()
     min_dim: int = 1
     split_fused: bool = False
+    roles: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        bad = [r for r in self.roles if r not in ROLES]
+        if bad:
+            raise SelectionError(f"--roles {','.join(bad)}: not a role; choose from {', '.join(ROLES)}")
+
+    @property
+    def filters(self) -> list[str]:
+        """The filters in force, as the flags that set them (``--kinds query,value``)."""
+        what = []
+        if self.include:
+            what.append(f"--include {' '.join(self.include)}")
+        if self.exclude:
+            what.append(f"--exclude {' '.join(self.exclude)}")
+        if self.kinds:
+            what.append(f"--kinds {','.join(self.kinds)}")
+        if self.roles:
+            what.append(f"--roles {','.join(self.roles)}")
+        if self.min_dim > 1:
+            what.append(f"--min-dim {self.min_dim}")
+        return what
+
+    def accepts_role(self, role: str) -> bool:
+        """The --roles rule (a matrix's role is known once its shape is: conv kernels become ``conv``)."""
+        return not self.roles or role in self.roles
 
     def accepts_name(self, tensor_name: str, kind: str) -> bool:
         """The --include / --exclude / --kinds rule (``--min-dim`` is checked on shapes)."""
@@ -146,7 +173,31 @@ def _fused_parts(
 
 
 def select_matrices(ckpt: Checkpoint, sel: Selection) -> tuple[list[MatrixSpec], list[Skipped]]:
-    """The matrices of ``ckpt`` that pass the filters, in read order, and the tensors skipped (with reasons)."""
+    """The matrices of ``ckpt`` that pass the filters, in read order, and the tensors skipped (with reasons).
+    Raises :class:`SelectionError` when none does."""
+    specs, skipped = _select(ckpt, sel)
+    if not specs:
+        names = parse_names([t.name for t in ckpt.tensors])
+        what = sel.filters
+        hint = f" after filters ({'; '.join(what)})" if what else ""
+        kinds = sorted({names[t.name].kind for t in ckpt.tensors if len(t.shape) >= 2 and t.is_float})[:12]
+        raise SelectionError(
+            f"{ckpt.path}: no weight matrices selected{hint}; {len(ckpt.tensors)} tensors in the checkpoint"
+            + (f", kinds include: {', '.join(kinds)}" if kinds else "")
+        )
+    return specs, skipped
+
+
+def count_excluded(ckpt: Checkpoint, sel: Selection, selected: int) -> int:
+    """How many weight matrices of ``ckpt`` the filters of ``sel`` left out, given that ``selected`` passed
+    (0 when no filter is set). Reads headers only."""
+    if not sel.filters:
+        return 0
+    every, _ = _select(ckpt, Selection(split_fused=sel.split_fused))
+    return max(len(every) - selected, 0)
+
+
+def _select(ckpt: Checkpoint, sel: Selection) -> tuple[list[MatrixSpec], list[Skipped]]:
     gpt2 = _is_gpt2_style(ckpt)
     names = parse_names([t.name for t in ckpt.tensors])
     specs: list[MatrixSpec] = []
@@ -155,6 +206,8 @@ def select_matrices(ckpt: Checkpoint, sel: Selection) -> tuple[list[MatrixSpec],
         ni = names[t.name]
         if not sel.accepts_name(t.name, ni.kind):
             continue
+        if not sel.accepts_role(ni.role) and not (ni.role == "other" and "conv" in sel.roles):
+            continue  # (a tensor named "other" may still be a conv kernel: decided on its shape below)
         if not t.is_float:
             skipped.append(Skipped(t.name, t.shape, t.dtype, "not a floating-point tensor"))
             continue
@@ -185,6 +238,8 @@ def select_matrices(ckpt: Checkpoint, sel: Selection) -> tuple[list[MatrixSpec],
                 role = "conv"
         else:
             skipped.append(Skipped(t.name, t.shape, t.dtype, f"{nd}-D tensor that is not a conv kernel"))
+            continue
+        if not sel.accepts_role(role):
             continue
         shape = (stored[1], stored[0]) if transposed else stored
         if 0 in shape:
@@ -230,20 +285,4 @@ def select_matrices(ckpt: Checkpoint, sel: Selection) -> tuple[list[MatrixSpec],
             if min(c.shape) < sel.min_dim:
                 continue
             specs.append(c)
-    if not specs:
-        what = []
-        if sel.include:
-            what.append(f"--include {' '.join(sel.include)}")
-        if sel.exclude:
-            what.append(f"--exclude {' '.join(sel.exclude)}")
-        if sel.kinds:
-            what.append(f"--kinds {','.join(sel.kinds)}")
-        if sel.min_dim > 1:
-            what.append(f"--min-dim {sel.min_dim}")
-        hint = f" after filters ({'; '.join(what)})" if what else ""
-        kinds = sorted({names[t.name].kind for t in ckpt.tensors if len(t.shape) >= 2 and t.is_float})[:12]
-        raise SelectionError(
-            f"{ckpt.path}: no weight matrices selected{hint}; {len(ckpt.tensors)} tensors in the checkpoint"
-            + (f", kinds include: {', '.join(kinds)}" if kinds else "")
-        )
     return specs, skipped

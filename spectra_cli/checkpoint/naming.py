@@ -24,6 +24,10 @@ _MLP_HINTS = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate", "dens
 _MLP_EXACT = {"wi", "wo", "wi_0", "wi_1", "w1", "w2", "w3", "c_fc", "dense_h_to_4h", "dense_4h_to_h"}
 _SUFFIXES = ("weight", "kernel")
 
+#: every role :func:`role_of` gives (``conv`` is given to conv kernels by ``checkpoint/matrices.py``); the choices
+#: of ``--roles``
+ROLES = ("embedding", "lm_head", "attention", "mlp", "conv", "other")
+
 
 @dataclass(frozen=True)
 class NameInfo:

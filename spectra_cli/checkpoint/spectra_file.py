@@ -83,7 +83,8 @@ def saved_matrices(ckpt: Checkpoint, sel: Selection) -> tuple[list[dict[str, Any
             f"{source}: metadata 'skipped_tensors' is {skipped[:40]!r}, not a count; {_HINT}"
         )
     chosen = [
-        m for m in records if sel.accepts_name(m["tensor"], m["kind"]) and min(m["shape"]) >= sel.min_dim
+        m for m in records
+        if sel.accepts_name(m["tensor"], m["kind"]) and sel.accepts_role(m["role"]) and min(m["shape"]) >= sel.min_dim
     ]
     return chosen, saved_opts
 

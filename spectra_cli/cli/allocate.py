@@ -177,6 +177,7 @@ def allocate_cmd(
     include: o.IncludeOpt = None,
     exclude: o.ExcludeOpt = None,
     kinds: o.KindsOpt = None,
+    roles: o.RolesOpt = None,
     min_dim: o.MinDimOpt = 1,
     device: o.DeviceOpt = "auto",
     precision: o.PrecisionOpt = o.Precision.float32,
@@ -195,7 +196,7 @@ def allocate_cmd(
     from spectra_cli.flows.allocate import AllocateOptions, run_allocate
 
     opts = o.build(
-        AllocateOptions, o.selection(include, exclude, kinds, min_dim),
+        AllocateOptions, o.selection(include, exclude, kinds, min_dim, roles=roles),
         o.engine(device, precision, backend, max_memory, method), strategy=strategy.value, budget_rank=budget_rank,
         budget_params=budget_params, min_rank=min_rank, max_rank=max_rank, multiple_of=multiple_of,
         allow_zero=allow_zero, alpha_policy=alpha.value, lora_alpha=lora_alpha, activations=activations, rho=rho,
@@ -208,7 +209,8 @@ def allocate_cmd(
         result = run_allocate(ckpt, opts, progress=update)
     s = result.summary
     if s.dropped:
-        warn(f"{len(s.dropped)} modules get rank 0 and no adapter", quiet)
+        warn(f"{len(s.dropped)} {'module gets' if len(s.dropped) == 1 else 'modules get'} rank 0 and no adapter",
+             quiet)  # fmt: skip
     if peft_config:
         result.write_peft_config(peft_config)
         warn(f"wrote the PEFT config ({s.adapted} target modules) to {peft_config}", quiet)

@@ -51,6 +51,7 @@ def analyze_cmd(
     include: o.IncludeOpt = None,
     exclude: o.ExcludeOpt = None,
     kinds: o.KindsOpt = None,
+    roles: o.RolesOpt = None,
     min_dim: o.MinDimOpt = 1,
     split_fused: o.SplitFusedOpt = False,
     device: o.DeviceOpt = "auto",
@@ -123,7 +124,7 @@ def analyze_cmd(
 
     rmt = RMTOptions(mp_fit or all_diagnostics, randomize or all_diagnostics, detx or all_diagnostics, seed,
                      vectors or all_diagnostics)
-    opts = o.build(AnalyzeOptions, o.selection(include, exclude, kinds, min_dim, split_fused),
+    opts = o.build(AnalyzeOptions, o.selection(include, exclude, kinds, min_dim, split_fused, roles=roles),
                    o.engine(device, precision, backend, max_memory, method), rmt=rmt if rmt.any else None)  # fmt: skip
     if demo:
         from spectra_cli.checkpoint.demo import demo_checkpoint

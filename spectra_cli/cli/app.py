@@ -52,12 +52,13 @@ def _register() -> None:
         rankme,
         reconstruct,
         report,
+        track,
     )
 
-    # the order of `spectra --help`: look, compare, choose ranks, initialise, merge (and rebuild), align, gate,
-    # report
-    for command in (analyze, compare, rankme, allocate, init_adapter, capture, merge, reconstruct, align, check,
-                    report):
+    # the order of `spectra --help`: look, compare, follow a run, choose ranks, initialise, merge (and rebuild),
+    # align, gate, report
+    for command in (analyze, compare, track, rankme, allocate, init_adapter, capture, merge, reconstruct, align,
+                    check, report):
         command.register(app)
     from spectra_cli.cli.options import Command, tidy_help
 

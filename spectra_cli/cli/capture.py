@@ -16,6 +16,7 @@ from spectra_cli.cli.emit import emit
 from spectra_cli.cli.errors import handle_errors
 from spectra_cli.cli.progress import progress_bar, warn
 from spectra_cli.errors import SpectraError
+from spectra_cli.report.render import plural
 
 EPILOG = """\
 Examples:
@@ -31,6 +32,8 @@ Examples:
   spectra capture model/ --data train.txt --gradients --batches 8 --kinds q_proj,v_proj --out grads/
 
   spectra init-adapter model/ --method lora-ga --gradients grads/ --rank 8 --kinds q_proj,v_proj --out lora-ga/
+
+  spectra capture bert-mlm/ --data train.txt --gradients --batches 8 --seed 0 --kinds query,value --out grads/
 """
 
 
@@ -116,17 +119,21 @@ def capture_cmd(
         bool,
         typer.Option(
             "--gradients",
-            help="Instead of input statistics, write each selected weight's mean causal-LM gradient over --batches "
-            "batches into the folder --out, streamed in groups of modules (for init-adapter --method lora-ga "
-            "--gradients).",
+            help="Instead of input statistics, write each selected weight's mean gradient of the model's LM loss "
+            "(causal LM, or masked LM with BERT's 15% masking) over --batches batches into the folder --out, "
+            "streamed in groups of modules (for init-adapter --method lora-ga --gradients).",
         ),
     ] = False,
     batches: Annotated[
         int, typer.Option("--batches", metavar="N", help="--gradients: batches of --batch-size examples.")
     ] = 1,
+    seed: Annotated[
+        int, typer.Option("--seed", metavar="N", help="--gradients on a masked LM: the seed of the masking.")
+    ] = 0,
     include: o.IncludeOpt = None,
     exclude: o.ExcludeOpt = None,
     kinds: o.KindsOpt = None,
+    roles: o.RolesOpt = None,
     min_dim: o.MinDimOpt = 1,
     device: o.DeviceOpt = "auto",
     precision: Annotated[o.Precision, o.precision_option("No effect yet for capture: the statistics are always "
@@ -144,28 +151,37 @@ def capture_cmd(
     wide: o.WideOpt = False,
     quiet: o.QuietOpt = False,
 ) -> None:
-    """Run a Hugging Face model over text and write per-module input statistics (CorDA, EVA).
+    """Run a Hugging Face model over text and write per-module input statistics (CorDA, EVA, EoRA),
+    or with --gradients each weight's gradient of the model's LM loss (LoRA-GA).
 
-    The statistics stream: activations are never stored. q/k/v (and gate/up) projections that share their
-    input are computed once. Needs transformers (pip install 'spectra-cli[hf]').
+    The statistics stream: activations are never stored. q/k/v (and gate/up) projections that
+    share their input are computed once. Gradients: the causal-LM loss for a …ForCausalLM, BERT's
+    masked-LM loss (15% of the tokens, drawn from --seed) for a …ForMaskedLM; a model without an
+    LM head is refused. Needs transformers (pip install 'spectra-cli\\[hf]').
     """  # fmt: skip
     from spectra_cli.cli.outputs import check_outputs
     from spectra_cli.flows.capture import CaptureOptions, run_capture
     from spectra_cli.flows.capture_grad import run_capture_gradients
 
     opts = o.build(
-        CaptureOptions, o.selection(include, exclude, kinds, min_dim), o.compute(device, precision, backend, max_memory),
+        CaptureOptions, o.selection(include, exclude, kinds, min_dim, roles=roles), o.compute(device, precision, backend, max_memory),
         text_field=text_field, max_tokens=max_tokens, batch_size=batch_size, max_length=max_length,
         components=components, stats=stats.value, tau=tau, tokenizer=str(tokenizer) if tokenizer else None,
     )  # fmt: skip
     if gradients:
         check_outputs([model_dir, data], {"--output": output, "--html": html}, folders={"--out": out})
         with progress_bar("gradients", quiet) as update:
-            g = run_capture_gradients(model_dir, data, out, opts, batches, max_memory, progress=update)
+            g = run_capture_gradients(model_dir, data, out, opts, batches, max_memory, progress=update, seed=seed)
         if fmt == o.Format.json:
             typer.echo(json.dumps({"command": "capture", "summary": dataclasses.asdict(g)}))
-        warn(f"wrote {g.modules} gradients ({g.batches} batches, {g.tokens} tokens, {g.groups} groups) to {out} "
-             f"in {g.seconds:.2f} s, peak RSS {g.peak_rss_mb:.0f} MB", quiet)  # fmt: skip
+        if g.batches < batches:
+            warn(f"only {g.batches} of the {batches} batches were used: the data ran out"
+                 + (", or a batch's masking drew no target" if g.loss == "masked-lm" else ""), quiet)
+        targets = "masked tokens" if g.loss == "masked-lm" else "tokens"
+        warn(f"wrote {plural(g.modules, 'gradient', 'gradients')} of the {g.loss} loss "
+             f"({plural(g.batches, 'batch', 'batches')}, {g.tokens:,} {targets}, "
+             f"{plural(g.groups, 'group', 'groups')}) to {out} in {g.seconds:.2f} s, "
+             f"peak RSS {g.peak_rss_mb:.0f} MB", quiet)  # fmt: skip
         return
     # before the --force check: an output in the model folder must never be offered --force
     check_outputs(

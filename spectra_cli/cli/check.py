@@ -160,6 +160,7 @@ def check_cmd(
     include: o.IncludeOpt = None,
     exclude: o.ExcludeOpt = None,
     kinds: o.KindsOpt = None,
+    roles: o.RolesOpt = None,
     min_dim: o.MinDimOpt = 1,
     device: o.DeviceOpt = "auto",
     precision: o.PrecisionOpt = o.Precision.float32,
@@ -179,7 +180,7 @@ def check_cmd(
 def _check(ckpt: Path | None, policy: Path | None, base: Path | None, base_spectra: Path | None,
            baseline: Path | None, update_baseline: Path | None, init: bool, force: bool, junit: Path | None,
            markdown: Path | None, github: bool, show_all: bool, allow_missing: bool, include: list[str] | None,
-           exclude: list[str] | None, kinds: list[str] | None, min_dim: int, device: str, precision: o.Precision,
+           exclude: list[str] | None, kinds: list[str] | None, roles: list[str] | None, min_dim: int, device: str, precision: o.Precision,
            backend: o.Backend, max_memory: int | None, fmt: o.Format, output: Path | None, html: Path | None,
            columns: list[str] | None, wide: bool, quiet: bool) -> None:  # fmt: skip
     if init:
@@ -194,7 +195,7 @@ def _check(ckpt: Path | None, policy: Path | None, base: Path | None, base_spect
     from spectra_cli.gate.markdown import github_annotations, markdown_summary, write_text
     from spectra_cli.gate.policy import find_policy, load_policy
 
-    opts = o.build(CheckOptions, o.selection(include, exclude, kinds, min_dim),
+    opts = o.build(CheckOptions, o.selection(include, exclude, kinds, min_dim, roles=roles),
                    o.compute(device, precision, backend, max_memory), base=base, base_spectra=base_spectra,
                    baseline=baseline, update_baseline=update_baseline, allow_missing=allow_missing)  # fmt: skip
     pol = load_policy(policy if policy is not None else find_policy(Path.cwd()))
@@ -206,7 +207,7 @@ def _check(ckpt: Path | None, policy: Path | None, base: Path | None, base_spect
     title = f"spectra check {ckpt}"
     if update_baseline is not None:
         n = write_baseline(update_baseline, result)
-        warn(f"wrote the baseline of {n} modules to {update_baseline}", quiet)
+        warn(f"wrote the baseline of {n} {'module' if n == 1 else 'modules'} to {update_baseline}", quiet)
     if junit is not None:
         write_junit(junit, result.verdicts, title, result.summary.seconds, policy_name)
     md = markdown_summary(result.verdicts, result.summary, str(ckpt), policy_name)

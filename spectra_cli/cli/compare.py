@@ -83,6 +83,7 @@ def compare_cmd(
     include: o.IncludeOpt = None,
     exclude: o.ExcludeOpt = None,
     kinds: o.KindsOpt = None,
+    roles: o.RolesOpt = None,
     min_dim: o.MinDimOpt = 1,
     device: o.DeviceOpt = "auto",
     precision: o.PrecisionOpt = o.Precision.float32,
@@ -101,7 +102,7 @@ def compare_cmd(
     from spectra_cli.flows.compare import CompareOptions, IntruderRemover, run_compare
 
     pairs = o.named_paths(tuned, "TUNED", default_name)
-    opts = o.build(CompareOptions, o.selection(include, exclude, kinds, min_dim),
+    opts = o.build(CompareOptions, o.selection(include, exclude, kinds, min_dim, roles=roles),
                    o.compute(device, precision, backend, max_memory), top_k=top_k, allow_missing=allow_missing,
                    epsilons=o.numbers(epsilon, "--epsilon", "0.5 or 0.3,0.5,0.7") or (0.5,))  # fmt: skip
     eps = opts.epsilons
@@ -132,7 +133,8 @@ def compare_cmd(
             for name, path in written.items():
                 n = len(remover.changed.get(name, []))
                 warn(
-                    f"wrote {name} with intruders removed from {n} matrices (λ = {remove_intruders:g}) to {path}",
+                    f"wrote {name} with intruders removed from {n} {'matrix' if n == 1 else 'matrices'} "
+                    f"(λ = {remove_intruders:g}) to {path}",
                     quiet,
                 )
     except BaseException:

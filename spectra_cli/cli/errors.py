@@ -115,7 +115,9 @@ def _show_warnings(caught: list[warnings.WarningMessage], quiet: bool) -> None:
         if key in seen:
             continue
         seen.add(key)
-        print(f"spectra: {key[0]}: {_line(key[1])}", file=sys.stderr)
+        # spectra's own notices are UserWarnings: said plainly; another category (a library's FutureWarning) is named
+        what = "" if w.category is UserWarning else f"{key[0]}: "
+        print(f"spectra: {what}{_line(key[1])}", file=sys.stderr)
 
 
 def handle_errors(func: F, code: int = 1, catch_all: bool = False) -> F:

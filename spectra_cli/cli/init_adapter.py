@@ -269,6 +269,7 @@ def init_adapter_cmd(
     include: o.IncludeOpt = None,
     exclude: o.ExcludeOpt = None,
     kinds: o.KindsOpt = None,
+    roles: o.RolesOpt = None,
     min_dim: o.MinDimOpt = 1,
     device: o.DeviceOpt = "auto",
     precision: o.PrecisionOpt = o.Precision.float32,
@@ -304,7 +305,7 @@ def init_adapter_cmd(
         if value is not None:
             m_opts[key] = value
     opts = o.build(
-        InitOptions, o.selection(include, exclude, kinds, min_dim), o.compute(device, precision, backend, max_memory),
+        InitOptions, o.selection(include, exclude, kinds, min_dim, roles=roles), o.compute(device, precision, backend, max_memory),
         method=method, rank=rank, alpha=alpha, rslora=rslora, ranks_file=ranks, allocate=allocate,
         budget_rank=budget_rank, tuned=tuned, energy=energy, fast=fast, activations=activations,
         method_options=m_opts, dtype=dtype, force=force, compressed=compressed, gradients=gradients,

@@ -189,6 +189,7 @@ def merge_cmd(
     include: o.IncludeOpt = None,
     exclude: o.ExcludeOpt = None,
     kinds: o.KindsOpt = None,
+    roles: o.RolesOpt = None,
     min_dim: o.MinDimOpt = 1,
     device: Annotated[str, o.device_option(_DECOMPOSITIONS)] = "auto",
     precision: o.PrecisionOpt = o.Precision.float32,
@@ -208,7 +209,7 @@ def merge_cmd(
 
     pairs = o.named_paths(tuned, "TUNED", default_name)
     opts = o.build(
-        MergeOptions, o.selection(include, exclude, kinds, min_dim), o.compute(device, precision, backend, max_memory),
+        MergeOptions, o.selection(include, exclude, kinds, min_dim, roles=roles), o.compute(device, precision, backend, max_memory),
         method=method, weights=o.numbers(weights, "--weights", "0.5,1") or None, params=_params(param, scale, density),
         basis=basis, energy=energy, center=center, sweep=sweep, interference_k=interference_k,
         to_adapter=to_adapter, rank=rank,

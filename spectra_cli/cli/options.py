@@ -29,6 +29,7 @@ import typer
 import typer.core
 import typer.models
 
+from spectra_cli.checkpoint.naming import ROLES
 from spectra_cli.errors import SpectraError
 
 T = TypeVar("T")
@@ -204,10 +205,10 @@ def _value(x: Any) -> Any:
 
 
 def selection(include: list[str] | None, exclude: list[str] | None, kinds: list[str] | None, min_dim: int = 1,
-              split_fused: bool | None = None) -> dict[str, Any]:  # fmt: skip
+              split_fused: bool | None = None, roles: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
     """The keyword arguments of :class:`~spectra_cli.options.SelectionOptions` (+ ``split_fused`` for analyze)."""
     kw: dict[str, Any] = {"include": split_csv(include), "exclude": split_csv(exclude), "kinds": split_csv(kinds),
-                          "min_dim": min_dim}  # fmt: skip
+                          "min_dim": min_dim, "roles": split_csv(roles)}  # fmt: skip
     if split_fused is not None:
         kw["split_fused"] = split_fused
     return kw
@@ -264,6 +265,11 @@ KindsOpt = Annotated[
     list[str] | None,
     typer.Option("--kinds", "-k", metavar="KIND,…", help="Only these module kinds, PEFT-style, e.g. q_proj,v_proj or query,value.",
                  rich_help_panel="Selection"),
+]  # fmt: skip
+RolesOpt = Annotated[
+    list[str] | None,
+    typer.Option("--roles", metavar="ROLE,…", rich_help_panel="Selection",
+                 help="Only matrices of these roles (the rows' role column): " + ", ".join(ROLES) + "."),
 ]  # fmt: skip
 MinDimOpt = Annotated[
     int, typer.Option("--min-dim", metavar="N", help="Skip matrices whose smaller side is below N (N ≥ 1).",

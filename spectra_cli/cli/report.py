@@ -123,7 +123,8 @@ def report_cmd(
     from spectra_cli.report.html import write_html
 
     write_html(env, out, title)
-    warn(f"wrote {env['command']} report ({len(env['rows'])} rows) to {out}", quiet)
+    rows = len(env["rows"])
+    warn(f"wrote {env['command']} report ({rows} {'row' if rows == 1 else 'rows'}) to {out}", quiet)
 
 
 def register(app: typer.Typer) -> None:

@@ -291,7 +291,7 @@ def plan_allocate(path: str | Path, opts: AllocateOptions) -> AllocatePlan:
 
 def _checkpoint_specs(ckpt: Checkpoint, opts: AllocateOptions) -> list[MatrixSpec]:
     specs, _ = select_matrices(ckpt, opts.selection())
-    if not opts.include and not opts.kinds:
+    if not opts.include and not opts.kinds and not opts.roles:
         specs = [s for s in specs if s.role not in _NOT_TARGETS]
         if not specs:
             raise SelectionError(
@@ -302,7 +302,7 @@ def _checkpoint_specs(ckpt: Checkpoint, opts: AllocateOptions) -> list[MatrixSpe
 
 def _targets_from_saved(ckpt: Checkpoint, opts: AllocateOptions) -> tuple[list[Target], dict[str, Any]]:
     chosen, saved_opts = saved_matrices(ckpt, opts.selection())
-    if not opts.include and not opts.kinds:
+    if not opts.include and not opts.kinds and not opts.roles:
         chosen = [m for m in chosen if m.get("role") not in _NOT_TARGETS]
     if not chosen:
         raise SelectionError(f"{ckpt.path}: no saved spectra selected after filters")

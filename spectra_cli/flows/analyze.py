@@ -13,7 +13,7 @@ from typing import Any, TypedDict
 import numpy as np
 
 from spectra_cli.checkpoint.loader import MatrixLoader
-from spectra_cli.checkpoint.matrices import MatrixSpec, Skipped, select_matrices
+from spectra_cli.checkpoint.matrices import MatrixSpec, Selection, Skipped, count_excluded, select_matrices
 from spectra_cli.checkpoint.source import Checkpoint, checkpoint_inputs, open_checkpoint
 from spectra_cli.checkpoint.spectra_file import (
     SPECTRA_FORMAT,
@@ -57,7 +57,8 @@ class NonfiniteMatrix(TypedDict):
 
 @dataclass(frozen=True)
 class AnalyzeSummary:
-    """The model-level summary of ``analyze``. ``lowest_alpha`` / ``highest_alpha`` /
+    """The model-level summary of ``analyze``. ``matrices``: the matrices selected; ``excluded``: the weight
+    matrices the selection flags left out, ``excluded_by`` those flags (``["--kinds query,value"]``). ``lowest_alpha`` / ``highest_alpha`` /
     ``lowest_effective_rank_ratio``: up to five ``{"name", <metric>}`` records; ``engine``: the resolved engine
     (or ``{"source": "saved spectra", …}``); ``decompose_seconds`` is absent when the spectra were read back."""
 
@@ -65,6 +66,8 @@ class AnalyzeSummary:
     analysed: int
     params: int
     skipped_tensors: int
+    excluded: int
+    excluded_by: list[str]
     nonfinite: list[NonfiniteMatrix]
     over_trained: int
     under_trained: int
@@ -112,6 +115,7 @@ class AnalyzePlan:
     specs: list[MatrixSpec]
     skipped: list[Skipped]
     engine: ResolvedEngine
+    excluded: int = 0
 
 
 @dataclass
@@ -124,14 +128,14 @@ class Measured:
     decompose_seconds: float
 
 
-def _spec_meta(spec: MatrixSpec) -> dict[str, Any]:
+def spec_meta(spec: MatrixSpec) -> dict[str, Any]:
     return {
         "name": spec.name, "tensor": spec.tensor.name, "shape": list(spec.shape), "dtype": spec.dtype_name,
         "depth": spec.depth, "kind": spec.kind, "role": spec.role, "note": spec.note,
     }  # fmt: skip
 
 
-def _row(
+def matrix_row(
     meta: dict[str, Any], values: np.ndarray | None, nan: int, inf: int, precision: str
 ) -> dict[str, Any]:
     m, n = meta["shape"]
@@ -168,7 +172,7 @@ def run_analyze(
     got = measure(p, progress)
     rand = _rmt(p, got, opts.rmt, progress) if opts.rmt is not None and opts.rmt.any else {}
     summary = summarize(got.rows, len(p.skipped), engine_info(p.engine), round(time.perf_counter() - t0, 3),
-                        round(got.decompose_seconds, 3))  # fmt: skip
+                        round(got.decompose_seconds, 3), (p.excluded, opts.selection().filters))  # fmt: skip
     return AnalysisResult(got.rows, summary, checkpoint_inputs(ckpt), _options_dict(opts, p.engine), p.skipped,
                           got.spectra, got.metas, rand)  # fmt: skip
 
@@ -191,8 +195,9 @@ def _rmt(p: AnalyzePlan, got: Measured, rmt: RMTOptions, progress: Callable[[int
 
 def plan_analyze(ckpt: Checkpoint, opts: AnalyzeOptions) -> AnalyzePlan:
     """Select the matrices and resolve the engine; nothing is read or decomposed."""
-    specs, skipped = select_matrices(ckpt, opts.selection(opts.split_fused))
-    return AnalyzePlan(ckpt, specs, skipped, resolve(opts.engine))
+    sel = opts.selection(opts.split_fused)
+    specs, skipped = select_matrices(ckpt, sel)
+    return AnalyzePlan(ckpt, specs, skipped, resolve(opts.engine), count_excluded(ckpt, sel, len(specs)))
 
 
 def measure(p: AnalyzePlan, progress: Callable[[int, int, str], None] | None = None) -> Measured:
@@ -200,10 +205,10 @@ def measure(p: AnalyzePlan, progress: Callable[[int, int, str], None] | None = N
     loader = MatrixLoader(p.ckpt)
     got = Measured([], [], {}, 0.0)
     for i, mv in enumerate(singular_values(p.specs, p.engine, loader.load, loader.chunks)):
-        meta = _spec_meta(mv.spec)
+        meta = spec_meta(mv.spec)
         meta.update(nan_count=mv.nan_count, inf_count=mv.inf_count)
         got.metas.append(meta)
-        got.rows.append(_row(meta, mv.values, mv.nan_count, mv.inf_count, p.engine.precision))
+        got.rows.append(matrix_row(meta, mv.values, mv.nan_count, mv.inf_count, p.engine.precision))
         got.decompose_seconds += mv.seconds
         if mv.values is not None:
             got.spectra[mv.spec.name] = mv.values
@@ -228,6 +233,7 @@ def _from_saved(
     ckpt: Checkpoint, opts: AnalyzeOptions, t0: float, progress: Callable[[int, int, str], None] | None
 ) -> AnalysisResult:
     chosen, saved_opts = saved_matrices(ckpt, opts.selection())
+    every, _ = saved_matrices(ckpt, Selection())
     if not chosen:
         raise SelectionError(f"{ckpt.path}: no saved spectra selected after filters")
     precision = saved_opts.get("precision", "float32")
@@ -236,7 +242,8 @@ def _from_saved(
         values = saved_values(ckpt, m["name"])
         if values is not None:
             spectra[m["name"]] = values
-        loader_rows.append(_row(m, values, int(m.get("nan_count", 0)), int(m.get("inf_count", 0)), precision))
+        nan, inf = int(m.get("nan_count", 0)), int(m.get("inf_count", 0))
+        loader_rows.append(matrix_row(m, values, nan, inf, precision))
         if progress:
             progress(i + 1, len(chosen), m["name"])
     if opts.rmt is not None and opts.rmt.any:
@@ -249,6 +256,7 @@ def _from_saved(
     summary = summarize(
         loader_rows, int(ckpt.metadata.get("skipped_tensors", "0") or 0),
         {"source": "saved spectra", **saved_opts.get("resolved", {})}, round(time.perf_counter() - t0, 3),
+        excluded=(len(every) - len(chosen), opts.selection().filters),
     )  # fmt: skip
     inputs = checkpoint_inputs(ckpt)
     inputs["spectra_of"] = ckpt.metadata.get("source")
@@ -258,7 +266,7 @@ def _from_saved(
         **{
             k: v
             for k, v in _options_dict(opts, None).items()
-            if k in {"include", "exclude", "kinds", "min_dim"}
+            if k in {"include", "exclude", "kinds", "roles", "min_dim"}
         },
     }
     return AnalysisResult(loader_rows, summary, inputs, options, [], spectra, chosen)
@@ -273,8 +281,10 @@ def _mean(xs: list[float]) -> float | None:
 
 
 def summarize(rows: list[dict[str, Any]], skipped_tensors: int, engine: dict[str, Any], seconds: float,
-              decompose_seconds: float | None = None) -> AnalyzeSummary:  # fmt: skip
-    """Totals, means by kind, the most extreme layers, and the NaN/Inf report."""
+              decompose_seconds: float | None = None, excluded: tuple[int, list[str]] = (0, [])
+              ) -> AnalyzeSummary:  # fmt: skip
+    """Totals, means by kind, the most extreme layers, and the NaN/Inf report. ``excluded``: how many weight
+    matrices the selection left out, and by which flags."""
     ok = [r for r in rows if r["status"] == "ok"]
     bad = [r for r in rows if r["status"] != "ok"]
     by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -303,6 +313,8 @@ def summarize(rows: list[dict[str, Any]], skipped_tensors: int, engine: dict[str
         analysed=len(ok),
         params=int(sum(r["params"] for r in rows)),
         skipped_tensors=skipped_tensors,
+        excluded=excluded[0],
+        excluded_by=list(excluded[1]) if excluded[0] else [],
         nonfinite=[
             NonfiniteMatrix(name=r["name"], nan_count=r["nan_count"], inf_count=r["inf_count"]) for r in bad
         ],
@@ -326,5 +338,6 @@ def summarize(rows: list[dict[str, Any]], skipped_tensors: int, engine: dict[str
     )
 
 
-__all__ = ["AnalysisResult", "AnalyzeOptions", "AnalyzePlan", "AnalyzeSummary", "measure", "plan_analyze", "run_analyze",
+__all__ = ["AnalysisResult", "AnalyzeOptions", "AnalyzePlan", "AnalyzeSummary", "matrix_row", "measure", "plan_analyze",
+           "run_analyze", "spec_meta",
            "summarize"]  # fmt: skip

@@ -203,7 +203,7 @@ def _from_compare(ckpt: str | Path, policy: Policy, opts: CheckOptions, progress
 
     assert opts.base is not None
     copts = CompareOptions(
-        include=opts.include, exclude=opts.exclude, kinds=opts.kinds, min_dim=opts.min_dim,
+        include=opts.include, exclude=opts.exclude, kinds=opts.kinds, roles=opts.roles, min_dim=opts.min_dim,
         top_k=int(policy.params["intruder_top_k"]), epsilons=(float(policy.params["intruder_epsilon"]),),
         precision=opts.precision, device=opts.device, backend=opts.backend, max_memory=opts.max_memory,
         allow_missing=opts.allow_missing,
@@ -232,7 +232,7 @@ def _analyze(path: str | Path, opts: CheckOptions, progress: Progress | None, rm
     from spectra_cli.flows.analyze import AnalyzeOptions, run_analyze
 
     aopts = AnalyzeOptions(
-        include=opts.include, exclude=opts.exclude, kinds=opts.kinds, min_dim=opts.min_dim,
+        include=opts.include, exclude=opts.exclude, kinds=opts.kinds, roles=opts.roles, min_dim=opts.min_dim,
         device=opts.device, precision=opts.precision, backend=opts.backend, max_memory=opts.max_memory, rmt=rmt,
     )  # fmt: skip
     return run_analyze(path, aopts, progress=progress)
@@ -336,7 +336,7 @@ def run_check(
     if p.baseline is not None:
         inputs["baseline"] = str(p.baseline)
     used = {**policy.as_dict(), "include": list(opts.include), "exclude": list(opts.exclude),
-            "kinds": list(opts.kinds), "min_dim": opts.min_dim, "precision": opts.precision}  # fmt: skip
+            "kinds": list(opts.kinds), "roles": list(opts.roles), "min_dim": opts.min_dim, "precision": opts.precision}  # fmt: skip
     return CheckResult([v.as_row() for v in verdicts], summary, inputs, used, verdicts, got.facts, policy)
 
 
@@ -366,7 +366,8 @@ def measure(ckpt: str | Path, policy: Policy, opts: CheckOptions, p: CheckPlan,
             f.baseline = base_modules.get(name)
         missing = sorted(set(base_modules) - set(facts))
         if missing:
-            notes.append(f"{len(missing)} modules of the baseline were not measured now (selection changed?)")
+            notes.append(f"{len(missing)} {'module' if len(missing) == 1 else 'modules'} of the baseline "
+                         f"{'was' if len(missing) == 1 else 'were'} not measured now (selection changed?)")  # fmt: skip
     rewriting = (
         baseline_file is not None
         and opts.update_baseline is not None

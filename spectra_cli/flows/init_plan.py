@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 
 def explicit_selection(opts: InitOptions) -> bool:
-    return bool(opts.kinds or opts.include or opts.exclude)
+    return bool(opts.kinds or opts.include or opts.exclude or opts.roles)
 
 
 def plan_targets(
@@ -118,7 +118,7 @@ def allocate_ranks(path: str | Path, opts: InitOptions) -> InitOptions:
     from spectra_cli.flows.allocate import AllocateOptions, run_allocate
 
     a_opts = AllocateOptions(
-        include=opts.include, exclude=opts.exclude, kinds=opts.kinds, min_dim=opts.min_dim,
+        include=opts.include, exclude=opts.exclude, kinds=opts.kinds, roles=opts.roles, min_dim=opts.min_dim,
         strategy=opts.allocate or "energy", budget_rank=opts.budget_rank, lora_alpha=opts.alpha,
         activations=opts.activations, device=opts.device, precision=opts.precision,
     )  # fmt: skip

@@ -9,7 +9,7 @@ from typing import Any
 
 from spectra_cli.gate.rules import Verdict
 from spectra_cli.gate.summary import CheckSummary
-from spectra_cli.report.render import Column, fmt_num, markdown_table, write_text
+from spectra_cli.report.render import Column, fmt_num, markdown_table, plural, write_text
 from spectra_cli.report.terminal import terminal_safe
 
 MAX_FAILURE_ROWS = 50
@@ -53,7 +53,8 @@ def markdown_summary(verdicts: Sequence[Verdict], summary: CheckSummary, title: 
     ok = summary.failed == 0
     out = [f"## {'✅' if ok else '❌'} spectra check {'passed' if ok else 'failed'}: {_esc(title)}", ""]
     out.append(
-        f"Policy `{policy}` · {summary.checks} checks on {summary.modules} modules: "
+        f"Policy `{policy}` · {plural(summary.checks, 'check', 'checks')} on "
+        f"{plural(summary.modules, 'module', 'modules')}: "
         f"{summary.passed} passed, {summary.failed} failed, {summary.skipped} skipped"
     )
     rules = [{**r, "rule": f"{'❌ ' if r['failed'] else ''}`{rule}`"} for rule, r in summary.by_rule.items()]

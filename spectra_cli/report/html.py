@@ -276,7 +276,7 @@ def render_html(
         f"<style>{_CSS}</style></head><body>",
         '<header><div class="wrap">',
         f"<h1>{_e(title)}</h1>",
-        f'<p class="sub"><code>spectra {_e(command)}</code> · {len(rows)} rows'
+        f'<p class="sub"><code>spectra {_e(command)}</code> · {len(rows)} {"row" if len(rows) == 1 else "rows"}'
         + (f' · <span class="badtext">{bad} not ok</span>' if bad else "")
         + f" · spectra {_e(env.get('spectra_version', '?'))}</p>",
         '<nav><a href="#summary">Summary</a><a href="#rows">Rows</a><a href="#plots">Figures</a>'

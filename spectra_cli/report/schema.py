@@ -65,7 +65,7 @@ def _row_ok(key: str, v: Any) -> str | None:
 
 def _summary_checks() -> dict[str, dict[str, Callable[[Any], bool]]]:
     maybe_number: Callable[[Any], bool] = lambda v: v is None or _number(v)  # noqa: E731
-    counts = {k: maybe_number for k in ("analysed", "matrices", "params", "skipped_tensors", "mean_alpha",
+    counts = {k: maybe_number for k in ("analysed", "matrices", "params", "skipped_tensors", "excluded", "mean_alpha",
                                         "over_trained", "under_trained", "mean_effective_rank_ratio")}  # fmt: skip
 
     def tuned(v: Any) -> bool:

@@ -27,7 +27,7 @@ DECOMPOSING = ("analyze", "compare", "rankme", "allocate", "init-adapter", "capt
 COMPUTE_FLAGS = ("--device", "--backend", "--precision", "--max-memory")
 #: the commands that read a checkpoint's matrices take the selection flags
 SELECTING = ("analyze", "compare", "allocate", "init-adapter", "capture", "merge", "check")
-SELECTION_FLAGS = ("--include", "--exclude", "--kinds", "--min-dim")
+SELECTION_FLAGS = ("--include", "--exclude", "--kinds", "--roles", "--min-dim")
 
 
 def invoke(*args: str | Path) -> Any:
@@ -158,6 +158,15 @@ def test_a_bad_min_dim_exits_2_naming_the_flag(tiny: fx.Generated, tmp_path: Pat
     assert r.exit_code == 2 and error_lines(r.stderr) == ["Invalid value: --min-dim 0: must be at least 1"], r.stderr
 
 
+@pytest.mark.parametrize("command", SELECTING)
+def test_an_unknown_role_exits_2_listing_the_roles(tiny: fx.Generated, tmp_path: Path, command: str) -> None:
+    r = invoke(*_cmd(command, tiny.path, tmp_path), "--roles", "mlp,ffn")
+    assert r.exit_code == 2, r.output
+    assert error_lines(r.stderr) == ["Invalid value: --roles ffn: not a role; choose from embedding, lm_head, "
+                                     "attention, mlp, conv, other"], r.stderr  # fmt: skip
+    assert not any(tmp_path.iterdir())
+
+
 # ---- one rule, one place: the options class and the CLI give the same message ----------------------------
 
 
@@ -266,7 +275,7 @@ def test_a_run_takes_the_shared_flags_and_records_them(inputs: dict[str, Path], 
     argv = [a.format(out=tmp_path, **inputs) for a in RUNS[command]]
     shared = ["--device", "cpu", "--backend", "numpy", "--precision", "float64", "--max-memory", "64MB"]
     if command != "rankme":
-        shared += ["--kinds", "up_proj,down_proj", "--min-dim", "2"]
+        shared += ["--kinds", "up_proj,down_proj", "--roles", "mlp", "--min-dim", "2"]
     r = invoke(*argv, *shared, "-f", "json", "-q")
     assert r.exit_code == 0, r.output
     options = json.loads(r.stdout)["options"]
@@ -277,3 +286,4 @@ def test_a_run_takes_the_shared_flags_and_records_them(inputs: dict[str, Path], 
             "cpu", "numpy", "float64", 64 * 2**20)  # fmt: skip
     if command != "rankme":
         assert list(options["kinds"]) == ["up_proj", "down_proj"] and options["min_dim"] == 2
+        assert list(options["roles"]) == ["mlp"]

@@ -54,7 +54,7 @@ TABLES: dict[str, tuple[str, list[str], list[str]]] = {
         "lowest α 1.55 in embeddings.position_embeddings.weight; highest α 12.35 in pooler.dense.weight",
         "no NaN/Inf weights", "2.50 s on cpu (numpy, gram, float32)"]),
     "analyze-kinds": ("spectra analyze minilm", ANALYZE, [
-        "12 of 12 matrices analysed, 1,769,472 parameters",
+        "12 of 40 matrices analysed (28 excluded by --kinds query,value), 1,769,472 parameters",
         "α: mean 4.19, 0 below 2 (over-trained), 0 above 6 (under-trained), 7 fitted on fewer than 50 tail "
         "eigenvalues (small-tail: α not read)",
         "lowest α 2.46 in encoder.layer.0.attention.self.query.weight; highest α 8.44 in "
@@ -82,7 +82,7 @@ TABLES: dict[str, tuple[str, list[str], list[str]]] = {
         "below t)", "PEFT config: r = 11 (the most common rank; the others in rank_pattern), lora_alpha = 11 (scale); 2.50 s"]),
     "capture": ("spectra capture minilm", ["module", "in", "tokens", "shares input with", "k", "expl. var (k)",
                                            "top ratio", "converged"], [
-        "18 modules (6 distinct inputs) over 9100 tokens from 600 examples, written to acts.safetensors",
+        "18 modules (6 distinct inputs) over 9,100 tokens from 600 examples, written to acts.safetensors",
         "6 inputs have components whose last update moved them (cosine < τ = 0.99); more data (--max-tokens) "
         "makes the PCA steadier", "2.50 s"]),
     "init-pissa": ("spectra init-adapter minilm --method pissa", ["module", "shape", "rank", "alpha", "energy",
@@ -110,7 +110,7 @@ TABLES: dict[str, tuple[str, list[str], list[str]]] = {
         "method rmm (Reversible Model Merging (RMM), 2025: a shared per-module basis with per-task coefficients); "
         "12 modules × 3 tasks", "mean relative error per task: a 4.14e-09, b 4.14e-09, c 4.14e-09",
         "storage: the bundle holds 663,624 numbers, 3× the 221,184 of the 3 inputs (the merged matrices alone: 3×) "
-        "and 0.125× 3 dense updates; overall relative error 6.74e-09",
+        "and 0.125× the 3 dense updates; overall relative error 6.74e-09",
         "interference: mean |cos| between task updates 0.000426, max 0.00068",
         "sweep (merged matrices): p=1: err 0.576, storage 2; p=2: err 6.74e-09, storage 3; p=3: err 0, storage 3",
         "wrote bundle bundle in 2.50 s"]),
@@ -222,7 +222,7 @@ def _imports(path: Path) -> set[str]:
 def test_report_command_imports_no_other_command_and_report_no_cli() -> None:
     pkg = ROOT / "spectra_cli"
     commands = {p.stem for p in (pkg / "cli").glob("*.py")} & {v.replace("-", "_") for v in VIEWS}
-    assert len(commands) == 10  # one module per command (reconstruct and align have their own)
+    assert len(commands) == 11  # one module per command (reconstruct and align have their own)
     cli_report = _imports(pkg / "cli" / "report.py")
     assert not {f"spectra_cli.cli.{c}" for c in commands} & cli_report
     for f in (pkg / "report").rglob("*.py"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spectra_cli.report.render import Column, fmt_num
+from spectra_cli.report.render import Column, fmt_num, plural
 from spectra_cli.report.views.common import Card, Env, Row, num
 
 if TYPE_CHECKING:
@@ -55,7 +55,8 @@ def notes(env: Env) -> list[str]:
     s = env["summary"]
     unit = "ranks" if s["budget_kind"] == "rank" else "parameters"
     lines = [
-        f"strategy {s['strategy']}: {s['adapted']} of {s['modules']} modules adapted, budget {s['budget']:,.0f} "
+        f"strategy {s['strategy']}: {s['adapted']:,} of {plural(s['modules'], 'module', 'modules')} adapted, "
+        f"budget {s['budget']:,.0f} "
         f"{unit}, used {s['used']:,} ({s['params']:,} trainable parameters; uniform rank {s['uniform_rank']} "
         f"uses {s['uniform_params']:,})",
         f"mean energy captured {100 * s['mean_energy']:.1f}% vs {100 * s['mean_energy_uniform']:.1f}% for uniform",

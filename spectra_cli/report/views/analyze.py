@@ -47,15 +47,11 @@ def columns(env: Env) -> list[Column]:
 def notes(env: Env) -> list[str]:
     s = env["summary"]
     eng = s.get("engine", {})
-    lines = [
-        f"{s['analysed']} of {plural(s['matrices'], 'matrix', 'matrices')} analysed, {s['params']:,} parameters"
-        + (f"; {plural(s['skipped_tensors'], 'non-matrix tensor', 'non-matrix tensors')} skipped"
-           if s.get("skipped_tensors") else ""),
-    ]
+    lines = [count_line(s)]
     if s.get("mean_alpha") is not None:
         lines.append(
-            f"α: mean {s['mean_alpha']:.2f}, {s['over_trained']} below 2 (over-trained), "
-            f"{s['under_trained']} above 6 (under-trained)"
+            f"α: mean {s['mean_alpha']:.2f}, {s['over_trained']:,} below 2 (over-trained), "
+            f"{s['under_trained']:,} above 6 (under-trained)"
             + (
                 f", {s['small_tail']} fitted on fewer than 50 tail eigenvalues (small-tail: α not read)"
                 if s.get("small_tail")
@@ -84,15 +80,35 @@ def notes(env: Env) -> list[str]:
     return lines + rmt_notes(env)
 
 
+def count_line(s: dict[str, Any]) -> str:
+    """``24 of 40 matrices analysed (16 excluded by --kinds query,value), 884,736 parameters; 53 non-matrix
+    tensors skipped``: the total counts the matrices the selection flags left out (an older envelope without
+    ``excluded`` reads as none left out)."""
+    excluded = s.get("excluded") or 0
+    total = s["matrices"] + excluded
+    why = " ".join(s.get("excluded_by") or []) or "the selection"
+    return (
+        f"{s['analysed']:,} of {plural(total, 'matrix', 'matrices')} analysed"
+        + (f" ({excluded:,} excluded by {why})" if excluded else "")
+        + f", {s['params']:,} parameters"
+        + (f"; {plural(s['skipped_tensors'], 'non-matrix tensor', 'non-matrix tensors')} skipped"
+           if s.get("skipped_tensors") else "")
+    )  # fmt: skip
+
+
 def cards(env: Env) -> list[Card]:
     s = env["summary"]
+    excluded = s.get("excluded") or 0
+    foot = [f"{excluded:,} excluded by the selection" if excluded else "",
+            plural(s["skipped_tensors"], "non-matrix tensor", "non-matrix tensors") + " skipped"
+            if s.get("skipped_tensors") else ""]  # fmt: skip
+    total = s.get("matrices") + excluded if isinstance(s.get("matrices"), int) else s.get("matrices")
     return [
-        ("matrices analysed", f"{num(s.get('analysed'))} / {num(s.get('matrices'))}",
-         f"{s['skipped_tensors']} non-matrix tensors skipped" if s.get("skipped_tensors") else ""),
+        ("matrices analysed", f"{num(s.get('analysed'))} / {num(total)}", "; ".join(f for f in foot if f)),
         ("parameters", f"{s['params']:,}" if isinstance(s.get("params"), int) else "-", "in the analysed matrices"),
         ("mean α", num(s.get("mean_alpha"), 2), "heavy-tail exponent; WeightWatcher reads 2–6 as well trained"),
-        ("α < 2", num(s.get("over_trained")), "over-trained matrices"),
-        ("α > 6", num(s.get("under_trained")), "under-trained matrices"),
+        ("α < 2", num(s.get("over_trained")), "over-trained (of the fitted)"),
+        ("α > 6", num(s.get("under_trained")), "under-trained (of the fitted)"),
         ("mean eff. rank ratio", num(s.get("mean_effective_rank_ratio")), "effective rank / min(m, n)"),
         ("NaN/Inf matrices", str(len(s.get("nonfinite") or [])), "not decomposed"),
     ]  # fmt: skip
@@ -132,7 +148,7 @@ def alpha_histogram(rows: list[Row], path: Any) -> bool:
     ax.legend(fontsize=8)
     ax.set_xlabel("power-law α of the ESD tail")
     ax.set_ylabel("matrices")
-    ax.set_title(f"α over {len(alphas)} matrices")
+    ax.set_title(f"α over {plural(len(alphas), 'matrix', 'matrices')}")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spectra_cli.report.render import Column
+from spectra_cli.report.render import Column, plural
 from spectra_cli.report.views.common import Env, dash, number
 
 if TYPE_CHECKING:
@@ -38,9 +38,11 @@ def rmt_notes(env: Env) -> list[str]:
     s = env["summary"]
     lines = []
     if s.get("spiked") is not None:
-        lines.append(f"Marchenko–Pastur fit: {s['spiked']} of {s['analysed']} matrices have spikes above the bulk edge")
+        lines.append(f"Marchenko–Pastur fit: {s['spiked']:,} of {plural(s['analysed'], 'matrix', 'matrices')} "
+                     f"{'has' if s['spiked'] == 1 else 'have'} spikes above the bulk edge")  # fmt: skip
     if s.get("trapped") is not None:
-        lines.append(f"randomised ESD: {s['correlation_traps']} correlation traps in {s['trapped']} matrices "
+        lines.append(f"randomised ESD: {plural(s['correlation_traps'], 'correlation trap', 'correlation traps')} "
+                     f"in {plural(s['trapped'], 'matrix', 'matrices')} "
                      f"(seed {env.get('options', {}).get('rmt', {}).get('seed', 0)})")  # fmt: skip
     return lines
 

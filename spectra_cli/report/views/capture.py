@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from spectra_cli.report.render import Column, fmt_num
+from spectra_cli.report.render import Column, fmt_num, plural
 from spectra_cli.report.views import generic
 from spectra_cli.report.views.common import Card, Env, dash, num
 
@@ -20,7 +20,7 @@ def columns(env: Env) -> list[Column]:
     return [
         Column("name", "module", str, "left", shorten=True),
         Column("in_features", "in"),
-        Column("tokens", "tokens"),
+        Column("tokens", "tokens", lambda x: f"{x:,}" if isinstance(x, int) else dash(x)),
         Column("alias_of", "shares input with", lambda x: x or "-", "left", shorten=True),
         Column("components", "k"),
         Column("explained_variance", "expl. var (k)", fmt_num),
@@ -32,12 +32,14 @@ def columns(env: Env) -> list[Column]:
 def notes(env: Env) -> list[str]:
     s = env["summary"]
     lines = [
-        f"{s['modules']} modules ({s['unique_inputs']} distinct inputs) over {s['tokens']} tokens from "
-        f"{s['examples']} examples, written to {s['out']}"
+        f"{plural(s['modules'], 'module', 'modules')} ({plural(s['unique_inputs'], 'distinct input', 'distinct inputs')})"
+        f" over {plural(s['tokens'], 'token', 'tokens')} from {plural(s['examples'], 'example', 'examples')}, "
+        f"written to {s['out']}"
     ]
     if s["not_converged"]:
         lines.append(
-            f"{len(s['not_converged'])} inputs have components whose last update moved them (cosine < τ = "
+            f"{plural(len(s['not_converged']), 'input has', 'inputs have')} components whose last update moved them "
+            "(cosine < τ = "
             f"{s['tau']:g}); more data (--max-tokens) makes the PCA steadier"
         )
     lines.append(f"{s['seconds']:.2f} s")

@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spectra_cli.report.render import Column, fmt_num
+from spectra_cli.report.render import Column, fmt_num, plural
 from spectra_cli.report.views import generic
 from spectra_cli.report.views.common import Card, Env, Row, View, num
 
@@ -52,11 +52,13 @@ def notes(env: Env) -> list[str]:
         lines.append(f"✗ {v['rule']} · {v['module']}: {v['message']}")
     if len(failed) > MAX_NOTE_FAILURES:
         lines.append(
-            f"… and {len(failed) - MAX_NOTE_FAILURES} more failures (--junit / --format json list all)"
+            f"… and {plural(len(failed) - MAX_NOTE_FAILURES, 'more failure', 'more failures')} "
+            "(--junit / --format json list all)"
         )
     lines.extend(s.get("notes", []))
     counts = f"{s['failed']} failed, {s['passed']} passed, {s['skipped']} skipped"
-    tail = f"{s['checks']} checks on {s['modules']} modules, policy {policy_name(env)}, {s['seconds']:.2f} s"
+    tail = (f"{plural(s['checks'], 'check', 'checks')} on {plural(s['modules'], 'module', 'modules')}, "
+            f"policy {policy_name(env)}, {s['seconds']:.2f} s")  # fmt: skip
     lines.append(f"{'FAILED' if s['failed'] else 'PASSED'}: {counts} ({tail})")
     return lines
 
@@ -75,7 +77,7 @@ def cards(env: Env) -> list[Card]:
         ("failed", num(s.get("failed")), ("rules: " + ", ".join(broken)) if broken else "no rule broken"),
         ("passed", num(s.get("passed")), ""),
         ("skipped", num(s.get("skipped")), "a rule could not apply (e.g. α not fitted)"),
-        ("checks", num(s.get("checks")), f"{len(by_rule)} rules, each on the modules it applies to"),
+        ("checks", num(s.get("checks")), f"{plural(len(by_rule), 'rule', 'rules')}, each on the modules it applies to"),
         ("modules", num(s.get("modules")), "matrices checked"),
     ]
 

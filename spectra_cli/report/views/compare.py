@@ -87,7 +87,8 @@ def cards(env: Env) -> list[Card]:
         if not isinstance(t, dict):
             continue
         out.append((f"{name}: intruders (ε = {key})", num((t.get("total_intruders") or {}).get(key)),
-                    f"{num(t.get('matrices_with_intruders'))} of {num(t.get('matrices'))} matrices have any"))  # fmt: skip
+                    f"{num(t.get('matrices_with_intruders'))} of {num(t.get('matrices'))} "
+                    f"{'matrix has' if t.get('matrices') == 1 else 'matrices have'} any"))  # fmt: skip
         out.append((f"{name}: mean ‖ΔW‖/‖W‖", num(t.get("mean_relative_delta")),
                     f"mean top-k subspace overlap {num(t.get('mean_subspace_overlap'))}"))  # fmt: skip
     return out

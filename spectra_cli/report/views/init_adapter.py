@@ -10,7 +10,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from spectra_cli.report.render import Column, fmt_num
+from spectra_cli.report.render import Column, fmt_num, plural
 from spectra_cli.report.views import generic
 from spectra_cli.report.views.common import Card, Env, View, num
 
@@ -58,7 +58,8 @@ def notes(env: Env, out: str | Path | None = None) -> list[str]:
     folder = str(out) if out is not None else "<--out>"
     ranks = ", ".join(f"r={k}: {v}" for k, v in s["ranks"].items())
     lines = [
-        f"{s['method']}: {s['modules']} modules ({ranks}), {s['adapter_parameters']:,} adapter parameters",
+        f"{s['method']}: {plural(s['modules'], 'module', 'modules')} ({ranks}), "
+        f"{plural(s['adapter_parameters'], 'adapter parameter', 'adapter parameters')}",
         f"adapter: {folder}/adapter"
         + (f"; residual: {folder}/residual ({s['residual_dtype']})" if s["residual"] else ""),
     ]

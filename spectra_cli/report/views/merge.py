@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spectra_cli.report.render import Column, fmt_num
+from spectra_cli.report.render import Column, fmt_num, plural
 from spectra_cli.report.views import generic
 from spectra_cli.report.views.common import Card, Env, dash, num
 
@@ -45,7 +45,8 @@ def columns(env: Env) -> list[Column]:
 
 def notes(env: Env) -> list[str]:
     s = env["summary"]
-    lines = [f"method {s['method']} ({s['reference']}); {s['modules']} modules × {len(s['tasks'])} tasks"]
+    lines = [f"method {s['method']} ({s['reference']}); {plural(s['modules'], 'module', 'modules')} × "
+             f"{plural(len(s['tasks']), 'task', 'tasks')}"]  # fmt: skip
     errs = ", ".join(f"{t} {'-' if v is None else f'{v:.3g}'}" for t, v in s["mean_rel_error"].items())
     lines.append(f"mean relative error per task: {errs}")
     if "storage" in s and s["storage"] is not None:
@@ -53,7 +54,7 @@ def notes(env: Env) -> list[str]:
         lines.append(
             f"storage: the bundle holds {s['stored_numbers']:,} numbers, {s['storage']:.3g}× the "
             f"{s['raw_numbers']:,} of the {n} inputs (the merged matrices alone: {s['matrix_storage']:.3g}×) and "
-            f"{s['storage_vs_dense']:.3g}× {n} dense updates; overall relative error {s['overall_error']:.3g}"
+            f"{s['storage_vs_dense']:.3g}× the {n} dense updates; overall relative error {s['overall_error']:.3g}"
         )
     off = _off_diagonal(s["cosine"])
     if off:

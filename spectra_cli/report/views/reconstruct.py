@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from spectra_cli.report.render import Column, fmt_num
+from spectra_cli.report.render import Column, fmt_num, plural
 from spectra_cli.report.views import generic
 from spectra_cli.report.views.common import Card, Env, dash, num
 
@@ -30,7 +30,7 @@ def columns(env: Env) -> list[Column]:
 def notes(env: Env) -> list[str]:
     s = env["summary"]
     return [
-        f"task {s['task']} ({s['kind']}): {s['modules']} modules, mean relative error "
+        f"task {s['task']} ({s['kind']}): {plural(s['modules'], 'module', 'modules')}, mean relative error "
         f"{fmt_num(s['mean_rel_error'])}, max {fmt_num(s['max_rel_error'])}; bundle storage {fmt_num(s['storage'])}",
         f"wrote {s['output']} in {s['seconds']:.2f} s",
     ]
