@@ -41,6 +41,7 @@ def _root(
 
 def _register() -> None:
     from spectra_cli.cli import (
+        align,
         allocate,
         analyze,
         capture,
@@ -54,8 +55,10 @@ def _register() -> None:
         track,
     )
 
-    # the order of `spectra --help`: look, compare, follow a run, choose ranks, initialise, merge (and rebuild), gate, report
-    for command in (analyze, compare, track, rankme, allocate, init_adapter, capture, merge, reconstruct, check, report):
+    # the order of `spectra --help`: look, compare, follow a run, choose ranks, initialise, merge (and rebuild),
+    # align, gate, report
+    for command in (analyze, compare, track, rankme, allocate, init_adapter, capture, merge, reconstruct, align,
+                    check, report):
         command.register(app)
     from spectra_cli.cli.options import Command, tidy_help
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from spectra_cli.report.views import (
+    align,
     allocate,
     analyze,
     capture,
@@ -45,6 +46,7 @@ VIEWS: dict[str, View] = {
     "capture": _of(capture),
     "merge": _of(merge),
     "reconstruct": _of(reconstruct),
+    "align": _of(align),
     "check": _of(check),
 }
 
