@@ -58,6 +58,8 @@ run merge-tsv spectra merge minilm a=inputs/lora-a b=inputs/lora-b c=inputs/lora
 run merge-rmm spectra merge minilm a=inputs/lora-a b=inputs/lora-b c=inputs/lora-c --method rmm --basis 2 \
     --sweep --out bundle --plots plots-rmm
 run reconstruct spectra reconstruct bundle --task b --out b-rebuilt
+run track spectra track inputs/run --base minilm --kinds query,value --plots plots-track
+run align spectra align minilm inputs/minilm-planted --out minilm-aligned
 # the tsv merge is a full fine-tune of MiniLM: extract a LoRA adapter back out of it
 run init-extract spectra init-adapter minilm --method extract --tuned merged-tsv --energy 0.9 \
     --kinds query,value --out extracted

@@ -7,7 +7,12 @@ Writes into OUT (default ``examples-output/inputs``):
   factors of a realistic size (‖s·B·A‖ ≈ 5% of ‖W‖), standing in for three fine-tunes of one base;
 - ``lora-broken``: the same with a much larger update and a NaN in one factor, for the CI gate example;
 - ``layer0.npy`` … ``layer6.npy``: mean-pooled hidden states of MiniLM after the embeddings (0) and after blocks
-  2, 4 and 6 for the sentences (float32, 600 × 384), for ``spectra rankme``.
+  2, 4 and 6 for the sentences (float32, 600 × 384), for ``spectra rankme``;
+- ``minilm-planted``: MiniLM with every layer's 1536 MLP units and 12 attention heads shuffled at random (a model
+  that computes exactly MiniLM's function) plus noise of 1e-4, for ``spectra align``;
+- ``run/checkpoint-{250,500,750,1000}``: a training run's output folder for ``spectra track``: MiniLM plus a
+  rank-1 update of the query and value projections of layers 2 and 3 that grows with the step (c·σ₁·u·vᵀ with
+  c = step/500 and random unit u, v), so intruder dimensions appear part-way through.
 
 Random factors stand in for trained ones; nothing here is downloaded.
 """
@@ -97,6 +102,60 @@ def layer_embeddings(out: Path, model: Path, texts: list[str]) -> None:
         np.save(out / f"layer{layer}.npy", np.concatenate(parts).astype(np.float32))
 
 
+def planted(out: Path, model: Path, heads: int = 12, noise: float = 1e-4) -> None:
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    w = load_file(str(model / "model.safetensors"))
+    rng = np.random.default_rng(7)
+    layers = sorted({int(k.split(".")[2]) for k in w if k.startswith("encoder.layer.")})
+    for i in layers:
+        pre = f"encoder.layer.{i}."
+        units = rng.permutation(w[pre + "intermediate.dense.weight"].shape[0])
+        w[pre + "intermediate.dense.weight"] = w[pre + "intermediate.dense.weight"][units]
+        w[pre + "intermediate.dense.bias"] = w[pre + "intermediate.dense.bias"][units]
+        w[pre + "output.dense.weight"] = w[pre + "output.dense.weight"][:, units]
+        d = w[pre + "attention.self.query.weight"].shape[0] // heads
+        rows = (rng.permutation(heads)[:, None] * d + np.arange(d)).ravel()
+        for m in ("query", "key", "value"):
+            for part in ("weight", "bias"):
+                w[f"{pre}attention.self.{m}.{part}"] = w[f"{pre}attention.self.{m}.{part}"][rows]
+        w[pre + "attention.output.dense.weight"] = w[pre + "attention.output.dense.weight"][:, rows]
+    for k, v in w.items():
+        w[k] = np.ascontiguousarray(v + noise * rng.standard_normal(v.shape).astype(v.dtype))
+    dest = out / "minilm-planted"
+    dest.mkdir(parents=True, exist_ok=True)
+    save_file(w, str(dest / "model.safetensors"))
+    for side in ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (model / side).exists():
+            shutil.copy(model / side, dest / side)
+
+
+def run(out: Path, model: Path, steps: tuple[int, ...] = (250, 500, 750, 1000)) -> None:
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    base = load_file(str(model / "model.safetensors"))
+    rng = np.random.default_rng(11)
+    targets = [f"encoder.layer.{i}.attention.self.{m}.weight" for i in (2, 3) for m in ("query", "value")]
+    directions = {}
+    for name in targets:
+        m, n = base[name].shape
+        u, v = rng.standard_normal(m), rng.standard_normal(n)
+        sigma1 = float(np.linalg.norm(base[name].astype(np.float64), 2))
+        directions[name] = sigma1 * np.outer(u / np.linalg.norm(u), v / np.linalg.norm(v))
+    for step in steps:
+        dest = out / "run" / f"checkpoint-{step}"
+        dest.mkdir(parents=True, exist_ok=True)
+        w = dict(base)
+        for name, d in directions.items():
+            w[name] = (base[name] + (step / 500) * d).astype(base[name].dtype)
+        save_file(w, str(dest / "model.safetensors"))
+        shutil.copy(model / "config.json", dest / "config.json")
+
+
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "examples-output/inputs")
     out.mkdir(parents=True, exist_ok=True)
@@ -104,6 +163,8 @@ def main() -> None:
     (out / "sentences.txt").write_text("\n".join(texts) + "\n")
     adapters(out, demo_checkpoint())
     layer_embeddings(out, demo_checkpoint(), texts)
+    planted(out, demo_checkpoint())
+    run(out, demo_checkpoint())
     print(out)
 
 
