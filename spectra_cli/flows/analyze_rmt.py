@@ -79,10 +79,9 @@ def add_vector_columns(rows: list[dict[str, Any]], specs: list[MatrixSpec], load
         r.update(vector_columns(to_float(loader.load(spec)), int(r.get("num_pl_spikes", 0)), eng.compute))
 
 
-def fit_eigenvalues(values: np.ndarray, numerical_rank: int) -> np.ndarray:
-    """The eigenvalues the default α is fitted on: λ = σ² above the numerical-rank threshold."""
-    lam = np.sort(np.clip(np.asarray(values, dtype=np.float64), 0.0, None))[::-1] ** 2
-    return lam[:numerical_rank] if numerical_rank else lam
+def fit_eigenvalues(values: np.ndarray) -> np.ndarray:
+    """The ESD WeightWatcher fits: all M eigenvalues λ = σ² (its fits then keep λ > 1e-5)."""
+    return np.sort(np.clip(np.asarray(values, dtype=np.float64), 0.0, None)) ** 2
 
 
 def add_fit_columns(rows: list[dict[str, Any]], spectra: dict[str, np.ndarray], fit: FitOptions | None) -> None:
@@ -94,4 +93,4 @@ def add_fit_columns(rows: list[dict[str, Any]], spectra: dict[str, np.ndarray], 
             continue
         r["alpha_reliability"] = reliability(r["alpha"], r["alpha_ks"], int(r["alpha_tail"]))
         if fit is not None:
-            r.update(fit_columns(fit_eigenvalues(values, int(r["numerical_rank"])), fit))
+            r.update(fit_columns(fit_eigenvalues(values), fit))

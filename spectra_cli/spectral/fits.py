@@ -33,6 +33,7 @@ status "failed".
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ FITS = ("pl", "tpl", "e_tpl")
 FIX_FINGERS = ("xmin_peak", "clip_xmax")
 #: the ``powerlaw`` package's floor for an out-of-range likelihood or CDF value (10**sys.float_info.min_10_exp)
 TINY = 10.0**sys.float_info.min_10_exp
+#: WeightWatcher's EVALS_THRESH: eigenvalues at or below it are left out of its fits
+EVALS_THRESH = 1e-5
 #: WeightWatcher's clip_xmax constants (DEFAULT_MAX_FINGERS, DEFAULT_FINGER_THRESH, min_alpha)
 MAX_FINGERS, FINGER_THRESH, MIN_ALPHA = 10, 1.0, 2.0
 #: the 5 % critical value of the one-sample KS statistic is KS_CRIT/√n (Massey 1951, asymptotic)
@@ -270,20 +273,24 @@ def _pl(evals: np.ndarray, xmin_range: tuple[float, float] | None = None) -> Tai
 
 
 def fit_tail(evals: np.ndarray, opts: FitOptions) -> TailFit:
-    """The fit ``opts`` asks for on the eigenvalues ``evals`` (the ones the default α is fitted on)."""
-    x = np.sort(np.asarray(evals, dtype=np.float64))
-    x = x[x > 0]
+    """The fit ``opts`` asks for on the ESD ``evals`` (all M eigenvalues, as WeightWatcher): fitted on the
+    λ > :data:`EVALS_THRESH`, the tail size counted on all of them."""
+    ev = np.sort(np.asarray(evals, dtype=np.float64))
     if isinstance(opts.xmax, int):
         k = abs(opts.xmax)
-        if k > x.size / 2:
+        if k > ev.size / 2:
             return NO_TAIL
-        x = x[:-k]
+        ev = ev[:-k]
+    x = ev[ev > EVALS_THRESH]
     rng = xmin_peak_range(x) if opts.xmin_peak and x.size else None
     if opts.truncated:
-        return fit_tpl(x, rng, force_xmax=opts.xmax == "force")
-    if opts.fix_fingers == "clip_xmax":
-        return clip_xmax(x)
-    return _pl(x, rng)
+        f = fit_tpl(x, rng, force_xmax=opts.xmax == "force")
+    elif opts.fix_fingers == "clip_xmax":
+        f = clip_xmax(x)
+    else:
+        f = _pl(x, rng)
+    n_tail = int(np.count_nonzero(ev >= f.xmin)) if np.isfinite(f.xmin) else 0
+    return dataclasses.replace(f, n_tail=n_tail)
 
 
 def clip_xmax(x: np.ndarray) -> TailFit:
