@@ -111,20 +111,20 @@ def analyze_cmd(
         int, typer.Option("--seed", help="Seed of the --randomize permutations.", rich_help_panel="Diagnostics")
     ] = 0,
     fit: Annotated[
-        str, typer.Option("--fit", metavar="pl|tpl|e_tpl", help="Also fit the tail with WeightWatcher's fit: pl "
+        str, typer.Option("--fit", metavar="[pl|tpl|e_tpl]", help="Also fit the tail with WeightWatcher's fit: pl "
                           "(power law), tpl (truncated power law x^-α·e^-Λx, WeightWatcher's TPL), e_tpl (TPL with "
                           "xmin near the ESD's peak, WeightWatcher's E_TPL): fit_alpha, fit_Lambda, fit_xmin, "
                           "fit_ks, fit_tail, fit_reliability. A TPL takes about a second per matrix.",
                           rich_help_panel="Diagnostics")
     ] = "pl",
     fix_fingers: Annotated[
-        str | None, typer.Option("--fix-fingers", metavar="xmin_peak|clip_xmax",
+        str | None, typer.Option("--fix-fingers", metavar="[xmin_peak|clip_xmax]",
                                  help="WeightWatcher's fix_fingers for the --fit: xmin_peak (search xmin near the "
                                  "ESD's peak) or clip_xmax (drop up to 9 top eigenvalues while α falls by > 1; "
                                  "adds fit_num_fingers, fit_raw_alpha).", rich_help_panel="Diagnostics")
     ] = None,
     xmax: Annotated[
-        str | None, typer.Option("--xmax", metavar="N|force", help="WeightWatcher's xmax for the --fit: N drops "
+        str | None, typer.Option("--xmax", metavar="[N|force]", help="WeightWatcher's xmax for the --fit: N drops "
                                  "the N largest eigenvalues before fitting; force ends a truncated power law "
                                  "at the largest eigenvalue (tpl/e_tpl).", rich_help_panel="Diagnostics")
     ] = None,
