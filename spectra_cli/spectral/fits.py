@@ -53,6 +53,8 @@ EVALS_THRESH = 1e-5
 MAX_FINGERS, FINGER_THRESH, MIN_ALPHA = 10, 1.0, 2.0
 #: the 5 % critical value of the one-sample KS statistic is KS_CRIT/√n (Massey 1951, asymptotic)
 KS_CRIT = 1.36
+#: a truncated power law's α this close to its bound 1 reads ``at-bound`` (``powerlaw`` 2.0's near-boundary eps)
+BOUND_EPS = 1e-2
 
 
 @dataclass(frozen=True)
@@ -116,13 +118,16 @@ class TailFit:
     @property
     def reliability(self) -> str:
         """``n/a`` (no fit), ``small-tail`` (fewer than 50 tail eigenvalues: Clauset et al. 2009 §3),
-        ``unstable`` (the optimiser ended at a bound), ``poor-fit`` (D above the KS test's 5 % critical value
+        ``unstable`` (no fit inside the valid range), ``at-bound`` (a truncated power law whose α ended within
+        :data:`BOUND_EPS` of its bound α = 1: α is then not identified and Λ alone carries the tail; ``powerlaw``
+        2.0 flags a fit this near a bound as noise), ``poor-fit`` (D above the KS test's 5 % critical value
         1.36/√n_tail: the fitted law is rejected even before accounting for xmin having been chosen to
         minimise D), else ``ok``."""
-        return reliability(self.alpha, self.ks, self.n_tail, self.unstable)
+        at_bound = math.isfinite(self.Lambda) and self.alpha - 1 < BOUND_EPS
+        return reliability(self.alpha, self.ks, self.n_tail, self.unstable, at_bound)
 
 
-def reliability(alpha: float, ks: float, n_tail: int, unstable: bool = False) -> str:
+def reliability(alpha: float, ks: float, n_tail: int, unstable: bool = False, at_bound: bool = False) -> str:
     """The reading of a fit (see :attr:`TailFit.reliability`)."""
     if not (np.isfinite(alpha) and np.isfinite(ks)) or n_tail <= 0:
         return "n/a"
@@ -130,6 +135,8 @@ def reliability(alpha: float, ks: float, n_tail: int, unstable: bool = False) ->
         return "small-tail"
     if unstable:
         return "unstable"
+    if at_bound:
+        return "at-bound"
     if ks > KS_CRIT / math.sqrt(n_tail):
         return "poor-fit"
     return "ok"

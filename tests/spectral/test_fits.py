@@ -135,7 +135,7 @@ def test_e_tpl_matches_powerlaw_written_out_and_weightwatcher(evals):
     assert row["fit_Lambda"] == pytest.approx(0.2828904745095934, rel=1e-6)
     assert row["fit_xmin"] == pytest.approx(1.4849694171639574, rel=1e-9)
     assert row["fit_ks"] == pytest.approx(0.04353584334657523, rel=1e-6)
-    assert row["fit_tail"] == 196 and row["fit_reliability"] == "ok"
+    assert row["fit_tail"] == 196 and row["fit_reliability"] == "at-bound"  # α within 0.01 of 1
 
 
 def test_tpl_matches_weightwatcher_and_its_xmin_is_the_argmin(evals):
@@ -217,6 +217,8 @@ def test_reliability_thresholds():
     assert reliability(3.0, 1.36 / math.sqrt(100) * 0.99, 100) == "ok"
     assert reliability(3.0, 0.01, 100, unstable=True) == "unstable"
     assert reliability(float("nan"), 0.1, 100) == "n/a"
+    assert reliability(1.005, 0.01, 100, at_bound=True) == "at-bound"
+    assert reliability(1.005, 0.01, 40, at_bound=True) == "small-tail"
 
 
 @pytest.mark.parametrize("kwargs, words", [

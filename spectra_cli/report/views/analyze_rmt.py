@@ -52,8 +52,8 @@ def rmt_notes(env: Env) -> list[str]:
         fit = env.get("options", {}).get("fit") or {}
         what = f"the {fit.get('fit', 'pl')} fit" if fit else "the power-law fit"
         lines.append(f"{what}: {s['unreliable_fits']} of {s['analysed']} matrices not read as ok (small-tail: "
-                     "< 50 tail eigenvalues; poor-fit: KS D > 1.36/√n_tail; unstable: no fit inside the "
-                     "parameter ranges)")  # fmt: skip
+                     "< 50 tail eigenvalues; poor-fit: KS D > 1.36/√n_tail; at-bound: TPL α within 0.01 of 1; "
+                     "unstable: no fit inside the parameter ranges)")  # fmt: skip
     return lines
 
 
