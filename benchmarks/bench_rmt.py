@@ -5,6 +5,13 @@ Run by hand (not in CI), from the repository root, with the project's venv and W
     . .venv/bin/activate
     python benchmarks/bench_rmt.py --ww-python /work/venvs/ww/bin/python            # MiniLM
     python benchmarks/bench_rmt.py --ww-python /work/venvs/ww/bin/python --llama    # + the LLaMA-like one
+    python benchmarks/bench_rmt.py --tpl 6 --powerlaw15 /work/venvs/pl15              # + one E_TPL comparison
+
+``--tpl N``: WeightWatcher's own ``fit_powerlaw(fit_type="truncated_power_law", fix_fingers="xmin_peak",
+pl_package="powerlaw")`` (its E_TPL) on spectra's eigenvalues of the first N matrices, against spectra's
+``fit_*`` columns on the same eigenvalues, per layer, and the seconds each side spent fitting. WeightWatcher 0.7
+needs powerlaw 1.x for it (powerlaw 2.0 refuses the ``distribution=`` argument and every TPL fit "fails"):
+``--powerlaw15 DIR`` puts a ``pip install --target DIR powerlaw==1.5`` first on its path.
 
 Timing: each tool as its own subprocess, one after the other, whole process (imports included), same
 checkpoint, warm page cache (``bench_analyze.measure``: wall, peak RSS, CPU taken by other processes).
@@ -91,6 +98,75 @@ def worker_ww_on_spectra(values: str, out: str) -> None:
     Path(out).write_text(json.dumps(res, default=float))
 
 
+TPL_COLS = {"fit_alpha": 0, "fit_Lambda": 1, "fit_xmin": 2, "fit_ks": 4, "fit_tail": 6}  # index in WW's tuple
+
+
+def worker_ww_tpl(values: str, out: str) -> None:
+    """WeightWatcher's fit_powerlaw (E_TPL, powerlaw package) on spectra's eigenvalues of the listed matrices."""
+    import logging
+
+    import numpy as np
+    from weightwatcher.weightwatcher import WeightWatcher
+
+    logging.disable(logging.WARNING)
+    names = json.loads(Path(values).read_text())
+    z = np.load(values + ".npz")
+    w = WeightWatcher()
+    res: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    for name in names:
+        ev = np.sort(z[f"v/{name}"].astype(np.float64) ** 2)
+        r = w.fit_powerlaw(ev, plot=False, fit_type="truncated_power_law", fix_fingers="xmin_peak",
+                           pl_package="powerlaw")  # fmt: skip
+        res[name] = [*r[:7], r[9]]
+    Path(out).write_text(json.dumps({"seconds": time.perf_counter() - t0, "rows": res}, default=float))
+
+
+def worker_spectra_tpl(values: str, out: str) -> None:
+    """spectra's fit_* columns (e_tpl) on the same eigenvalues, timed."""
+    import numpy as np
+
+    from spectra_cli.spectral.fits import FitOptions, fit_columns
+
+    names = json.loads(Path(values).read_text())
+    z = np.load(values + ".npz")
+    t0 = time.perf_counter()
+    res = {n: fit_columns(np.sort(z[f"v/{n}"].astype(np.float64) ** 2), FitOptions("e_tpl")) for n in names}
+    Path(out).write_text(json.dumps({"seconds": time.perf_counter() - t0, "rows": res}, default=float))
+
+
+def bench_tpl(work: Path, ww_python: Path, n: int, powerlaw15: Path | None) -> dict[str, Any]:
+    """E_TPL: WeightWatcher's fit_powerlaw against spectra's on the eigenvalues of ``work/values.json``."""
+    import numpy as np
+
+    me = str(Path(__file__).resolve())
+    z = np.load(str(work / "values.json") + ".npz")
+    names = [k[2:] for k in z.files if k.startswith("v/")][:n]
+    lst = work / "tpl.json"
+    lst.write_text(json.dumps(names))
+    np.savez(str(lst) + ".npz", **{f"v/{k}": z[f"v/{k}"] for k in names})
+    old = os.environ.get("PYTHONPATH")
+    if powerlaw15:  # the WeightWatcher child finds powerlaw 1.5 first
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(powerlaw15), *([old] if old else [])])
+    try:
+        ww_run = measure([str(ww_python), me, "_wwtpl", str(lst), str(work / "wwtpl.json")], work / "wwtpl.log")
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+    sp_run = measure([sys.executable, me, "_sptpl", str(lst), str(work / "sptpl.json")], work / "sptpl.log")
+    ww = json.loads((work / "wwtpl.json").read_text())
+    sp = json.loads((work / "sptpl.json").read_text())
+    per_layer = {}
+    for name in names:
+        w, s = ww["rows"][name], sp["rows"][name]
+        per_layer[name] = {"ww_status": w[7], **{c: rel(s[c], w[i]) for c, i in TPL_COLS.items()}}
+    return {"layers": len(names), "ww_fit_seconds": ww["seconds"], "spectra_fit_seconds": sp["seconds"],
+            "ww_process": ww_run, "spectra_process": sp_run, "max_rel": {c: max(v[c] for v in per_layer.values())
+            for c in TPL_COLS}, "per_layer": per_layer}  # fmt: skip
+
+
 def rel(a: Any, b: Any) -> float:
     a, b = float(a), float(b)
     if a == b:
@@ -98,7 +174,8 @@ def rel(a: Any, b: Any) -> float:
     return abs(a - b) / max(abs(a), abs(b), 1e-300)
 
 
-def bench(ckpt: Path, ww_python: Path, work: Path, repeats: int) -> dict[str, Any]:
+def bench(ckpt: Path, ww_python: Path, work: Path, repeats: int, tpl: int = 0,
+          powerlaw15: Path | None = None) -> dict[str, Any]:  # fmt: skip
     me = str(Path(__file__).resolve())
     warm_cache(ckpt)
     sp_json = work / "spectra.json"
@@ -136,14 +213,17 @@ def bench(ckpt: Path, ww_python: Path, work: Path, repeats: int) -> dict[str, An
         b = [float(ww_rows[n][c]) for n in common if ww_rows[n].get(c) is not None]
         e2e[f"{c}_median"] = {"spectra": statistics.median(a) if a else None,
                               "ww": statistics.median(b) if b else None}  # fmt: skip
-    return {"checkpoint": str(ckpt), "median": med, "ww_over_spectra": med["ww"]["wall_s"] / med["spectra"]["wall_s"],
+    tpl_res = bench_tpl(work, ww_python, tpl, powerlaw15) if tpl else None
+    return {"checkpoint": str(ckpt), "median": med, "tpl": tpl_res, "ww_over_spectra": med["ww"]["wall_s"] / med["spectra"]["wall_s"],
             "machine_busy": busy, "runs": runs, "exact_max_rel": exact, "end_to_end": e2e,
             "spectra_seconds_in_run": env["summary"]["seconds"]}  # fmt: skip
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in ("_ww", "_values", "_wwcols"):
-        {"_ww": worker_ww, "_values": worker_spectra_values, "_wwcols": worker_ww_on_spectra}[sys.argv[1]](
+    workers = {"_ww": worker_ww, "_values": worker_spectra_values, "_wwcols": worker_ww_on_spectra,
+               "_wwtpl": worker_ww_tpl, "_sptpl": worker_spectra_tpl}  # fmt: skip
+    if len(sys.argv) > 1 and sys.argv[1] in workers:
+        workers[sys.argv[1]](
             sys.argv[2], sys.argv[3]
         )
         return
@@ -151,6 +231,8 @@ def main() -> None:
     ap.add_argument("--ww-python", type=Path, default=Path("/work/venvs/ww/bin/python"))
     ap.add_argument("--llama", action="store_true", help="also the LLaMA-like checkpoint")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--tpl", type=int, default=0, metavar="N", help="also E_TPL on the first N matrices")
+    ap.add_argument("--powerlaw15", type=Path, default=None, help="a folder holding powerlaw 1.5 (pip --target)")
     args = ap.parse_args()
     from spectra_cli.checkpoint.demo import demo_checkpoint
 
@@ -158,7 +240,8 @@ def main() -> None:
     out: dict[str, Any] = {}
     for name, ck in ckpts.items():
         with tempfile.TemporaryDirectory() as d:
-            out[name] = bench(ck, args.ww_python, Path(d), args.repeats)
+            out[name] = bench(ck, args.ww_python, Path(d), args.repeats, args.tpl if name == "minilm" else 0,
+                              args.powerlaw15)  # fmt: skip
         r = out[name]
         print(f"## {name}: WeightWatcher {r['median']['ww']['wall_s']:.1f} s, spectra {r['median']['spectra']['wall_s']:.1f} s"
               f" → {r['ww_over_spectra']:.2f}× (peak RSS {r['median']['ww']['rss_mb']:.0f} / "
@@ -166,6 +249,11 @@ def main() -> None:
         print("exact (WW's functions on spectra's eigenvalues), max rel. diff:",
               {k: f"{v:.1e}" for k, v in r["exact_max_rel"].items()})  # fmt: skip
         print("end to end:", json.dumps(r["end_to_end"], default=lambda x: round(x, 4) if isinstance(x, float) else x))
+        if r["tpl"]:
+            t = r["tpl"]
+            print(f"E_TPL on {t['layers']} matrices: WeightWatcher {t['ww_fit_seconds']:.1f} s, spectra "
+                  f"{t['spectra_fit_seconds']:.1f} s fitting; max rel. diff:",
+                  {k: f"{v:.1e}" for k, v in t["max_rel"].items()})  # fmt: skip
     res_dir = Path(__file__).resolve().parent / "results"
     res_dir.mkdir(exist_ok=True)
     (res_dir / "rmt.json").write_text(json.dumps(out, indent=1, default=lambda x: None if isinstance(x, float) and

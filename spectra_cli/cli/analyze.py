@@ -31,6 +31,8 @@ Examples:
 
   spectra analyze --demo --mp-fit --randomize --plots rmt-plots/   # WeightWatcher's RMT diagnostics
 
+  spectra analyze --demo --kinds query --fit e_tpl --plots tpl-plots/   # a truncated power law per matrix
+
   spectra analyze model.safetensors --html report.html   # one self-contained page (see spectra report)
 """
 
@@ -109,6 +111,24 @@ def analyze_cmd(
     seed: Annotated[
         int, typer.Option("--seed", help="Seed of the --randomize permutations.", rich_help_panel="Diagnostics")
     ] = 0,
+    fit: Annotated[
+        str, typer.Option("--fit", metavar="[pl|tpl|e_tpl]", help="Also fit the tail with WeightWatcher's fit: pl "
+                          "(power law), tpl (truncated power law x^-α·e^-Λx, WeightWatcher's TPL), e_tpl (TPL with "
+                          "xmin near the ESD's peak, WeightWatcher's E_TPL): fit_alpha, fit_Lambda, fit_xmin, "
+                          "fit_ks, fit_tail, fit_reliability. A TPL takes about a second per matrix.",
+                          rich_help_panel="Diagnostics")
+    ] = "pl",
+    fix_fingers: Annotated[
+        str | None, typer.Option("--fix-fingers", metavar="[xmin_peak|clip_xmax]",
+                                 help="WeightWatcher's fix_fingers for the --fit: xmin_peak (search xmin near the "
+                                 "ESD's peak) or clip_xmax (drop up to 9 top eigenvalues while α falls by > 1; "
+                                 "adds fit_num_fingers, fit_raw_alpha).", rich_help_panel="Diagnostics")
+    ] = None,
+    xmax: Annotated[
+        str | None, typer.Option("--xmax", metavar="[N|force]", help="WeightWatcher's xmax for the --fit: N drops "
+                                 "the N largest eigenvalues before fitting; force ends a truncated power law "
+                                 "at the largest eigenvalue (tpl/e_tpl).", rich_help_panel="Diagnostics")
+    ] = None,
     quiet: o.QuietOpt = False,
 ) -> None:
     """Per-matrix spectra: norms, stable and effective rank, heavy-tail α, entropy, NaN/Inf; and a summary."""
@@ -120,12 +140,15 @@ def analyze_cmd(
         raise typer.BadParameter(
             "missing CKPT (a checkpoint path); try `spectra analyze --demo`", param_hint="CKPT"
         )
+    from spectra_cli.spectral.fits import FitOptions
     from spectra_cli.spectral.rmt import RMTOptions
 
     rmt = RMTOptions(mp_fit or all_diagnostics, randomize or all_diagnostics, detx or all_diagnostics, seed,
                      vectors or all_diagnostics)
+    fits = o.build(FitOptions, {}, fit=fit, fix_fingers=fix_fingers, xmax=_xmax(xmax))
     opts = o.build(AnalyzeOptions, o.selection(include, exclude, kinds, min_dim, split_fused, roles=roles),
-                   o.engine(device, precision, backend, max_memory, method), rmt=rmt if rmt.any else None)  # fmt: skip
+                   o.engine(device, precision, backend, max_memory, method), rmt=rmt if rmt.any else None,
+                   fit=None if fits.default else fits)  # fmt: skip
     if demo:
         from spectra_cli.checkpoint.demo import demo_checkpoint
 
@@ -158,6 +181,16 @@ def analyze_cmd(
 
     env = envelope("analyze", result.inputs, result.rows, result.summary, result.options)
     emit(env, fmt, output, html=html, quiet=quiet, columns=columns, wide=wide)
+
+
+def _xmax(value: str | None) -> int | str | None:
+    """``--xmax``: None, ``force`` or an integer (WeightWatcher's xmax values)."""
+    if value is None or value == "force":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"--xmax {value}: give a number of eigenvalues to drop, or force") from None
 
 
 def register(app: typer.Typer) -> None:

@@ -25,6 +25,7 @@ from spectra_cli.errors import SelectionError
 from spectra_cli.options import EngineOptions, SelectionOptions
 from spectra_cli.results import OMIT_NONE, RunResult, options_record
 from spectra_cli.spectral.engine import ResolvedEngine, engine_info, resolve, singular_values
+from spectra_cli.spectral.fits import FitOptions
 from spectra_cli.spectral.metrics import compute_metrics
 from spectra_cli.spectral.rmt import RMTOptions
 
@@ -36,6 +37,13 @@ class AnalyzeOptions(SelectionOptions, EngineOptions):
     split_fused: bool = False
     #: the opt-in random-matrix diagnostics (``--mp-fit``, ``--randomize``, ``--detx``, ``--seed``); None: none
     rmt: RMTOptions | None = None
+    #: ``--fit`` / ``--fix-fingers`` / ``--xmax``: an extra tail fit (``fit_*`` columns); None: the default α only
+    fit: FitOptions | None = None
+
+    @property
+    def diagnostics(self) -> bool:
+        """Whether any opt-in diagnostic (RMT columns or another fit) was asked for."""
+        return (self.rmt is not None and self.rmt.any) or self.fit is not None
 
 
 class KindStats(TypedDict):
@@ -88,6 +96,9 @@ class AnalyzeSummary:
     spiked: int | None = field(default=None, metadata=OMIT_NONE)
     trapped: int | None = field(default=None, metadata=OMIT_NONE)
     correlation_traps: int | None = field(default=None, metadata=OMIT_NONE)
+    #: with a diagnostic flag: matrices whose fit reading is not ``ok`` (``fit_reliability`` with ``--fit``…,
+    #: else ``alpha_reliability``)
+    unreliable_fits: int | None = field(default=None, metadata=OMIT_NONE)
 
 
 @dataclass
@@ -171,6 +182,8 @@ def run_analyze(
     p = plan_analyze(ckpt, opts)
     got = measure(p, progress)
     rand = _rmt(p, got, opts.rmt, progress) if opts.rmt is not None and opts.rmt.any else {}
+    if opts.diagnostics:
+        _fits(got.rows, got.spectra, opts.fit, progress)
     summary = summarize(got.rows, len(p.skipped), engine_info(p.engine), round(time.perf_counter() - t0, 3),
                         round(got.decompose_seconds, 3), (p.excluded, opts.selection().filters))  # fmt: skip
     return AnalysisResult(got.rows, summary, checkpoint_inputs(ckpt), _options_dict(opts, p.engine), p.skipped,
@@ -191,6 +204,19 @@ def _rmt(p: AnalyzePlan, got: Measured, rmt: RMTOptions, progress: Callable[[int
 
         add_vector_columns(got.rows, p.specs, MatrixLoader(p.ckpt), p.engine)
     return rand
+
+
+def _fits(rows: list[dict[str, Any]], spectra: dict[str, np.ndarray], fit: FitOptions | None,
+          progress: Callable[[int, int, str], None] | None) -> None:  # fmt: skip
+    from spectra_cli.flows.analyze_rmt import add_fit_columns
+
+    if fit is None:
+        add_fit_columns(rows, spectra, None)
+        return
+    for i, r in enumerate(rows):  # one row at a time: a truncated power law takes a second or more per matrix
+        add_fit_columns([r], spectra, fit)
+        if progress:
+            progress(i + 1, len(rows), f"{fit.fit} fit {r['name']}")
 
 
 def plan_analyze(ckpt: Checkpoint, opts: AnalyzeOptions) -> AnalyzePlan:
@@ -222,8 +248,9 @@ def measure(p: AnalyzePlan, progress: Callable[[int, int, str], None] | None = N
 
 def _options_dict(opts: AnalyzeOptions, eng: ResolvedEngine | None) -> dict[str, Any]:
     d = options_record(opts)
-    if d.get("rmt") is None:
-        d.pop("rmt", None)
+    for key in ("rmt", "fit"):
+        if d.get(key) is None:
+            d.pop(key, None)
     if eng is not None:
         d["resolved"] = engine_info(eng)
     return d
@@ -253,6 +280,8 @@ def _from_saved(
         from spectra_cli.flows.analyze_rmt import add_rmt_columns
 
         add_rmt_columns(loader_rows, spectra, {}, opts.rmt)
+    if opts.diagnostics:
+        _fits(loader_rows, spectra, opts.fit, progress)
     summary = summarize(
         loader_rows, int(ckpt.metadata.get("skipped_tensors", "0") or 0),
         {"source": "saved spectra", **saved_opts.get("resolved", {})}, round(time.perf_counter() - t0, 3),
@@ -335,7 +364,15 @@ def summarize(rows: list[dict[str, Any]], skipped_tensors: int, engine: dict[str
         spiked=sum(1 for r in ok if r.get("num_spikes", 0) > 0) if any("num_spikes" in r for r in ok) else None,
         trapped=sum(1 for r in ok if r.get("num_traps", 0) > 0) if any("num_traps" in r for r in ok) else None,
         correlation_traps=sum(int(r.get("num_traps", 0)) for r in ok) if any("num_traps" in r for r in ok) else None,
+        unreliable_fits=_unreliable(ok),
     )
+
+
+def _unreliable(ok: list[dict[str, Any]]) -> int | None:
+    key = "fit_reliability" if any("fit_reliability" in r for r in ok) else "alpha_reliability"
+    if not any(key in r for r in ok):
+        return None
+    return sum(1 for r in ok if r.get(key, "ok") != "ok")
 
 
 __all__ = ["AnalysisResult", "AnalyzeOptions", "AnalyzePlan", "AnalyzeSummary", "matrix_row", "measure", "plan_analyze",

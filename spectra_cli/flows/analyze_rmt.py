@@ -17,6 +17,7 @@ from spectra_cli.checkpoint.loader import MatrixLoader, split_lines
 from spectra_cli.checkpoint.matrices import MatrixSpec
 from spectra_cli.checkpoint.tensors import RawTensor, to_float
 from spectra_cli.spectral.engine import ResolvedEngine, singular_values
+from spectra_cli.spectral.fits import FitOptions, fit_columns, reliability
 from spectra_cli.spectral.rmt import RMTOptions, permute, rmt_columns
 
 
@@ -76,3 +77,20 @@ def add_vector_columns(rows: list[dict[str, Any]], specs: list[MatrixSpec], load
         if r is None or r["status"] != "ok":
             continue
         r.update(vector_columns(to_float(loader.load(spec)), int(r.get("num_pl_spikes", 0)), eng.compute))
+
+
+def fit_eigenvalues(values: np.ndarray) -> np.ndarray:
+    """The ESD WeightWatcher fits: all M eigenvalues λ = σ² (its fits then keep λ > 1e-5)."""
+    return np.sort(np.clip(np.asarray(values, dtype=np.float64), 0.0, None)) ** 2
+
+
+def add_fit_columns(rows: list[dict[str, Any]], spectra: dict[str, np.ndarray], fit: FitOptions | None) -> None:
+    """``alpha_reliability`` (the default power-law fit's reading) and, with ``--fit/--fix-fingers/--xmax``, the
+    chosen fit's ``fit_*`` columns, in place."""
+    for r in rows:
+        values = spectra.get(r["name"])
+        if r["status"] != "ok" or values is None:
+            continue
+        r["alpha_reliability"] = reliability(r["alpha"], r["alpha_ks"], int(r["alpha_tail"]))
+        if fit is not None:
+            r.update(fit_columns(fit_eigenvalues(values), fit))

@@ -245,7 +245,8 @@ def _from_analyze(ckpt: str | Path, needs: set[str], opts: CheckOptions, progres
     rmt = RMTOptions(mp_fit="mp_fit" in needs, randomize="randomize" in needs)
     res = _analyze(ckpt, opts, progress, rmt if rmt.any else None)
     facts: dict[str, Facts] = {}
-    keys = ("spectral_norm", "effective_rank", "stable_rank", "alpha", "num_spikes", "spikes_ratio", "num_traps")
+    keys = ("spectral_norm", "effective_rank", "stable_rank", "alpha", "alpha_tail", "alpha_ks", "num_spikes",
+            "spikes_ratio", "num_traps")
     for row in res.rows:
         f = Facts(row["name"], row.get("kind"), nonfinite=int(row["nan_count"]) + int(row["inf_count"]))
         if row["status"] == "ok":

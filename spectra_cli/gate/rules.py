@@ -20,6 +20,9 @@ What each rule's value means (W is out×in, σ its singular values, ΔW = W_tune
 - ``max_correlation_traps = N``: the module's correlation traps (spikes of the ESD of W with its entries
   permuted, as ``analyze --randomize`` counts them) are ≤ N.
 
+- ``reliable_alpha = true``: the module's power-law fit is read as ``ok`` — at least 50 tail eigenvalues and a
+  KS distance D ≤ 1.36/√n_tail (``alpha_reliability`` of ``analyze``; docs/analyze-rmt.md gives the reasons).
+
 Any rule set to ``false`` is off (useful in an override to exempt some modules).
 """
 
@@ -194,6 +197,20 @@ def _eval_spikes_ratio(limit: Any, f: Facts) -> Outcome:
     return ("pass" if ok else "fail"), r, f"{n} spikes, ratio {r:.3g} " + ("≤" if ok else ">") + f" {limit:g}"
 
 
+def _eval_reliable_alpha(limit: Any, f: Facts) -> Outcome:
+    from spectra_cli.spectral.fits import reliability
+
+    if (bad := _unmeasured(f, "the α fit")) is not None:
+        return bad
+    t = f.tuned or {}
+    if not _finite(t.get("alpha")) or t.get("alpha_tail") is None:
+        return "skip", None, f"not measured: {f.note or 'α could not be fitted'}"
+    n, d = int(t["alpha_tail"]), float(t["alpha_ks"])
+    reading = reliability(float(t["alpha"]), d, n)
+    ok = reading == "ok"
+    return ("pass" if ok else "fail"), d, f"α fit {reading}: {n} tail eigenvalues, KS D = {d:.3g}"
+
+
 def _eval_traps(limit: Any, f: Facts) -> Outcome:
     if (bad := _unmeasured(f, "correlation traps")) is not None:
         return bad
@@ -340,6 +357,8 @@ RULES: dict[str, Rule] = {
              lambda n, v: _number(n, v, minimum=0.0), _eval_spikes_ratio),
         Rule("max_correlation_traps", "randomize", "correlation traps (spikes of the permuted W's ESD) at most N",
              "0", _count, _eval_traps),
+        Rule("reliable_alpha", "tuned", "the power-law fit of α is reliable: ≥ 50 tail eigenvalues and KS "
+             "D ≤ 1.36/√n_tail", "true", _true, _eval_reliable_alpha),
     )
 }  # fmt: skip
 

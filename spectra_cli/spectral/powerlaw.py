@@ -57,15 +57,19 @@ class PowerLawFit:
 NO_FIT = PowerLawFit(float("nan"), float("nan"), float("nan"), 0)
 
 
-def fit_power_law(evals: np.ndarray, block: int = 256) -> PowerLawFit:
-    """Fit α to the tail of the eigenvalues ``evals`` (any order; non-positive values are ignored)."""
+def fit_power_law(evals: np.ndarray, block: int = 256, candidates: np.ndarray | None = None) -> PowerLawFit:
+    """Fit α to the tail of the eigenvalues ``evals`` (any order; non-positive values are ignored).
+
+    ``candidates``: indices (into the sorted positive values) of the xmin to try; default every one but the
+    largest."""
     x = np.sort(np.asarray(evals, dtype=np.float64))
     x = x[x > 0]
     n = x.size
     if n < MIN_EVALS:
         return NO_FIT
     logx = np.log(x)
-    cand = np.arange(n - 1)  # every point but the largest (duplicates included, as WWFit)
+    # every point but the largest (duplicates included, as WWFit)
+    cand = np.arange(n - 1) if candidates is None else np.asarray(candidates, dtype=np.int64)
     suffix = np.cumsum(logx[::-1])[::-1]  # suffix[i] = Σ_{j≥i} ln x_j
     n_tail = n - cand
     denom = suffix[cand] - n_tail * logx[cand]

@@ -353,3 +353,24 @@ def test_an_unwritable_output_is_one_error_line_naming_the_users_file(
     assert r.exit_code == 1, r.output
     assert r.stderr.strip() == f"Error: {out}: cannot write (Permission denied); choose a path you may write to"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--xmax", "abc"], "--xmax abc"), (["--fit", "e_tpl", "--fix-fingers", "clip_xmax"], "--fix-fingers clip_xmax"),
+    (["--fit", "pl", "--xmax", "force"], "--xmax force"), (["--fit", "lognormal"], "--fit lognormal"),
+])  # fmt: skip
+def test_fit_flags_refuse_bad_values_with_exit_2(tiny: fx.Generated, args: list[str], words: str) -> None:
+    r = run("analyze", tiny.path, *args)
+    assert r.exit_code == 2 and words in r.stderr
+
+
+def test_fit_columns_in_json_and_table(tiny: fx.Generated) -> None:
+    r = run("analyze", tiny.path, "--fit", "pl", "--fix-fingers", "clip_xmax", "-f", "json", "-q")
+    env = json.loads(r.stdout)
+    row = next(x for x in env["rows"] if x["status"] == "ok")
+    assert {"fit", "fit_alpha", "fit_tail", "fit_reliability", "fit_num_fingers", "alpha_reliability"} <= set(row)
+    assert env["options"]["fit"] == {"fit": "pl", "fix_fingers": "clip_xmax", "xmax": None}
+    assert env["summary"]["unreliable_fits"] == sum(x.get("fit_reliability") != "ok" for x in env["rows"]
+                                                    if x["status"] == "ok")  # fmt: skip
+    r = run("analyze", tiny.path, "--fit", "pl", "--xmax", "2", "--columns", "name,fit_alpha,fit_reliability")
+    assert r.exit_code == 0 and "fit reading" in r.stdout

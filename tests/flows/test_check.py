@@ -5,6 +5,7 @@ GitHub / JSON outputs, `--init`, `[tool.spectra]`, and the CI recipes of docs/ci
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 import xml.etree.ElementTree as ET
@@ -803,3 +804,17 @@ def test_rmt_rules_end_to_end(models: dict[str, Generated], tmp_path: Path) -> N
     env = verdicts(tmp_path, "[rules]\nmax_spikes_ratio = 0.0\n", models["intruders"].path)
     spiked = [m for m, v in by(env, "max_spikes_ratio").items() if v["value"] > 0]
     assert all(by(env, "max_spikes_ratio")[m]["status"] == "fail" for m in spiked)
+
+
+def test_reliable_alpha_end_to_end(models: dict[str, Generated], tmp_path: Path) -> None:
+    from spectra_cli.spectral.fits import KS_CRIT
+
+    env = verdicts(tmp_path, "[rules]\nreliable_alpha = true\n", models["healthy"].path, code=None)
+    got = by(env, "reliable_alpha")
+    assert set(got) == set(ALL)
+    for v in got.values():  # the verdict follows the written-out reading of each module's α fit
+        if v["status"] == "skip":
+            continue
+        n = int(v["message"].split(": ")[1].split(" tail")[0])
+        ok = n >= 50 and v["value"] <= KS_CRIT / math.sqrt(n)
+        assert v["status"] == ("pass" if ok else "fail"), v

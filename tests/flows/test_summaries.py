@@ -37,7 +37,8 @@ SUMMARIES: dict[str, type] = {
 #: optional keys that no recorded example has, each with why
 NOT_RECORDED = {
     "allocate": {"components"},  # only --strategy eva
-    "analyze": {"spiked", "trapped", "correlation_traps"},  # only --mp-fit / --randomize (tests/spectral/test_rmt.py)
+    # only --mp-fit / --randomize (tests/spectral/test_rmt.py), a diagnostic or --fit (tests/cli/test_analyze_cli.py)
+    "analyze": {"spiked", "trapped", "correlation_traps", "unreliable_fits"},
     "init-adapter": {"peak_gpu_mb"},  # only on CUDA
     "merge": {
         "adapter_base_names",

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spectra_cli.report.render import Column, plural
-from spectra_cli.report.views.analyze_rmt import plot_rmt, rmt_columns, rmt_notes
+from spectra_cli.report.views.analyze_rmt import draw_other_fit, plot_rmt, rmt_columns, rmt_notes
 from spectra_cli.report.views.common import Card, Env, Row, dash, num, number
 
 if TYPE_CHECKING:
@@ -219,6 +219,7 @@ def plot_esd(row: dict[str, Any], values: np.ndarray, path: Path) -> None:
         tail_ax.loglog(xs, (xs / xmin) ** (1.0 - alpha), color="#C44E52", lw=2.5,
                        label=f"fit (λ / xmin)^-(α-1), α = {alpha:.2f}")  # fmt: skip
         tail_ax.set_xlim(xmin / 1.1, lam[-1] * 1.1)
+        draw_other_fit(row, lam, ax, tail_ax, dln)  # --fit tpl/e_tpl, --fix-fingers: the chosen fit's line
         tail_ax.set_title(f"the fitted tail: {tail.size} eigenvalues λ ≥ xmin = {xmin:.3g}", fontsize=9)
         tail_ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     else:

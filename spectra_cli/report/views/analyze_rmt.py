@@ -25,6 +25,12 @@ RMT_COLUMNS = (
     ("ww_softrank", "ww softrank", number()),
     ("num_traps", "traps", dash),
     ("detX_num", "detX n", dash),
+    ("alpha_reliability", "α fit", dash),
+    ("fit_alpha", "fit α", number()),
+    ("fit_Lambda", "fit Λ", number()),
+    ("fit_tail", "fit tail", dash),
+    ("fit_num_fingers", "fingers", dash),
+    ("fit_reliability", "fit reading", dash),
 )
 
 
@@ -44,7 +50,48 @@ def rmt_notes(env: Env) -> list[str]:
         lines.append(f"randomised ESD: {plural(s['correlation_traps'], 'correlation trap', 'correlation traps')} "
                      f"in {plural(s['trapped'], 'matrix', 'matrices')} "
                      f"(seed {env.get('options', {}).get('rmt', {}).get('seed', 0)})")  # fmt: skip
+    if s.get("unreliable_fits") is not None:
+        fit = env.get("options", {}).get("fit") or {}
+        what = f"the {fit.get('fit', 'pl')} fit" if fit else "the power-law fit"
+        lines.append(f"{what}: {s['unreliable_fits']} of {s['analysed']} matrices not read as ok (small-tail: "
+                     "< 50 tail eigenvalues; poor-fit: KS D > 1.36/√n_tail; at-bound: TPL α within 0.01 of 1; "
+                     "unstable: no fit inside the parameter ranges)")  # fmt: skip
     return lines
+
+
+def draw_other_fit(row: dict[str, Any], lam: np.ndarray, ax: Any, tail_ax: Any, dln: float) -> None:
+    """With ``--fit``/``--fix-fingers``/``--xmax``: the chosen fit's line on the ESD figure — its expected count
+    per logarithmic bin on the histogram, its complementary CDF on the tail panel (a truncated power law
+    x^-α·e^-Λx bends down where the power law goes straight)."""
+    import numpy as np
+
+    from spectra_cli.spectral.fits import upper_gamma
+
+    a, x, lam_t = row.get("fit_alpha"), row.get("fit_xmin"), row.get("fit_Lambda")
+    if not (isinstance(a, float) and isinstance(x, float) and math.isfinite(a) and math.isfinite(x) and x > 0):
+        return
+    tail = lam[lam >= x]
+    if tail.size < 2:
+        return
+    xs = np.logspace(np.log10(x), np.log10(tail[-1]), 80)
+    name = str(row.get("fit", "pl"))
+    if isinstance(lam_t, float) and math.isfinite(lam_t) and lam_t > 0:
+        s = 1.0 - a
+        g0 = float(upper_gamma(s, lam_t * x))
+        pdf = xs ** (-a) * np.exp(-lam_t * xs) * lam_t**s / g0
+        ccdf = upper_gamma(s, lam_t * xs) / g0
+        label = f"{name} fit α = {a:.2f}, Λ = {lam_t:.3g}"
+    else:
+        pdf = (a - 1) / x * (xs / x) ** (-a)
+        ccdf = (xs / x) ** (1.0 - a)
+        label = f"{name} fit ({row.get('fit_num_fingers', 0)} fingers) α = {a:.2f}" if "fit_num_fingers" in row \
+            else f"{name} fit α = {a:.2f}"
+    ax.plot(xs, tail.size * pdf * xs * dln, color="#55A868", lw=2.2, ls="--", label=label)
+    # the tail panel's y is the share of the power-law tail (λ ≥ alpha_xmin) at or above λ
+    n_pl = max(1, int(np.count_nonzero(lam >= float(row.get("alpha_xmin", x)))))
+    tail_ax.loglog(xs, ccdf * tail.size / n_pl, color="#55A868", lw=2.2, ls="--", label=label)
+    tail_ax.set_ylim(bottom=0.3 / max(n_pl, tail.size))  # where the eigenvalues are, not the fit's far tail
+    tail_ax.set_xlim(min(tail_ax.get_xlim()[0], x / 1.1), tail_ax.get_xlim()[1])
 
 
 def plot_rmt(row: dict[str, Any], values: np.ndarray, rand: np.ndarray | None, path: Path) -> bool:
