@@ -230,13 +230,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ww-python", type=Path, default=Path("/work/venvs/ww/bin/python"))
     ap.add_argument("--llama", action="store_true", help="also the LLaMA-like checkpoint")
+    ap.add_argument("--llama-only", action="store_true", help="the LLaMA-like checkpoint alone")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--tpl", type=int, default=0, metavar="N", help="also E_TPL on the first N matrices")
     ap.add_argument("--powerlaw15", type=Path, default=None, help="a folder holding powerlaw 1.5 (pip --target)")
     args = ap.parse_args()
     from spectra_cli.checkpoint.demo import demo_checkpoint
 
-    ckpts = {"minilm": Path(demo_checkpoint())} | ({"llama_like": LLAMA} if args.llama else {})
+    ckpts = {} if args.llama_only else {"minilm": Path(demo_checkpoint())}
+    ckpts |= {"llama_like": LLAMA} if args.llama or args.llama_only else {}
     out: dict[str, Any] = {}
     for name, ck in ckpts.items():
         with tempfile.TemporaryDirectory() as d:
@@ -256,7 +258,7 @@ def main() -> None:
                   {k: f"{v:.1e}" for k, v in t["max_rel"].items()})  # fmt: skip
     res_dir = Path(__file__).resolve().parent / "results"
     res_dir.mkdir(exist_ok=True)
-    (res_dir / "rmt.json").write_text(json.dumps(out, indent=1, default=lambda x: None if isinstance(x, float) and
+    (res_dir / ("rmt_llama.json" if args.llama_only else "rmt.json")).write_text(json.dumps(out, indent=1, default=lambda x: None if isinstance(x, float) and
                                                  not math.isfinite(x) else x))  # fmt: skip
 
 
