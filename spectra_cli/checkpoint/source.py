@@ -129,10 +129,14 @@ def _read_config(folder: Path) -> dict[str, Any] | None:
     return None
 
 
+#: what a Hugging Face Trainer checkpoint keeps beside the weights: training state, not a second set of weights
+_TRAINER_STATE = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin", "scaler.pt"}
+
+
 def _say_which(folder: Path, used: str) -> None:
     """Warn when ``folder`` holds weights in both formats: which one is read, and how to choose the other."""
     safetensors = any(folder.glob("*.safetensors"))
-    torch_files = any(f.name.endswith(TORCH_SUFFIXES) for f in folder.iterdir())
+    torch_files = any(f.name.endswith(TORCH_SUFFIXES) and f.name not in _TRAINER_STATE for f in folder.iterdir())
     if safetensors and torch_files:
         import warnings
 

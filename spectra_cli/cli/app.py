@@ -51,10 +51,11 @@ def _register() -> None:
         rankme,
         reconstruct,
         report,
+        track,
     )
 
-    # the order of `spectra --help`: look, compare, choose ranks, initialise, merge (and rebuild), gate, report
-    for command in (analyze, compare, rankme, allocate, init_adapter, capture, merge, reconstruct, check, report):
+    # the order of `spectra --help`: look, compare, follow a run, choose ranks, initialise, merge (and rebuild), gate, report
+    for command in (analyze, compare, track, rankme, allocate, init_adapter, capture, merge, reconstruct, check, report):
         command.register(app)
     from spectra_cli.cli.options import Command, tidy_help
 

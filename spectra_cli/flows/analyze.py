@@ -124,14 +124,14 @@ class Measured:
     decompose_seconds: float
 
 
-def _spec_meta(spec: MatrixSpec) -> dict[str, Any]:
+def spec_meta(spec: MatrixSpec) -> dict[str, Any]:
     return {
         "name": spec.name, "tensor": spec.tensor.name, "shape": list(spec.shape), "dtype": spec.dtype_name,
         "depth": spec.depth, "kind": spec.kind, "role": spec.role, "note": spec.note,
     }  # fmt: skip
 
 
-def _row(
+def matrix_row(
     meta: dict[str, Any], values: np.ndarray | None, nan: int, inf: int, precision: str
 ) -> dict[str, Any]:
     m, n = meta["shape"]
@@ -200,10 +200,10 @@ def measure(p: AnalyzePlan, progress: Callable[[int, int, str], None] | None = N
     loader = MatrixLoader(p.ckpt)
     got = Measured([], [], {}, 0.0)
     for i, mv in enumerate(singular_values(p.specs, p.engine, loader.load, loader.chunks)):
-        meta = _spec_meta(mv.spec)
+        meta = spec_meta(mv.spec)
         meta.update(nan_count=mv.nan_count, inf_count=mv.inf_count)
         got.metas.append(meta)
-        got.rows.append(_row(meta, mv.values, mv.nan_count, mv.inf_count, p.engine.precision))
+        got.rows.append(matrix_row(meta, mv.values, mv.nan_count, mv.inf_count, p.engine.precision))
         got.decompose_seconds += mv.seconds
         if mv.values is not None:
             got.spectra[mv.spec.name] = mv.values
@@ -236,7 +236,8 @@ def _from_saved(
         values = saved_values(ckpt, m["name"])
         if values is not None:
             spectra[m["name"]] = values
-        loader_rows.append(_row(m, values, int(m.get("nan_count", 0)), int(m.get("inf_count", 0)), precision))
+        nan, inf = int(m.get("nan_count", 0)), int(m.get("inf_count", 0))
+        loader_rows.append(matrix_row(m, values, nan, inf, precision))
         if progress:
             progress(i + 1, len(chosen), m["name"])
     if opts.rmt is not None and opts.rmt.any:
@@ -326,5 +327,6 @@ def summarize(rows: list[dict[str, Any]], skipped_tensors: int, engine: dict[str
     )
 
 
-__all__ = ["AnalysisResult", "AnalyzeOptions", "AnalyzePlan", "AnalyzeSummary", "measure", "plan_analyze", "run_analyze",
+__all__ = ["AnalysisResult", "AnalyzeOptions", "AnalyzePlan", "AnalyzeSummary", "matrix_row", "measure", "plan_analyze",
+           "run_analyze", "spec_meta",
            "summarize"]  # fmt: skip

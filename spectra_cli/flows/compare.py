@@ -294,7 +294,7 @@ def measure(
                     svd_t = svd(wt)
                     intr = intruder_dimensions(base_svd.u, svd_t.u[:, :k], svd_t.s[:k], opts.epsilons)
                     d = drift(base_svd.s, svd_t.s, delta_values(), base_svd.u[:, :k], svd_t.u[:, :k])
-                    row.update(_intruder_fields(intr, opts.epsilons))
+                    row.update(intruder_fields(intr, opts.epsilons))
                     row.update(asdict(d))
                     if math.isinf(d.relative_delta):
                         row["note"] = "the base matrix is all zeros: ‖ΔW‖/‖W₀‖ is infinite"
@@ -330,7 +330,7 @@ def _eps_key(e: float) -> str:
     return f"intruders@{e:g}"
 
 
-def _intruder_fields(intr: Intruders, epsilons: Sequence[float]) -> dict[str, Any]:
+def intruder_fields(intr: Intruders, epsilons: Sequence[float]) -> dict[str, Any]:
     primary = float(epsilons[0])
     out: dict[str, Any] = {"intruders": intr.count(primary)}
     for e in epsilons:

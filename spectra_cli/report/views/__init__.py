@@ -22,6 +22,7 @@ from spectra_cli.report.views import (
     merge,
     rankme,
     reconstruct,
+    track,
 )
 from spectra_cli.report.views.common import Card, Env, View
 
@@ -37,6 +38,7 @@ GENERIC = _of(generic)
 VIEWS: dict[str, View] = {
     "analyze": _of(analyze),
     "compare": _of(compare),
+    "track": _of(track),
     "rankme": _of(rankme),
     "allocate": _of(allocate),
     "init-adapter": _of(init_adapter),
