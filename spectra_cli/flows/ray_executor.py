@@ -27,6 +27,7 @@ import importlib
 import logging
 import os
 import re
+import socket
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -43,6 +44,9 @@ INSTALL_HINT = "pip install 'spectra-cli[ray]'"
 MAX_RETRIES = 3
 #: the local cluster's object store: tasks return singular values, never weights, so a small one is enough
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
+
+#: how long the check that a HOST:PORT answers waits
+CONNECT_TIMEOUT_S = 5.0
 
 _HOST_PORT = re.compile(r"^(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 
@@ -137,6 +141,8 @@ class RayExecutor:
     def _connect(self) -> None:
         ray = self._ray
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if self.address != "auto":
+            self._check_reachable()
         try:
             ray.init(address=self.address, log_to_driver=False, configure_logging=False)
         except Exception as e:  # ConnectionError, RuntimeError (no cluster found), TimeoutError, ValueError
@@ -145,6 +151,25 @@ class RayExecutor:
                 f"--ray {self.address}: could not connect to {where} ({_one_line(e)}); start one with "
                 "`ray start --head`, or use --ray local for a cluster on this machine only"
             ) from e
+
+    def _check_reachable(self) -> None:
+        """Fail at once when nothing listens at HOST:PORT (Ray itself retries for minutes)."""
+        host, port = _host_port(self.address)
+        hosts = [host]
+        if host in ("127.0.0.1", "localhost", "::1"):  # Ray dials this node's own address instead
+            with contextlib.suppress(Exception):
+                hosts.append(self._ray.util.get_node_ip_address())
+        errors = []
+        for h in hosts:
+            try:
+                socket.create_connection((h, port), timeout=CONNECT_TIMEOUT_S).close()
+                return
+            except OSError as e:
+                errors.append(f"{h}:{port}: {e.strerror or e}")
+        raise SpectraError(
+            f"--ray {self.address}: nothing answers at {'; '.join(errors)}; start the head with "
+            f"`ray start --head --port {port}` (or give its address), or use --ray local"
+        )
 
     # -- running ------------------------------------------------------------------------------------------
 
@@ -294,6 +319,13 @@ def _ray_constants() -> Any:
         return importlib.import_module("ray._private.ray_constants")
     except ImportError:  # another Ray layout: the node-IP check after ray.init still holds
         return None
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    """``ray://HOST:PORT`` or ``HOST:PORT`` (HOST may be ``[v6]``) → (host, port)."""
+    rest = address.removeprefix("ray://")
+    host, _, port = rest.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def _package_root() -> str:

@@ -9,6 +9,7 @@ fixture puts the repository root on their PYTHONPATH.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -230,6 +231,17 @@ def test_an_existing_connection_is_reused_and_left_open(cluster: RayExecutor) ->
     assert other.name == "ray"
     other.close()
     assert ray.is_initialized()
+
+
+def test_an_address_where_nothing_listens_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as if no cluster were joined yet
+    with socket.socket() as s:  # a port nobody listens on (bound, then released)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(SpectraError, match=rf"--ray 127.0.0.1:{port}: nothing answers at 127.0.0.1:{port}: "):
+        RayExecutor(f"127.0.0.1:{port}")
+    assert time.monotonic() - start < 15  # Ray alone retries for minutes
 
 
 @pytest.mark.parametrize("address", ["local", "auto", "10.0.0.5:6379", "ray://head.example:10001", "[::1]:6379"])
