@@ -83,9 +83,9 @@ def checkpoint_at(path: Path, name: str | None = None) -> RunCheckpoint | None:
     if path.is_dir():
         layout = _has_weights(path)
         if layout is None:
-            inner = sorted(path.glob("global_step*"))
-            if inner and (inner[-1] / _DEEPSPEED_MODEL).is_file():
-                return RunCheckpoint(shown, inner[-1] / _DEEPSPEED_MODEL, parse_step(shown), "deepspeed")
+            inner = sorted(path.glob("global_step*"))  # one: a Trainer checkpoint saved by DeepSpeed; more: a run
+            if len(inner) == 1 and (inner[0] / _DEEPSPEED_MODEL).is_file():
+                return RunCheckpoint(shown, inner[0] / _DEEPSPEED_MODEL, parse_step(shown), "deepspeed")
             return None
         target = path / _DEEPSPEED_MODEL if layout == "deepspeed" else path
         return RunCheckpoint(shown, target, parse_step(shown), layout)
@@ -113,9 +113,8 @@ def discover(run_dir: Path) -> list[RunCheckpoint]:
 
 
 def order(checkpoints: Sequence[RunCheckpoint]) -> list[RunCheckpoint]:
-    """By step (a checkpoint without one keeps its place after those with one), then by name."""
-    keyed = [(c.step is None, c.step or 0, i, c) for i, c in enumerate(checkpoints)]
-    return [c for *_, c in sorted(keyed, key=lambda k: (k[0], k[1], k[2] if k[0] else 0, k[3].name))]
+    """By step (those without one last), then by name."""
+    return sorted(checkpoints, key=lambda c: (c.step is None, c.step or 0, c.name))
 
 
 def resolve_inputs(

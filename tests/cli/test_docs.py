@@ -34,11 +34,11 @@ def test_cli_md_has_every_command_and_its_flags() -> None:
     a command cannot pass."""
     text = DOC.read_text(encoding="utf-8")
     names = list(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
-    assert len(names) == 10 and "reconstruct" in names
+    assert len(names) == 11 and "reconstruct" in names and "track" in names
     for name in names:
         assert f"\n## spectra {name}\n" in text, name
         assert f"Usage: spectra {name} [OPTIONS]" in text, name
-    decomposing = ("analyze", "compare", "rankme", "allocate", "init-adapter", "capture", "merge", "check")
+    decomposing = ("analyze", "compare", "track", "rankme", "allocate", "init-adapter", "capture", "merge", "check")
     assert text.count("--max-memory  -M") == len(decomposing)
     assert "\x1b[" not in text  # no colour codes
 
