@@ -9,6 +9,11 @@ seconds are core-seconds of work). Then the arithmetic: one 7B checkpoint = 32 l
 + 2 vocabulary matrices, and 200 of them.
 
     python benchmarks/bench_scale.py [--repeats 2] [--threads N] [--out results.json]
+    python benchmarks/bench_scale.py --ray-tasks 400     # only Ray's own cost: start, and per task
+
+``--ray-tasks N``: a local Ray cluster of 2 workers (the executor ``--ray local`` uses): the seconds to start
+it, and the seconds per task of N tasks that do nothing but return a 7B matrix's worth of singular values
+(4096 float64, 32 KB) — the overhead Ray adds to each task of ``spectra track``.
 """
 
 from __future__ import annotations
@@ -40,13 +45,46 @@ def best_of(fn: Any, x: np.ndarray, repeats: int) -> tuple[float, float]:
     return best
 
 
+def values_of_a_7b_matrix(seed: int) -> np.ndarray:
+    """A task that returns what a real one returns for a LLaMA-2-7B matrix, and computes nothing."""
+    return np.full(4096, float(seed))
+
+
+def ray_overhead(tasks: int) -> dict[str, float]:
+    from spectra_cli.flows.ray_executor import RayExecutor
+
+    t0 = time.perf_counter()
+    ex = RayExecutor("local", num_cpus=2)
+    start = time.perf_counter() - t0
+    try:
+        ex.map(values_of_a_7b_matrix, list(range(4)), ["warm"] * 4)  # the workers' first import
+        t0 = time.perf_counter()
+        out = ex.map(values_of_a_7b_matrix, list(range(tasks)), [str(i) for i in range(tasks)])
+        per_task = (time.perf_counter() - t0) / tasks
+        assert [float(v[0]) for v in out] == [float(i) for i in range(tasks)]
+    finally:
+        t0 = time.perf_counter()
+        ex.close()
+        stop = time.perf_counter() - t0
+    return {"start_s": round(start, 2), "per_task_ms": round(1000 * per_task, 2), "stop_s": round(stop, 2),
+            "tasks": tasks}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="BLAS threads (default: the library's)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-vocab", action="store_true", help="leave out the 32000×4096 shape (≈0.5 GB)")
+    ap.add_argument("--ray-tasks", type=int, default=0, help="measure only Ray's overhead, with this many tasks")
     args = ap.parse_args()
+    if args.ray_tasks:
+        r = {"ray_local_2_workers": ray_overhead(args.ray_tasks), "load": os.getloadavg()}
+        print(json.dumps(r, indent=2))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(r, f, indent=2)
+        return
     if args.threads:
         from threadpoolctl import threadpool_limits
 
