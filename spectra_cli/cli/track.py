@@ -103,8 +103,7 @@ def track_cmd(
 ) -> None:
     """Spectra over a training run: analyze's metrics per checkpoint and matrix, intruders and drift against a
     base or the previous checkpoint, and findings by step."""
-    from spectra_cli.checkpoint.run_folder import resolve_inputs
-    from spectra_cli.flows.track import Tracker, TrackOptions, watch_track
+    from spectra_cli.flows.track import TrackOptions, run_track, watch_track
 
     pairs = [(n or None, p) for n, p in o.named_paths(inputs, "RUN_DIR|CKPT", lambda p: "")]
     step_list = tuple(int(s) for s in o.numbers([steps] if steps else None, "--steps", "500,1000,1500"))
@@ -141,7 +140,7 @@ def track_cmd(
         write(last)
         return
     with progress_bar("tracking", quiet) as update:
-        result = Tracker(opts).update(resolve_inputs(pairs, step_list), update)
+        result = run_track(pairs, opts, update)
     _skipped(result, quiet)
     write(result)
 

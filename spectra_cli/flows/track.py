@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spectra_cli.checkpoint.matrices import MatrixSpec
 from spectra_cli.checkpoint.run_folder import RunCheckpoint, discover, file_identity, resolve_inputs
 from spectra_cli.checkpoint.source import open_checkpoint
 from spectra_cli.checkpoint.spectra_cache import CachedMatrix, SpectraCache, identity_key
+from spectra_cli.checkpoint.tuned import open_tuned
 from spectra_cli.errors import SelectionError, SpectraError
 from spectra_cli.flows.analyze import matrix_row
 from spectra_cli.flows.executor import Executor, TaskResources, open_executor
@@ -35,8 +37,6 @@ from spectra_cli.flows.track_tasks import (
 )
 from spectra_cli.options import EngineOptions, SelectionOptions
 from spectra_cli.results import RunResult, options_record
-
-AGAINST = ("base", "previous")
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,14 @@ class Tracker:
         self.computed = 0
         self.from_cache = 0
         self.tasks = 0
+        self._owned = False
+
+    def close(self) -> None:
+        """Close the executor if this tracker opened it (a Ray connection is kept across ``--watch`` rounds)."""
+        if self._owned and self.executor is not None:
+            self.executor.close()
+            self.executor = None
+            self._owned = False
 
     def _open(self, ck: RunCheckpoint) -> _Opened | None:
         try:
@@ -130,7 +138,10 @@ class Tracker:
         if (ck.name, key) in self.opened:
             return self.opened[(ck.name, key)]
         try:
-            specs = pick(open_checkpoint(ck.path), self.opts.selection(self.opts.split_fused))
+            if ck.layout == "peft":
+                specs = self._adapter_specs(ck)
+            else:
+                specs = pick(open_checkpoint(ck.path), self.opts.selection(self.opts.split_fused))
         except SpectraError as e:
             self._skip(ck, str(e))
             return None
@@ -138,9 +149,18 @@ class Tracker:
         for s in specs.values():
             shards.setdefault(str(s.tensor.file), []).append(s.name)
         meta = {n: {"depth": s.depth, "kind": s.kind, "role": s.role} for n, s in specs.items()}
-        got = _Opened(ck, Source(ck.name, str(ck.path), key), list(specs), shards, meta)
+        got = _Opened(ck, Source(ck.name, str(ck.path), key, ck.layout == "peft"), list(specs), shards, meta)
         self.opened[(ck.name, key)] = got
         return got
+
+    def _adapter_specs(self, ck: RunCheckpoint) -> dict[str, MatrixSpec]:
+        """The base matrices a PEFT adapter checkpoint changes (its matrices are W₀ + s·B·A)."""
+        if self.base is None:
+            raise SelectionError(f"{ck.path}: a PEFT adapter checkpoint; give the model it adapts with --base BASE")
+        base = open_checkpoint(self.base.path)
+        specs = pick(base, self.opts.selection(self.opts.split_fused))
+        t = open_tuned(ck.name, ck.path, base, list(specs.values()), True)
+        return {n: s for n, s in specs.items() if t.covers(n)}
 
     def _skip(self, ck: RunCheckpoint, reason: str) -> None:
         if not any(s["name"] == ck.name for s in self.skipped):
@@ -177,14 +197,12 @@ class Tracker:
         specs, labels, fn = self._tasks(runs, missing)
         self.tasks += len(specs)
         if specs:
-            ex = self.executor or open_executor(self.opts.ray)
-            try:
-                gpus = 1.0 if self.opts.device.startswith("cuda") else 0.0
-                outs: list[TaskOutput] = ex.map(fn, specs, labels, progress=progress,
-                                                resources=TaskResources(gpus, self.opts.max_memory))  # fmt: skip
-            finally:
-                if self.executor is None:
-                    ex.close()
+            if self.executor is None:  # opened on first need (a rerun from the cache never connects to Ray)
+                self.executor = open_executor(self.opts.ray)
+                self._owned = True
+            gpus = 1.0 if self.opts.device.startswith("cuda") else 0.0
+            outs: list[TaskOutput] = self.executor.map(fn, specs, labels, progress=progress,
+                                                       resources=TaskResources(gpus, self.opts.max_memory))  # fmt: skip
             for out in outs:
                 for key, results in out.results.items():
                     have = self._results(key)
@@ -295,7 +313,11 @@ def run_track(
     """Track the checkpoints given as one run folder or (name, path) pairs (name None: from the path)."""
     opts = options or TrackOptions()
     cks = resolve_inputs([(n, Path(p)) for n, p in inputs], opts.steps)
-    return Tracker(opts, executor).update(cks, progress)
+    tracker = Tracker(opts, executor)
+    try:
+        return tracker.update(cks, progress)
+    finally:
+        tracker.close()
 
 
 def watch_track(
@@ -331,6 +353,8 @@ def watch_track(
             stop.wait(poll_seconds)
     except KeyboardInterrupt:
         pass
+    finally:
+        tracker.close()
     return last
 
 

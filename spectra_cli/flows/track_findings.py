@@ -140,7 +140,8 @@ def findings(rows: list[dict[str, Any]], runs: list[dict[str, Any]], opts: Track
     bad = [r for r in rows if r.get("status") != "ok"]
     if bad:
         first = next(c for c in order if any(r["checkpoint"] == c for r in bad))
-        out.append(f"{len(bad)} matrices hold NaN/Inf (first at {label[first]}); they were not decomposed")
+        held = "1 matrix holds" if len(bad) == 1 else f"{len(bad)} matrices hold"
+        out.append(f"{held} NaN/Inf (first at {label[first]}); not decomposed")
     return out
 
 

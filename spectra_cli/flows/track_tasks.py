@@ -19,6 +19,7 @@ Two kinds of task:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from spectra_cli.checkpoint.loader import MatrixLoader
 from spectra_cli.checkpoint.matrices import MatrixSpec, Selection, select_matrices
 from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
 from spectra_cli.checkpoint.spectra_cache import CachedMatrix, SpectraCache
+from spectra_cli.checkpoint.tuned import Tuned, open_tuned
 from spectra_cli.flows.analyze import spec_meta
 from spectra_cli.flows.compare import intruder_fields
 from spectra_cli.options import EngineOptions
@@ -43,11 +45,13 @@ from spectra_cli.spectral.linalg import singular_values as exact_values
 
 @dataclass(frozen=True)
 class Source:
-    """One checkpoint as a task sees it: the run's name for it, its path, and its identity key (the cache's)."""
+    """One checkpoint as a task sees it: the run's name for it, its path, and its identity key (the cache's).
+    ``adapter``: a PEFT LoRA adapter checkpoint, whose matrices are the base's plus s·B·A."""
 
     name: str
     path: str
     key: str
+    adapter: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,15 +147,20 @@ def compare_task(task: CompareTask) -> TaskOutput:
     eng = resolve(task.engine)
     svd = svd_function(eng.compute, eng.precision)
     dtype: type[np.floating] = np.float64 if eng.precision == "float64" else np.float32
-    ckpts = {s.key: open_checkpoint(s.path) for s in task.sources}
-    specs = {k: pick(c, task.selection, task.matrices) for k, c in ckpts.items()}
-    loaders = {k: MatrixLoader(c) for k, c in ckpts.items()}
     base_specs: dict[str, MatrixSpec] = {}
     base_loader = None
     if task.base is not None:
         base_ck = open_checkpoint(task.base.path)
         base_specs = pick(base_ck, task.selection, task.matrices)
         base_loader = MatrixLoader(base_ck)
+    ckpts = {s.key: open_checkpoint(s.path) for s in task.sources if not s.adapter}
+    specs = {k: pick(c, task.selection, task.matrices) for k, c in ckpts.items()}
+    loaders = {k: MatrixLoader(c) for k, c in ckpts.items()}
+    adapters: dict[str, Tuned] = {}
+    for s in task.sources:
+        if s.adapter:
+            adapters[s.key] = open_tuned(s.name, Path(s.path), base_ck, list(base_specs.values()), True)
+            specs[s.key] = {n: sp for n, sp in base_specs.items() if adapters[s.key].covers(n)}
     out: dict[str, list[CachedMatrix]] = {s.key: [] for s, e in zip(task.sources, task.emit, strict=True) if e}
     for name in task.matrices:
         ref0: tuple[np.ndarray, SVD] | None = None
@@ -168,7 +177,13 @@ def compare_task(task: CompareTask) -> TaskOutput:
                 prev, prev_key = None, src.key
                 continue
             with blas_threads(spec.shape):
-                w = loaders[src.key].dense(spec, dtype)
+                if src.adapter:
+                    if ref0 is None:
+                        prev, prev_key = None, src.key
+                        continue
+                    w = _adapted(adapters[src.key], spec, ref0[0], dtype)
+                else:
+                    w = loaders[src.key].dense(spec, dtype)
                 nan, inf = nonfinite_counts(w)
                 s_t = svd(w) if not (nan or inf) else None
                 if emit:
@@ -177,6 +192,17 @@ def compare_task(task: CompareTask) -> TaskOutput:
             prev_key = src.key
     _save(task.cache, task.settings, out, {s.key: s for s in task.sources})
     return TaskOutput(out)
+
+
+def _adapted(t: Tuned, spec: MatrixSpec, w0: np.ndarray, dtype: type[np.floating]) -> np.ndarray:
+    """W₀ + s·B·A of an adapter's module, in the base matrix's logical orientation (as compare builds it)."""
+    mod = t.modules[spec.name]
+    assert t.adapter is not None
+    b, a = t.adapter.factors(mod)
+    delta = mod.scale * (b @ a)
+    if mod.transposed != spec.transposed:
+        delta = delta.T
+    return (w0.astype(np.float64) + delta).astype(dtype, copy=False)
 
 
 def _compared(task: CompareTask, spec: MatrixSpec, w: np.ndarray, s_t: SVD | None, nan: int, inf: int,

@@ -91,6 +91,22 @@ def test_lightning_and_deepspeed_layouts(tmp_path: Path, layout: str) -> None:
     assert row["spectral_norm"] == pytest.approx(s[0], rel=1e-5)
 
 
+def test_peft_adapter_checkpoints_are_tracked_as_base_plus_ba(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", layout="peft")
+    base = str(tmp_path / "base")
+    r = run_track([(None, run)], TrackOptions(device="cpu", base=base, against="previous"))
+    assert {x["name"] for x in r.rows} == {V1, V1.replace("layers.1", "layers.2")}  # the adapted modules
+    w0 = weights(None)
+    for row in r.rows:
+        wt = weights(row["step"])[row["name"]]
+        assert row["intruders"] == _np_intruders(w0[row["name"]], wt)
+        s = np.linalg.svd(wt.astype(np.float64), compute_uv=False)
+        assert row["spectral_norm"] == pytest.approx(s[0], rel=1e-5)
+    assert r.summary.findings[0].startswith("intruders at ε=0.5 first appear at step 1500 in layers 1–2 (v_proj)")
+    with pytest.raises(SelectionError, match="PEFT adapter checkpoint; give the model it adapts with --base"):
+        run_track([(None, run)], TrackOptions(device="cpu"))
+
+
 def test_named_checkpoints_take_their_steps_from_steps(run: Path) -> None:
     inputs = [("late", run / "checkpoint-2000"), ("early", run / "checkpoint-500")]
     r = run_track(inputs, TrackOptions(device="cpu", kinds=("v_proj",), steps=(2000, 500)))
@@ -262,3 +278,60 @@ def test_cli_errors(run: Path) -> None:
     assert res.exit_code == 2 and "--watch needs one run folder" in res.output
     res = runner.invoke(app, ["track", str(run), "--against", "next"])
     assert res.exit_code == 2 and "--against next" in res.output
+
+
+def test_cli_watch_stops_cleanly_on_ctrl_c_with_the_rows_so_far(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = write_run(tmp_path / "run", steps=(500,), layers=1, base=False)
+    out = tmp_path / "w.json"
+    p = subprocess.Popen([sys.executable, "-m", "spectra_cli", "track", str(run), "--watch", "--poll", "0.1",
+                          "--device", "cpu", "--format", "json", "-o", str(out)],
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not out.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        write_checkpoint(run, 1000, layers=1)
+        while time.monotonic() < deadline and len(json.loads(out.read_text())["rows"]) < 14:
+            time.sleep(0.1)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err
+    env = json.loads(out.read_text())
+    assert [r["step"] for r in env["rows"]] == [500] * 7 + [1000] * 7
+    assert "2 checkpoints tracked (last: checkpoint-1000)" in err
+
+
+def test_findings_state_alpha_crossing_two_and_nonfinite_matrices() -> None:
+    from spectra_cli.flows.track_findings import findings, spans
+
+    assert spans([7, 3, 4, 5]) == "3–5, 7" and spans([2]) == "2"
+    runs = [{"name": f"c{s}", "step": s} for s in (1000, 2000, 3000, 4000)]
+    # six mlp matrices: α 4.1 → 2.3 on average; four cross 2 at step 3000, two at 4000; attention flat at 3
+    alphas = {0: (4.1, 3.0, 1.9, 1.5), 1: (4.1, 3.0, 1.9, 1.5), 2: (4.1, 3.0, 1.9, 1.5), 3: (4.1, 3.0, 1.9, 1.5),
+              4: (4.1, 3.5, 2.5, 1.9), 5: (4.1, 3.5, 2.5, 1.9)}  # fmt: skip
+    rows = []
+    for i, run in enumerate(runs):
+        for d, series in alphas.items():
+            rows.append({"checkpoint": run["name"], "step": run["step"], "name": f"l{d}.mlp", "depth": d,
+                         "kind": "up_proj", "role": "mlp", "status": "ok", "alpha": series[i],
+                         "effective_rank_ratio": 0.5})  # fmt: skip
+            rows.append({"checkpoint": run["name"], "step": run["step"], "name": f"l{d}.attn", "depth": d,
+                         "kind": "q_proj", "role": "attention", "status": "ok", "alpha": 3.0,
+                         "effective_rank_ratio": 0.5})  # fmt: skip
+    rows.append({"checkpoint": "c4000", "step": 4000, "name": "l9.attn", "depth": 9, "kind": "q_proj",
+                 "role": "attention", "status": "nonfinite"})  # fmt: skip
+    text = findings(rows, runs, TrackOptions())
+    mean_last = sum(s[3] for s in alphas.values()) / 6
+    assert text == [
+        "mean α of attention stayed near 3",
+        f"mean α of mlp fell from 4.1 to {mean_last:.2g}; 6 matrices crossed 2 between step 2000 and step 4000",
+        "1 matrix holds NaN/Inf (first at step 4000); not decomposed",
+    ]
