@@ -33,6 +33,8 @@ _WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 #: file names that are copies or side files, never a checkpoint of their own
 _NOT_CHECKPOINTS = {"last.ckpt", "optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"}
 _DEEPSPEED_MODEL = "mp_rank_00_model_states.pt"
+#: Lightning's folders of checkpoints (``lightning_logs/version_0/checkpoints/``), searched too
+_LIGHTNING_DIRS = re.compile(r"checkpoints|lightning_logs|version_\d+")
 
 
 @dataclass(frozen=True)
@@ -96,19 +98,20 @@ def checkpoint_at(path: Path, name: str | None = None) -> RunCheckpoint | None:
 
 
 def discover(run_dir: Path) -> list[RunCheckpoint]:
-    """Every checkpoint directly inside ``run_dir`` (also one level down, for Lightning's ``checkpoints/``
-    folder), ordered by step. Raises when ``run_dir`` itself is a single checkpoint's folder."""
+    """Every checkpoint directly inside ``run_dir`` (and inside Lightning's ``lightning_logs/version_N/
+    checkpoints/`` folders), ordered by step; entries without a step in their name are left out."""
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: not a folder; give a run folder, checkpoints, or NAME=PATH pairs")
     found: list[RunCheckpoint] = []
     for child in sorted(run_dir.iterdir()):
         if child.name.startswith("."):
             continue
+        if child.is_dir() and _LIGHTNING_DIRS.fullmatch(child.name):
+            found += discover(child)
+            continue
         ck = checkpoint_at(child)
         if ck is not None and ck.step is not None:
             found.append(ck)
-        elif ck is None and child.is_dir() and child.name in ("checkpoints", "lightning_logs"):
-            found += [c for c in discover(child) if c.step is not None]
     return order(found)
 
 

@@ -81,7 +81,7 @@ def track_cmd(
         str | None,
         typer.Option("--ray", metavar="ADDRESS|auto|local", help="Run the work as Ray tasks: 'local' starts a "
                      "cluster on this machine, 'auto' joins the one this machine is part of, or HOST:PORT / "
-                     "ray://HOST:PORT (pip install 'spectra[ray]'). Checkpoints (and --cache) must be at paths "
+                     "ray://HOST:PORT (pip install 'spectra\\[ray]'). Checkpoints (and --cache) must be at paths "
                      "every node sees."),
     ] = None,
     include: o.IncludeOpt = None,

@@ -37,6 +37,7 @@ from spectra_cli.flows.track_tasks import (
 )
 from spectra_cli.options import EngineOptions, SelectionOptions
 from spectra_cli.results import RunResult, options_record
+from spectra_cli.spectral.engine import check_module_budget, resolve
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class _Opened:
     names: list[str]
     shards: dict[str, list[str]]  # shard file → matrix names (the values route's tasks)
     meta: dict[str, dict[str, Any]]
+    specs: list[MatrixSpec]
 
 
 Progress = Callable[[int, int, str], None]
@@ -118,7 +120,7 @@ class Tracker:
             open_checkpoint(bpath)  # a bad base stops the run at once
             self.base = Source("base", str(bpath), identity_key(file_identity(bpath)))
         self.computed = 0
-        self.from_cache = 0
+        self._disk: set[int] = set()  # ids of the results read back from the cache
         self.tasks = 0
         self._owned = False
 
@@ -149,7 +151,8 @@ class Tracker:
         for s in specs.values():
             shards.setdefault(str(s.tensor.file), []).append(s.name)
         meta = {n: {"depth": s.depth, "kind": s.kind, "role": s.role} for n, s in specs.items()}
-        got = _Opened(ck, Source(ck.name, str(ck.path), key, ck.layout == "peft"), list(specs), shards, meta)
+        got = _Opened(ck, Source(ck.name, str(ck.path), key, ck.layout == "peft"), list(specs), shards, meta,
+                      list(specs.values()))  # fmt: skip
         self.opened[(ck.name, key)] = got
         return got
 
@@ -169,7 +172,7 @@ class Tracker:
     def _results(self, key: str) -> dict[str, list[CachedMatrix]]:
         if key not in self.known:
             self.known[key] = self.cache.lookup(key) if self.cache else {}
-            self.from_cache += sum(1 for v in self.known[key].values() if v)
+            self._disk |= {id(r) for rs in self.known[key].values() for r in rs}
         return self.known[key]
 
     def _find(self, key: str, name: str, prev_key: str | None) -> CachedMatrix | None:
@@ -194,6 +197,9 @@ class Tracker:
         for i, o in enumerate(runs):
             prev_key = runs[i - 1].source.key if against_prev and i > 0 else None
             missing += [(i, n) for n in o.names if self._find(o.source.key, n, prev_key) is None]
+        if missing and self.opts.compares:  # a layer task holds the base, previous and current matrix and their SVDs
+            needed = {n for _, n in missing}
+            check_module_budget([s for s in runs[0].specs if s.name in needed], resolve(self._engine()).budget, 6, 8)
         specs, labels, fn = self._tasks(runs, missing)
         self.tasks += len(specs)
         if specs:
@@ -209,8 +215,8 @@ class Tracker:
                     for r in results:
                         have.setdefault(r.name, []).insert(0, r)
                         self.computed += 1
-        rows = self._rows(runs)
-        summary = summarize(rows, runs_info(runs), self.opts, self.skipped, self.computed, self.from_cache,
+        rows, from_cache = self._rows(runs)
+        summary = summarize(rows, runs_info(runs), self.opts, self.skipped, self.computed, from_cache,
                             self.tasks, round(time.perf_counter() - t0, 3))  # fmt: skip
         inputs = {"checkpoints": [{"name": o.ck.name, "path": str(o.ck.path), "step": o.ck.step,
                                    "layout": o.ck.layout} for o in runs],
@@ -220,8 +226,7 @@ class Tracker:
     def _tasks(self, runs: list[_Opened], missing: list[tuple[int, str]]
                ) -> tuple[list[Any], list[str], Callable[[Any], TaskOutput]]:  # fmt: skip
         sel = self.opts.selection(self.opts.split_fused)
-        eng = EngineOptions(device=self.opts.device, precision=self.opts.precision, backend=self.opts.backend,
-                            max_memory=self.opts.max_memory, method=self.opts.method)  # fmt: skip
+        eng = self._engine()
         if not self.opts.compares:
             per: dict[tuple[int, str], list[str]] = {}
             names_missing: dict[int, set[str]] = {}
@@ -256,8 +261,15 @@ class Tracker:
                   for t in ctasks]  # fmt: skip
         return ctasks, labels, compare_task
 
-    def _rows(self, runs: list[_Opened]) -> list[dict[str, Any]]:
+    def _engine(self) -> EngineOptions:
+        o = self.opts
+        return EngineOptions(device=o.device, precision=o.precision, backend=o.backend, max_memory=o.max_memory,
+                             method=o.method)  # fmt: skip
+
+    def _rows(self, runs: list[_Opened]) -> tuple[list[dict[str, Any]], int]:
+        """The rows, and how many of them were read back from the cache."""
         rows: list[dict[str, Any]] = []
+        from_cache = 0
         against_prev = self.opts.against == "previous"
         for i, o in enumerate(runs):
             prev_key = runs[i - 1].source.key if against_prev and i > 0 else None
@@ -266,7 +278,8 @@ class Tracker:
                 if r is None:  # pragma: no cover - every missing result was computed above
                     raise SpectraError(f"{o.ck.name}: {n} was not computed (a task returned no result for it)")
                 rows.append(track_row(o.ck, r, self.opts))
-        return rows
+                from_cache += id(r) in self._disk
+        return rows, from_cache
 
 
 def runs_info(runs: Sequence[_Opened]) -> list[dict[str, Any]]:

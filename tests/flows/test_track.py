@@ -244,6 +244,15 @@ def test_a_truncated_checkpoint_is_skipped_with_its_reason(run: Path, tmp_path: 
         run_track([(None, only)], TrackOptions(device="cpu"))
 
 
+def test_a_matrix_over_the_memory_budget_is_refused_before_any_work(run: Path) -> None:
+    from spectra_cli.errors import BudgetError
+
+    ex = Counting()
+    with pytest.raises(BudgetError, match=r"up_proj.weight \(48×32\) needs about .* raise --max-memory"):
+        run_track([(None, run)], TrackOptions(device="cpu", against="previous", max_memory=80_000), executor=ex)
+    assert ex.ran == 0
+
+
 def test_options_are_checked() -> None:
     with pytest.raises(SpectraError, match="--against next"):
         TrackOptions(against="next")
