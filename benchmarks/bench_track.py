@@ -8,6 +8,7 @@ Run by hand (not in CI), from the repository root, with the project's venv::
     python benchmarks/bench_track.py --preset tiny            # a few MB: checks the script in seconds
     python benchmarks/bench_track.py --kinds v_proj --base    # fewer matrices, with intruders vs the base
     python benchmarks/bench_track.py --ray local              # also the same run as Ray tasks
+    python benchmarks/bench_track.py --ray local --only-ray --repeats 2   # only in-process vs Ray, alternated
 
 Inputs (generated once into benchmarks/data/, git-ignored): the base ``llama_like[_PRESET]`` from
 ``python -m fixtures.llama_like``, and ``track_run[_PRESET]/checkpoint-{500…4000}/``: copies of it whose 2-D
@@ -19,7 +20,10 @@ Each run is its own subprocess (``python -m spectra_cli track …``), one after 
 - ``first``: with a fresh ``--cache`` (what a first run costs, cache writes included);
 - ``rerun``: the same command again (everything read back from the cache);
 - with ``--ray``: ``inprocess`` (the command without the cache) and ``ray`` (the same as Ray tasks); the Ray
-  overhead is ray / inprocess − 1 (the issue's target: ≤ 10 %).
+  overhead is ray / inprocess − 1 (the issue's target: ≤ 10 %). ``--ray local`` starts a cluster of one
+  worker per CPU (2 on the 2-core machine of docs/scale.md), its start and stop included in the time.
+  ``--repeats N`` alternates the two N times (in-process, Ray, in-process, …: on a shared machine a change of
+  load then hits both) and compares the medians; ``--only-ray`` skips the cache runs.
 The rows of every run must be equal (up to float noise); the script says so.
 """
 
@@ -31,6 +35,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -132,6 +137,8 @@ def main() -> None:
     ap.add_argument("--against-previous", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--ray", default=None, metavar="ADDRESS|auto|local", help="also run with --ray (passed through)")
+    ap.add_argument("--repeats", type=int, default=1, help="in-process/Ray pairs, alternated (medians compared)")
+    ap.add_argument("--only-ray", action="store_true", help="skip the --cache runs (with --ray)")
     args = ap.parse_args()
     base, run = make_run(args.preset, args.checkpoints)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -150,17 +157,25 @@ def main() -> None:
                            "base": args.base, "against_previous": args.against_previous,
                            "machine": f"{platform.machine()} {os.cpu_count()} cores", "load": os.getloadavg()}  # fmt: skip
     first, rerun = RESULTS / f"{tag}_first.json", RESULTS / f"{tag}_rerun.json"
-    out["first_s"] = timed([*cmd, "--cache", str(cache), "-o", str(first)])
-    out["rerun_s"] = timed([*cmd, "--cache", str(cache), "-o", str(rerun)])
-    out["rerun_fraction"] = out["rerun_s"] / out["first_s"]
-    out["rerun_rows_equal"] = rows_equal(first, rerun)
-    out["rows"] = len(json.loads(first.read_text())["rows"])
-    if args.ray:  # the same work without the cache, in this process and on Ray, one after the other
+    if not (args.ray and args.only_ray):
+        out["first_s"] = timed([*cmd, "--cache", str(cache), "-o", str(first)])
+        out["rerun_s"] = timed([*cmd, "--cache", str(cache), "-o", str(rerun)])
+        out["rerun_fraction"] = out["rerun_s"] / out["first_s"]
+        out["rerun_rows_equal"] = rows_equal(first, rerun)
+        out["rows"] = len(json.loads(first.read_text())["rows"])
+    if args.ray:  # the same work without the cache, in this process and on Ray, alternated
         plain, ray = RESULTS / f"{tag}_inprocess.json", RESULTS / f"{tag}_ray.json"
-        out["inprocess_s"] = timed([*cmd, "-o", str(plain)])
-        out["ray_s"] = timed([*cmd, "--ray", args.ray, "-o", str(ray)])
+        times: dict[str, list[float]] = {"inprocess": [], "ray": []}
+        for _ in range(args.repeats):
+            times["inprocess"].append(timed([*cmd, "-o", str(plain)]))
+            times["ray"].append(timed([*cmd, "--ray", args.ray, "-o", str(ray)]))
+        out["inprocess_runs_s"], out["ray_runs_s"] = times["inprocess"], times["ray"]
+        out["inprocess_s"], out["ray_s"] = statistics.median(times["inprocess"]), statistics.median(times["ray"])
         out["ray_overhead"] = out["ray_s"] / out["inprocess_s"] - 1
         out["ray_rows_equal"] = rows_equal(plain, ray)
+        if args.ray == "local":
+            out["ray_workers"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        out["load_after"] = os.getloadavg()
     print(json.dumps(out, indent=2))
     (RESULTS / f"{tag}.json").write_text(json.dumps(out, indent=2))
 

@@ -4,7 +4,7 @@
 #   bash scripts/setup.sh --examples  also transformers and peft, which `capture`, `rankme --model` and the
 #                                     example inputs need (the `examples` extra; scripts/examples.sh)
 #   bash scripts/setup.sh --dev       also the test tools: the `dev` extra (pytest, hypothesis, ruff, mypy,
-#                                     peft, transformers, pyarrow, selenium …; scripts/test.sh)
+#                                     peft, transformers, pyarrow, selenium, ray …; scripts/test.sh)
 # A venv set up with a larger set serves a smaller one as it is (dev ⊃ examples ⊃ runtime).
 # PyTorch: torch==2.13.0 is installed first when no torch is present, so that pip does not choose a
 # newer build for the `torch>=2.2` requirement (on Linux, PyPI's default build brings several GB of CUDA
@@ -40,7 +40,7 @@ case $level in
   0) probe="import spectra_cli"; target="."; what="spectra and its runtime dependencies" ;;
   1) probe="import spectra_cli, transformers, peft"; target=".[examples]"
      what="spectra with transformers and peft (the examples extra)" ;;
-  *) probe="import spectra_cli, pytest, hypothesis, ruff, mypy, peft, transformers, pyarrow, selenium"
+  *) probe="import spectra_cli, pytest, hypothesis, ruff, mypy, peft, transformers, pyarrow, selenium, ray"
      target=".[dev]"; what="spectra with its test tools (the dev extra)" ;;
 esac
 if [ "$have_sum" = "$sum" ] && [ "${have_level:-0}" -ge "$level" ] && python -c "$probe" >/dev/null 2>&1; then

@@ -281,7 +281,7 @@ def test_cli_json_csv_and_html(run: Path, tmp_path: Path) -> None:
 
 def test_cli_errors(run: Path) -> None:
     runner = CliRunner()
-    res = runner.invoke(app, ["track", str(run), "--ray", "local", "--device", "cpu"])
+    res = runner.invoke(app, ["track", str(run), "--ray", "nowhere", "--device", "cpu"])
     assert res.exit_code == 1 and "--ray" in res.output
     res = runner.invoke(app, ["track", str(run / "checkpoint-500"), str(run / "checkpoint-1000"), "--watch"])
     assert res.exit_code == 2 and "--watch needs one run folder" in res.output
