@@ -42,6 +42,8 @@ class CachedMatrix:
     vs_base: Mapping[str, Any] | None = None
     previous_key: str | None = None
     vs_previous: Mapping[str, Any] | None = None
+    #: analyze's metrics of ``values`` (computed in the task, kept so that a rerun does not fit α again)
+    metrics: Mapping[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -101,6 +103,7 @@ class SpectraCache:
                 out[r["name"]].append(CachedMatrix(
                     {k: v for k, v in r.items() if k not in _EXTRA}, values, r.get("base_key"),
                     _number(r.get("vs_base")), r.get("previous_key"), _number(r.get("vs_previous")),
+                    _number(r.get("metrics")),
                 ))  # fmt: skip
         return out
 
@@ -116,13 +119,14 @@ class SpectraCache:
             rec = dict(r.record)
             rec.update(base_key=r.base_key, vs_base=_finite(dict(r.vs_base)) if r.vs_base is not None else None,
                        previous_key=r.previous_key,
-                       vs_previous=_finite(dict(r.vs_previous)) if r.vs_previous is not None else None)  # fmt: skip
+                       vs_previous=_finite(dict(r.vs_previous)) if r.vs_previous is not None else None,
+                       metrics=_finite(dict(r.metrics)) if r.metrics is not None else None)  # fmt: skip
             records.append(rec)
         spectra = {r.name: r.values for r in results if r.values is not None}
         write_spectra_file(path, spectra, records, source, {"cache_settings": self.settings}, 0)
         return path
 
 
-_EXTRA = ("base_key", "vs_base", "previous_key", "vs_previous")
+_EXTRA = ("base_key", "vs_base", "previous_key", "vs_previous", "metrics")
 
 __all__ = ["CachedMatrix", "SpectraCache", "identity_key"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
@@ -146,9 +146,18 @@ def spec_meta(spec: MatrixSpec) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def value_metrics(values: np.ndarray, shape: tuple[int, int], precision: str) -> dict[str, Any]:
+    """The metrics of one matrix from its singular values (the columns of an ``ok`` row)."""
+    d: dict[str, Any] = compute_metrics(values, shape, precision).as_dict()
+    d["effective_rank_ratio"] = d["effective_rank"] / min(shape)
+    return d
+
+
 def matrix_row(
-    meta: dict[str, Any], values: np.ndarray | None, nan: int, inf: int, precision: str
+    meta: dict[str, Any], values: np.ndarray | None, nan: int, inf: int, precision: str,
+    metrics: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """One analyze row; ``metrics`` (from :func:`value_metrics`, e.g. kept in a cache) saves computing them."""
     m, n = meta["shape"]
     row: dict[str, Any] = {
         "name": meta["name"], "depth": meta["depth"], "kind": meta["kind"], "role": meta["role"],
@@ -158,8 +167,7 @@ def matrix_row(
         row.update(status="nonfinite", nan_count=nan, inf_count=inf)
     else:
         row.update(status="ok", nan_count=0, inf_count=0)
-        row.update(compute_metrics(values, (m, n), precision).as_dict())
-        row["effective_rank_ratio"] = row["effective_rank"] / min(m, n)
+        row.update(metrics if metrics is not None else value_metrics(values, (m, n), precision))
     row["note"] = meta["note"]
     return row
 
@@ -375,6 +383,16 @@ def _unreliable(ok: list[dict[str, Any]]) -> int | None:
     return sum(1 for r in ok if r.get(key, "ok") != "ok")
 
 
-__all__ = ["AnalysisResult", "AnalyzeOptions", "AnalyzePlan", "AnalyzeSummary", "matrix_row", "measure", "plan_analyze",
-           "run_analyze", "spec_meta",
-           "summarize"]  # fmt: skip
+__all__ = [
+    "AnalysisResult",
+    "AnalyzeOptions",
+    "AnalyzePlan",
+    "AnalyzeSummary",
+    "matrix_row",
+    "measure",
+    "plan_analyze",
+    "run_analyze",
+    "spec_meta",
+    "summarize",
+    "value_metrics",
+]  # fmt: skip

@@ -301,7 +301,8 @@ def track_row(ck: RunCheckpoint, r: CachedMatrix, opts: TrackOptions) -> dict[st
     compare names them); with ``--against previous`` the same fields prefixed ``step_``."""
     rec = r.record
     row: dict[str, Any] = {"checkpoint": ck.name, "step": ck.step}
-    row.update(matrix_row(dict(rec), r.values, int(rec.get("nan_count", 0)), int(rec.get("inf_count", 0)), opts.precision))
+    row.update(matrix_row(dict(rec), r.values, int(rec.get("nan_count", 0)), int(rec.get("inf_count", 0)), opts.precision,
+                          r.metrics))  # fmt: skip
     for prefix, on, vs in (("", opts.base is not None, r.vs_base), ("step_", opts.against == "previous", r.vs_previous)):
         if not on:
             continue

@@ -18,7 +18,7 @@ Two kinds of task:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from spectra_cli.checkpoint.matrices import MatrixSpec, Selection, select_matric
 from spectra_cli.checkpoint.source import Checkpoint, open_checkpoint
 from spectra_cli.checkpoint.spectra_cache import CachedMatrix, SpectraCache
 from spectra_cli.checkpoint.tuned import Tuned, open_tuned
-from spectra_cli.flows.analyze import spec_meta
+from spectra_cli.flows.analyze import spec_meta, value_metrics
 from spectra_cli.flows.compare import intruder_fields
 from spectra_cli.options import EngineOptions
 from spectra_cli.spectral.compare import SVD, drift, intruder_dimensions, svd_function
@@ -99,6 +99,13 @@ def pick(ckpt: Checkpoint, selection: Selection, names: tuple[str, ...] | None =
     return {s.name: s for s in specs if wanted is None or s.name in wanted}
 
 
+def _with_metrics(r: CachedMatrix, precision: str) -> CachedMatrix:
+    """``r`` with analyze's metrics of its values, computed here (in the worker) and kept in the cache."""
+    if r.values is None:
+        return r
+    return replace(r, metrics=value_metrics(r.values, tuple(r.record["shape"]), precision))
+
+
 def _record(spec: MatrixSpec, nan: int, inf: int) -> dict[str, Any]:
     return {**spec_meta(spec), "nan_count": nan, "inf_count": inf}
 
@@ -119,7 +126,7 @@ def values_task(task: ValuesTask) -> TaskOutput:
     eng = resolve(task.engine)
     loader = MatrixLoader(ckpt)
     results = [
-        CachedMatrix(_record(mv.spec, mv.nan_count, mv.inf_count), mv.values)
+        _with_metrics(CachedMatrix(_record(mv.spec, mv.nan_count, mv.inf_count), mv.values), task.engine.precision)
         for mv in singular_values(specs, eng, loader.load, loader.chunks)
     ]
     out = {task.source.key: results}
@@ -218,7 +225,8 @@ def _compared(task: CompareTask, spec: MatrixSpec, w: np.ndarray, s_t: SVD | Non
         vs_base = pair_metrics(ref0[1], ref0[0], s_t, w, task.top_k, task.epsilons, eng)
     if task.against_previous and prev is not None and prev[1].shape == w.shape:
         vs_prev = pair_metrics(prev[2], prev[1], s_t, w, task.top_k, task.epsilons, eng)
-    return CachedMatrix(record, np.asarray(s_t.s, dtype=np.float64), base_key, vs_base, previous_key, vs_prev)
+    return _with_metrics(CachedMatrix(record, np.asarray(s_t.s, dtype=np.float64), base_key, vs_base, previous_key,
+                                      vs_prev), task.engine.precision)  # fmt: skip
 
 
 __all__ = ["CompareTask", "Source", "TaskOutput", "ValuesTask", "compare_task", "pair_metrics", "pick",

@@ -179,6 +179,26 @@ def test_interrupted_run_resumes_from_the_cache_computing_only_what_is_missing(r
     assert fourth.ran == 1
 
 
+def test_a_rerun_from_the_cache_reads_the_metrics_instead_of_fitting_again(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import spectra_cli.flows.analyze as analyze_flow
+
+    for opts in (TrackOptions(device="cpu", cache=str(tmp_path / "a")),
+                 TrackOptions(device="cpu", cache=str(tmp_path / "b"), base=str(run.parent / "base"),
+                              kinds=("v_proj",))):  # fmt: skip
+        first = run_track([(None, run)], opts)
+        with monkeypatch.context() as m:  # the α fit is most of a rerun's time: it must not run again
+
+            def no_fit(*a: Any, **k: Any) -> Any:
+                raise AssertionError("metrics computed again on a rerun from the cache")
+
+            m.setattr(analyze_flow, "compute_metrics", no_fit)
+            again = run_track([(None, run)], opts, executor=Counting())
+        assert again.summary.from_cache == len(first.rows)
+        assert json.dumps(again.rows, sort_keys=True) == json.dumps(first.rows, sort_keys=True)
+
+
 def test_cache_keeps_comparisons_per_base_and_previous(run: Path, tmp_path: Path) -> None:
     opts = TrackOptions(device="cpu", cache=str(tmp_path / "c"), base=str(run.parent / "base"), against="previous",
                         kinds=("v_proj",))  # fmt: skip
