@@ -87,6 +87,7 @@ def track_cmd(
     include: o.IncludeOpt = None,
     exclude: o.ExcludeOpt = None,
     kinds: o.KindsOpt = None,
+    roles: o.RolesOpt = None,
     min_dim: o.MinDimOpt = 1,
     split_fused: o.SplitFusedOpt = False,
     device: o.DeviceOpt = "auto",
@@ -107,7 +108,7 @@ def track_cmd(
 
     pairs = [(n or None, p) for n, p in o.named_paths(inputs, "RUN_DIR|CKPT", lambda p: "")]
     step_list = tuple(int(s) for s in o.numbers([steps] if steps else None, "--steps", "500,1000,1500"))
-    opts = o.build(TrackOptions, o.selection(include, exclude, kinds, min_dim, split_fused),
+    opts = o.build(TrackOptions, o.selection(include, exclude, kinds, min_dim, split_fused, roles=roles),
                    o.engine(device, precision, backend, max_memory, method),
                    base=str(base) if base else None, against=against, steps=step_list, top_k=top_k,
                    epsilons=o.numbers(epsilon, "--epsilon", "0.5 or 0.3,0.5,0.7") or (0.5,),

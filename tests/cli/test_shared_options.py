@@ -23,10 +23,10 @@ from spectra_cli.errors import SpectraError
 runner = CliRunner()
 
 #: every command that decomposes a matrix (or runs a model): each takes all four compute flags
-DECOMPOSING = ("analyze", "compare", "rankme", "allocate", "init-adapter", "capture", "merge", "check")
+DECOMPOSING = ("analyze", "compare", "rankme", "allocate", "init-adapter", "capture", "merge", "check", "track")
 COMPUTE_FLAGS = ("--device", "--backend", "--precision", "--max-memory")
 #: the commands that read a checkpoint's matrices take the selection flags
-SELECTING = ("analyze", "compare", "allocate", "init-adapter", "capture", "merge", "check")
+SELECTING = ("analyze", "compare", "allocate", "init-adapter", "capture", "merge", "check", "track")
 SELECTION_FLAGS = ("--include", "--exclude", "--kinds", "--roles", "--min-dim")
 
 
@@ -130,6 +130,7 @@ def _cmd(command: str, ckpt: Path, out: Path) -> list[str | Path]:
         "capture": ["capture", ckpt.parent, "--data", out / "d.txt", "--out", out / "a.safetensors"],
         "merge": ["merge", ckpt, f"a={ckpt}", f"b={ckpt}", "--out", out / "m"],
         "check": ["check", ckpt],
+        "track": ["track", ckpt],
     }[command]
 
 
