@@ -35,19 +35,12 @@ from spectra_cli.spectral.merge.updates import (
     factored_svd,
     out_dtype,
     param_float,
+    zero_outcome,
 )
 
 
 def _numerical(s: np.ndarray) -> int:
     return int((s > RANK_RTOL * s[0]).sum()) if xp.nelem(s) and s[0] > 0 else 0
-
-
-def _zero(updates: Sequence[Update]) -> MergeOutcome:
-    out, inn = updates[0].shape
-    dtype = out_dtype(updates)
-    ref = updates[0].dense if updates[0].dense is not None else updates[0].B
-    return MergeOutcome(Update(B=xp.zeros((out, 1), ref, dtype), A=xp.zeros((1, inn), ref, dtype)),
-                        {"energy_kept": 1.0})  # fmt: skip
 
 
 def merge_iso_c(
@@ -57,7 +50,7 @@ def merge_iso_c(
     u, s, vt = factored_svd(updates, weights, None, backend)
     r = _numerical(s)
     if r == 0:
-        return _zero(updates)
+        return zero_outcome(updates)
     mean = float(s[:r].mean())
     return MergeOutcome(
         dense_or_factored(alpha * mean * u[:, :r], vt[:r], out_dtype(updates)),
@@ -83,7 +76,7 @@ def merge_iso_cts(
     u, s, vt = factored_svd(updates, weights, None, backend)
     r = _numerical(s)
     if r == 0:
-        return _zero(updates)
+        return zero_outcome(updates)
     k, per_task = iso_cts_split(r, n, frac)
     if k < 0:
         raise MergeError(f"iso-cts: rank {r} cannot hold {n} task subspaces; raise common_fraction")

@@ -40,6 +40,7 @@ from spectra_cli.spectral.merge.updates import (
     out_dtype,
     param_float,
     stack_factors,
+    zero_outcome,
 )
 
 if TYPE_CHECKING:
@@ -132,14 +133,6 @@ def module_seed(params: Mapping[str, Any], k: int) -> dict[str, Any]:
     return {**params, "seed": int(param_float(params, "seed", 0.0)) + k}
 
 
-def _zero(updates: Sequence[Update]) -> MergeOutcome:
-    out, inn = updates[0].shape
-    dtype = out_dtype(updates)
-    ref = updates[0].dense if updates[0].dense is not None else updates[0].B
-    return MergeOutcome(Update(B=xp.zeros((out, 1), ref, dtype), A=xp.zeros((1, inn), ref, dtype)),
-                        {"energy_kept": 1.0})  # fmt: skip
-
-
 # ---- the methods --------------------------------------------------------------------------------------------
 
 
@@ -151,7 +144,7 @@ def merge_factorwise(kind: str):  # type: ignore[no-untyped-def]
 
         live = _live(updates, weights)
         if not live:
-            return _zero(updates)
+            return zero_outcome(updates)
         raws = [(*_raw(u, kind), w) for u, w in live]
         ranks = {a.shape[0] for _, a, _, _ in raws}
         if len(ranks) > 1:
@@ -209,7 +202,7 @@ def merge_svd_type(kind: str):  # type: ignore[no-untyped-def]
 
         live = _live(updates, weights)
         if not live:
-            return _zero(updates)
+            return zero_outcome(updates)
         k = _svd_rank(params, updates, kind)
         dtype = out_dtype(updates)
         if kind == "svd" and all(u.is_factored for u, _ in live):
@@ -235,7 +228,7 @@ def merge_cat(
     """PEFT's ``cat``: A = [w₁s₁A₁; …; w_ns_nA_n], B = [B₁ … B_n] (stored factors): Σ wᵢΔWᵢ exactly, rank Σrᵢ."""
     live = _live(updates, weights)
     if not live:
-        return _zero(updates)
+        return zero_outcome(updates)
     for u, _ in live:
         _raw(u, "cat")
     b, a = stack_factors([u for u, _ in live], [w for _, w in live])

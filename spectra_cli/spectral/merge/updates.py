@@ -200,6 +200,15 @@ def out_dtype(updates: Sequence[Update]) -> np.dtype:
     return np.result_type(*(u.dtype for u in updates), np.float32)
 
 
+def zero_outcome(updates: Sequence[Update]) -> MergeOutcome:
+    """A merge that kept nothing: a rank-1 zero update of the tasks' shape and dtype, on their device."""
+    out, inn = updates[0].shape
+    dtype = out_dtype(updates)
+    ref = updates[0].dense if updates[0].dense is not None else updates[0].B
+    return MergeOutcome(Update(B=xp.zeros((out, 1), ref, dtype), A=xp.zeros((1, inn), ref, dtype)),
+                        {"energy_kept": 1.0})  # fmt: skip
+
+
 def stack_factors(updates: Sequence[Update], weights: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """[w₁B₁ … w_nB_n] (out×R) and [A₁; …; A_n] (R×in) in float64, so that Σ wᵢBᵢAᵢ = B·A."""
     bs, as_ = [], []
