@@ -24,7 +24,7 @@ import numpy as np
 
 from spectra_cli.errors import ShapeMismatch, SpectraError
 from spectra_cli.spectral import linalg
-from spectra_cli.spectral.init import InitFactors, InitInput, InitMethod, register
+from spectra_cli.spectral.init import InitFactors, InitInput, InitMethod, checked_rank, register
 
 EIG_FLOOR = 1e-6
 
@@ -39,10 +39,8 @@ def eora(inp: InitInput) -> InitFactors:
     if inp.activations is None:
         raise SpectraError(f"{inp.name}: EoRA needs the inputs' statistics (--activations from `spectra capture`)")
     w = inp.weight
-    m, n = w.shape
-    r = int(inp.rank)
-    if not 1 <= r <= min(m, n):
-        raise ShapeMismatch(f"{inp.name}: rank {r} is not possible for a {m}×{n} weight (1 ≤ r ≤ {min(m, n)})")
+    n = w.shape[1]
+    r = checked_rank(inp)
     c_np = inp.activations.second_moment()
     if c_np.shape != (n, n):
         raise ShapeMismatch(

@@ -83,6 +83,22 @@ class InitMethod:
 _METHODS: dict[str, InitMethod] = {}
 
 
+def checked_rank(inp: InitInput, limit: int | None = None, allow_zero: bool = False) -> int:
+    """``inp.rank`` when it fits the module (1 ≤ r ≤ ``limit``, by default min(out, in); 0 too with
+    ``allow_zero``), else a :class:`ShapeMismatch` naming the module and what to do."""
+    from spectra_cli.errors import ShapeMismatch
+
+    m, n = inp.weight.shape
+    top = min(m, n) if limit is None else limit
+    r = int(inp.rank)
+    if r > top or (r < 1 and not (allow_zero and r == 0)):
+        raise ShapeMismatch(
+            f"{inp.name}: rank {r} is not possible for a {m}×{n} weight (1 ≤ r ≤ {top}); "
+            "lower --rank or give this module a smaller rank in --ranks"
+        )
+    return r
+
+
 def register(method: InitMethod) -> InitMethod:
     """Add a method to the registry (its name must be new)."""
     if method.name in _METHODS:

@@ -23,7 +23,7 @@ import numpy as np
 from spectra_cli.errors import CheckpointError, ShapeMismatch, SpectraError
 from spectra_cli.spectral import linalg
 from spectra_cli.spectral.allocation import eva_components, eva_ranks
-from spectra_cli.spectral.init import InitFactors, InitInput, InitMethod, register
+from spectra_cli.spectral.init import InitFactors, InitInput, InitMethod, checked_rank, register
 
 if TYPE_CHECKING:  # PyTorch is imported by the functions that run, so the registry imports without it
     import torch
@@ -61,15 +61,6 @@ def corda_damped_inverse(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, f
     raise SpectraError("could not damp the input second moment into an invertible matrix for CorDA")
 
 
-def _check_rank(inp: InitInput, limit: int) -> int:
-    r = int(inp.rank)
-    if r < 1 or r > limit:
-        raise ShapeMismatch(
-            f"{inp.name}: rank {r} is out of range for a {tuple(inp.weight.shape)} matrix (1 … {limit})"
-        )
-    return r
-
-
 def corda_factorize(inp: InitInput) -> InitFactors:
     """CorDA factors of one module (options: ``mode`` "ipm" (default) or "kpm").
 
@@ -84,8 +75,8 @@ def corda_factorize(inp: InitInput) -> InitFactors:
     if inp.activations is None:
         raise SpectraError(f"{inp.name}: CorDA needs activations; pass --activations from `spectra capture`")
     w = inp.weight
-    out_dim, in_dim = w.shape
-    r = _check_rank(inp, min(out_dim, in_dim))
+    in_dim = w.shape[1]
+    r = checked_rank(inp)
     c_np = inp.activations.second_moment()
     if c_np.shape != (in_dim, in_dim):
         raise ShapeMismatch(
@@ -140,7 +131,7 @@ def eva_factorize(inp: InitInput) -> InitFactors:
         raise SpectraError(f"{inp.name}: EVA needs activations; pass --activations from `spectra capture`")
     w = inp.weight
     out_dim, in_dim = w.shape
-    r = _check_rank(inp, in_dim)
+    r = checked_rank(inp, in_dim)
     acts = inp.activations
     if acts.in_features != in_dim:
         raise ShapeMismatch(

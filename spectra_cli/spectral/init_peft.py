@@ -24,19 +24,9 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
-from spectra_cli.errors import ShapeMismatch, SpectraError
+from spectra_cli.errors import SpectraError
 from spectra_cli.spectral import linalg
-from spectra_cli.spectral.init import InitFactors, InitInput, InitMethod, register
-
-
-def _check_rank(inp: InitInput) -> int:
-    m, n = inp.weight.shape
-    if not 1 <= inp.rank <= min(m, n):
-        raise ShapeMismatch(
-            f"{inp.name}: rank {inp.rank} is not possible for a {m}×{n} weight (1 ≤ r ≤ {min(m, n)}); "
-            "lower --rank or give this module a smaller rank in --ranks"
-        )
-    return int(inp.rank)
+from spectra_cli.spectral.init import InitFactors, InitInput, InitMethod, checked_rank, register
 
 
 def module_seed(seed: int, path: str) -> int:
@@ -49,7 +39,7 @@ def mica(inp: InitInput) -> InitFactors:
     """MiCA (arXiv:2604.01694): B = the left singular vectors of the r smallest singular values, A = 0."""
     import torch
 
-    r = _check_rank(inp)
+    r = checked_rank(inp)
     w = inp.weight
     bottom, s = linalg.bottom_k(w.to(torch.float32) if w.dtype != torch.float64 else w, r)
     b = bottom.u.to(w.dtype).contiguous()
@@ -64,7 +54,7 @@ def orthogonal(inp: InitInput) -> InitFactors:
     r×r matrix, projected by Gaussian matrices and divided by 10 (r even)."""
     import torch
 
-    r = _check_rank(inp)
+    r = checked_rank(inp)
     if r % 2:
         raise SpectraError(f"{inp.name}: orthogonal initialisation needs an even rank (got {r}); use --rank {r + 1}")
     out_f, in_f = inp.weight.shape

@@ -31,19 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 from spectra_cli.errors import ShapeMismatch, SpectraError
 from spectra_cli.spectral import linalg
-from spectra_cli.spectral.init import InitFactors, InitInput, InitMethod, register
+from spectra_cli.spectral.init import InitFactors, InitInput, InitMethod, checked_rank, register
 
 if TYPE_CHECKING:  # PyTorch is imported by the functions that run, so the registry imports without it
     import torch
-
-
-def _check_rank(inp: InitInput, allow_zero: bool = False) -> None:
-    m, n = inp.weight.shape
-    if inp.rank > min(m, n) or (inp.rank < 1 and not allow_zero):
-        raise ShapeMismatch(
-            f"{inp.name}: rank {inp.rank} is not possible for a {m}×{n} weight (1 ≤ r ≤ {min(m, n)}); "
-            "lower --rank or give this module a smaller rank in --ranks"
-        )
 
 
 def _niter(inp: InitInput, method: str) -> int | None:
@@ -92,7 +83,7 @@ def _top(inp: InitInput, w: torch.Tensor, r: int, niter: int | None) -> tuple[to
 
 def pissa(inp: InitInput) -> InitFactors:
     """PiSSA (Meng et al. 2024): the adapter holds the principal r singular triplets, the residual the rest."""
-    _check_rank(inp)
+    checked_rank(inp)
     w, r = inp.weight, inp.rank
     u, s, vh = _top(inp, w, r, _niter(inp, "pissa"))
     a, b = _split_sqrt(u, s, vh, inp.scale)
@@ -105,7 +96,7 @@ def pissa(inp: InitInput) -> InitFactors:
 
 def milora(inp: InitInput) -> InitFactors:
     """MiLoRA (Wang et al. 2024): the adapter holds the minor (smallest) r singular triplets."""
-    _check_rank(inp)
+    checked_rank(inp)
     _niter(inp, "milora")
     w, r = inp.weight, inp.rank
     bottom, s = linalg.bottom_k(w, r)
@@ -122,7 +113,7 @@ def milora(inp: InitInput) -> InitFactors:
 
 def olora(inp: InitInput) -> InitFactors:
     """OLoRA (Büyükakyüz 2024): B = Q[:, :r], A = R[:r] of the reduced QR of W (PEFT's ``olora_init``)."""
-    _check_rank(inp)
+    checked_rank(inp)
     _niter(inp, "olora")
     w, r = inp.weight, inp.rank
     q, rr = linalg.qr(w)
@@ -145,7 +136,7 @@ def extract(inp: InitInput) -> InitFactors:
             f"{inp.name}: the tuned weight is {tuple(inp.tuned.shape)}, the base {tuple(inp.weight.shape)}"
         )
     energy = inp.options.get("energy")
-    _check_rank(inp, allow_zero=energy is not None)
+    checked_rank(inp, allow_zero=energy is not None)
     delta = inp.tuned - inp.weight
     total = (delta * delta).sum()
     niter = _niter(inp, "extract")

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from spectra_cli.errors import ShapeMismatch, SpectraError
+from spectra_cli.errors import SpectraError
 from spectra_cli.spectral import linalg
-from spectra_cli.spectral.init import InitFactors, InitInput, InitMethod, register
+from spectra_cli.spectral.init import InitFactors, InitInput, InitMethod, checked_rank, register
 from spectra_cli.spectral.quant import fake_quantise
 
 
@@ -37,10 +37,7 @@ def loftq(inp: InitInput) -> InitFactors:
     if steps < 1:
         raise SpectraError(f"--loftq-iter {steps}: at least one step is needed")
     w = inp.weight
-    m, n = w.shape
-    r = int(inp.rank)
-    if not 1 <= r <= min(m, n):
-        raise ShapeMismatch(f"{inp.name}: rank {r} is not possible for a {m}×{n} weight (1 ≤ r ≤ {min(m, n)})")
+    r = checked_rank(inp)
     w32 = w.to(torch.float32)
     norm = float(torch.linalg.norm(w32)) or 1.0
     res = w32
